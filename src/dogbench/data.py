@@ -1,0 +1,429 @@
+"""Datasets: Stanford Dogs (official or Kaggle layout) and class-per-folder image sets, with seeded splits.
+
+`open_dataset` only lists files and reads metadata (lists, boxes); pixels are read by `load_image`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+from PIL import Image, ImageOps
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "SPLITS",
+    "Dataset",
+    "DatasetLayoutError",
+    "ImageError",
+    "Sample",
+    "detect_layout",
+    "load_image",
+    "open_dataset",
+    "stratified_split",
+]
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+SPLITS = ("train", "test")
+# Images per class in the official Stanford Dogs training split; used when the official lists are absent.
+STANFORD_TRAIN_PER_CLASS = 100
+
+LAYOUTS = {
+    "stanford-dogs": "root/Images/<wnid>-<breed>/*.jpg (+ optional root/Annotation/, root/lists/*.mat)",
+    "stanford-dogs-kaggle": "root/images/Images/<wnid>-<breed>/*.jpg (+ optional annotations/Annotation/)",
+    "class-per-folder": "root/train/<class>/<image> and root/test/<class>/<image>",
+    "class-per-folder-flat": "root/<class>/<image> (split drawn with a seed)",
+}
+_ACCEPTED = "\n".join(f"  {name}: {shape}" for name, shape in LAYOUTS.items()) + (
+    "\n  or the parent folder of a Stanford Dogs layout"
+)
+
+
+class DatasetLayoutError(ValueError):
+    """The folder does not hold a dataset layout that dogbench can read."""
+
+
+class ImageError(ValueError):
+    """An image file cannot be decoded."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path
+    sample_id: str
+    label: int
+    split: str
+    box: tuple[int, int, int, int] | None = None
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    root: Path
+    layout: str
+    split_source: str
+    classes: tuple[str, ...]
+    samples: tuple[Sample, ...]
+
+    def split(self, name: str) -> tuple[Sample, ...]:
+        """The samples of split `name` ("train" or "test"), in dataset order."""
+        if name not in SPLITS:
+            raise ValueError(f"Unknown split {name!r}. Valid splits: {', '.join(SPLITS)}")
+        return tuple(s for s in self.samples if s.split == name)
+
+    def fingerprint(self) -> str:
+        """sha256 over each sample's id, label, split, box, file size and mtime: changes when a file does."""
+        digest = hashlib.sha256()
+        digest.update(f"{self.layout}\n{len(self.classes)}\n".encode())
+        for cls in self.classes:
+            digest.update(f"{cls}\n".encode())
+        for s in self.samples:
+            try:
+                st = s.path.stat()
+            except FileNotFoundError as exc:
+                raise FileNotFoundError(
+                    f"{s.path} was removed after the dataset was opened; reopen it"
+                ) from exc
+            digest.update(
+                f"{s.sample_id}\t{s.label}\t{s.split}\t{st.st_size}\t{st.st_mtime_ns}\t{s.box}\n".encode()
+            )
+        return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- splits
+
+
+def stratified_split(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded per-class split: returns sorted (keep_idx, held_idx).
+
+    Each class with n >= 2 samples holds out round(fraction * n), clamped to [1, n - 1]; singletons are kept.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+
+    def held(n: int) -> int:
+        return 0 if n < 2 else min(max(round(fraction * n), 1), n - 1)
+
+    return _split_per_class(labels, held, seed=seed)
+
+
+def _stanford_held(n: int) -> int:
+    """Test images of a class under the official protocol's count: 100 train, the rest test."""
+    if n > STANFORD_TRAIN_PER_CLASS:
+        return n - STANFORD_TRAIN_PER_CLASS
+    return 0 if n < 2 else n - min(max(round(2 * n / 3), 1), n - 1)
+
+
+def _split_per_class(
+    labels: np.ndarray, held: Callable[[int], int], *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    labels = np.asarray(labels).ravel()
+    rng = np.random.default_rng(seed)
+    held_parts = []
+    for cls in np.unique(labels):
+        members = np.flatnonzero(labels == cls)
+        held_parts.append(rng.permutation(members)[: held(len(members))])
+    held_idx = np.sort(np.concatenate(held_parts)) if held_parts else np.empty(0, dtype=np.int64)
+    keep_mask = np.ones(len(labels), dtype=bool)
+    keep_mask[held_idx] = False
+    return np.flatnonzero(keep_mask).astype(np.int64), held_idx.astype(np.int64)
+
+
+# ---------------------------------------------------------------- layout detection
+
+
+@dataclass(frozen=True)
+class _Located:
+    layout: str
+    root: Path
+    images: Path  # folder that sample ids are relative to
+    annotations: Path | None = None
+
+
+def _visible(entry: os.DirEntry | Path) -> bool:
+    return not entry.name.startswith(".")
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    with os.scandir(folder) as it:
+        return sorted(Path(e.path) for e in it if _visible(e) and e.is_dir())
+
+
+def _image_names(folder: Path) -> list[str]:
+    with os.scandir(folder) as it:
+        return sorted(e.name for e in it if _is_image(e.name) and e.is_file())
+
+
+def _locate_stanford(root: Path) -> _Located | None:
+    if (root / "Images").is_dir():
+        ann = root / "Annotation"
+        return _Located("stanford-dogs", root, root / "Images", ann if ann.is_dir() else None)
+    if (root / "images" / "Images").is_dir():
+        ann = next(
+            (p for p in (root / "annotations" / "Annotation", root / "Annotation") if p.is_dir()), None
+        )
+        return _Located("stanford-dogs-kaggle", root, root / "images" / "Images", ann)
+    return None
+
+
+def _describe(root: Path) -> str:
+    with os.scandir(root) as it:
+        entries = sorted(e.name + ("/" if e.is_dir() else "") for e in it if _visible(e))
+    shown = ", ".join(entries[:10]) + (f", ... ({len(entries)} entries)" if len(entries) > 10 else "")
+    return shown or "an empty folder"
+
+
+def _locate(root: Path) -> _Located:
+    if not root.exists():
+        raise FileNotFoundError(f"Dataset folder {root} does not exist. Accepted layouts:\n{_ACCEPTED}")
+    if not root.is_dir():
+        raise DatasetLayoutError(f"Dataset path {root} is not a folder. Accepted layouts:\n{_ACCEPTED}")
+    found = _locate_stanford(root)
+    if found:
+        return found
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        return _Located("class-per-folder", root, root)
+    children = _subdirs(root)
+    nested = [loc for loc in map(_locate_stanford, children) if loc]
+    if len(nested) == 1:
+        return nested[0]
+    if len(nested) > 1:
+        raise DatasetLayoutError(
+            f"{root} holds several Stanford Dogs folders ({', '.join(str(n.root.name) for n in nested)}); "
+            "point at one of them"
+        )
+    if any(_image_names(child) for child in children):
+        return _Located("class-per-folder-flat", root, root)
+    hint = " (found train/ but no test/)" if (root / "train").is_dir() else ""
+    raise DatasetLayoutError(
+        f"No dataset layout recognised in {root}{hint}: it holds {_describe(root)}.\n"
+        f"Accepted layouts:\n{_ACCEPTED}"
+    )
+
+
+def detect_layout(root: str | Path) -> tuple[str, Path]:
+    """(layout, folder holding it) for `root` without reading any image; raises DatasetLayoutError."""
+    found = _locate(Path(root).expanduser().resolve())
+    return found.layout, found.root
+
+
+# ---------------------------------------------------------------- Stanford Dogs
+
+
+def _mat_strings(column: np.ndarray) -> list[str]:
+    """Strings from a MATLAB cell column as scipy loads it: (N, 1) object array of 1-element arrays."""
+    return [str(np.asarray(cell).ravel()[0]) for cell in np.asarray(column).ravel()]
+
+
+def _read_list(path: Path) -> tuple[list[str], np.ndarray]:
+    try:
+        mat = scipy.io.loadmat(path)
+        files = _mat_strings(mat["file_list"])
+        labels = np.asarray(mat["labels"], dtype=np.float64).ravel()
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        raise DatasetLayoutError(
+            f"Cannot read {path}: {exc!r}; expected a MATLAB file with 'file_list' and 'labels'"
+        ) from exc
+    if len(files) != len(labels):
+        raise DatasetLayoutError(f"{path}: {len(files)} files but {len(labels)} labels")
+    if not np.all(labels == np.round(labels)) or (len(labels) and labels.min() < 1):
+        raise DatasetLayoutError(f"{path}: labels must be whole numbers >= 1 (1-based)")
+    return [f.replace("\\", "/") for f in files], labels.astype(np.int64)
+
+
+def _find_lists(located: _Located) -> tuple[Path, Path] | None:
+    for folder in (located.root / "lists", located.root, located.images.parent / "lists"):
+        train, test = folder / "train_list.mat", folder / "test_list.mat"
+        if train.is_file() and test.is_file():
+            return train, test
+        if train.is_file() or test.is_file():
+            present, absent = (train, test) if train.is_file() else (test, train)
+            raise DatasetLayoutError(f"Found {present} but not {absent}; both official lists are needed")
+    return None
+
+
+def _check_list_labels(path: Path, files: list[str], labels: np.ndarray) -> None:
+    """The .mat labels are 1-based indices into the sorted class folders that the list mentions."""
+    folders = sorted({f.split("/", 1)[0] for f in files})
+    wrong = [
+        (f, int(lab))
+        for f, lab in zip(files, labels, strict=True)
+        if lab > len(folders) or folders[lab - 1] != f.split("/", 1)[0]
+    ]
+    if wrong:
+        examples = "; ".join(
+            f"{f} has label {lab} ({folders[lab - 1] if lab <= len(folders) else 'out of range'})"
+            for f, lab in wrong[:3]
+        )
+        raise DatasetLayoutError(
+            f"{path}: {len(wrong)} labels disagree with the image folders (labels are 1-based in sorted "
+            f"folder order): {examples}"
+        )
+
+
+def _read_box(path: Path) -> tuple[int, int, int, int] | None:
+    """First object's bndbox from a Pascal-VOC annotation file, or None when the file is absent."""
+    if not path.is_file():
+        return None
+    try:
+        node = ET.parse(path).getroot().find("object/bndbox")
+        if node is None:
+            return None
+        xmin, ymin, xmax, ymax = (int(float(node.findtext(k, ""))) for k in ("xmin", "ymin", "xmax", "ymax"))
+    except (ET.ParseError, ValueError) as exc:
+        raise DatasetLayoutError(f"Cannot read bounding box from annotation {path}: {exc}") from exc
+    return xmin, ymin, xmax, ymax
+
+
+def _open_stanford(located: _Located, *, seed: int) -> Dataset:
+    class_dirs = _subdirs(located.images)
+    folder_label = {d.name: k for k, d in enumerate(class_dirs)}
+    classes = tuple(d.name.split("-", 1)[1] if "-" in d.name else d.name for d in class_dirs)
+    on_disk = sorted(f"{d.name}/{name}" for d in class_dirs for name in _image_names(d))
+    if not on_disk:
+        raise DatasetLayoutError(f"No images found under {located.images}")
+
+    lists = _find_lists(located)
+    if lists:
+        split_of: dict[str, str] = {}
+        for split, list_path in zip(SPLITS, lists, strict=True):
+            files, labels = _read_list(list_path)
+            _check_list_labels(list_path, files, labels)
+            for f in files:
+                if split_of.setdefault(f, split) != split:
+                    raise DatasetLayoutError(f"{f} is listed in both the train and the test list")
+        present = set(on_disk)
+        missing = [f for f in split_of if f not in present]
+        if missing:
+            raise DatasetLayoutError(
+                f"{len(missing)} images listed in {lists[0].parent} are missing under {located.images}: "
+                + ", ".join(missing[:5])
+            )
+        split_source = "official-lists"
+    else:
+        warnings.warn(
+            f"No official lists (train_list.mat, test_list.mat) found for {located.root}: the official split "
+            f"is unknown, using a seeded split with {STANFORD_TRAIN_PER_CLASS} training images per class "
+            f"(seed={seed})",
+            UserWarning,
+            stacklevel=3,
+        )
+        labels = np.array([folder_label[f.split("/", 1)[0]] for f in on_disk])
+        _, test_idx = _split_per_class(labels, _stanford_held, seed=seed)
+        test_set = {on_disk[i] for i in test_idx}
+        split_of = {f: ("test" if f in test_set else "train") for f in on_disk}
+        split_source = "seeded"
+
+    def box_of(sample_id: str) -> tuple[int, int, int, int] | None:
+        if located.annotations is None:
+            return None
+        return _read_box(located.annotations / os.path.splitext(sample_id)[0])
+
+    samples = (
+        Sample(located.images / f, f, folder_label[f.split("/", 1)[0]], split, box_of(f))
+        for f, split in split_of.items()
+    )
+    return Dataset("stanford-dogs", located.root, located.layout, split_source, classes, _ordered(samples))
+
+
+# ---------------------------------------------------------------- class-per-folder
+
+
+def _open_class_folders(located: _Located, *, test_fraction: float, seed: int) -> Dataset:
+    root = located.root
+    if located.layout == "class-per-folder":
+        found = {split: {d.name: _image_names(d) for d in _subdirs(root / split)} for split in SPLITS}
+        classes = tuple(sorted(set(found["train"]) | set(found["test"])))
+        label = {c: k for k, c in enumerate(classes)}
+        samples = (
+            Sample(root / split / cls / name, f"{split}/{cls}/{name}", label[cls], split)
+            for split in SPLITS
+            for cls, names in found[split].items()
+            for name in names
+        )
+        return Dataset(root.name, root, located.layout, "folders", classes, _ordered(samples))
+
+    found_flat = {d.name: _image_names(d) for d in _subdirs(root)}
+    classes = tuple(sorted(c for c, names in found_flat.items() if names))
+    ids = sorted(f"{c}/{name}" for c in classes for name in found_flat[c])
+    label = {c: k for k, c in enumerate(classes)}
+    labels = np.array([label[i.split("/", 1)[0]] for i in ids])
+    _, test_idx = stratified_split(labels, fraction=test_fraction, seed=seed)
+    test_set = set(test_idx.tolist())
+    samples = (
+        Sample(root / i, i, int(labels[k]), "test" if k in test_set else "train") for k, i in enumerate(ids)
+    )
+    return Dataset(root.name, root, located.layout, "seeded", classes, _ordered(samples))
+
+
+def _ordered(samples: Iterable[Sample]) -> tuple[Sample, ...]:
+    return tuple(sorted(samples, key=lambda s: (SPLITS.index(s.split), s.sample_id)))
+
+
+def open_dataset(root: str | Path, *, test_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Detect the layout under `root` and list its samples (train then test, each sorted by sample_id).
+
+    `test_fraction` and `seed` only matter for layouts without a given split.
+    """
+    located = _locate(Path(root).expanduser().resolve())
+    if located.layout.startswith("stanford-dogs"):
+        dataset = _open_stanford(located, seed=seed)
+    else:
+        dataset = _open_class_folders(located, test_fraction=test_fraction, seed=seed)
+    if not dataset.samples:
+        raise DatasetLayoutError(f"No images found in {located.root} ({located.layout} layout)")
+    return dataset
+
+
+# ---------------------------------------------------------------- images
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: scale 0..65535 to 0..255 instead of letting PIL clip.
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(grey.min()), float(grey.max())
+        if lo < 0.0 or hi > 1.0:
+            grey = (grey - lo) / (hi - lo) if hi > lo else np.zeros_like(grey)
+        return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def load_image(path: str | Path, *, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Decode `path` fully into an RGB image (EXIF orientation applied), cropped to `box` when given.
+
+    `box` is (xmin, ymin, xmax, ymax) in the upright image, clamped to its bounds. Raises ImageError.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
+    if box is None:
+        return rgb
+    width, height = rgb.size
+    xmin, ymin = min(max(box[0], 0), width), min(max(box[1], 0), height)
+    xmax, ymax = min(max(box[2], 0), width), min(max(box[3], 0), height)
+    if xmax <= xmin or ymax <= ymin:
+        raise ImageError(f"cannot read image {path}: box {box} lies outside the {width}x{height} image")
+    return rgb.crop((xmin, ymin, xmax, ymax))

@@ -1,0 +1,203 @@
+"""Tiny synthetic datasets in every layout dogbench reads, as builder functions and tmp_path fixtures.
+
+Each class is a distinct dominant colour plus seeded noise, so features separate the classes easily.
+Integration tests that need the real data use:
+    pytest.mark.skipif(not (shared_dir() / "data").exists(), reason="../shared/data is absent")
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+from PIL import Image
+
+CLASS_COLOURS = (
+    (220, 40, 40),
+    (40, 200, 60),
+    (40, 70, 220),
+    (230, 210, 40),
+    (200, 50, 210),
+    (40, 210, 210),
+    (240, 140, 30),
+    (120, 120, 120),
+)
+
+
+def shared_dir() -> Path:
+    """../shared next to the repository: real data and weights for integration tests (may be absent)."""
+    return Path(__file__).resolve().parents[2] / "shared"
+
+
+def class_image(label: int, *, size: tuple[int, int] = (48, 40), rng: np.random.Generator) -> Image.Image:
+    """An RGB image of `size` (width, height) in class `label`'s colour with Gaussian noise."""
+    width, height = size
+    colour = np.array(CLASS_COLOURS[label % len(CLASS_COLOURS)], dtype=np.float64)
+    pixels = colour + rng.normal(0.0, 20.0, size=(height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _cell_column(strings: list[str]) -> np.ndarray:
+    """(N, 1) object array of 1-element string arrays: what scipy makes of a MATLAB cell column."""
+    column = np.empty((len(strings), 1), dtype=object)
+    for i, s in enumerate(strings):
+        column[i, 0] = np.array([s])
+    return column
+
+
+def write_list(path: Path, files: list[str], labels: list[int]) -> None:
+    """An official-format list .mat: file_list, annotation_list, labels (1-based float, shape (N, 1))."""
+    scipy.io.savemat(
+        path,
+        {
+            "file_list": _cell_column(files),
+            "annotation_list": _cell_column([f.rsplit(".", 1)[0] for f in files]),
+            "labels": np.array(labels, dtype=np.float64).reshape(-1, 1),
+        },
+    )
+
+
+def _voc_xml(stem: str, size: tuple[int, int], boxes: list[tuple[int, int, int, int]], breed: str) -> str:
+    objects = "".join(
+        f"<object><name>{breed}</name><pose>Unspecified</pose><truncated>0</truncated><difficult>0</difficult>"
+        f"<bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
+        for x0, y0, x1, y1 in boxes
+    )
+    return (
+        f"<annotation><folder>{stem.split('_')[0][1:]}</folder><filename>{stem}</filename>"
+        f"<source><database>ImageNet database</database></source>"
+        f"<size><width>{size[0]}</width><height>{size[1]}</height><depth>3</depth></size>"
+        f"<segment>0</segment>{objects}</annotation>"
+    )
+
+
+def official_box(i: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The first box make_official_layout writes for image number `i` of a class."""
+    width, height = size
+    return (i % 5, 1 + i % 3, width - 1 - i % 4, height - 2)
+
+
+def make_official_layout(
+    root: Path,
+    *,
+    n_classes: int = 3,
+    n_train: int = 6,
+    n_test: int = 4,
+    with_annotations: bool = True,
+    with_lists: bool = True,
+    image_size: tuple[int, int] = (48, 40),
+    seed: int = 0,
+) -> Path:
+    """Stanford Dogs, official layout: Images/n0000000{k}-Breed{k}/n0000000{k}_{i}.jpg, lists/, Annotation/.
+
+    Class k has label k (0-based); images 0..n_train-1 are in the train list, the rest in the test list.
+    Every second image's annotation holds two objects (the first is the one that counts).
+    """
+    rng = np.random.default_rng(seed)
+    split_files: dict[str, list[str]] = {"train": [], "test": []}
+    split_labels: dict[str, list[int]] = {"train": [], "test": []}
+    for k in range(n_classes):
+        wnid, breed = f"n{k:08d}", f"Breed{k}"
+        folder = f"{wnid}-{breed}"
+        (root / "Images" / folder).mkdir(parents=True, exist_ok=True)
+        if with_annotations:
+            (root / "Annotation" / folder).mkdir(parents=True, exist_ok=True)
+        for i in range(n_train + n_test):
+            stem = f"{wnid}_{i}"
+            class_image(k, size=image_size, rng=rng).save(
+                root / "Images" / folder / f"{stem}.jpg", quality=90
+            )
+            split = "train" if i < n_train else "test"
+            split_files[split].append(f"{folder}/{stem}.jpg")
+            split_labels[split].append(k + 1)
+            if with_annotations:
+                boxes = [official_box(i, image_size)] + ([(0, 0, 10, 10)] if i % 2 else [])
+                (root / "Annotation" / folder / stem).write_text(_voc_xml(stem, image_size, boxes, breed))
+    if with_lists:
+        (root / "lists").mkdir(parents=True, exist_ok=True)
+        write_list(root / "lists" / "train_list.mat", split_files["train"], split_labels["train"])
+        write_list(root / "lists" / "test_list.mat", split_files["test"], split_labels["test"])
+        write_list(
+            root / "lists" / "file_list.mat",
+            split_files["train"] + split_files["test"],
+            split_labels["train"] + split_labels["test"],
+        )
+    return root
+
+
+def make_class_folder_layout(
+    root: Path,
+    *,
+    classes: tuple[str, ...] = ("cat", "dog", "fox"),
+    n_train: int = 5,
+    n_test: int = 3,
+    flat: bool = False,
+    seed: int = 0,
+) -> Path:
+    """train/<class>/ + test/<class>/ (or <class>/ when flat) with n_train + n_test images per class.
+
+    Odd-numbered images are PNG, the rest JPEG; a notes.txt, a .DS_Store and a hidden folder ride along
+    and must be ignored.
+    """
+    rng = np.random.default_rng(seed)
+    for k, cls in enumerate(classes):
+        for i in range(n_train + n_test):
+            if flat:
+                folder = root / cls
+            else:
+                folder = root / ("train" if i < n_train else "test") / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = ".png" if i % 2 else ".jpg"
+            class_image(k, size=(40 + 4 * (i % 3), 32 + 4 * (i % 2)), rng=rng).save(
+                folder / f"{cls}_{i:03d}{suffix}"
+            )
+            (folder / ".DS_Store").write_bytes(b"\0\1")
+            (folder / "notes.txt").write_text("not an image\n")
+    hidden = root / ("train" if not flat else "") / ".ipynb_checkpoints"
+    hidden.mkdir(parents=True, exist_ok=True)
+    class_image(0, rng=rng).save(hidden / "stray.jpg")
+    return root
+
+
+def make_bad_images_layout(root: Path) -> tuple[Path, list[str]]:
+    """A train/test class-per-folder set (red, green, blue) whose train split also holds broken files.
+
+    Broken (returned as sample ids): a truncated JPEG, a zero-byte .jpg, a text file named .jpg.
+    Valid but unusual (must load): train/green/cmyk.jpg (CMYK JPEG), train/blue/grey16.png (16-bit grey PNG).
+    """
+    make_class_folder_layout(root, classes=("red", "green", "blue"), n_train=4, n_test=2, seed=7)
+    rng = np.random.default_rng(7)
+    buffer = io.BytesIO()
+    class_image(0, size=(64, 64), rng=rng).save(buffer, format="JPEG", quality=95)
+    red = root / "train" / "red"
+    (red / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (red / "empty.jpg").write_bytes(b"")
+    (red / "text.jpg").write_text("this is not a JPEG\n")
+    class_image(1, rng=rng).convert("CMYK").save(root / "train" / "green" / "cmyk.jpg", quality=95)
+    ramp = np.tile(np.linspace(0, 65535, 48).astype(np.uint16), (40, 1))
+    Image.fromarray(ramp).save(root / "train" / "blue" / "grey16.png")
+    return root, ["train/red/truncated.jpg", "train/red/empty.jpg", "train/red/text.jpg"]
+
+
+@pytest.fixture
+def official_root(tmp_path: Path) -> Path:
+    return make_official_layout(tmp_path / "stanford")
+
+
+@pytest.fixture
+def class_folder_root(tmp_path: Path) -> Path:
+    return make_class_folder_layout(tmp_path / "pets")
+
+
+@pytest.fixture
+def flat_class_folder_root(tmp_path: Path) -> Path:
+    return make_class_folder_layout(tmp_path / "pets-flat", flat=True)
+
+
+@pytest.fixture
+def bad_images_root(tmp_path: Path) -> tuple[Path, list[str]]:
+    """(root, sample ids of the three unreadable files); see make_bad_images_layout."""
+    return make_bad_images_layout(tmp_path / "bad")

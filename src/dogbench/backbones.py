@@ -1,0 +1,232 @@
+"""Backbones by name: short aliases -> timm tags; weights from the hub, a local file, or random init.
+
+Preprocessing comes from the model's own pretrained config (mean, std, crop, interpolation, input size),
+with per-key overrides. Weights from files are loaded with safetensors or ``torch.load(weights_only=True)``,
+never plain pickle, then handed to timm's own loader so its checkpoint filters (position-embedding
+resampling, classifier removal) apply exactly as for hub weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.data import create_transform, resolve_model_data_config
+
+from dogbench.config import BackboneConfig
+
+ALIASES: dict[str, str] = {
+    "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",  # = the reference's TF Hub vit_s16_fe
+    "vit_b16": "vit_base_patch16_224.augreg_in21k_ft_in1k",
+    "vit_l16": "vit_large_patch16_224.augreg_in21k_ft_in1k",
+    "vit_h14": "vit_huge_patch14_224.orig_in21k",
+    "resnet50": "resnet50.tv_in1k",  # closest to Keras' ImageNet ResNet50
+    "resnet50_a1": "resnet50.a1_in1k",
+    "dinov2_s14": "vit_small_patch14_dinov2.lvd142m",
+    "dinov2_b14": "vit_base_patch14_dinov2.lvd142m",
+    "efficientnet_lite0": "tf_efficientnet_lite0.in1k",
+}
+WEIGHT_SOURCES = ("hub", "random", "<path to .safetensors / .pt / .pth / .bin>")
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+class BackboneError(ValueError):
+    """Unknown model name, unreadable or mismatched weights file, or hub weights that cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The eval transform's parameters: part of the feature-cache key."""
+
+    input_size: tuple[int, int, int]
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    crop_mode: str
+
+    def transform(self) -> Any:
+        """timm's eval transform (resize, centre crop, to tensor, normalise) for PIL images."""
+        return create_transform(**dataclasses.asdict(self), is_training=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class Backbone:
+    """A loaded, frozen feature extractor and everything that identifies its numbers."""
+
+    label: str
+    tag: str  # resolved timm tag, e.g. "vit_small_patch16_224.augreg_in21k_ft_in1k"
+    weights: str  # "hub", "random" or the file path
+    weights_sha256: str  # sha256 of the weights file; for hub/random weights, of the loaded state dict
+    model: torch.nn.Module
+    preprocess: Preprocess
+    model_kwargs: dict[str, Any]
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.num_features)
+
+    @property
+    def params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def is_vit(self) -> bool:
+        return hasattr(self.model, "blocks") and hasattr(self.model, "patch_embed")
+
+
+def resolve_model_name(name: str) -> str:
+    """An alias or a timm tag -> a timm tag; unknown names get the closest matches and the aliases."""
+    if name in ALIASES:
+        return ALIASES[name]
+    arch = name.split(".", 1)[0]
+    if timm.is_model(arch):
+        return name
+    candidates = list(ALIASES) + timm.list_models()
+    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise BackboneError(
+        f"Unknown backbone '{name}'.{hint} Known aliases: {', '.join(ALIASES)}; or any timm model tag "
+        "(python -c 'import timm; print(timm.list_models())')."
+    )
+
+
+def sha256_file(path: Path, *, block: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """sha256 over names, dtypes, shapes and bytes of every tensor: identifies hub and random weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from safetensors or a torch checkpoint (``weights_only=True``); unwraps common wrappers."""
+    if not path.is_file():
+        raise BackboneError(f"Weights file {path} does not exist. Valid weights: {', '.join(WEIGHT_SOURCES)}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any parse failure is a bad weights file
+        raise BackboneError(
+            f"Cannot read weights file {path}: {type(err).__name__}: {err}. Expected a .safetensors file or a "
+            "torch checkpoint of tensors (loaded with weights_only=True; pickled objects are refused)."
+        ) from None
+    for wrapper in ("state_dict", "model", "module", "model_state"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"Weights file {path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _preprocess(model: torch.nn.Module, cfg: BackboneConfig) -> Preprocess:
+    data_cfg = resolve_model_data_config(model)
+    img_size = cfg.model_kwargs.get("img_size")
+    size = cfg.input_size or (img_size if isinstance(img_size, int) else None)
+    if size is not None:
+        data_cfg["input_size"] = (3, int(size), int(size))
+    for key in ("crop_pct", "crop_mode", "interpolation", "mean", "std"):
+        value = getattr(cfg, key)
+        if value is not None:
+            data_cfg[key] = tuple(value) if isinstance(value, list | tuple) else value
+    return Preprocess(
+        input_size=tuple(int(v) for v in data_cfg["input_size"]),
+        interpolation=str(data_cfg["interpolation"]),
+        mean=tuple(float(v) for v in data_cfg["mean"]),
+        std=tuple(float(v) for v in data_cfg["std"]),
+        crop_pct=float(data_cfg["crop_pct"]),
+        crop_mode=str(data_cfg.get("crop_mode", "center")),
+    )
+
+
+def load_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Backbone:
+    """Create the timm model (classifier removed, eval mode, no grad) with the configured weights."""
+    tag = resolve_model_name(cfg.model)
+    kwargs = dict(cfg.model_kwargs)
+    weights = cfg.weights
+    try:
+        if weights == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                model = timm.create_model(tag, pretrained=False, num_classes=0, **kwargs)
+        elif weights == "hub":
+            model = _from_hub(tag, kwargs)
+        else:
+            path = Path(weights).expanduser()
+            if path.suffix not in CHECKPOINT_SUFFIXES and not path.is_file():
+                raise BackboneError(f"Unknown weights '{weights}'. Valid weights: {', '.join(WEIGHT_SOURCES)}")
+            state = read_state_dict(path)
+            model = timm.create_model(
+                tag, pretrained=True, num_classes=0, pretrained_cfg_overlay={"state_dict": state}, **kwargs
+            )
+    except BackboneError:
+        raise
+    except TypeError as err:
+        raise BackboneError(f"Bad model keyword arguments {kwargs} for '{tag}': {err}") from None
+    except RuntimeError as err:
+        if weights in ("hub", "random"):
+            raise
+        raise BackboneError(
+            f"Weights file {weights} does not fit model '{tag}' (kwargs {kwargs}): {_first_lines(err)}"
+        ) from None
+    model.eval().requires_grad_(False)
+    digest = sha256_file(Path(weights).expanduser()) if weights not in ("hub", "random") else state_dict_digest(model)
+    return Backbone(
+        label=cfg.label,
+        tag=tag,
+        weights=weights,
+        weights_sha256=digest,
+        model=model,
+        preprocess=_preprocess(model, cfg),
+        model_kwargs=kwargs,
+    )
+
+
+def _from_hub(tag: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    try:
+        return timm.create_model(tag, pretrained=True, num_classes=0, **kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        raise BackboneError(
+            f"Cannot fetch pretrained weights for '{tag}' from the Hugging Face hub ({type(err).__name__}: "
+            f"{_first_lines(err)}). Offline? Download the weights on a connected machine and pass a local "
+            "file (weights = \"path/to/model.safetensors\" or --backbone LABEL=MODEL@path), or use "
+            "weights = \"random\" for a smoke test."
+        ) from None
+
+
+def _first_lines(err: BaseException, n: int = 3) -> str:
+    return " ".join(str(err).strip().splitlines()[:n])
+
+
+def measure_gflops(backbone: Backbone) -> float:
+    """Forward-pass GFLOPs for one image at the model's input size (torch's flop counter; 1 MAC = 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *backbone.preprocess.input_size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        backbone.model(x)
+    return counter.get_total_flops() / 1e9

@@ -1,0 +1,174 @@
+"""Content-keyed on-disk feature store: atomic, resumable in chunks, memory-mapped, verified on load.
+
+Layout of one entry, ``<root>/<key>/``::
+
+    meta.json           what the key was computed from, N, D, chunk size (written first)
+    chunks/00000.npz    features, readable-mask and error text for samples [0, chunk_size) ...
+    features.npy        (N, D) float32, all chunks joined (written when every chunk exists)
+    index.json          sample ids, labels, splits, mask, errors: written last, marks the entry complete
+
+Every file is written to a temporary name and renamed, so a process killed at any point leaves only
+whole files behind; the next run skips the chunks that exist and computes the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dogbench.atomic import atomic_write_json, atomic_write_with
+
+SCHEMA_VERSION = 1
+
+
+class CacheError(RuntimeError):
+    """A cache entry whose contents do not match what the caller expects (stale or corrupt)."""
+
+
+def cache_key(components: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of everything that changes the numbers (plus the schema version)."""
+    canonical = json.dumps({"schema": SCHEMA_VERSION, **components}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def ids_digest(sample_ids: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sample_ids).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Features of samples ``start .. start + len(ok)`` in dataset order; rows of unreadable images are zero."""
+
+    start: int
+    features: np.ndarray  # (n, D) float32
+    ok: np.ndarray  # (n,) bool: False = the image could not be read
+    errors: np.ndarray  # (n,) str: the reason where ok is False, else ""
+
+
+@dataclass(frozen=True)
+class CachedFeatures:
+    """A complete entry: all N rows (unreadable ones included, masked by ``ok``) with their ids and labels."""
+
+    key: str
+    features: np.ndarray  # (N, D) float32, memory-mapped
+    sample_ids: tuple[str, ...]
+    labels: np.ndarray  # (N,) int64
+    splits: np.ndarray  # (N,) str
+    ok: np.ndarray  # (N,) bool
+    errors: dict[str, str]  # sample_id -> reason, for rows where ok is False
+    meta: dict[str, Any]
+
+
+class FeatureCache:
+    """The store under ``root``: one folder per key."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def entry(self, key: str) -> CacheEntry:
+        return CacheEntry(self.root / key, key)
+
+
+class CacheEntry:
+    def __init__(self, path: Path, key: str) -> None:
+        self.path = path
+        self.key = key
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self.path / "chunks"
+
+    def is_complete(self) -> bool:
+        return (self.path / "index.json").is_file() and (self.path / "features.npy").is_file()
+
+    def begin(self, meta: Mapping[str, Any]) -> None:
+        """Create the entry (or check that a partial one was started for the same samples)."""
+        meta_path = self.path / "meta.json"
+        if meta_path.is_file():
+            existing = json.loads(meta_path.read_text())
+            for field in ("n", "chunk_size", "ids_sha256"):
+                if existing.get(field) != meta.get(field):
+                    # Same key but a different chunking or sample list: the partial work cannot be reused.
+                    shutil.rmtree(self.chunk_dir, ignore_errors=True)
+                    break
+        self.chunk_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(meta_path, {"key": self.key, **meta})
+
+    def chunk_path(self, index: int) -> Path:
+        return self.chunk_dir / f"{index:05d}.npz"
+
+    def has_chunk(self, index: int) -> bool:
+        return self.chunk_path(index).is_file()
+
+    def write_chunk(self, index: int, chunk: Chunk) -> None:
+        assert chunk.features.shape[0] == chunk.ok.shape[0] == chunk.errors.shape[0], "chunk rows disagree"
+
+        def write(handle: Any) -> None:
+            np.savez(
+                handle,
+                start=np.int64(chunk.start),
+                features=chunk.features.astype(np.float32, copy=False),
+                ok=chunk.ok,
+                errors=chunk.errors.astype(str),
+            )
+
+        atomic_write_with(self.chunk_path(index), write)
+
+    def read_chunk(self, index: int) -> Chunk:
+        with np.load(self.chunk_path(index), allow_pickle=False) as npz:
+            return Chunk(int(npz["start"]), npz["features"], npz["ok"], npz["errors"])
+
+    def finalize(
+        self, *, n_chunks: int, sample_ids: Sequence[str], labels: np.ndarray, splits: Sequence[str]
+    ) -> CachedFeatures:
+        """Join the chunks into ``features.npy``, write ``index.json`` and drop the chunks."""
+        chunks = [self.read_chunk(i) for i in range(n_chunks)]
+        starts = [c.start for c in chunks]
+        if starts != sorted(starts) or sum(len(c.ok) for c in chunks) != len(sample_ids):
+            raise CacheError(f"Cache entry {self.path} has chunks that do not cover the {len(sample_ids)} samples")
+        features = np.concatenate([c.features for c in chunks]).astype(np.float32, copy=False)
+        ok = np.concatenate([c.ok for c in chunks])
+        errors = np.concatenate([c.errors for c in chunks])
+        atomic_write_with(self.path / "features.npy", lambda handle: np.save(handle, features))
+        index = {
+            "sample_ids": list(sample_ids),
+            "labels": [int(v) for v in labels],
+            "splits": list(splits),
+            "ok": [bool(v) for v in ok],
+            "errors": {sid: str(err) for sid, err, good in zip(sample_ids, errors, ok, strict=True) if not good},
+        }
+        atomic_write_json(self.path / "index.json", index)
+        shutil.rmtree(self.chunk_dir, ignore_errors=True)
+        return self.load(sample_ids=sample_ids, labels=labels)
+
+    def load(self, *, sample_ids: Sequence[str], labels: np.ndarray) -> CachedFeatures:
+        """Memory-map a complete entry and check that its ids and labels are the caller's, in order."""
+        index = json.loads((self.path / "index.json").read_text())
+        meta = json.loads((self.path / "meta.json").read_text())
+        features = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+        cached_ids = tuple(index["sample_ids"])
+        cached_labels = np.asarray(index["labels"], dtype=np.int64)
+        if cached_ids != tuple(sample_ids) or not np.array_equal(cached_labels, np.asarray(labels)):
+            raise CacheError(
+                f"Cache entry {self.path} holds other samples or labels than the dataset; delete the folder "
+                "to recompute it"
+            )
+        if features.shape[0] != len(cached_ids):
+            raise CacheError(f"Cache entry {self.path}: {features.shape[0]} feature rows for {len(cached_ids)} ids")
+        return CachedFeatures(
+            key=self.key,
+            features=features,
+            sample_ids=cached_ids,
+            labels=cached_labels,
+            splits=np.asarray(index["splits"]),
+            ok=np.asarray(index["ok"], dtype=bool),
+            errors=dict(index["errors"]),
+            meta=meta,
+        )

@@ -1,0 +1,288 @@
+"""Frozen, typed configuration for every stage, loaded from TOML and overridden from the command line.
+
+One override syntax everywhere: ``section.key=value`` (``tune.trials=5``, ``features.batch_size=32``,
+``backbones.vit.img_size=224``); values are parsed as TOML literals, falling back to plain strings.
+The resolved config is written beside every result (``config.json``) so a run can be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from dogbench.atomic import atomic_write_text
+
+HEAD_KINDS = ("linear", "mlp")  # must match dogbench.heads.HEAD_KINDS (checked by a test)
+DEFAULT_BACKBONES: tuple[tuple[str, str], ...] = (("vit", "vit_s16"), ("resnet", "resnet50"))
+
+
+class Precision(StrEnum):
+    """Numeric precision of the backbone forward pass. AUTO = bf16 on a GPU that supports it, else fp32."""
+
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be understood; the message names the key and the valid choices."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    root: str | None = None  # official Stanford Dogs layout, Kaggle copy, archives, or class-per-folder
+    crop_to_box: bool = False  # crop each image to its first annotated box (Stanford Dogs Annotation/)
+    val_fraction: float = 0.2  # validation carved from train, stratified and seeded; tuning never sees test
+    test_fraction: float = 0.2  # only for a flat class-per-folder dataset without train/ and test/
+    split_seed: int = 0
+    strict: bool = False  # stop at the first unreadable image instead of skipping it
+    download: bool = True  # fetch the official archives when no data is found
+    data_url: str | None = None  # mirror for the official archives
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    label: str  # the name results are reported under, e.g. "vit"
+    model: str  # a short alias (see backbones.ALIASES) or any timm model tag
+    weights: str = "hub"  # "hub", "random", or a path to .safetensors / torch checkpoint
+    model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, ...)
+    input_size: int | None = None  # preprocessing overrides; None = the model's own pretrained config
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+    interpolation: str | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+
+PREPROCESS_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Precision = Precision.AUTO
+    batch_size: int = 64
+    num_workers: int | None = None  # None = one fewer than the CPU cores, at least 1
+    chunk_size: int = 512  # images per resumable chunk on disk
+    cache_dir: str | None = None  # default: $DOGBENCH_CACHE/features
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    trials: int = 40
+    timeout_s: float = 900.0
+    heads: tuple[str, ...] = ("linear", "mlp")
+    max_epochs: int = 150
+    storage: str | None = None  # any Optuna storage URL; default: SQLite in the run folder
+    seed: int = 0
+    baseline: bool = True  # scikit-learn LogisticRegression probe with C swept on validation
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n_bootstrap: int = 2000
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = DataConfig()
+    backbones: tuple[BackboneConfig, ...] = ()
+    features: FeatureConfig = FeatureConfig()
+    tune: TuneConfig = TuneConfig()
+    evaluate: EvalConfig = EvalConfig()
+    out: str | None = None  # run folder; default runs/<timestamp>
+
+    def to_dict(self) -> dict[str, Any]:
+        return _jsonable(dataclasses.asdict(self))
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "features": FeatureConfig,
+    "tune": TuneConfig,
+    "evaluate": EvalConfig,
+}
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, StrEnum):
+        return value.value
+    return value
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(section: str, key: str, valid: Sequence[str]) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"Unknown key '{key}' in [{section}].{hint} Valid keys: {', '.join(valid)}")
+
+
+def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
+    valid = _field_names(cls)
+    for key in values:
+        if key not in valid:
+            raise _unknown_key(section, key, valid)
+    kwargs = dict(values)
+    if cls is FeatureConfig and "precision" in kwargs:
+        try:
+            kwargs["precision"] = Precision(kwargs["precision"])
+        except ValueError:
+            choices = ", ".join(p.value for p in Precision)
+            raise ConfigError(f"features.precision '{kwargs['precision']}' is not one of: {choices}") from None
+    if cls is TuneConfig and "heads" in kwargs:
+        heads = kwargs["heads"]
+        kwargs["heads"] = (heads,) if isinstance(heads, str) else tuple(heads)
+    return cls(**kwargs)
+
+
+def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig:
+    """``[backbones.<label>]``: ``model`` and ``weights``, preprocessing keys, anything else is a model kwarg."""
+    if "model" not in table:
+        raise ConfigError(f"[backbones.{label}] needs a 'model' key (a short alias or a timm model tag)")
+    kwargs: dict[str, Any] = {}
+    pre: dict[str, Any] = {}
+    for key, value in table.items():
+        if key in ("model", "weights"):
+            continue
+        if key in PREPROCESS_KEYS:
+            pre[key] = tuple(value) if isinstance(value, list) else value
+        else:
+            kwargs[key] = value
+    return BackboneConfig(
+        label=label, model=str(table["model"]), weights=str(table.get("weights", "hub")), model_kwargs=kwargs, **pre
+    )
+
+
+def parse_backbone_spec(spec: str) -> BackboneConfig:
+    """``LABEL=MODEL[@WEIGHTS][,key=value...]`` e.g. ``vit=vit_small_patch14_dinov2@w.safetensors,img_size=224``."""
+    label, sep, rest = spec.partition("=")
+    if not sep or not label or not rest:
+        raise ConfigError(
+            f"Bad --backbone '{spec}': expected LABEL=MODEL[@WEIGHTS][,key=value...], e.g. vit=vit_s16 or "
+            "cnn=tf_efficientnet_lite0@weights.safetensors"
+        )
+    head, *pairs = rest.split(",")
+    model, _, weights = head.partition("@")
+    table: dict[str, Any] = {"model": model, "weights": weights or "hub"}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq:
+            raise ConfigError(f"Bad --backbone option '{pair}' in '{spec}': expected key=value")
+        table[key.strip()] = parse_value(value)
+    return parse_backbone_table(label.strip(), table)
+
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (``5``, ``3e-4``, ``true``, ``[1, 2]``, ``"x"``) or, failing that, the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def from_mapping(doc: Mapping[str, Any]) -> RunConfig:
+    valid_top = [*SECTIONS, "backbones", "out"]
+    for key in doc:
+        if key not in valid_top:
+            raise _unknown_key("top level", key, valid_top)
+    sections = {name: _coerce(cls, name, doc.get(name, {})) for name, cls in SECTIONS.items()}
+    backbones = tuple(parse_backbone_table(label, table) for label, table in doc.get("backbones", {}).items())
+    return RunConfig(backbones=backbones, out=doc.get("out"), **sections)
+
+
+def saved_to_doc(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A saved ``config.json`` (``RunConfig.to_dict()``) back into the TOML-shaped dict ``resolve`` takes."""
+    doc = {name: dict(saved.get(name, {})) for name in SECTIONS}
+    doc["backbones"] = {}
+    for b in saved.get("backbones", []):
+        table = {"model": b["model"], "weights": b["weights"], **b.get("model_kwargs", {})}
+        table.update({k: b[k] for k in PREPROCESS_KEYS if b.get(k) is not None})
+        doc["backbones"][b["label"]] = table
+    if saved.get("out") is not None:
+        doc["out"] = saved["out"]
+    return doc
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """Read a TOML config file into a plain nested dict (empty when path is None)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"Config file {path} is not valid TOML: {err}") from None
+
+
+def apply_override(doc: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value`` to a nested dict in place."""
+    dotted, eq, value = override.partition("=")
+    if not eq or not dotted:
+        raise ConfigError(f"Bad override '{override}': expected section.key=value, e.g. tune.trials=5")
+    *parents, leaf = dotted.strip().split(".")
+    if not parents:
+        if leaf != "out":
+            raise ConfigError(f"Bad override '{override}': expected section.key=value, e.g. tune.trials=5")
+    node = doc
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"Bad override '{override}': '{part}' is not a section")
+    node[leaf] = parse_value(value)
+
+
+def resolve(
+    doc: dict[str, Any], *, overrides: Sequence[str] = (), backbone_specs: Sequence[str] = ()
+) -> RunConfig:
+    """Config file dict + ``key=value`` overrides + ``--backbone`` specs -> a validated RunConfig.
+
+    ``--backbone`` specs replace the file's backbones; with neither, the two reference models are used.
+    """
+    doc = json.loads(json.dumps(doc))  # deep copy: callers keep their dict
+    for override in overrides:
+        apply_override(doc, override)
+    cfg = from_mapping(doc)
+    if backbone_specs:
+        cfg = dataclasses.replace(cfg, backbones=tuple(parse_backbone_spec(s) for s in backbone_specs))
+    if not cfg.backbones:
+        cfg = dataclasses.replace(
+            cfg, backbones=tuple(BackboneConfig(label=label, model=model) for label, model in DEFAULT_BACKBONES)
+        )
+    labels = [b.label for b in cfg.backbones]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"Backbone labels must be unique, got {labels}")
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
+    if not 0.0 < cfg.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
+    if cfg.features.batch_size < 1 or cfg.features.chunk_size < 1:
+        raise ConfigError("features.batch_size and features.chunk_size must be at least 1")
+    if cfg.tune.trials < 0:
+        raise ConfigError(f"tune.trials must be >= 0, got {cfg.tune.trials}")
+    for head in cfg.tune.heads:
+        if head not in HEAD_KINDS:
+            raise ConfigError(f"Unknown head '{head}' in tune.heads. Valid heads: {', '.join(HEAD_KINDS)}")

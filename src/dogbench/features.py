@@ -164,6 +164,9 @@ def extract_features(
         cached = entry.finalize(n_chunks=n_chunks, sample_ids=sample_ids, labels=labels, splits=splits)
     else:
         cached = entry.load(sample_ids=sample_ids, labels=labels)
+    if strict and not cached.ok.all():
+        first = cached.sample_ids[int(np.argmin(cached.ok))]
+        raise ImageError(f"{first}: {cached.errors[first]} (--strict stops here)")
     return _to_feature_set(cached, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision)
 
 
@@ -229,7 +232,9 @@ def _extract_missing(
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
     )
-    model = backbone.model.to(device)
+    # channels_last lets oneDNN / cuDNN pick their fast NHWC convolution kernels; ViTs gain nothing from it.
+    memory_format = torch.preserve_format if backbone.is_vit else torch.channels_last
+    model = backbone.model.to(device, memory_format=memory_format)
     autocast = _Autocast(device.type, DTYPES.get(precision))
     total = sum(len(b) for b in batches)
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
@@ -238,7 +243,7 @@ def _extract_missing(
             bad = [(int(i), e) for i, e in zip(index, errors, strict=True) if e]
             if bad and strict:
                 raise ImageError(f"{dataset.samples[bad[0][0]].sample_id}: {bad[0][1]} (--strict stops here)")
-            feats = _forward(model, x, device=device, autocast=autocast)
+            feats = _forward(model, x, device=device, autocast=autocast, memory_format=memory_format)
             assert feats.shape == (len(index), backbone.feature_dim), f"features {feats.shape}"
             chunk_index = int(index[0]) // cfg.chunk_size
             pending.setdefault(chunk_index, []).append((index.numpy(), feats, list(errors)))
@@ -256,9 +261,12 @@ class _Autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
 
 
-def _forward(model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, autocast: _Autocast) -> np.ndarray:
+def _forward(
+    model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, autocast: _Autocast,
+    memory_format: torch.memory_format,
+) -> np.ndarray:
     with torch.inference_mode(), autocast.context():
-        out = model(x.to(device, non_blocking=True))
+        out = model(x.to(device, non_blocking=True, memory_format=memory_format))
     return out.float().cpu().numpy()
 
 

@@ -1,0 +1,148 @@
+"""``dogbench``: thin subcommands over the library. ``dogbench run`` is the main job."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+from dogbench import __version__
+from dogbench.config import ConfigError, RunConfig, load_config, resolve, saved_to_doc
+
+EPILOG = """examples:
+  dogbench run --data ~/data/stanford-dogs                    # ViT-S/16 vs ResNet50 (hub weights)
+  dogbench run --config configs/shared-dev.toml --out runs/dev
+  dogbench run --data my_images --backbone cnn=resnet50 --backbone vit=vit_b16 --trials 20
+  dogbench run --backbone vit=vit_small_patch14_dinov2@w.safetensors,img_size=224 --set tune.heads=["linear"]
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (see README)")
+    p.add_argument("--data", help="dataset folder: Stanford Dogs (official or Kaggle layout, or the .tar "
+                   "archives) or class-per-folder images; default: the Stanford Dogs cache, downloaded if missing")
+    p.add_argument("--backbone", action="append", default=[], metavar="LABEL=SPEC",
+                   help="LABEL=MODEL[@WEIGHTS][,key=value...]; MODEL an alias or timm tag; WEIGHTS hub (default), "
+                   "random or a file; repeatable (default: vit=vit_s16, resnet=resnet50)")
+    p.add_argument("--trials", type=int, help="Optuna trials per backbone (tune.trials)")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (features.device)")
+    p.add_argument("--precision", help="auto, fp32, bf16, fp16 (features.precision)")
+    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    p.add_argument("--cache-dir", help="feature cache folder (default $DOGBENCH_CACHE/features)")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--crop-to-box", action="store_true", help="crop Stanford Dogs images to their annotated box")
+    p.add_argument("--no-download", action="store_true", help="never download the dataset")
+    p.add_argument("--data-url", help="mirror URL for the Stanford Dogs archives")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override any config key, e.g. --set tune.timeout_s=60 (repeatable)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dogbench", description="Does a Vision Transformer beat a ResNet50 on your fine-grained images?",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dogbench {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    commands = {
+        "run": "the main job: extract (cached), tune heads, evaluate, compare",
+        "extract": "extract features into the cache (nothing else)",
+        "tune": "extract (cached) and tune heads on train/val; writes <out>/<label>/tuning.json",
+        "evaluate": "refit tuned heads on train+val, score test once, compare; needs a tuned --out",
+    }
+    for name, help_text in commands.items():
+        _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    doc = load_config(args.config)
+    if args.command == "evaluate" and args.out and (Path(args.out) / "config.json").is_file() and not args.config:
+        doc = saved_to_doc(json.loads((Path(args.out) / "config.json").read_text()))
+    overrides = list(args.set)
+    flag_keys = {
+        "data": "data.root", "trials": "tune.trials", "device": "features.device",
+        "precision": "features.precision", "out": "out", "cache_dir": "features.cache_dir",
+        "data_url": "data.data_url",
+    }
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    for attr, key, value in (("strict", "data.strict", "true"), ("crop_to_box", "data.crop_to_box", "true"),
+                             ("no_download", "data.download", "false")):
+        if getattr(args, attr):
+            overrides.append(f"{key}={value}")
+    return resolve(doc, overrides=overrides, backbone_specs=args.backbone)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.simplefilter("default")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("dogbench: interrupted; cached chunks and finished stages are kept", file=sys.stderr)
+        return 130
+    except Exception as err:  # noqa: BLE001 - known user-facing errors become one clear message
+        if not _is_user_error(err):
+            raise
+        print(f"dogbench: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _is_user_error(err: Exception) -> bool:
+    from dogbench.backbones import BackboneError
+    from dogbench.cache import CacheError
+    from dogbench.data import DatasetLayoutError, ImageError
+    from dogbench.download import DownloadError
+
+    return isinstance(
+        err, ConfigError | DownloadError | DatasetLayoutError | ImageError | BackboneError | CacheError
+        | FileNotFoundError
+    )
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from dogbench import pipeline
+
+    cfg = config_from_args(args)
+    progress = not args.quiet
+    if args.command == "run":
+        results, run_dir = pipeline.run(cfg, progress=progress)
+        print(results.summary_table())
+        print(f"results: {run_dir / 'results.json'}")
+        return 0
+    dataset = pipeline.prepare_dataset(cfg)
+    extracted = pipeline.extract_stage(cfg, dataset, progress=progress)
+    if args.command == "extract":
+        for label, bf in extracted.items():
+            f = bf.features
+            state = "cached" if f.cache_hit else f"computed {f.n_computed} images in {f.extract_s:.1f} s"
+            print(f"{label}: {bf.backbone.tag} features {f.features.shape} key {f.key[:16]} ({state}); "
+                  f"{len(f.skipped)} skipped")
+        return 0
+    run_dir = pipeline.run_dir_of(cfg)
+    if args.command == "tune":
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.save(run_dir / "config.json")
+        tuning = pipeline.tune_stage(cfg, run_dir, extracted, progress=progress)
+        for label, (tuned, baseline) in tuning.items():
+            extra = f"; baseline C={baseline.C:.3g} val top-1 {baseline.val_top1:.4f}" if baseline else ""
+            print(f"{label}: best {tuned.best_params} val top-1 {tuned.best_val_top1:.4f} "
+                  f"({tuned.n_complete} complete, {tuned.n_pruned} pruned){extra}")
+        print(f"tuning: {run_dir}")
+        return 0
+    tuning = {label: pipeline.load_tuning(run_dir, label, bf.features.key) for label, bf in extracted.items()}
+    results = pipeline.evaluate_stage(cfg, run_dir, dataset, extracted, tuning)
+    print(results.summary_table())
+    print(f"results: {run_dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The result records of a run and their files: the contract between evaluation and reporting.
+
+``results.json`` (schema in README.md), ``results.csv`` (one row per model and method) and the printed
+summary table all come from ``RunResults``. No torch import here.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dogbench.atomic import atomic_write_json, atomic_write_text
+
+RESULTS_SCHEMA_VERSION = 1
+
+
+@dataclass
+class StageTimes:
+    """Wall-clock and process CPU seconds (this process and its finished workers) per stage."""
+
+    wall: dict[str, float] = field(default_factory=dict)
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def measure(self, stage: str) -> Iterator[None]:
+        wall0, cpu0 = time.perf_counter(), _cpu_seconds()
+        try:
+            yield
+        finally:
+            self.wall[stage] = self.wall.get(stage, 0.0) + time.perf_counter() - wall0
+            self.cpu[stage] = self.cpu.get(stage, 0.0) + _cpu_seconds() - cpu0
+
+
+def _cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+@dataclass(frozen=True)
+class ModelResult:
+    label: str
+    backbone: str  # timm tag
+    weights: str  # "hub", "random" or a file path
+    weights_sha256: str
+    feature_dim: int
+    params: int
+    gflops: float  # per image at the input size
+    preprocess: dict[str, Any]
+    feature_key: str
+    cache_hit: bool
+    device: str
+    precision: str
+    head: dict[str, Any]  # {"kind", "params", "epochs", "study"...}
+    val: dict[str, float]  # {"top1"}: best trial's validation top-1
+    test: dict[str, Any]  # {"top1", "top1_ci95", "top5", "macro_f1", "per_class", "n"}
+    baseline: dict[str, Any]  # {"C", "val": {"top1"}, "test": {"top1", "top1_ci95"}} or {}
+    timing_s: dict[str, float]  # extract, tune, baseline, fit, evaluate (wall)
+    cpu_s: dict[str, float]
+    throughput_img_s: float | None  # images per second through the model in extraction (None on a cache hit)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    root: str
+    layout: str
+    split_source: str
+    n_train: int
+    n_val: int
+    n_test: int
+    n_classes: int
+    skipped: int
+    skipped_files: list[dict[str, str]]  # [{"id", "reason"}]
+
+
+@dataclass(frozen=True)
+class RunResults:
+    models: dict[str, ModelResult]
+    comparison: dict[str, Any] | None  # the first two backbones; None with one backbone
+    comparisons: list[dict[str, Any]]  # every pair, in config order
+    dataset: DatasetInfo
+    environment: dict[str, Any]
+    config: dict[str, Any]
+    timing_s: dict[str, float]  # whole-run stages: data, features, tune, evaluate, total
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    schema_version: int = RESULTS_SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, run_dir: Path) -> None:
+        atomic_write_json(run_dir / "results.json", self.to_dict())
+        atomic_write_text(run_dir / "results.csv", self.to_csv())
+        atomic_write_text(run_dir / "summary.txt", self.summary_table() + "\n")
+
+    def csv_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for m in self.models.values():
+            common = {
+                "label": m.label, "backbone": m.backbone, "weights": m.weights, "feature_dim": m.feature_dim,
+                "params": m.params, "gflops": round(m.gflops, 4), "extract_s": round(m.timing_s.get("extract", 0), 3),
+                "throughput_img_s": round(m.throughput_img_s, 2) if m.throughput_img_s else "",
+                "device": m.device,
+            }
+            rows.append({
+                **common, "method": f"tuned {m.head.get('kind', '')} head", "val_top1": m.val["top1"],
+                "test_top1": m.test["top1"], "test_top1_ci_lo": m.test["top1_ci95"][0],
+                "test_top1_ci_hi": m.test["top1_ci95"][1], "test_top5": m.test["top5"],
+                "test_macro_f1": m.test["macro_f1"],
+                "fit_s": round(m.timing_s.get("tune", 0) + m.timing_s.get("fit", 0), 3),
+            })
+            if m.baseline:
+                rows.append({
+                    **common, "method": "logistic regression (C swept)", "val_top1": m.baseline["val"]["top1"],
+                    "test_top1": m.baseline["test"]["top1"], "test_top1_ci_lo": m.baseline["test"]["top1_ci95"][0],
+                    "test_top1_ci_hi": m.baseline["test"]["top1_ci95"][1], "test_top5": m.baseline["test"]["top5"],
+                    "test_macro_f1": m.baseline["test"]["macro_f1"],
+                    "fit_s": round(m.timing_s.get("baseline", 0), 3),
+                })
+        return rows
+
+    def to_csv(self) -> str:
+        rows = self.csv_rows()
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["label"])
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+
+    def summary_table(self) -> str:
+        header = ["model", "method", "val top1", "test top1 [95% CI]", "top5", "macro-F1", "params", "GFLOPs",
+                  "extract s", "tune+fit s", "img/s"]
+        rows = [
+            [
+                r["label"], r["method"], f"{r['val_top1']:.4f}",
+                f"{r['test_top1']:.4f} [{r['test_top1_ci_lo']:.4f}, {r['test_top1_ci_hi']:.4f}]",
+                f"{r['test_top5']:.4f}", f"{r['test_macro_f1']:.4f}", f"{r['params'] / 1e6:.1f}M",
+                f"{r['gflops']:.2f}", f"{r['extract_s']:.1f}", f"{r['fit_s']:.1f}",
+                f"{r['throughput_img_s']:.1f}" if r["throughput_img_s"] != "" else "cached",
+            ]
+            for r in self.csv_rows()
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+        line = "  ".join("-" * w for w in widths)
+        lines = [
+            f"dogbench: {self.dataset.name} ({self.dataset.n_train} train / {self.dataset.n_val} val / "
+            f"{self.dataset.n_test} test, {self.dataset.n_classes} classes, {self.dataset.skipped} skipped)",
+            "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+            line,
+            *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows),
+        ]
+        if self.comparison:
+            c = self.comparison
+            lo, hi = c["delta_top1_ci95"]
+            lines += [line, verdict(c)]
+            lines.append(f"paired bootstrap 95% CI of the difference [{lo:+.4f}, {hi:+.4f}], McNemar p = "
+                         f"{c['mcnemar_p']:.3g} (n = {c['n']})")
+        lines.append(f"total {self.timing_s.get('total', 0):.1f} s")
+        return "\n".join(lines)
+
+
+def verdict(comparison: dict[str, Any]) -> str:
+    """One sentence: who is better on test top-1, by how much, and whether the difference is significant."""
+    a, b, delta = comparison["a"], comparison["b"], comparison["delta_top1"]
+    lo, hi = comparison["delta_top1_ci95"]
+    p = comparison["mcnemar_p"]
+    significant = p < 0.05 and (lo > 0 or hi < 0)
+    if delta == 0:
+        return f"{a} and {b} have the same test top-1 (McNemar p = {p:.3g})."
+    better, worse = (a, b) if delta > 0 else (b, a)
+    strength = "significantly" if significant else "but not significantly (at 5%)"
+    return (f"{better} beats {worse} by {abs(delta) * 100:.2f} points of test top-1, {strength} "
+            f"(95% CI of {a} - {b}: [{lo * 100:+.2f}, {hi * 100:+.2f}] points, McNemar p = {p:.3g}).")

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dogbench.atomic import atomic_open, atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_write_with
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_writers_produce_the_content_and_create_parents(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b"
+    atomic_write_bytes(target / "x.bin", b"\x00\x01\xff")
+    atomic_write_text(target / "x.txt", "héllo\n")
+    atomic_write_json(target / "x.json", {"k": [1, 2.5, "z"], "n": None})
+    atomic_write_with(target / "x.npy", lambda handle: np.save(handle, np.arange(6.0).reshape(2, 3)))
+
+    assert (target / "x.bin").read_bytes() == b"\x00\x01\xff"
+    assert (target / "x.txt").read_text(encoding="utf-8") == "héllo\n"
+    assert json.loads((target / "x.json").read_text()) == {"k": [1, 2.5, "z"], "n": None}
+    np.testing.assert_array_equal(np.load(target / "x.npy"), np.arange(6.0).reshape(2, 3))
+    assert _leftovers(target) == []
+
+
+def test_overwrite_replaces_the_old_content(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old, and longer than the new text")
+    atomic_write_text(path, "new")
+    assert path.read_text() == "new"
+
+
+def test_error_inside_atomic_open_keeps_the_old_file_and_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_open(path, "w") as handle:
+            handle.write("half written")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt"]
+
+
+def test_error_inside_atomic_open_without_old_file_leaves_nothing(tmp_path: Path) -> None:
+    def writer(handle: object) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_with(tmp_path / "new.npy", writer)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_file_lives_beside_the_target_until_exit(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    with atomic_open(path) as handle:
+        handle.write(b"data")
+        assert not path.exists()
+        assert len(_leftovers(tmp_path)) == 1
+    assert path.read_bytes() == b"data"
+    assert _leftovers(tmp_path) == []

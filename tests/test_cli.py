@@ -1,0 +1,156 @@
+"""End-to-end tests of the `dogbench` command on tiny synthetic datasets with tiny random timm models."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dogbench.cli import main
+
+TINY = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"]
+FAST = ["--trials", "3", "--set", "tune.max_epochs=15", "--set", "evaluate.n_bootstrap=200", "--quiet"]
+
+
+def _run(args: list[str], tmp_path: Path) -> int:
+    return main(["run", *args, "--cache-dir", str(tmp_path / "cache"), *FAST])
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    from conftest import make_class_folder_layout
+
+    base = tmp_path_factory.mktemp("e2e")
+    data = make_class_folder_layout(base / "data", classes=("cat", "dog", "fox", "owl"), n_train=8, n_test=4)
+    out = base / "run"
+    assert _run(["--data", str(data), "--out", str(out), *TINY], base) == 0
+    return base, data, json.loads((out / "results.json").read_text())
+
+
+def test_run_writes_results_with_the_documented_schema(tiny_run: tuple[Path, Path, dict]) -> None:
+    base, _, results = tiny_run
+    out = base / "run"
+    for name in ("config.json", "results.json", "results.csv", "summary.txt", "optuna.db"):
+        assert (out / name).is_file(), name
+    assert set(results["models"]) == {"cnn", "vit"}
+    for label, m in results["models"].items():
+        for key in ("backbone", "weights", "feature_dim", "params", "gflops", "head", "val", "test", "baseline",
+                    "timing_s", "throughput_img_s"):
+            assert key in m, (label, key)
+        assert m["weights"] == "random" and m["params"] > 0 and m["gflops"] > 0
+        assert 0.0 <= m["val"]["top1"] <= 1.0
+        lo, hi = m["test"]["top1_ci95"]
+        assert lo <= m["test"]["top1"] <= hi
+        assert m["test"]["top5"] >= m["test"]["top1"]
+        assert set(m["test"]["per_class"]) == {"cat", "dog", "fox", "owl"}
+        assert {"top1", "top1_ci95"} <= set(m["baseline"]["test"])
+        assert {"extract", "tune", "fit", "evaluate"} <= set(m["timing_s"])
+        assert (out / label / "head" / "head.safetensors").is_file()
+        with np.load(out / label / "predictions.npz") as npz:
+            assert npz["proba"].shape == (16, 4)
+            np.testing.assert_allclose(npz["proba"].sum(axis=1), 1.0, atol=1e-5)
+    c = results["comparison"]
+    assert (c["a"], c["b"]) == ("cnn", "vit")
+    assert c["delta_top1"] == pytest.approx(results["models"]["cnn"]["test"]["top1"]
+                                            - results["models"]["vit"]["test"]["top1"])
+    assert 0.0 <= c["mcnemar_p"] <= 1.0
+    d = results["dataset"]
+    assert (d["n_train"] + d["n_val"], d["n_test"], d["n_classes"], d["skipped"]) == (32, 16, 4, 0)
+    assert set(results["environment"]) >= {"python", "torch", "timm", "device"}
+    assert results["config"]["tune"]["trials"] == 3
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["method"].startswith("tuned") for r in rows].count(True) == 2 and len(rows) == 4
+
+
+def test_rerun_reuses_the_feature_cache_and_the_study(tiny_run: tuple[Path, Path, dict]) -> None:
+    base, data, first = tiny_run
+    out = base / "run"
+    assert _run(["--data", str(data), "--out", str(out), *TINY], base) == 0
+    second = json.loads((out / "results.json").read_text())
+    for label in ("cnn", "vit"):
+        assert second["models"][label]["cache_hit"] is True
+        assert second["models"][label]["throughput_img_s"] is None
+        assert second["models"][label]["feature_key"] == first["models"][label]["feature_key"]
+        assert second["models"][label]["head"]["n_trials"] == 3  # the study was resumed, not re-run
+        assert second["models"][label]["test"]["top1"] == first["models"][label]["test"]["top1"]
+
+
+def test_stage_commands_match_run(tiny_run: tuple[Path, Path, dict], capsys: pytest.CaptureFixture) -> None:
+    base, data, first = tiny_run
+    common = ["--data", str(data), *TINY, "--cache-dir", str(base / "cache"), *FAST]
+    assert main(["extract", *common]) == 0
+    assert "cached" in capsys.readouterr().out
+    staged = base / "staged"
+    assert main(["tune", *common, "--out", str(staged)]) == 0
+    assert (staged / "cnn" / "tuning.json").is_file()
+    assert main(["evaluate", "--out", str(staged), "--quiet", "--cache-dir", str(base / "cache")]) == 0
+    results = json.loads((staged / "results.json").read_text())
+    assert results["models"]["cnn"]["test"]["top1"] == first["models"]["cnn"]["test"]["top1"]
+
+
+def test_unreadable_images_are_skipped_and_named(bad_images_root: tuple[Path, list[str]], tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    root, bad_ids = bad_images_root
+    backbone = ["--backbone", "cnn=test_resnet@random,input_size=32"]
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        assert _run(["--data", str(root), "--out", str(tmp_path / "r"), *backbone], tmp_path) == 0
+    results = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert results["dataset"]["skipped"] == 3
+    assert sorted(f["id"] for f in results["dataset"]["skipped_files"]) == sorted(bad_ids)
+    assert "3 skipped" in capsys.readouterr().out
+
+    # --strict: fatal, naming the file, whether the features are cached already or not
+    code = _run(["--data", str(root), "--out", str(tmp_path / "s"), *backbone, "--strict"], tmp_path)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--strict" in err and any(bad in err for bad in bad_ids)
+    code = _run(["--data", str(root), "--out", str(tmp_path / "s"), *backbone, "--strict"], tmp_path / "fresh")
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "--strict" in err and any(bad in err for bad in bad_ids)
+    assert "Traceback" not in err
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_offline_default_run_fails_fast_with_a_clear_message(tmp_path: Path) -> None:
+    """The README's main job offline: no dataset, the archive server unreachable -> one message, exit 2."""
+    env = {**os.environ, "DOGBENCH_CACHE": str(tmp_path / "cache"),
+           "DOGBENCH_DATA_URL": f"http://127.0.0.1:{_closed_port()}/"}
+    proc = subprocess.run([sys.executable, "-m", "dogbench.cli", "run", "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "download it or point --data at it" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "r" / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--backbone", "x=vit_smal@random"], "Unknown backbone 'vit_smal'"),
+        (["--backbone", "x"], "expected LABEL=MODEL"),
+        (["--set", "tune.trails=3"], "Did you mean 'trials'"),
+        (["--precision", "fp8"], "auto, fp32, bf16, fp16"),
+        (["--backbone", "x=resnet18@/nonexistent/w.safetensors"], "does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_clear_error(args: list[str], needle: str, class_folder_root: Path, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture) -> None:
+    code = main(["run", "--data", str(class_folder_root), "--out", str(tmp_path / "r"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert needle in err
+    assert "Traceback" not in err

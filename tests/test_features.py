@@ -1,0 +1,313 @@
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_class_folder_layout
+from dogbench.backbones import Backbone, load_backbone
+from dogbench.cache import FeatureCache
+from dogbench.config import BackboneConfig, FeatureConfig, Precision
+from dogbench.data import Dataset, ImageError, load_image, open_dataset
+from dogbench.features import extract_features, feature_key, resolve_device, resolve_precision
+
+CHUNK, BATCH = 5, 3  # batches of 3 inside chunks of 5: [0, 1, 2] [3, 4] | [5, 6, 7] [8, 9] | ...
+
+
+def _backbone(*, seed: int = 0, **fields: object) -> Backbone:
+    cfg = BackboneConfig(label="cnn", model="test_resnet", weights="random", input_size=32, **fields)
+    return load_backbone(cfg, seed=seed)
+
+
+def _cfg(cache_dir: Path, **changes: object) -> FeatureConfig:
+    base = FeatureConfig(
+        device="cpu",
+        precision=Precision.FP32,
+        batch_size=BATCH,
+        num_workers=0,
+        chunk_size=CHUNK,
+        cache_dir=str(cache_dir),
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _direct(backbone: Backbone, dataset: Dataset, ids: tuple[str, ...]) -> np.ndarray:
+    """The features computed without dogbench's loader, batching or cache: one image at a time."""
+    transform = backbone.preprocess.transform()
+    by_id = {s.sample_id: s for s in dataset.samples}
+    rows = []
+    with torch.inference_mode():
+        for sid in ids:
+            x = transform(load_image(by_id[sid].path)).unsqueeze(0)
+            rows.append(backbone.model(x)[0].numpy())
+    return np.stack(rows)
+
+
+def _key(backbone: Backbone, dataset: Dataset, precision: Precision = Precision.FP32) -> str:
+    return feature_key(backbone, dataset, crop_to_box=False, precision=precision)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared CPU, OpenMP threads that spin-wait slow tiny models down a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def dataset(class_folder_root: Path) -> Dataset:
+    return open_dataset(class_folder_root)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_extract_then_cache_hit(dataset: Dataset, tmp_path: Path, workers: int) -> None:
+    backbone = _backbone()
+    cfg = _cfg(tmp_path / "cache", num_workers=workers)
+    n = len(dataset.samples)
+    assert n % CHUNK != 0, "the last chunk should be a partial one"
+
+    first = extract_features(backbone, dataset, cfg=cfg, progress=False)
+
+    assert first.features.shape == (n, backbone.feature_dim) and first.features.dtype == np.float32
+    assert first.sample_ids == tuple(s.sample_id for s in dataset.samples)
+    np.testing.assert_array_equal(first.labels, [s.label for s in dataset.samples])
+    assert first.splits.tolist() == [s.split for s in dataset.samples]
+    assert first.skipped == ()
+    assert not first.cache_hit and first.n_computed == n and first.extract_s > 0
+    assert first.precision == "fp32" and first.device.startswith("cpu")
+    entry = FeatureCache(cfg.cache_dir).entry(first.key)
+    assert entry.is_complete() and not entry.chunk_dir.exists()
+
+    second = extract_features(backbone, dataset, cfg=cfg, progress=False)
+
+    assert second.cache_hit and second.n_computed == 0 and second.extract_s == 0.0
+    assert second.throughput_img_s is None
+    assert second.key == first.key
+    np.testing.assert_array_equal(second.features, first.features)
+    assert second.sample_ids == first.sample_ids
+
+    X, y, ids = first.split("test")
+    test = dataset.split("test")
+    assert ids == tuple(s.sample_id for s in test) and X.shape == (len(test), backbone.feature_dim)
+    np.testing.assert_array_equal(y, [s.label for s in test])
+
+
+def test_features_equal_a_direct_forward_pass(dataset: Dataset, tmp_path: Path) -> None:
+    backbone = _backbone()
+    features = extract_features(backbone, dataset, cfg=_cfg(tmp_path), progress=False)
+    expected = _direct(backbone, dataset, features.sample_ids)
+    np.testing.assert_allclose(features.features, expected, atol=1e-5, rtol=0)
+    assert np.abs(expected).max() > 1e-3, "all-zero features would compare equal to anything zero"
+
+
+def test_same_weights_in_another_load_hit_the_cache(dataset: Dataset, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path)
+    first = extract_features(_backbone(seed=0), dataset, cfg=cfg, progress=False)
+    again = extract_features(_backbone(seed=0), dataset, cfg=cfg, progress=False)
+    assert again.cache_hit
+    np.testing.assert_array_equal(again.features, first.features)
+
+
+def test_key_is_stable_and_changes_with_what_changes_the_numbers(dataset: Dataset) -> None:
+    base = _backbone()
+    key = _key(base, dataset)
+    assert _key(_backbone(), dataset) == key
+
+    assert _key(_backbone(crop_pct=0.5), dataset) != key
+    assert _key(_backbone(interpolation="nearest"), dataset) != key
+    assert _key(_backbone(seed=1), dataset) != key
+    assert _key(base, dataset, Precision.BF16) != key
+    assert feature_key(base, dataset, crop_to_box=True, precision=Precision.FP32) != key
+
+    path = dataset.samples[3].path
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert _key(base, dataset) != key
+
+
+def test_changed_preprocessing_is_a_new_entry(dataset: Dataset, tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path / "cache")
+    a = extract_features(_backbone(), dataset, cfg=cfg, progress=False)
+    b = extract_features(_backbone(crop_pct=0.5), dataset, cfg=cfg, progress=False)
+    assert a.key != b.key and not b.cache_hit and b.n_computed == len(dataset.samples)
+    assert not np.allclose(a.features, b.features)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([a.key, b.key])
+
+
+def test_bf16_on_cpu_is_close_to_fp32(dataset: Dataset, tmp_path: Path) -> None:
+    backbone = _backbone()
+    fp32 = extract_features(backbone, dataset, cfg=_cfg(tmp_path), progress=False)
+    bf16 = extract_features(backbone, dataset, cfg=_cfg(tmp_path, precision=Precision.BF16), progress=False)
+    assert bf16.precision == "bf16" and bf16.key != fp32.key and bf16.features.dtype == np.float32
+    scale = np.abs(fp32.features).max()
+    assert np.abs(bf16.features - fp32.features).max() < 0.1 * scale
+    assert not np.array_equal(bf16.features, fp32.features)
+
+
+def test_device_and_precision_resolution() -> None:
+    cpu = resolve_device("cpu")
+    assert cpu.type == "cpu"
+    assert resolve_precision(Precision.AUTO, cpu) is Precision.FP32
+    assert resolve_precision(Precision.FP16, cpu) is Precision.FP16
+    with pytest.raises(ValueError, match="Valid"):
+        resolve_device("tpu:banana")
+
+
+def test_unreadable_images_are_skipped_with_reasons(bad_images_root: tuple[Path, list[str]], tmp_path: Path) -> None:
+    root, bad_ids = bad_images_root
+    dataset = open_dataset(root)
+    backbone = _backbone()
+    cfg = _cfg(tmp_path / "cache")
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        features = extract_features(backbone, dataset, cfg=cfg, progress=False)
+
+    assert sorted(sid for sid, _ in features.skipped) == sorted(bad_ids)
+    for sid, reason in features.skipped:
+        assert Path(sid).name in reason
+    good_ids = tuple(s.sample_id for s in dataset.samples if s.sample_id not in bad_ids)
+    assert features.sample_ids == good_ids
+    assert "train/green/cmyk.jpg" in features.sample_ids and "train/blue/grey16.png" in features.sample_ids
+    assert features.features.shape == (len(good_ids), backbone.feature_dim)
+    assert features.n_computed == len(dataset.samples)
+    np.testing.assert_allclose(features.features, _direct(backbone, dataset, good_ids), atol=1e-5, rtol=0)
+
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        again = extract_features(backbone, dataset, cfg=cfg, progress=False)
+    assert again.cache_hit and again.skipped == features.skipped
+
+
+def test_strict_stops_at_the_first_bad_file_and_keeps_earlier_chunks(
+    bad_images_root: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    root, bad_ids = bad_images_root
+    dataset = open_dataset(root)
+    backbone = _backbone()
+    cfg = _cfg(tmp_path)
+    first_bad = min(i for i, s in enumerate(dataset.samples) if s.sample_id in bad_ids)
+    assert first_bad >= CHUNK, "the fixture should have a complete chunk before the first bad image"
+
+    with pytest.raises(ImageError) as err:
+        extract_features(backbone, dataset, cfg=cfg, strict=True, progress=False)
+
+    assert dataset.samples[first_bad].sample_id in str(err.value)
+    entry = FeatureCache(tmp_path).entry(_key(backbone, dataset))
+    assert not entry.is_complete()
+    done = first_bad // CHUNK
+    assert all(entry.has_chunk(i) for i in range(done))
+    assert not entry.has_chunk(done)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resumed = extract_features(backbone, dataset, cfg=cfg, progress=False)
+    assert resumed.n_computed == len(dataset.samples) - done * CHUNK
+    assert len(resumed.skipped) == len(bad_ids)
+
+
+DRIVER = textwrap.dedent(
+    """
+    import sys, time
+
+    from dogbench.backbones import load_backbone
+    from dogbench.config import BackboneConfig, FeatureConfig, Precision
+    from dogbench.data import open_dataset
+    from dogbench.features import extract_features
+
+    import torch
+
+    root, cache_dir, delay, threads = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    torch.set_num_threads(threads)  # as in the parent, so both compute the same bits
+    backbone = load_backbone(
+        BackboneConfig(label="cnn", model="resnet18", weights="random", input_size=64), seed=0
+    )
+    # Slow each batch down so the parent can kill the run between chunks; the numbers are untouched.
+    backbone.model.register_forward_pre_hook(lambda module, args: time.sleep(delay))
+    cfg = FeatureConfig(device="cpu", precision=Precision.FP32, batch_size=2, num_workers=0, chunk_size=2,
+                        cache_dir=cache_dir)
+    features = extract_features(backbone, open_dataset(root), cfg=cfg, progress=False)
+    print("done", features.n_computed, flush=True)
+    """
+)
+
+
+def test_sigkill_mid_extraction_resumes_to_identical_features(tmp_path: Path) -> None:
+    root = make_class_folder_layout(tmp_path / "data", classes=("a", "b", "c", "d", "e"), n_train=6, n_test=2)
+    dataset = open_dataset(root)
+    n = len(dataset.samples)
+    backbone = load_backbone(BackboneConfig(label="cnn", model="resnet18", weights="random", input_size=64), seed=0)
+    cfg = FeatureConfig(
+        device="cpu",
+        precision=Precision.FP32,
+        batch_size=2,
+        num_workers=0,
+        chunk_size=2,
+        cache_dir=str(tmp_path / "killed"),
+    )
+    entry = FeatureCache(cfg.cache_dir).entry(_key(backbone, dataset))
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+
+    proc = subprocess.Popen(
+        [sys.executable, str(driver), str(root), cfg.cache_dir, "0.3", str(torch.get_num_threads())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list(entry.chunk_dir.glob("*.npz"))) < 2:
+            if proc.poll() is not None:
+                pytest.fail(f"driver exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+            assert time.monotonic() < deadline, "no chunk appeared in 120 s (is the key the same in both processes?)"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    assert not entry.is_complete()
+    chunks_left = sorted(p.name for p in entry.chunk_dir.glob("*.npz"))
+    n_chunks = n // cfg.chunk_size
+    assert 2 <= len(chunks_left) < n_chunks
+    assert chunks_left == [entry.chunk_path(i).name for i in range(len(chunks_left))]
+
+    resumed = extract_features(backbone, dataset, cfg=cfg, progress=False)
+    assert resumed.n_computed == n - len(chunks_left) * cfg.chunk_size < n
+    assert entry.is_complete()
+
+    reference = extract_features(
+        backbone, dataset, cfg=dataclasses.replace(cfg, cache_dir=str(tmp_path / "clean")), progress=False
+    )
+    assert reference.n_computed == n and reference.key == resumed.key
+    assert resumed.sample_ids == reference.sample_ids
+    assert np.array_equal(resumed.features, reference.features)
+
+
+def test_strict_on_a_cached_entry_with_bad_images_still_stops(
+    bad_images_root: tuple[Path, list[str]], tmp_path: Path
+) -> None:
+    root, bad_ids = bad_images_root
+    dataset = open_dataset(root)
+    backbone = _backbone()
+    with pytest.warns(UserWarning, match="skipped unreadable image"):
+        extract_features(backbone, dataset, cfg=_cfg(tmp_path), progress=False)
+    first_bad = next(s.sample_id for s in dataset.samples if s.sample_id in bad_ids)
+    with pytest.raises(ImageError, match=first_bad):
+        extract_features(backbone, dataset, cfg=_cfg(tmp_path), strict=True, progress=False)

@@ -1,0 +1,258 @@
+"""Heads: scikit-learn's estimator checks, accuracy against references, early stopping, seeding, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import make_classification
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from dogbench.heads import (
+    HEAD_KINDS,
+    META_FILE,
+    TENSORS_FILE,
+    HeadKind,
+    LinearHead,
+    MLPHead,
+    _Dropout,
+    load_head,
+    make_head,
+)
+
+
+@parametrize_with_checks([LinearHead(), MLPHead(hidden_size=64)])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def _blobs(*, n: int = 600, d: int = 16, n_classes: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    X, y = make_classification(
+        n_samples=n,
+        n_features=d,
+        n_informative=d // 2,
+        n_classes=n_classes,
+        n_clusters_per_class=1,
+        class_sep=1.5,
+        random_state=seed,
+    )
+    return X.astype(np.float32), y
+
+
+def _small_heads() -> list[LinearHead | MLPHead]:
+    return [LinearHead(max_epochs=20), MLPHead(hidden_size=32, max_epochs=20)]
+
+
+def test_linear_head_matches_logistic_regression():
+    X, y = make_classification(
+        n_samples=4000,
+        n_features=64,
+        n_informative=32,
+        n_redundant=8,
+        n_classes=20,
+        n_clusters_per_class=1,
+        class_sep=1.5,
+        random_state=0,
+    )
+    X = X.astype(np.float32)
+    train, val, test = slice(0, 2400), slice(2400, 3000), slice(3000, None)
+    reference = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(X[train], y[train])
+    head = LinearHead().fit(X[train], y[train], eval_set=(X[val], y[val]))
+    ref_acc = reference.score(X[test], y[test])
+    head_acc = float(np.mean(head.predict(X[test]) == y[test]))
+    assert ref_acc > 0.5  # the problem is learnable but not trivial
+    assert head_acc >= ref_acc - 0.02, (head_acc, ref_acc)
+
+
+def test_mlp_learns_xor_that_a_linear_head_cannot():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(-1, 1, size=(2000, 2)).astype(np.float32)
+    y = (X[:, 0] * X[:, 1] > 0).astype(int)
+    train, test = slice(0, 1500), slice(1500, None)
+    linear = LinearHead(lr=1e-2, max_epochs=30).fit(X[train], y[train])
+    mlp = MLPHead(hidden_size=64, dropout=0.0, lr=1e-2, max_epochs=30).fit(X[train], y[train])
+    assert np.mean(linear.predict(X[test]) == y[test]) < 0.7
+    assert np.mean(mlp.predict(X[test]) == y[test]) > 0.95
+
+
+def test_early_stopping_stops_and_restores_best_epoch():
+    # Few noisy samples, many features, a wide MLP: validation accuracy peaks early, then overfitting sets in.
+    X, y = _blobs(n=400, d=64, n_classes=4)
+    y = np.where(np.random.default_rng(0).random(len(y)) < 0.3, np.roll(y, 1), y)  # 30% label noise
+    X_val, y_val = X[200:], y[200:]
+    head = MLPHead(hidden_size=256, dropout=0.0, lr=3e-3, max_epochs=200, patience=5)
+    head.fit(X[:200], y[:200], eval_set=(X_val, y_val))
+    val_top1 = [h["val_top1"] for h in head.history_]
+    assert head.n_epochs_ < 200
+    assert head.best_epoch_ < head.n_epochs_
+    assert head.n_epochs_ - head.best_epoch_ == 5
+    assert len(head.history_) == head.n_epochs_
+    assert head.best_val_top1_ == max(val_top1) == val_top1[head.best_epoch_ - 1]
+    assert all(v < head.best_val_top1_ for v in val_top1[head.best_epoch_ :])
+    # The restored weights are the best epoch's, not the last one's.
+    assert np.mean(head.predict(X_val) == y_val) == pytest.approx(head.best_val_top1_, abs=1 / len(y_val))
+
+
+@pytest.mark.parametrize("head", _small_heads(), ids=HEAD_KINDS)
+def test_on_epoch_sees_each_epoch_and_its_exception_propagates(head):
+    class Stop(Exception):
+        pass
+
+    X, y = _blobs()
+    seen: list[tuple[int, float]] = []
+
+    def on_epoch(epoch: int, val_top1: float) -> None:
+        seen.append((epoch, val_top1))
+        if epoch == 3:
+            raise Stop("pruned")
+
+    with pytest.raises(Stop, match="pruned"):
+        head.fit(X[:400], y[:400], eval_set=(X[400:], y[400:]), on_epoch=on_epoch)
+    assert [e for e, _ in seen] == [1, 2, 3]
+    assert all(0.0 <= v <= 1.0 for _, v in seen)
+
+
+def test_on_epoch_values_match_history():
+    X, y = _blobs()
+    seen: list[tuple[int, float]] = []
+    head = LinearHead(max_epochs=8).fit(
+        X[:400], y[:400], eval_set=(X[400:], y[400:]), on_epoch=lambda e, v: seen.append((e, v))
+    )
+    assert seen == [(h["epoch"], h["val_top1"]) for h in head.history_]
+
+
+@pytest.mark.parametrize("head", _small_heads(), ids=HEAD_KINDS)
+def test_seed_determines_predictions(head):
+    X, y = _blobs()
+    a = head.set_params(seed=1).fit(X, y).predict_proba(X)
+    b = head.set_params(seed=1).fit(X, y).predict_proba(X)
+    c = head.set_params(seed=2).fit(X, y).predict_proba(X)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_fit_leaves_global_torch_rng_alone():
+    X, y = _blobs()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    MLPHead(hidden_size=32, max_epochs=3).fit(X, y)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_fit_max_epochs_overrides_constructor_without_eval_set():
+    X, y = _blobs()
+    head = LinearHead(max_epochs=50).fit(X, y, max_epochs=7)
+    assert head.n_epochs_ == head.best_epoch_ == 7
+    assert head.best_val_top1_ is None
+    assert [h["epoch"] for h in head.history_] == list(range(1, 8))
+    assert all(set(h) == {"epoch", "train_loss"} for h in head.history_)
+    assert head.history_[-1]["train_loss"] < head.history_[0]["train_loss"]
+    assert head.max_epochs == 50
+
+
+def test_proba_shape_and_string_labels():
+    X, y = _blobs(n_classes=3)
+    names = np.array(["collie", "beagle", "pug"])[y]
+    head = LinearHead(max_epochs=30).fit(X, names)
+    proba = head.predict_proba(X)
+    assert head.classes_.tolist() == ["beagle", "collie", "pug"]
+    assert proba.shape == (len(X), 3) and proba.dtype == np.float64
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    assert np.array_equal(head.predict(X), head.classes_[proba.argmax(axis=1)])
+    assert np.mean(head.predict(X) == names) > 0.8
+
+
+def test_float16_and_memmap_features(tmp_path: Path):
+    X, y = _blobs()
+    X16 = X.astype(np.float16)
+    np.save(tmp_path / "x.npy", X16)
+    X_mm = np.load(tmp_path / "x.npy", mmap_mode="r")
+    expected = LinearHead(max_epochs=5).fit(X16.astype(np.float32), y).predict_proba(X16.astype(np.float32))
+    assert np.array_equal(LinearHead(max_epochs=5).fit(X16, y).predict_proba(X16), expected)
+    assert np.array_equal(LinearHead(max_epochs=5).fit(X_mm, y).predict_proba(X_mm), expected)
+
+
+def test_eval_set_with_unseen_label_is_rejected():
+    X, y = _blobs()
+    with pytest.raises(ValueError, match="not seen in training"):
+        LinearHead(max_epochs=2).fit(X, y, eval_set=(X[:10], np.full(10, 99)))
+
+
+@pytest.mark.parametrize(
+    ("head", "message"),
+    [
+        (LinearHead(lr=0), "lr must be > 0"),
+        (LinearHead(label_smoothing=1.0), "label_smoothing"),
+        (MLPHead(n_layers=0, dropout=1.0), "n_layers.*dropout"),
+        (MLPHead(activation="gleu"), "Did you mean 'gelu'.*Known: gelu, relu"),
+    ],
+)
+def test_invalid_params_fail_at_fit(head, message):
+    X, y = _blobs()
+    with pytest.raises(ValueError, match=message):
+        head.fit(X, y)
+
+
+@pytest.mark.parametrize(
+    ("head", "labels"),
+    [(LinearHead(max_epochs=5), np.arange(5) * 10), (MLPHead(hidden_size=32, n_layers=2, max_epochs=5), None)],
+    ids=["linear-int-labels", "mlp-str-labels"],
+)
+def test_save_load_round_trip(tmp_path: Path, head, labels):
+    X, y = _blobs()
+    y = labels[y] if labels is not None else np.array(["a", "b", "c", "d", "e"])[y]
+    head.fit(X[:400], y[:400], eval_set=(X[400:], y[400:]))
+    head.save(tmp_path / "head")
+    loaded = load_head(tmp_path / "head")
+    assert type(loaded) is type(head)
+    assert loaded.get_params() == head.get_params()
+    assert np.array_equal(loaded.predict_proba(X), head.predict_proba(X))
+    assert np.array_equal(loaded.predict(X), head.predict(X))
+    assert (loaded.best_epoch_, loaded.best_val_top1_, loaded.history_) == (
+        head.best_epoch_,
+        head.best_val_top1_,
+        head.history_,
+    )
+    meta = json.loads((tmp_path / "head" / META_FILE).read_text())
+    assert meta["kind"] == head._kind.value
+    assert meta["classes"] == head.classes_.tolist()
+    assert type(loaded).load(tmp_path / "head").n_features_in_ == X.shape[1]
+
+
+def test_load_checks_class_and_integrity(tmp_path: Path):
+    X, y = _blobs()
+    MLPHead(hidden_size=16, max_epochs=2).fit(X, y).save(tmp_path)
+    with pytest.raises(TypeError, match="holds a MLPHead, not a LinearHead"):
+        LinearHead.load(tmp_path)
+    LinearHead(max_epochs=2).fit(X, y).save(tmp_path / "other")
+    (tmp_path / TENSORS_FILE).write_bytes((tmp_path / "other" / TENSORS_FILE).read_bytes())
+    with pytest.raises(ValueError, match="sha256"):
+        load_head(tmp_path)
+
+
+def test_make_head():
+    head = make_head("mlp", hidden_size=8, dropout=0.1)
+    assert isinstance(head, MLPHead) and head.hidden_size == 8 and head.dropout == 0.1
+    assert isinstance(make_head(HeadKind.LINEAR), LinearHead)
+    assert HEAD_KINDS == ("linear", "mlp")
+    with pytest.raises(ValueError, match=r"Unknown head kind 'lineaer'\. Did you mean 'linear'\? Known: linear, mlp"):
+        make_head("lineaer")
+    with pytest.raises(ValueError, match="Known: linear, mlp"):
+        make_head("svm")
+
+
+def test_dropout_keeps_the_expected_fraction_and_mean():
+    torch.manual_seed(0)
+    x = torch.ones(64, 4096)
+    for p in (0.1, 0.5, 0.7):
+        out = _Dropout(p).train()(x)
+        assert (out == 0).float().mean().item() == pytest.approx(p, abs=0.01)
+        assert out.mean().item() == pytest.approx(1.0, abs=0.02)
+    dropout = _Dropout(0.5).eval()
+    assert dropout(x) is x

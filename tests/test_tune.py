@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from sklearn.datasets import make_blobs
+
+from dogbench.config import TuneConfig
+from dogbench.heads import LinearHead, MLPHead
+from dogbench.tune import (
+    BASELINE_CS,
+    TuneResult,
+    build_head,
+    make_objective,
+    suggest_head_params,
+    sweep_logistic_C,
+    tune_head,
+)
+
+COMMON = {"lr": 3e-3, "weight_decay": 1e-4, "label_smoothing": 0.1, "patience": 7, "batch_size": 128}
+MLP_ONLY = {"hidden_size", "n_layers", "dropout"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a small shared CPU, spin-waiting OpenMP threads slow tiny heads down a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _blobs(*, n: int = 360, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """6 separable classes in 32-d, split 2:1 into train and validation."""
+    X, y = make_blobs(n_samples=n, centers=6, n_features=32, cluster_std=spread, random_state=seed)
+    X = X.astype(np.float32)
+    cut = 2 * n // 3
+    return X[:cut], y[:cut], X[cut:], y[cut:]
+
+
+@pytest.fixture(scope="module")
+def blobs() -> tuple[np.ndarray, ...]:
+    return _blobs()
+
+
+def _storage(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def test_suggest_linear_has_no_mlp_keys() -> None:
+    params = suggest_head_params(optuna.trial.FixedTrial({"head": "linear", **COMMON}), heads=["linear", "mlp"])
+    assert params == {"head": "linear", **COMMON}
+
+
+def test_suggest_mlp_adds_its_keys() -> None:
+    fixed = {"head": "mlp", **COMMON, "hidden_size": 256, "n_layers": 2, "dropout": 0.3}
+    params = suggest_head_params(optuna.trial.FixedTrial(fixed), heads=["linear", "mlp"])
+    assert params == fixed
+    assert MLP_ONLY <= set(params)
+
+
+def test_suggest_respects_the_allowed_heads() -> None:
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    kinds = {suggest_head_params(study.ask(), heads=["linear"])["head"] for _ in range(5)}
+    assert kinds == {"linear"}
+
+
+@pytest.mark.parametrize(
+    ("params", "cls"),
+    [
+        ({"head": "linear", **COMMON}, LinearHead),
+        ({"head": "mlp", **COMMON, "hidden_size": 64, "n_layers": 2, "dropout": 0.2}, MLPHead),
+    ],
+)
+def test_build_head_round_trips_params(params: dict, cls: type) -> None:
+    head = build_head(params, max_epochs=17, seed=5)
+    assert type(head) is cls
+    got = head.get_params()
+    assert {k: got[k] for k in params if k != "head"} == {k: v for k, v in params.items() if k != "head"}
+    assert got["max_epochs"] == 17 and got["seed"] == 5 and got["device"] == "cpu"
+
+
+def test_objective_scores_validation_and_records_best_epoch(blobs: tuple[np.ndarray, ...]) -> None:
+    objective = make_objective(*blobs, heads=["linear"], max_epochs=10, seed=0)
+    trial = optuna.trial.FixedTrial({"head": "linear", **COMMON})
+    value = objective(trial)
+    assert 0.9 <= value <= 1.0
+    assert 1 <= trial.user_attrs["best_epoch"] <= 10
+
+
+def test_tune_head_finds_a_good_head_and_resumes(tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
+    storage = _storage(tmp_path)
+    cfg = TuneConfig(trials=6, max_epochs=30, seed=0)
+
+    result = tune_head(*blobs, cfg=cfg, storage=storage, study_name="cnn", progress=False)
+
+    assert result.best_val_top1 >= 0.95
+    assert 1 <= result.best_epoch <= 30
+    assert result.n_trials == 6 == len(result.history)
+    assert result.n_complete + result.n_pruned == 6
+    assert result.best_params["head"] in ("linear", "mlp")
+    assert (result.best_params["head"] == "mlp") == MLP_ONLY.issubset(result.best_params)
+    best_value = max(h["value"] for h in result.history if h["state"] == "COMPLETE")
+    assert result.best_val_top1 == best_value
+    assert result.storage == storage and result.study_name == "cnn"
+    assert TuneResult.from_dict(result.to_dict()) == result
+
+    again = tune_head(*blobs, cfg=cfg, storage=storage, study_name="cnn", progress=False)
+    assert again.n_trials == 6
+    assert again.best_params == result.best_params and again.best_val_top1 == result.best_val_top1
+
+    more = tune_head(
+        *blobs, cfg=TuneConfig(trials=8, max_epochs=30, seed=0), storage=storage, study_name="cnn", progress=False
+    )
+    assert more.n_trials == 8
+    assert [h["number"] for h in more.history] == list(range(8))
+    assert more.best_val_top1 >= result.best_val_top1
+    assert optuna.load_study(study_name="cnn", storage=storage).trials[-1].number == 7
+
+
+def test_pruned_trials_are_counted(tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
+    storage = _storage(tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    distributions = {"head": optuna.distributions.CategoricalDistribution(["linear"])}
+    for _ in range(2):
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"head": "linear"},
+                distributions=distributions,
+                state=optuna.trial.TrialState.PRUNED,
+                intermediate_values={1: 0.1},
+            )
+        )
+
+    result = tune_head(
+        *blobs,
+        cfg=TuneConfig(trials=4, max_epochs=5, heads=("linear",)),
+        storage=storage,
+        study_name="s",
+        progress=False,
+    )
+
+    assert result.n_pruned == 2
+    assert result.n_complete == 2  # the pruned trials count towards the 4 asked for
+    assert result.n_trials == 4
+    assert [h["state"] for h in result.history].count("PRUNED") == 2
+
+
+def test_a_study_without_completed_trials_is_an_error(tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
+    with pytest.raises(RuntimeError, match="no completed trial"):
+        tune_head(*blobs, cfg=TuneConfig(trials=0), storage=_storage(tmp_path), study_name="empty", progress=False)
+
+
+def test_logistic_sweep_picks_from_the_grid_or_its_refinement() -> None:
+    X_train, y_train, X_val, y_val = _blobs(n=240, spread=6.0, seed=1)  # overlapping classes: C matters
+    Cs = (1e-3, 1e-1, 10.0)
+    result = sweep_logistic_C(X_train, y_train, X_val, y_val, Cs=Cs)
+
+    grid = {c * f for c in Cs for f in (1.0, 1 / math.sqrt(10.0), math.sqrt(10.0))}
+    assert any(math.isclose(result.C, c) for c in grid)
+    assert len(result.curve) == len(Cs) + 2
+    assert {f"{c:.3g}" for c in Cs} <= set(result.curve)
+    assert result.curve[f"{result.C:.3g}"] == result.val_top1 == max(result.curve.values())
+    assert 0.0 < result.val_top1 <= 1.0 and result.seconds > 0
+    assert result.to_dict()["C"] == result.C
+
+    from dogbench.tune import make_logistic
+
+    refit = make_logistic(result.C).fit(X_train, y_train)
+    assert np.mean(refit.predict(X_val) == y_val) == result.val_top1
+
+
+def test_default_baseline_grid_is_decades() -> None:
+    assert [round(math.log10(c)) for c in BASELINE_CS] == list(range(-4, 3))

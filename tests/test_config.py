@@ -229,6 +229,13 @@ def test_validation_names_the_key(override: str, fragment: str) -> None:
         resolve({}, overrides=[override])
 
 
+@pytest.mark.parametrize("override", ["tune.trials=five", "data.val_fraction=abc", "features.batch_size=big"])
+def test_wrongly_typed_value_is_a_config_error(override: str) -> None:
+    key = override.split("=")[0].split(".")[1]
+    with pytest.raises(ConfigError, match=key):
+        resolve({}, overrides=[override])
+
+
 def test_to_dict_round_trips_through_saved_to_doc(tmp_path: Path) -> None:
     cfg = resolve(
         load_config(_write_toml(tmp_path)),

@@ -16,6 +16,7 @@ from dogbench.tune import (
     BASELINE_CS,
     TuneResult,
     build_head,
+    make_logistic,
     make_objective,
     suggest_head_params,
     sweep_logistic_C,
@@ -168,8 +169,6 @@ def test_logistic_sweep_picks_from_the_grid_or_its_refinement() -> None:
     assert result.curve[f"{result.C:.3g}"] == result.val_top1 == max(result.curve.values())
     assert 0.0 < result.val_top1 <= 1.0 and result.seconds > 0
     assert result.to_dict()["C"] == result.C
-
-    from dogbench.tune import make_logistic
 
     refit = make_logistic(result.C).fit(X_train, y_train)
     assert np.mean(refit.predict(X_val) == y_val) == result.val_top1

@@ -142,12 +142,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
+def _without_classifier(state: dict[str, torch.Tensor], tag: str) -> dict[str, torch.Tensor]:
+    """Drop the checkpoint's classifier (named by the model's pretrained config): features need none."""
+    pretrained_cfg = timm.models.get_pretrained_cfg(tag)
+    names = getattr(pretrained_cfg, "classifier", None) or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return {k: v for k, v in state.items() if not any(k == n or k.startswith(n + ".") for n in names)}
+
+
 def _preprocess(model: torch.nn.Module, cfg: BackboneConfig) -> Preprocess:
     data_cfg = resolve_model_data_config(model)
-    img_size = cfg.model_kwargs.get("img_size")
-    size = cfg.input_size or (img_size if isinstance(img_size, int) else None)
-    if size is not None:
-        data_cfg["input_size"] = (3, int(size), int(size))
+    size = cfg.input_size or cfg.model_kwargs.get("img_size")
+    if isinstance(size, int):
+        data_cfg["input_size"] = (3, size, size)
+    elif isinstance(size, list | tuple) and len(size) in (2, 3):
+        data_cfg["input_size"] = (3, int(size[-2]), int(size[-1]))
     for key in ("crop_pct", "crop_mode", "interpolation", "mean", "std"):
         value = getattr(cfg, key)
         if value is not None:
@@ -178,9 +187,12 @@ def load_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Backbone:
             path = Path(weights).expanduser()
             if path.suffix not in CHECKPOINT_SUFFIXES and not path.is_file():
                 raise BackboneError(f"Unknown weights '{weights}'. Valid weights: {', '.join(WEIGHT_SOURCES)}")
-            state = read_state_dict(path)
+            state = _without_classifier(read_state_dict(path), tag)
+            # num_classes=0 in the overlay too: timm then loads strictly, so a file for another architecture
+            # (no matching keys at all) is an error instead of a silently random model.
             model = timm.create_model(
-                tag, pretrained=True, num_classes=0, pretrained_cfg_overlay={"state_dict": state}, **kwargs
+                tag, pretrained=True, num_classes=0, pretrained_cfg_overlay={"state_dict": state, "num_classes": 0},
+                **kwargs,
             )
     except BackboneError:
         raise

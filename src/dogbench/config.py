@@ -11,9 +11,11 @@ import dataclasses
 import difflib
 import json
 import tomllib
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +56,7 @@ class BackboneConfig:
     model: str  # a short alias (see backbones.ALIASES) or any timm model tag
     weights: str = "hub"  # "hub", "random", or a path to .safetensors / torch checkpoint
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, ...)
-    input_size: int | None = None  # preprocessing overrides; None = the model's own pretrained config
+    input_size: int | tuple[int, ...] | None = None  # preprocessing overrides; None = the model's own config
     crop_pct: float | None = None
     crop_mode: str | None = None
     interpolation: str | None = None
@@ -136,11 +138,47 @@ def _unknown_key(section: str, key: str, valid: Sequence[str]) -> ConfigError:
     return ConfigError(f"Unknown key '{key}' in [{section}].{hint} Valid keys: {', '.join(valid)}")
 
 
+def _accepts(hint: Any, value: Any) -> bool:
+    """Whether a TOML value fits a field's type hint (bool is not an int here; an int is a valid float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin in (tuple, list) or hint in (tuple, list):
+        return isinstance(value, list | tuple)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str or (isinstance(hint, type) and issubclass(hint, Enum)):
+        return isinstance(value, str)
+    if origin is Mapping or hint is Mapping:
+        return isinstance(value, Mapping)
+    return True
+
+
+def _check_types(cls: type, section: str, values: Mapping[str, Any]) -> None:
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if key in hints and not _accepts(hints[key], value):
+            raise ConfigError(f"{section}.{key} must be of type {_type_name(hints[key])}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
 def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     valid = _field_names(cls)
     for key in values:
         if key not in valid:
             raise _unknown_key(section, key, valid)
+    if cls is TuneConfig and isinstance(values.get("heads"), str):
+        values = {**values, "heads": [values["heads"]]}
+    _check_types(cls, section, values)
     kwargs = dict(values)
     if cls is FeatureConfig and "precision" in kwargs:
         try:
@@ -149,8 +187,7 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
             choices = ", ".join(p.value for p in Precision)
             raise ConfigError(f"features.precision '{kwargs['precision']}' is not one of: {choices}") from None
     if cls is TuneConfig and "heads" in kwargs:
-        heads = kwargs["heads"]
-        kwargs["heads"] = (heads,) if isinstance(heads, str) else tuple(heads)
+        kwargs["heads"] = tuple(kwargs["heads"])
     return cls(**kwargs)
 
 
@@ -167,9 +204,10 @@ def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig
             pre[key] = tuple(value) if isinstance(value, list) else value
         else:
             kwargs[key] = value
-    return BackboneConfig(
-        label=label, model=str(table["model"]), weights=str(table.get("weights", "hub")), model_kwargs=kwargs, **pre
-    )
+    _check_types(BackboneConfig, f"backbones.{label}", {"model": table["model"], "weights": table.get("weights", "hub"),
+                                                        **pre})
+    return BackboneConfig(label=label, model=table["model"], weights=table.get("weights", "hub"), model_kwargs=kwargs,
+                          **pre)
 
 
 def parse_backbone_spec(spec: str) -> BackboneConfig:

@@ -86,7 +86,8 @@ def classification_metrics(
     """Top-1, top-5, macro-F1, per-class recall and the confusion matrix from (n, C) scores.
 
     Macro-F1 averages over the classes present in ``y_true`` or in the predictions, as
-    ``sklearn.metrics.f1_score(average="macro")`` does.
+    ``sklearn.metrics.f1_score(average="macro")`` does; ``per_class`` leaves out classes without
+    samples (their recall is undefined) so the result stays valid JSON.
     """
     y_true, proba = _check_scores(y_true, proba)
     n, n_classes = proba.shape

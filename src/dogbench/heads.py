@@ -150,7 +150,7 @@ class _Dropout(nn.Module):
         self.p = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        cut = round(self.p * 65536)  # drop an element when its uniform int16 falls below cut - 32768
+        cut = min(round(self.p * 65536), 65535)  # drop where a uniform int16 falls below cut - 32768
         if not self.training or cut == 0:
             return x
         words = torch.randint(-(2**63), 2**63 - 1, (-(-x.numel() // 4),), dtype=torch.int64, device=x.device)
@@ -167,6 +167,21 @@ def _classifier_layer(in_features: int, n_classes: int) -> nn.Linear:
     nn.init.normal_(layer.weight, std=0.01)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+def _standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, device: str | torch.device) -> torch.Tensor:
+    """(n, d) float32 tensor of ``(X - mean) / scale`` on ``device``."""
+    return torch.from_numpy((X - mean) / scale).to(device)
+
+
+def _label_indices(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Labels -> indices into the sorted ``classes``; labels not among them are an error."""
+    idx = np.searchsorted(classes, y).clip(max=len(classes) - 1)
+    unknown = classes[idx] != y
+    if unknown.any():
+        unseen = np.unique(y[unknown])[:10].tolist()
+        raise ValueError(f"eval_set has labels not seen in training: {unseen}")
+    return idx
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -210,19 +225,6 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         if problems:
             raise ValueError(f"Invalid {type(self).__name__} parameters: " + "; ".join(problems))
 
-    def _standardised(self, X: np.ndarray) -> torch.Tensor:
-        """(n, d) float32 tensor of ``(X - mean_) / scale_`` on the configured device."""
-        return torch.from_numpy((X - self.mean_) / self.scale_).to(self.device)
-
-    def _encode(self, y: np.ndarray) -> np.ndarray:
-        """Original labels -> indices into ``classes_``; labels unseen in training are an error."""
-        idx = np.searchsorted(self.classes_, y).clip(max=len(self.classes_) - 1)
-        unknown = self.classes_[idx] != y
-        if unknown.any():
-            unseen = np.unique(y[unknown])[:10].tolist()
-            raise ValueError(f"eval_set has labels not seen in training: {unseen}")
-        return idx
-
     def fit(
         self,
         X: np.ndarray,
@@ -243,30 +245,29 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             raise ValueError(f"max_epochs must be >= 1, got {epochs}")
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
         check_classification_targets(y)
-        self.classes_, y_idx = np.unique(y, return_inverse=True)
+        classes, y_idx = np.unique(y, return_inverse=True)
         if self.standardize:
             std = X.std(axis=0, dtype=np.float64)
-            self.mean_ = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-            self.scale_ = np.where(std > 0, std, 1.0).astype(np.float32)
+            mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+            scale = np.where(std > 0, std, 1.0).astype(np.float32)
         else:
-            self.mean_ = np.zeros(X.shape[1], dtype=np.float32)
-            self.scale_ = np.ones(X.shape[1], dtype=np.float32)
+            mean, scale = np.zeros(X.shape[1], dtype=np.float32), np.ones(X.shape[1], dtype=np.float32)
         device = torch.device(self.device)
         val = None
         if eval_set is not None:
             X_val, y_val = eval_set
             X_val = validate_data(self, X_val, reset=False, dtype=np.float32, order="C")
-            y_val = self._encode(column_or_1d(y_val))
+            y_val = _label_indices(classes, column_or_1d(y_val))
             if len(y_val) != X_val.shape[0]:
                 raise ValueError(f"eval_set has {X_val.shape[0]} rows of X but {len(y_val)} labels")
-            val = (self._standardised(X_val), torch.from_numpy(y_val).to(device))
+            val = (_standardise(X_val, mean, scale, device), torch.from_numpy(y_val).to(device))
         # Init and dropout draw from torch's global RNG: seed it locally, leave the caller's state alone.
         with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
             torch.manual_seed(self.seed)
-            module = self._build_module(X.shape[1], len(self.classes_)).to(device)
+            module = self._build_module(X.shape[1], len(classes)).to(device)
             result = _train(
                 module,
-                self._standardised(X),
+                _standardise(X, mean, scale, device),
                 torch.from_numpy(y_idx.astype(np.int64)).to(device),
                 val=val,
                 lr=self.lr,
@@ -278,7 +279,8 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
                 seed=self.seed,
                 on_epoch=on_epoch,
             )
-        self.module_ = module
+        # Learned state is set only once training has finished (on_epoch may abort it).
+        self.classes_, self.mean_, self.scale_, self.module_ = classes, mean, scale, module
         self.n_epochs_ = result.n_epochs
         self.best_epoch_ = result.best_epoch
         self.best_val_top1_ = result.best_val_top1
@@ -293,7 +295,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float32, order="C")
         model = copy.deepcopy(self.module_).to(torch.float64).eval()
-        Xs = self._standardised(X)
+        Xs = _standardise(X, self.mean_, self.scale_, self.device)
         proba = np.empty((X.shape[0], len(self.classes_)), dtype=np.float64)
         with torch.inference_mode():
             for start in range(0, X.shape[0], _PREDICT_CHUNK):

@@ -1,0 +1,78 @@
+"""Integration: the whole `dogbench run` on a few real breeds of ../shared/data/stanford-dogs-dev with the real
+weights in ../shared/weights. Skipped when ../shared is absent; CI has it. Whole-dataset runs are benchmarks
+(benchmarks/shared-dev.toml, docs/RESULTS.md), not tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import scipy.io
+
+from conftest import shared_dir, write_list
+from dogbench.cli import main
+
+DEV = shared_dir() / "data" / "stanford-dogs-dev"
+WEIGHTS = shared_dir() / "weights"
+CNN = WEIGHTS / "tf_efficientnet_lite0.in1k.safetensors"
+VIT = WEIGHTS / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
+BREEDS = ("n02085620-Chihuahua", "n02099601-golden_retriever", "n02106662-German_shepherd",
+          "n02109525-Saint_Bernard", "n02110958-pug")
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (DEV.is_dir() and CNN.is_file() and VIT.is_file()), reason="../shared is absent"),
+]
+
+
+def _official_slice(root: Path, breeds: tuple[str, ...]) -> Path:
+    """An official-layout dataset of a few breeds: links to the real images, lists filtered and renumbered."""
+    (root / "Images").mkdir(parents=True)
+    (root / "lists").mkdir()
+    for breed in breeds:
+        (root / "Images" / breed).symlink_to(DEV / "Images" / breed, target_is_directory=True)
+    for split in ("train", "test"):
+        mat = scipy.io.loadmat(DEV / "lists" / f"{split}_list.mat")
+        files = [str(f[0][0]) for f in mat["file_list"]]
+        keep = [f for f in files if f.split("/")[0] in breeds]
+        write_list(root / "lists" / f"{split}_list.mat", keep, [breeds.index(f.split("/")[0]) + 1 for f in keep])
+    return root
+
+
+@pytest.fixture(scope="module")
+def real_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    base = tmp_path_factory.mktemp("real")
+    data = _official_slice(base / "dogs", BREEDS)
+    args = [
+        "run", "--data", str(data), "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet",
+        "--backbone", f"cnn=tf_efficientnet_lite0@{CNN}",
+        "--backbone", f"vit=vit_small_patch14_dinov2@{VIT},img_size=224,crop_pct=0.875",
+        "--trials", "8", "--set", "evaluate.n_bootstrap=500",
+    ]
+    assert main(args) == 0
+    return json.loads((base / "run" / "results.json").read_text())
+
+
+def test_real_features_separate_real_breeds(real_run: dict) -> None:
+    cnn = real_run["models"]["cnn"]
+    d = real_run["dataset"]
+    assert (d["n_train"] + d["n_val"], d["n_test"], d["n_classes"]) == (40 * len(BREEDS), 20 * len(BREEDS), 5)
+    assert cnn["feature_dim"] == 1280 and cnn["weights_sha256"].startswith("2d3c8842")
+    # ImageNet EfficientNet-Lite0 features separate five distinct breeds easily; chance is 0.2
+    assert cnn["test"]["top1"] >= 0.85
+    assert cnn["baseline"]["test"]["top1"] >= 0.85
+    assert abs(cnn["test"]["top1"] - cnn["baseline"]["test"]["top1"]) <= 0.08
+    assert real_run["models"]["vit"]["feature_dim"] == 384
+    assert real_run["models"]["vit"]["preprocess"]["input_size"] == [3, 224, 224]
+    assert real_run["comparison"]["n"] == 20 * len(BREEDS)
+
+
+def test_official_lists_of_the_slice_are_read(tmp_path: Path) -> None:
+    data = _official_slice(tmp_path / "dogs", BREEDS[:2])
+    from dogbench.data import open_dataset
+
+    ds = open_dataset(data)
+    assert ds.classes == ("Chihuahua", "golden_retriever")
+    assert len(ds.split("train")) == 80 and len(ds.split("test")) == 40

@@ -17,4 +17,10 @@ if ! "$py" -c "import torch, torchvision" 2>/dev/null; then
     *) "$py" -m pip install -q torch==2.14.1 torchvision==0.29.1 ;;
   esac
 fi
-"$py" -m pip install -q -e "$repo${extras:+[$extras]}"
+# Reinstall only when pyproject.toml (or the extras asked for) changed since the last install into this venv.
+stamp="$venv/.dogbench-install-${extras:-base}"
+want="$(sha256sum "$repo/pyproject.toml" | cut -d' ' -f1) $repo"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$py" -c "import dogbench" 2>/dev/null; then
+  "$py" -m pip install -q -e "$repo${extras:+[$extras]}"
+  echo "$want" > "$stamp"
+fi

@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 from dogbench import __version__
-from dogbench.config import ConfigError, RunConfig, load_config, resolve, saved_to_doc
+from dogbench.config import RunConfig, load_config, resolve, saved_to_doc
+from dogbench.download import prepare_dataset
 
 EPILOG = """examples:
   dogbench run --data ~/data/stanford-dogs                    # ViT-S/16 vs ResNet50 (hub weights)
@@ -95,29 +97,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
 
-def _is_user_error(err: Exception) -> bool:
-    from dogbench.backbones import BackboneError
-    from dogbench.cache import CacheError
-    from dogbench.data import DatasetLayoutError, ImageError
-    from dogbench.download import DownloadError
+USER_ERRORS = (
+    ("dogbench.config", "ConfigError"),
+    ("dogbench.download", "DownloadError"),
+    ("dogbench.data", "DatasetLayoutError"),
+    ("dogbench.data", "ImageError"),
+    ("dogbench.backbones", "BackboneError"),
+    ("dogbench.cache", "CacheError"),
+)
 
-    return isinstance(
-        err, ConfigError | DownloadError | DatasetLayoutError | ImageError | BackboneError | CacheError
-        | FileNotFoundError
+
+def _is_user_error(err: Exception) -> bool:
+    """Errors about the user's input, from modules already loaded (checking must not import torch)."""
+    if isinstance(err, FileNotFoundError):
+        return True
+    return any(
+        module in sys.modules and isinstance(err, getattr(sys.modules[module], name)) for module, name in USER_ERRORS
     )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from dogbench import pipeline
-
+    start = time.perf_counter()
     cfg = config_from_args(args)
     progress = not args.quiet
+    dataset = prepare_dataset(cfg.data)  # before torch is imported: a missing dataset fails in a second
+
+    from dogbench import pipeline
+
     if args.command == "run":
-        results, run_dir = pipeline.run(cfg, progress=progress)
+        results, run_dir = pipeline.run(cfg, dataset=dataset, progress=progress, start=start)
         print(results.summary_table())
         print(f"results: {run_dir / 'results.json'}")
         return 0
-    dataset = pipeline.prepare_dataset(cfg)
     extracted = pipeline.extract_stage(cfg, dataset, progress=progress)
     if args.command == "extract":
         for label, bf in extracted.items():

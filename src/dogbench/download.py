@@ -14,7 +14,8 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from dogbench.data import DatasetLayoutError, detect_layout
+from dogbench.config import DataConfig
+from dogbench.data import Dataset, DatasetLayoutError, detect_layout, open_dataset
 
 __all__ = [
     "STANFORD_DOGS_ARCHIVES",
@@ -333,3 +334,9 @@ def prepare_stanford_dogs(
         except DownloadError as exc:
             raise _unavailable(folder, base, archives, str(exc).split("\n", 1)[0]) from exc
     return _extract_archives(folder, archives, target)
+
+
+def prepare_dataset(cfg: DataConfig) -> Dataset:
+    """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast."""
+    root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url)
+    return open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed)

@@ -24,8 +24,8 @@ import numpy as np
 from dogbench.atomic import atomic_write_json, atomic_write_with
 from dogbench.backbones import Backbone, load_backbone, measure_gflops
 from dogbench.config import RunConfig
-from dogbench.data import Dataset, open_dataset, stratified_split
-from dogbench.download import prepare_stanford_dogs
+from dogbench.data import Dataset, stratified_split
+from dogbench.download import prepare_dataset
 from dogbench.evaluate import bootstrap_ci, classification_metrics, compare_paired
 from dogbench.features import FeatureSet, extract_features
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
@@ -57,12 +57,6 @@ def default_run_dir() -> Path:
 
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.out) if cfg.out else default_run_dir()
-
-
-def prepare_dataset(cfg: RunConfig) -> Dataset:
-    """Find (or download) the data and open it; a missing dataset fails here, before any model is loaded."""
-    root = prepare_stanford_dogs(cfg.data.root, download=cfg.data.download, base_url=cfg.data.data_url)
-    return open_dataset(root, test_fraction=cfg.data.test_fraction, seed=cfg.data.split_seed)
 
 
 def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> dict[str, BackboneFeatures]:
@@ -279,14 +273,16 @@ def environment(device: str) -> dict[str, Any]:
     }
 
 
-def run(cfg: RunConfig, *, progress: bool = True) -> tuple[RunResults, Path]:
+def run(
+    cfg: RunConfig, *, dataset: Dataset | None = None, progress: bool = True, start: float | None = None
+) -> tuple[RunResults, Path]:
     """The main job: data, features (cached), tuning, evaluation; everything lands in the run folder."""
-    start = time.perf_counter()
+    start = time.perf_counter() if start is None else start
     run_dir = run_dir_of(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
-    data_start = time.perf_counter()
-    dataset = prepare_dataset(cfg)
-    data_s = time.perf_counter() - data_start
+    if dataset is None:
+        dataset = prepare_dataset(cfg.data)
+    data_s = time.perf_counter() - start
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     extracted = extract_stage(cfg, dataset, progress=progress)

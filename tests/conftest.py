@@ -8,6 +8,7 @@ Integration tests that need the real data use:
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -201,3 +202,14 @@ def flat_class_folder_root(tmp_path: Path) -> Path:
 def bad_images_root(tmp_path: Path) -> tuple[Path, list[str]]:
     """(root, sample ids of the three unreadable files); see make_bad_images_layout."""
     return make_bad_images_layout(tmp_path / "bad")
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread for tiny models: spin-waiting OpenMP threads crawl on a busy 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -154,3 +154,17 @@ def test_bad_arguments_give_one_clear_error(args: list[str], needle: str, class_
     assert code == 2
     assert needle in err
     assert "Traceback" not in err
+
+
+def test_run_on_the_official_layout_with_box_crops(official_root: Path, tmp_path: Path) -> None:
+    """Stanford Dogs' own layout (.mat lists, XML boxes), cropped to the boxes: the crop changes the features."""
+    backbone = ["--backbone", "cnn=test_resnet@random,input_size=32"]
+    out = tmp_path / "r"
+    assert _run(["--data", str(official_root), "--out", str(out), *backbone, "--crop-to-box"], tmp_path) == 0
+    cropped = json.loads((out / "results.json").read_text())
+    assert cropped["dataset"]["layout"] == "stanford-dogs"
+    assert cropped["dataset"]["split_source"] == "official-lists"
+    assert cropped["config"]["data"]["crop_to_box"] is True
+    assert _run(["--data", str(official_root), "--out", str(tmp_path / "full"), *backbone], tmp_path) == 0
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert full["models"]["cnn"]["feature_key"] != cropped["models"]["cnn"]["feature_key"]

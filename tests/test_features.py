@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,13 +57,7 @@ def _key(backbone: Backbone, dataset: Dataset, precision: Precision = Precision.
     return feature_key(backbone, dataset, crop_to_box=False, precision=precision)
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU, OpenMP threads that spin-wait slow tiny models down a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

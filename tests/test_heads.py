@@ -26,14 +26,7 @@ from dogbench.heads import (
     make_head,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny problems gain nothing from threads, and spinning OpenMP threads crawl on a busy machine."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @parametrize_with_checks([LinearHead(), MLPHead(hidden_size=64)])

@@ -1,13 +1,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
-import torch
 from sklearn.datasets import make_blobs
 
 from dogbench.config import TuneConfig
@@ -27,13 +25,7 @@ COMMON = {"lr": 3e-3, "weight_decay": 1e-4, "label_smoothing": 0.1, "patience": 
 MLP_ONLY = {"hidden_size", "n_layers", "dropout"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """One intra-op thread: on a small shared CPU, spin-waiting OpenMP threads slow tiny heads down a lot."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _blobs(*, n: int = 360, spread: float = 1.0, seed: int = 0) -> tuple[np.ndarray, ...]:

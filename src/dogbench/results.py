@@ -129,7 +129,7 @@ class RunResults:
     def to_csv(self) -> str:
         rows = self.csv_rows()
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["label"])
+        writer = csv.DictWriter(out, fieldnames=list(rows[0]) if rows else ["label"], lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue()
@@ -157,11 +157,7 @@ class RunResults:
             *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows),
         ]
         if self.comparison:
-            c = self.comparison
-            lo, hi = c["delta_top1_ci95"]
-            lines += [line, verdict(c)]
-            lines.append(f"paired bootstrap 95% CI of the difference [{lo:+.4f}, {hi:+.4f}], McNemar p = "
-                         f"{c['mcnemar_p']:.3g} (n = {c['n']})")
+            lines += [line, verdict(self.comparison)]
         lines.append(f"total {self.timing_s.get('total', 0):.1f} s")
         return "\n".join(lines)
 
@@ -177,4 +173,5 @@ def verdict(comparison: dict[str, Any]) -> str:
     better, worse = (a, b) if delta > 0 else (b, a)
     strength = "significantly" if significant else "but not significantly (at 5%)"
     return (f"{better} beats {worse} by {abs(delta) * 100:.2f} points of test top-1, {strength} "
-            f"(95% CI of {a} - {b}: [{lo * 100:+.2f}, {hi * 100:+.2f}] points, McNemar p = {p:.3g}).")
+            f"(paired bootstrap 95% CI of {a} - {b}: [{lo * 100:+.2f}, {hi * 100:+.2f}] points, exact McNemar "
+            f"p = {p:.3g}, n = {comparison['n']}).")

@@ -105,7 +105,9 @@ def test_unreadable_images_are_skipped_and_named(bad_images_root: tuple[Path, li
     results = json.loads((tmp_path / "r" / "results.json").read_text())
     assert results["dataset"]["skipped"] == 3
     assert sorted(f["id"] for f in results["dataset"]["skipped_files"]) == sorted(bad_ids)
-    assert "3 skipped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 skipped" in printed
+    assert all(f"skipped {bad}:" in printed for bad in bad_ids)
 
     # --strict: fatal, naming the file, whether the features are cached already or not
     code = _run(["--data", str(root), "--out", str(tmp_path / "s"), *backbone, "--strict"], tmp_path)

@@ -70,6 +70,7 @@ def test_summary_table_holds_every_row_and_the_verdict(results: RunResults) -> N
     assert "dogs (80 train / 20 val / 100 test, 4 classes, 1 skipped)" in table
     assert "0.8500 [0.8400, 0.8600]" in table and "cached" in table and "42.0" in table
     assert "vit beats resnet by 10.00 points" in table
+    assert "skipped a/b.jpg: bad" in table
     lines = table.splitlines()
     assert len({len(line.rstrip()) <= len(lines[1]) + 1 for line in lines[1:7]}) == 1
 

@@ -121,11 +121,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     progress = not args.quiet
     dataset = prepare_dataset(cfg.data)  # before torch is imported: a missing dataset fails in a second
+    data_s = time.perf_counter() - start
 
     from dogbench import pipeline
 
     if args.command == "run":
-        results, run_dir = pipeline.run(cfg, dataset=dataset, progress=progress, start=start)
+        results, run_dir = pipeline.run(cfg, dataset=dataset, data_s=data_s, start=start, progress=progress)
         print(results.summary_table())
         print(f"results: {run_dir / 'results.json'}")
         return 0

@@ -274,15 +274,20 @@ def environment(device: str) -> dict[str, Any]:
 
 
 def run(
-    cfg: RunConfig, *, dataset: Dataset | None = None, progress: bool = True, start: float | None = None
+    cfg: RunConfig, *, dataset: Dataset | None = None, data_s: float = 0.0, start: float | None = None,
+    progress: bool = True,
 ) -> tuple[RunResults, Path]:
-    """The main job: data, features (cached), tuning, evaluation; everything lands in the run folder."""
+    """The main job: data, features (cached), tuning, evaluation; everything lands in the run folder.
+
+    A caller that opened the dataset already passes it with the seconds it took (``data_s``) and its own
+    ``start`` time, so the total covers the whole command.
+    """
     start = time.perf_counter() if start is None else start
     run_dir = run_dir_of(cfg)
     cfg = dataclasses.replace(cfg, out=str(run_dir))
     if dataset is None:
         dataset = prepare_dataset(cfg.data)
-    data_s = time.perf_counter() - start
+        data_s = time.perf_counter() - start
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.json")
     extracted = extract_stage(cfg, dataset, progress=progress)

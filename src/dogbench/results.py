@@ -19,6 +19,7 @@ from typing import Any
 from dogbench.atomic import atomic_write_json, atomic_write_text
 
 RESULTS_SCHEMA_VERSION = 1
+SKIPPED_SHOWN = 10  # unreadable files named in the printed summary
 
 
 @dataclass
@@ -158,6 +159,10 @@ class RunResults:
         ]
         if self.comparison:
             lines += [line, verdict(self.comparison)]
+        shown = self.dataset.skipped_files[:SKIPPED_SHOWN]
+        lines += [f"skipped {f['id']}: {f['reason']}" for f in shown]
+        if self.dataset.skipped > len(shown):
+            lines.append(f"... and {self.dataset.skipped - len(shown)} more skipped (results.json lists them all)")
         lines.append(f"total {self.timing_s.get('total', 0):.1f} s")
         return "\n".join(lines)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import torch
 from PIL import Image
 from timm.data import resolve_model_data_config
 
+from dogbench import backbones
 from dogbench.backbones import (
     ALIASES,
     Backbone,
@@ -212,12 +214,38 @@ def test_hub_offline_suggests_a_local_file(monkeypatch: pytest.MonkeyPatch) -> N
         return create(name, pretrained=pretrained, **kwargs)
 
     monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(backbones, "hub_unreachable", lambda tag: None)  # as if the hub resolved
     with pytest.raises(BackboneError) as err:
         load_backbone(BackboneConfig(label="vit", model="vit_s16"))
     message = str(err.value)
     assert ALIASES["vit_s16"] in message and "Offline?" in message
     assert "local" in message and ".safetensors" in message and '"random"' in message
     assert calls == [True]
+
+
+def test_unresolvable_hub_fails_before_timm_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_dns(*args: Any, **kwargs: Any) -> None:
+        raise OSError("Name or service not known")
+
+    def must_not_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("timm.create_model called although the hub cannot be reached")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    monkeypatch.setattr(timm, "create_model", must_not_run)
+    with pytest.raises(BackboneError, match="not in the local Hugging Face cache and huggingface.co cannot be "
+                       "resolved") as err:
+        load_backbone(BackboneConfig(label="r", model="resnet50"))
+    assert "Offline?" in str(err.value) and "resnet50.tv_in1k" in str(err.value)
+
+
+def test_cached_hub_weights_need_no_network(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub
+
+    cached = tmp_path / "model.safetensors"
+    cached.write_bytes(b"")
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: str(cached))
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    assert backbones.hub_unreachable("resnet50.tv_in1k") is None
 
 
 def test_preprocessing_comes_from_the_model() -> None:

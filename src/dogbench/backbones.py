@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -34,6 +36,7 @@ ALIASES: dict[str, str] = {
 }
 WEIGHT_SOURCES = ("hub", "random", "<path to .safetensors / .pt / .pth / .bin>")
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
 class BackboneError(ValueError):
@@ -91,8 +94,8 @@ def resolve_model_name(name: str) -> str:
     arch = name.split(".", 1)[0]
     if timm.is_model(arch):
         return name
-    candidates = list(ALIASES) + timm.list_models()
-    close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.6)
+    candidates = list(dict.fromkeys([*ALIASES, *timm.list_models()]))
+    close = [c for c in candidates if c.startswith(arch)][:3] or difflib.get_close_matches(name, candidates, n=3)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     raise BackboneError(
         f"Unknown backbone '{name}'.{hint} Known aliases: {', '.join(ALIASES)}; or any timm model tag "
@@ -217,15 +220,42 @@ def load_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Backbone:
     )
 
 
+HUB_HELP = (
+    "Offline? Download the weights on a connected machine and pass a local file (weights = "
+    "\"path/to/model.safetensors\" or --backbone LABEL=MODEL@path), or use weights = \"random\" for a smoke test."
+)
+
+
+def hub_unreachable(tag: str) -> str | None:
+    """Why the hub weights of ``tag`` cannot be had right now, or None when they are cached or the hub resolves.
+
+    Checked before timm asks the hub, whose client retries for most of a minute when the network is down.
+    """
+    hub_id = getattr(timm.models.get_pretrained_cfg(tag), "hf_hub_id", None)
+    if not hub_id:
+        return None
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if any(isinstance(try_to_load_from_cache(hub_id, name), str) for name in HUB_FILENAMES):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"'{hub_id}' is not in the local Hugging Face cache and {host} cannot be resolved ({err})"
+    return None
+
+
 def _from_hub(tag: str, kwargs: dict[str, Any]) -> torch.nn.Module:
+    reason = hub_unreachable(tag)
+    if reason:
+        raise BackboneError(f"Cannot fetch pretrained weights for '{tag}': {reason}. {HUB_HELP}")
     try:
         return timm.create_model(tag, pretrained=True, num_classes=0, **kwargs)
     except (OSError, RuntimeError, ValueError) as err:
         raise BackboneError(
             f"Cannot fetch pretrained weights for '{tag}' from the Hugging Face hub ({type(err).__name__}: "
-            f"{_first_lines(err)}). Offline? Download the weights on a connected machine and pass a local "
-            "file (weights = \"path/to/model.safetensors\" or --backbone LABEL=MODEL@path), or use "
-            "weights = \"random\" for a smoke test."
+            f"{_first_lines(err)}). {HUB_HELP}"
         ) from None
 
 

@@ -29,7 +29,7 @@ VIT = "test_vit"
 
 
 def _random(model: str = CNN, *, seed: int = 0, **fields: Any) -> Backbone:
-    return load_backbone(BackboneConfig(label="b", model=model, weights="random", **fields), seed=seed)
+    return load_backbone(BackboneConfig(label="b", model=model, weights="random", seed=seed, **fields))
 
 
 def _from_file(path: Path, model: str = CNN, **fields: Any) -> Backbone:

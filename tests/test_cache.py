@@ -10,13 +10,12 @@ from dogbench.cache import CacheEntry, CacheError, Chunk, FeatureCache, cache_ke
 
 N, D, CHUNK = 7, 5, 3
 IDS = [f"train/c{i % 2}/img_{i:02d}.jpg" for i in range(N)]
-LABELS = np.array([i % 2 for i in range(N)], dtype=np.int64)
-SPLITS = ["train"] * 5 + ["test"] * 2
 BAD = 4  # row whose image "could not be read"
 
 
-def _meta(*, chunk_size: int = CHUNK, ids: list[str] = IDS) -> dict:
-    return {"n": len(ids), "dim": D, "chunk_size": chunk_size, "ids_sha256": ids_digest(ids)}
+def _meta(*, chunk_size: int = CHUNK, ids: list[str] = IDS, batch_size: int = 2, device_type: str = "cpu") -> dict:
+    return {"n": len(ids), "dim": D, "chunk_size": chunk_size, "ids_sha256": ids_digest(ids),
+            "batch_size": batch_size, "device_type": device_type}
 
 
 def _features() -> np.ndarray:
@@ -72,7 +71,7 @@ def test_round_trip_begin_write_finalize_load(tmp_path: Path) -> None:
     assert n_chunks == 3 and all(entry.has_chunk(i) for i in range(n_chunks))
     assert not entry.is_complete()
 
-    cached = entry.finalize(n_chunks=n_chunks, sample_ids=IDS, labels=LABELS, splits=SPLITS)
+    cached = entry.finalize(n_chunks=n_chunks, sample_ids=IDS)
 
     assert entry.is_complete()
     assert not entry.chunk_dir.exists(), "finalize must drop the chunks"
@@ -81,13 +80,11 @@ def test_round_trip_begin_write_finalize_load(tmp_path: Path) -> None:
     np.testing.assert_array_equal(cached.features, expected)
     assert cached.features.dtype == np.float32 and isinstance(cached.features, np.memmap)
     assert cached.sample_ids == tuple(IDS)
-    np.testing.assert_array_equal(cached.labels, LABELS)
-    assert cached.splits.tolist() == SPLITS
     assert cached.ok.tolist() == [i != BAD for i in range(N)]
     assert cached.errors == {IDS[BAD]: "cannot read image x.jpg"}
     assert cached.meta["chunk_size"] == CHUNK and cached.key == "k1"
 
-    again = FeatureCache(tmp_path).entry("k1").load(sample_ids=IDS, labels=LABELS)
+    again = FeatureCache(tmp_path).entry("k1").load(sample_ids=IDS)
     np.testing.assert_array_equal(again.features, expected)
     assert again.errors == cached.errors
 
@@ -108,28 +105,21 @@ def test_read_chunk_returns_what_was_written(tmp_path: Path) -> None:
 def complete_entry(tmp_path: Path) -> CacheEntry:
     entry = FeatureCache(tmp_path).entry("k")
     entry.begin(_meta())
-    entry.finalize(n_chunks=_fill(entry, _features()), sample_ids=IDS, labels=LABELS, splits=SPLITS)
+    entry.finalize(n_chunks=_fill(entry, _features()), sample_ids=IDS)
     return entry
 
 
 def test_load_with_other_ids_is_refused(complete_entry: CacheEntry) -> None:
-    with pytest.raises(CacheError, match="other samples or labels"):
-        complete_entry.load(sample_ids=IDS[::-1], labels=LABELS[::-1])
-    with pytest.raises(CacheError, match="other samples or labels"):
-        complete_entry.load(sample_ids=IDS[:-1], labels=LABELS[:-1])
-
-
-def test_load_with_other_labels_is_refused(complete_entry: CacheEntry) -> None:
-    labels = LABELS.copy()
-    labels[0] = 1 - labels[0]
+    with pytest.raises(CacheError, match="other samples than the dataset"):
+        complete_entry.load(sample_ids=IDS[::-1])
     with pytest.raises(CacheError, match=str(complete_entry.path)):
-        complete_entry.load(sample_ids=IDS, labels=labels)
+        complete_entry.load(sample_ids=IDS[:-1])
 
 
 def test_load_detects_a_features_file_of_the_wrong_length(complete_entry: CacheEntry) -> None:
     np.save(complete_entry.path / "features.npy", np.zeros((N - 1, D), dtype=np.float32))
     with pytest.raises(CacheError, match="feature rows"):
-        complete_entry.load(sample_ids=IDS, labels=LABELS)
+        complete_entry.load(sample_ids=IDS)
 
 
 def test_finalize_refuses_chunks_that_do_not_cover_the_samples(tmp_path: Path) -> None:
@@ -137,7 +127,7 @@ def test_finalize_refuses_chunks_that_do_not_cover_the_samples(tmp_path: Path) -
     entry.begin(_meta())
     _fill(entry, _features())
     with pytest.raises(CacheError, match="do not cover"):
-        entry.finalize(n_chunks=2, sample_ids=IDS, labels=LABELS, splits=SPLITS)
+        entry.finalize(n_chunks=2, sample_ids=IDS)
     assert not entry.is_complete()
 
 
@@ -155,6 +145,8 @@ def test_restart_with_same_meta_keeps_chunks(tmp_path: Path) -> None:
         {"chunk_size": CHUNK + 1},
         {"ids": [*IDS[:-1], "train/c0/other.jpg"]},
         {"ids": IDS[:-1]},
+        {"batch_size": 3},  # other batches can give other bits: a resumed entry would mix them
+        {"device_type": "cuda"},
     ],
 )
 def test_restart_with_other_chunking_or_samples_discards_old_chunks(tmp_path: Path, changed: dict) -> None:
@@ -180,7 +172,7 @@ def test_leftover_temp_files_are_not_chunks(tmp_path: Path) -> None:
     assert not entry.has_chunk(0)
     features = _features()
     n_chunks = _fill(entry, features)
-    cached = entry.finalize(n_chunks=n_chunks, sample_ids=IDS, labels=LABELS, splits=SPLITS)
+    cached = entry.finalize(n_chunks=n_chunks, sample_ids=IDS)
     assert cached.features.shape == (N, D)
     assert not entry.chunk_dir.exists()
 

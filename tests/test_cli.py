@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from dogbench.cli import main
 
@@ -84,6 +85,7 @@ def test_rerun_reuses_the_feature_cache_and_the_study(tiny_run: tuple[Path, Path
 
 
 def test_stage_commands_match_run(tiny_run: tuple[Path, Path, dict], capsys: pytest.CaptureFixture) -> None:
+    """extract, tune, evaluate in three processes' worth of calls give run's results.json, timings included."""
     base, data, first = tiny_run
     common = ["--data", str(data), *TINY, "--cache-dir", str(base / "cache"), *FAST]
     assert main(["extract", *common]) == 0
@@ -93,7 +95,40 @@ def test_stage_commands_match_run(tiny_run: tuple[Path, Path, dict], capsys: pyt
     assert (staged / "cnn" / "tuning.json").is_file()
     assert main(["evaluate", "--out", str(staged), "--quiet", "--cache-dir", str(base / "cache")]) == 0
     results = json.loads((staged / "results.json").read_text())
-    assert results["models"]["cnn"]["test"]["top1"] == first["models"]["cnn"]["test"]["top1"]
+    for label in ("cnn", "vit"):
+        staged_model, run_model = results["models"][label], first["models"][label]
+        for key in ("test", "val", "head", "baseline", "feature_key"):
+            if key == "head":
+                assert staged_model[key]["params"] == run_model[key]["params"]
+            else:
+                assert staged_model[key] == run_model[key], (label, key)
+        assert set(staged_model["timing_s"]) == set(run_model["timing_s"])
+        assert staged_model["timing_s"]["tune"] > 0 and staged_model["timing_s"]["baseline"] > 0
+    assert set(results["timing_s"]) == set(first["timing_s"]) and results["timing_s"]["total"] > 0
+
+
+def test_a_changed_tuning_config_starts_a_new_study(tiny_run: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """Into the same run folder: another validation split or search space must not reuse the old tuning."""
+    base, data, first = tiny_run
+    out = tmp_path / "r"
+    args = ["--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32"]
+    assert _run(args, base) == 0
+    before = json.loads((out / "results.json").read_text())["models"]["cnn"]["head"]["study"]
+    assert _run([*args, "--set", "data.val_fraction=0.5", "--set", 'tune.heads=["linear"]'], base) == 0
+    after = json.loads((out / "results.json").read_text())["models"]["cnn"]
+    assert after["head"]["study"] != before and after["head"]["kind"] == "linear"
+    assert after["head"]["n_trials"] == 3
+
+
+def test_evaluate_checks_its_inputs_before_extracting(class_folder_root: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    assert main(["evaluate", "--data", str(class_folder_root), "--quiet"]) == 2
+    assert "needs --out" in capsys.readouterr().err
+    code = main(["evaluate", "--data", str(class_folder_root), "--out", str(tmp_path / "none"), *TINY, "--quiet",
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "run `dogbench tune" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists(), "nothing may be extracted before the tuning is found"
 
 
 def test_unreadable_images_are_skipped_and_named(bad_images_root: tuple[Path, list[str]], tmp_path: Path,
@@ -147,11 +182,17 @@ def test_offline_default_run_fails_fast_with_a_clear_message(tmp_path: Path) -> 
         (["--set", "tune.trails=3"], "Did you mean 'trials'"),
         (["--precision", "fp8"], "auto, fp32, bf16, fp16"),
         (["--backbone", "x=resnet18@/nonexistent/w.safetensors"], "does not exist"),
+        (["--device", "gpu"], "is not a device"),
+        pytest.param(["--device", "cuda", "--backbone", "x=test_resnet@random"], "CUDA is not available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+        (["--trials", "0"], "tune.trials must be >= 1"),
+        (["--data", "/nonexistent/dogs"], "does not exist"),
     ],
 )
 def test_bad_arguments_give_one_clear_error(args: list[str], needle: str, class_folder_root: Path, tmp_path: Path,
                                             capsys: pytest.CaptureFixture) -> None:
-    code = main(["run", "--data", str(class_folder_root), "--out", str(tmp_path / "r"), "--quiet", *args])
+    code = main(["run", "--data", str(class_folder_root), "--out", str(tmp_path / "r"), "--quiet",
+                 "--cache-dir", str(tmp_path / "cache"), *args])
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err
@@ -170,3 +211,17 @@ def test_run_on_the_official_layout_with_box_crops(official_root: Path, tmp_path
     assert _run(["--data", str(official_root), "--out", str(tmp_path / "full"), *backbone], tmp_path) == 0
     full = json.loads((tmp_path / "full" / "results.json").read_text())
     assert full["models"]["cnn"]["feature_key"] != cropped["models"]["cnn"]["feature_key"]
+
+
+def test_a_dataset_without_test_images_fails_before_any_model_is_loaded(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from conftest import make_class_folder_layout
+
+    root = make_class_folder_layout(tmp_path / "d", n_train=3, n_test=1)
+    for image in (root / "test").rglob("*.*"):
+        image.unlink()
+    code = main(["run", "--data", str(root), "--out", str(tmp_path / "r"), "--quiet", *TINY,
+                 "--cache-dir", str(tmp_path / "cache")])
+    assert code == 2
+    assert "0 test images" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()

@@ -82,7 +82,8 @@ def test_toml_file_resolves_every_section(tmp_path: Path) -> None:
     assert cfg.features.batch_size == 16 and cfg.features.precision is Precision.FP32
     assert cfg.tune.trials == 12 and cfg.tune.heads == ("mlp",)
     cnn, vit = cfg.backbones
-    assert cnn == BackboneConfig(label="cnn", model="resnet50_a1", weights="weights/resnet.safetensors")
+    # relative input paths are taken relative to the config file's folder
+    assert cnn == BackboneConfig(label="cnn", model="resnet50_a1", weights=str(tmp_path / "weights/resnet.safetensors"))
     assert vit.label == "vit" and vit.model == "vit_small_patch14_dinov2" and vit.weights == "hub"
     # Model kwargs go to timm.create_model; preprocessing keys go to their own fields.
     assert dict(vit.model_kwargs) == {"img_size": 224, "dynamic_img_size": True}

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from conftest import (
     class_image,
@@ -236,32 +236,53 @@ def test_missing_root_raises_file_not_found(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- fingerprint
 
 
-def test_fingerprint_is_stable_and_tracks_file_changes(official_root: Path) -> None:
-    first = open_dataset(official_root).fingerprint()
+@pytest.mark.parametrize("with_boxes", [False, True])
+def test_fingerprint_is_stable_and_tracks_file_changes(official_root: Path, with_boxes: bool) -> None:
+    first = open_dataset(official_root).fingerprint(with_boxes=with_boxes)
     assert len(first) == 64
-    assert open_dataset(official_root).fingerprint() == first
+    assert open_dataset(official_root).fingerprint(with_boxes=with_boxes) == first
     image = official_root / "Images" / "n00000000-Breed0" / "n00000000_3.jpg"
     st = image.stat()
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    touched = open_dataset(official_root).fingerprint()
+    touched = open_dataset(official_root).fingerprint(with_boxes=with_boxes)
     assert touched != first
     image.write_bytes(image.read_bytes() + b"\0")
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    assert open_dataset(official_root).fingerprint() not in (first, touched)
+    assert open_dataset(official_root).fingerprint(with_boxes=with_boxes) not in (first, touched)
 
 
 def test_fingerprint_of_an_opened_dataset_sees_later_changes(class_folder_root: Path) -> None:
     ds = open_dataset(class_folder_root)
-    before = ds.fingerprint()
+    before = ds.fingerprint(with_boxes=False)
     class_image(2, rng=np.random.default_rng(99)).save(ds.samples[0].path, format="JPEG")
-    assert ds.fingerprint() != before
+    assert ds.fingerprint(with_boxes=False) != before
 
 
-def test_fingerprint_depends_on_boxes(official_root: Path) -> None:
+def test_fingerprint_ignores_the_split(flat_class_folder_root: Path) -> None:
+    seed0, seed1 = (open_dataset(flat_class_folder_root, seed=seed) for seed in (0, 1))
+    assert seed0.split("test") != seed1.split("test")
+    assert seed0.fingerprint(with_boxes=False) == seed1.fingerprint(with_boxes=False)
+    assert open_dataset(flat_class_folder_root, test_fraction=0.5).fingerprint(
+        with_boxes=False
+    ) == seed0.fingerprint(with_boxes=False)
+
+
+def test_fingerprint_without_boxes_ignores_annotations(official_root: Path) -> None:
+    with_annotations = open_dataset(official_root)
+    shutil.rmtree(official_root / "Annotation")
+    without = open_dataset(official_root)
+    assert all(s.box is None for s in without.samples)
+    assert without.fingerprint(with_boxes=False) == with_annotations.fingerprint(with_boxes=False)
+    assert without.fingerprint(with_boxes=True) != with_annotations.fingerprint(with_boxes=True)
+
+
+def test_fingerprint_tracks_boxes_only_when_asked(official_root: Path) -> None:
     ann = official_root / "Annotation" / "n00000001-Breed1" / "n00000001_2"
-    first = open_dataset(official_root).fingerprint()
+    before = open_dataset(official_root)
     ann.write_text(ann.read_text().replace("<xmin>2</xmin>", "<xmin>3</xmin>"))
-    assert open_dataset(official_root).fingerprint() != first
+    after = open_dataset(official_root)
+    assert after.fingerprint(with_boxes=True) != before.fingerprint(with_boxes=True)
+    assert after.fingerprint(with_boxes=False) == before.fingerprint(with_boxes=False)
 
 
 # ---------------------------------------------------------------- load_image
@@ -341,6 +362,23 @@ def test_load_image_crops_to_clamped_box(tmp_path: Path) -> None:
     assert load_image(tmp_path / "b.png", box=(-5, 10, 100, 40)).size == (30, 10)
     with pytest.raises(ImageError, match="outside"):
         load_image(tmp_path / "b.png", box=(40, 0, 50, 10))
+
+
+def test_load_image_crops_in_stored_coordinates_before_exif_orientation(tmp_path: Path) -> None:
+    stored = class_image(0, size=(40, 24), rng=np.random.default_rng(3))
+    stored.paste((0, 0, 255), (0, 0, 8, 24))  # a blue left band, a non-symmetric landmark
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    stored.save(tmp_path / "rot.png", exif=exif)
+    box = (4, 3, 30, 20)  # Pascal-VOC: stored pixel coordinates
+    with Image.open(tmp_path / "rot.png") as raw:
+        raw.load()
+        assert raw.getexif()[0x0112] == 6
+        expected = ImageOps.exif_transpose(raw.crop(box))
+    loaded = load_image(tmp_path / "rot.png", box=box)
+    assert loaded.size == (17, 26) == expected.size
+    assert np.array_equal(np.asarray(loaded), np.asarray(expected.convert("RGB")))
+    assert np.array_equal(np.asarray(loaded), np.asarray(stored.crop(box).transpose(Image.Transpose.ROTATE_270)))
 
 
 def test_load_image_closes_its_file(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import socket
 import tarfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 
 from conftest import make_class_folder_layout, make_official_layout
+from dogbench import download
+from dogbench.config import DataConfig
 from dogbench.data import DatasetLayoutError, open_dataset
 from dogbench.download import (
     STANFORD_DOGS_URL,
@@ -187,6 +190,50 @@ def test_prepare_reports_a_failed_download(server: Server, tmp_path: Path, archi
     assert message.startswith("Stanford Dogs is not available")
     assert "HTTP 404" in message and server.url + "images.tar" in message
     assert "download it or point --data at it" in message
+
+
+@pytest.mark.parametrize(
+    ("missing", "lost"), [("lists.tar", "official split"), ("annotation.tar", "no bounding boxes")]
+)
+def test_prepare_continues_without_an_optional_archive_that_fails(
+    served: Served, tmp_path: Path, missing: str, lost: str
+) -> None:
+    server, archives = served
+    (server.root / missing).unlink()  # the server answers 404 for it
+    with pytest.warns(UserWarning, match=lost) as record:
+        folder = prepare_stanford_dogs(
+            None, base_url=server.url, cache_dir=tmp_path / "c", archives=archives, progress=False
+        )
+    message = next(str(w.message) for w in record if server.url + missing in str(w.message))
+    assert "HTTP 404" in message and lost in message
+    assert sorted(p for p, _ in server.requests) == ["/dogs/annotation.tar", "/dogs/images.tar", "/dogs/lists.tar"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = open_dataset(folder)
+    assert ds.split_source == ("seeded" if missing == "lists.tar" else "official-lists")
+    assert all((s.box is None) == (missing == "annotation.tar") for s in ds.samples)
+
+
+def test_prepare_passes_progress_to_fetch(served: Served, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    server, archives = served
+    prepare_stanford_dogs(None, base_url=server.url, cache_dir=tmp_path / "quiet", archives=archives, progress=False)
+    assert "images.tar" not in capsys.readouterr().err
+    prepare_stanford_dogs(None, base_url=server.url, cache_dir=tmp_path / "loud", archives=archives)
+    assert "images.tar" in capsys.readouterr().err
+
+
+def test_prepare_dataset_passes_progress_on(monkeypatch: pytest.MonkeyPatch, official_root: Path) -> None:
+    seen: dict[str, object] = {}
+
+    def fake_prepare(data: object, **kwargs: object) -> Path:
+        seen.update(kwargs)
+        return official_root
+
+    monkeypatch.setattr(download, "prepare_stanford_dogs", fake_prepare)
+    ds = download.prepare_dataset(DataConfig(), progress=False)
+    assert seen["progress"] is False and ds.split_source == "official-lists"
+    download.prepare_dataset(DataConfig())
+    assert seen["progress"] is True
 
 
 def test_prepare_extracts_archives_found_in_the_data_folder(archive_dir: Path, tmp_path: Path) -> None:

@@ -8,12 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from sklearn.base import clone
 from sklearn.datasets import make_classification
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
+from dogbench import config
 from dogbench.heads import (
     HEAD_KINDS,
     META_FILE,
@@ -147,15 +149,22 @@ def test_fit_leaves_global_torch_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_fit_max_epochs_overrides_constructor_without_eval_set():
+def test_refit_for_fixed_epochs_via_set_params_without_eval_set():
     X, y = _blobs()
-    head = LinearHead(max_epochs=50).fit(X, y, max_epochs=7)
+    tuned = LinearHead(max_epochs=50)
+    head = clone(tuned).set_params(max_epochs=7).fit(X, y)
     assert head.n_epochs_ == head.best_epoch_ == 7
     assert head.best_val_top1_ is None
     assert [h["epoch"] for h in head.history_] == list(range(1, 8))
     assert all(set(h) == {"epoch", "train_loss"} for h in head.history_)
     assert head.history_[-1]["train_loss"] < head.history_[0]["train_loss"]
-    assert head.max_epochs == 50
+    assert tuned.max_epochs == 50
+
+
+def test_fit_takes_no_hyper_parameters():
+    X, y = _blobs()
+    with pytest.raises(TypeError, match="max_epochs"):
+        LinearHead(max_epochs=50).fit(X, y, max_epochs=7)
 
 
 def test_proba_shape_and_string_labels():
@@ -191,6 +200,7 @@ def test_eval_set_with_unseen_label_is_rejected():
     [
         (LinearHead(lr=0), "lr must be > 0"),
         (LinearHead(label_smoothing=1.0), "label_smoothing"),
+        (LinearHead().set_params(max_epochs=0), "max_epochs must be >= 1, got 0"),
         (MLPHead(n_layers=0, dropout=1.0), "n_layers.*dropout"),
         (MLPHead(activation="gleu"), "Did you mean 'gelu'.*Known: gelu, relu"),
     ],
@@ -243,6 +253,7 @@ def test_make_head():
     assert isinstance(head, MLPHead) and head.hidden_size == 8 and head.dropout == 0.1
     assert isinstance(make_head(HeadKind.LINEAR), LinearHead)
     assert HEAD_KINDS == ("linear", "mlp")
+    assert HeadKind is config.HeadKind and HEAD_KINDS is config.HEAD_KINDS  # re-exported, not redefined
     with pytest.raises(ValueError, match=r"Unknown head kind 'lineaer'\. Did you mean 'linear'\? Known: linear, mlp"):
         make_head("lineaer")
     with pytest.raises(ValueError, match="Known: linear, mlp"):

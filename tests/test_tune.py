@@ -9,6 +9,7 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from dogbench.config import TuneConfig
+from dogbench.errors import DogbenchError
 from dogbench.heads import LinearHead, MLPHead
 from dogbench.tune import (
     BASELINE_CS,
@@ -145,7 +146,7 @@ def test_pruned_trials_are_counted(tmp_path: Path, blobs: tuple[np.ndarray, ...]
 
 
 def test_a_study_without_completed_trials_is_an_error(tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
-    with pytest.raises(RuntimeError, match="no completed trial"):
+    with pytest.raises(DogbenchError, match="no completed trial"):
         tune_head(*blobs, cfg=TuneConfig(trials=0), storage=_storage(tmp_path), study_name="empty", progress=False)
 
 

@@ -22,6 +22,7 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 
 from dogbench.config import BackboneConfig
+from dogbench.errors import DogbenchError
 
 ALIASES: dict[str, str] = {
     "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",  # = the reference's TF Hub vit_s16_fe
@@ -39,7 +40,7 @@ CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 HUB_FILENAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
-class BackboneError(ValueError):
+class BackboneError(DogbenchError, ValueError):
     """Unknown model name, unreadable or mismatched weights file, or hub weights that cannot be fetched."""
 
 
@@ -60,6 +61,20 @@ class Preprocess:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What identifies a backbone and what it costs, without the model itself (kept after extraction)."""
+
+    label: str
+    tag: str
+    weights: str
+    weights_sha256: str
+    feature_dim: int
+    params: int
+    preprocess: Preprocess
+    is_vit: bool
 
 
 @dataclass
@@ -85,6 +100,12 @@ class Backbone:
     @property
     def is_vit(self) -> bool:
         return hasattr(self.model, "blocks") and hasattr(self.model, "patch_embed")
+
+    def info(self) -> BackboneInfo:
+        return BackboneInfo(
+            label=self.label, tag=self.tag, weights=self.weights, weights_sha256=self.weights_sha256,
+            feature_dim=self.feature_dim, params=self.params, preprocess=self.preprocess, is_vit=self.is_vit,
+        )
 
 
 def resolve_model_name(name: str) -> str:
@@ -174,15 +195,18 @@ def _preprocess(model: torch.nn.Module, cfg: BackboneConfig) -> Preprocess:
     )
 
 
-def load_backbone(cfg: BackboneConfig, *, seed: int = 0) -> Backbone:
-    """Create the timm model (classifier removed, eval mode, no grad) with the configured weights."""
+def load_backbone(cfg: BackboneConfig) -> Backbone:
+    """Create the timm model (classifier removed, eval mode, no grad) with the configured weights.
+
+    ``weights = "random"`` initialises from ``cfg.seed`` without touching the global random state.
+    """
     tag = resolve_model_name(cfg.model)
     kwargs = dict(cfg.model_kwargs)
     weights = cfg.weights
     try:
         if weights == "random":
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
+                torch.manual_seed(cfg.seed)
                 model = timm.create_model(tag, pretrained=False, num_classes=0, **kwargs)
         elif weights == "hub":
             model = _from_hub(tag, kwargs)

@@ -5,7 +5,10 @@ Layout of one entry, ``<root>/<key>/``::
     meta.json           what the key was computed from, N, D, chunk size (written first)
     chunks/00000.npz    features, readable-mask and error text for samples [0, chunk_size) ...
     features.npy        (N, D) float32, all chunks joined (written when every chunk exists)
-    index.json          sample ids, labels, splits, mask, errors: written last, marks the entry complete
+    index.json          sample ids, readable-mask, errors: written last, marks the entry complete
+
+Labels and splits are not stored: they do not change the features, and come from the dataset when the
+entry is loaded (the ids are checked, in order, so rows and labels cannot drift apart).
 
 Every file is written to a temporary name and renamed, so a process killed at any point leaves only
 whole files behind; the next run skips the chunks that exist and computes the rest.
@@ -24,11 +27,13 @@ from typing import Any
 import numpy as np
 
 from dogbench.atomic import atomic_write_json, atomic_write_with
+from dogbench.errors import DogbenchError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+RESUME_FIELDS = ("n", "chunk_size", "ids_sha256", "batch_size", "device_type")  # partial chunks need all equal
 
 
-class CacheError(RuntimeError):
+class CacheError(DogbenchError, RuntimeError):
     """A cache entry whose contents do not match what the caller expects (stale or corrupt)."""
 
 
@@ -54,13 +59,11 @@ class Chunk:
 
 @dataclass(frozen=True)
 class CachedFeatures:
-    """A complete entry: all N rows (unreadable ones included, masked by ``ok``) with their ids and labels."""
+    """A complete entry: all N rows (unreadable ones included, masked by ``ok``) with their sample ids."""
 
     key: str
     features: np.ndarray  # (N, D) float32, memory-mapped
     sample_ids: tuple[str, ...]
-    labels: np.ndarray  # (N,) int64
-    splits: np.ndarray  # (N,) str
     ok: np.ndarray  # (N,) bool
     errors: dict[str, str]  # sample_id -> reason, for rows where ok is False
     meta: dict[str, Any]
@@ -93,9 +96,10 @@ class CacheEntry:
         meta_path = self.path / "meta.json"
         if meta_path.is_file():
             existing = json.loads(meta_path.read_text())
-            for field in ("n", "chunk_size", "ids_sha256"):
+            for field in RESUME_FIELDS:
                 if existing.get(field) != meta.get(field):
-                    # Same key but a different chunking or sample list: the partial work cannot be reused.
+                    # Same key but other chunking, batching or device: a resumed run would not give the
+                    # bits an uninterrupted one gives, so the partial work is dropped.
                     shutil.rmtree(self.chunk_dir, ignore_errors=True)
                     break
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
@@ -125,9 +129,7 @@ class CacheEntry:
         with np.load(self.chunk_path(index), allow_pickle=False) as npz:
             return Chunk(int(npz["start"]), npz["features"], npz["ok"], npz["errors"])
 
-    def finalize(
-        self, *, n_chunks: int, sample_ids: Sequence[str], labels: np.ndarray, splits: Sequence[str]
-    ) -> CachedFeatures:
+    def finalize(self, *, n_chunks: int, sample_ids: Sequence[str]) -> CachedFeatures:
         """Join the chunks into ``features.npy``, write ``index.json`` and drop the chunks."""
         chunks = [self.read_chunk(i) for i in range(n_chunks)]
         starts = [c.start for c in chunks]
@@ -139,26 +141,22 @@ class CacheEntry:
         atomic_write_with(self.path / "features.npy", lambda handle: np.save(handle, features))
         index = {
             "sample_ids": list(sample_ids),
-            "labels": [int(v) for v in labels],
-            "splits": list(splits),
             "ok": [bool(v) for v in ok],
             "errors": {sid: str(err) for sid, err, good in zip(sample_ids, errors, ok, strict=True) if not good},
         }
         atomic_write_json(self.path / "index.json", index)
         shutil.rmtree(self.chunk_dir, ignore_errors=True)
-        return self.load(sample_ids=sample_ids, labels=labels)
+        return self.load(sample_ids=sample_ids)
 
-    def load(self, *, sample_ids: Sequence[str], labels: np.ndarray) -> CachedFeatures:
-        """Memory-map a complete entry and check that its ids and labels are the caller's, in order."""
+    def load(self, *, sample_ids: Sequence[str]) -> CachedFeatures:
+        """Memory-map a complete entry and check that its sample ids are the caller's, in order."""
         index = json.loads((self.path / "index.json").read_text())
         meta = json.loads((self.path / "meta.json").read_text())
         features = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
         cached_ids = tuple(index["sample_ids"])
-        cached_labels = np.asarray(index["labels"], dtype=np.int64)
-        if cached_ids != tuple(sample_ids) or not np.array_equal(cached_labels, np.asarray(labels)):
+        if cached_ids != tuple(sample_ids):
             raise CacheError(
-                f"Cache entry {self.path} holds other samples or labels than the dataset; delete the folder "
-                "to recompute it"
+                f"Cache entry {self.path} holds other samples than the dataset; delete the folder to recompute it"
             )
         if features.shape[0] != len(cached_ids):
             raise CacheError(f"Cache entry {self.path}: {features.shape[0]} feature rows for {len(cached_ids)} ids")
@@ -166,8 +164,6 @@ class CacheEntry:
             key=self.key,
             features=features,
             sample_ids=cached_ids,
-            labels=cached_labels,
-            splits=np.asarray(index["splits"]),
             ok=np.asarray(index["ok"], dtype=bool),
             errors=dict(index["errors"]),
             meta=meta,

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from dogbench import __version__
-from dogbench.config import RunConfig, load_config, resolve, saved_to_doc
+from dogbench.config import ConfigError, RunConfig, load_config, resolve, saved_to_doc
 from dogbench.download import prepare_dataset
+from dogbench.errors import DogbenchError
 
 EPILOG = """examples:
   dogbench run --data ~/data/stanford-dogs                    # ViT-S/16 vs ResNet50 (hub weights)
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    if args.command == "evaluate" and not args.out:
+        raise ConfigError("dogbench evaluate needs --out: the run folder that `dogbench tune` (or `run`) wrote")
     doc = load_config(args.config)
     if args.command == "evaluate" and args.out and (Path(args.out) / "config.json").is_file() and not args.config:
         doc = saved_to_doc(json.loads((Path(args.out) / "config.json").read_text()))
@@ -90,67 +93,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dogbench: interrupted; cached chunks and finished stages are kept", file=sys.stderr)
         return 130
-    except Exception as err:  # noqa: BLE001 - known user-facing errors become one clear message
-        if not _is_user_error(err):
-            raise
+    except DogbenchError as err:  # a user-facing error: one clear message, no traceback
         print(f"dogbench: error: {err}", file=sys.stderr)
         return 2
-
-
-USER_ERRORS = (
-    ("dogbench.config", "ConfigError"),
-    ("dogbench.download", "DownloadError"),
-    ("dogbench.data", "DatasetLayoutError"),
-    ("dogbench.data", "ImageError"),
-    ("dogbench.backbones", "BackboneError"),
-    ("dogbench.cache", "CacheError"),
-)
-
-
-def _is_user_error(err: Exception) -> bool:
-    """Errors about the user's input, from modules already loaded (checking must not import torch)."""
-    if isinstance(err, FileNotFoundError):
-        return True
-    return any(
-        module in sys.modules and isinstance(err, getattr(sys.modules[module], name)) for module, name in USER_ERRORS
-    )
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = config_from_args(args)
     progress = not args.quiet
-    dataset = prepare_dataset(cfg.data)  # before torch is imported: a missing dataset fails in a second
+    dataset = prepare_dataset(cfg.data, progress=progress)  # before torch is imported: fails in a second
     data_s = time.perf_counter() - start
 
     from dogbench import pipeline
 
-    if args.command == "run":
-        results, run_dir = pipeline.run(cfg, dataset=dataset, data_s=data_s, start=start, progress=progress)
-        print(results.summary_table())
-        print(f"results: {run_dir / 'results.json'}")
-        return 0
-    extracted = pipeline.extract_stage(cfg, dataset, progress=progress)
     if args.command == "extract":
-        for label, bf in extracted.items():
+        for label, bf in pipeline.extract_stage(cfg, dataset, progress=progress).items():
             f = bf.features
             state = "cached" if f.cache_hit else f"computed {f.n_computed} images in {f.extract_s:.1f} s"
-            print(f"{label}: {bf.backbone.tag} features {f.features.shape} key {f.key[:16]} ({state}); "
+            print(f"{label}: {bf.info.tag} features {f.features.shape} key {f.key[:16]} ({state}); "
                   f"{len(f.skipped)} skipped")
         return 0
-    run_dir = pipeline.run_dir_of(cfg)
     if args.command == "tune":
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.json")
-        tuning = pipeline.tune_stage(cfg, run_dir, extracted, progress=progress)
-        for label, (tuned, baseline) in tuning.items():
-            extra = f"; baseline C={baseline.C:.3g} val top-1 {baseline.val_top1:.4f}" if baseline else ""
-            print(f"{label}: best {tuned.best_params} val top-1 {tuned.best_val_top1:.4f} "
-                  f"({tuned.n_complete} complete, {tuned.n_pruned} pruned){extra}")
+        tunings, run_dir = pipeline.tune(cfg, dataset, progress=progress)
+        for label, t in tunings.items():
+            extra = f"; baseline C={t.baseline.C:.3g} val top-1 {t.baseline.val_top1:.4f}" if t.baseline else ""
+            print(f"{label}: best {t.tune.best_params} val top-1 {t.tune.best_val_top1:.4f} "
+                  f"({t.tune.n_complete} complete, {t.tune.n_pruned} pruned){extra}")
         print(f"tuning: {run_dir}")
         return 0
-    tuning = {label: pipeline.load_tuning(run_dir, label, bf.features.key) for label, bf in extracted.items()}
-    results = pipeline.evaluate_stage(cfg, run_dir, dataset, extracted, tuning)
+    stage = pipeline.run if args.command == "run" else pipeline.evaluate
+    results, run_dir = stage(cfg, dataset, data_s=data_s, start=start, progress=progress)
     print(results.summary_table())
     print(f"results: {run_dir / 'results.json'}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import tomllib
 import types
 import typing
@@ -20,9 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from dogbench.atomic import atomic_write_text
+from dogbench.errors import DogbenchError
 
-HEAD_KINDS = ("linear", "mlp")  # must match dogbench.heads.HEAD_KINDS (checked by a test)
 DEFAULT_BACKBONES: tuple[tuple[str, str], ...] = (("vit", "vit_s16"), ("resnet", "resnet50"))
+
+
+class HeadKind(StrEnum):
+    """Classifier heads the tuner can pick (dogbench.heads implements them)."""
+
+    LINEAR = "linear"
+    MLP = "mlp"
+
+
+HEAD_KINDS: tuple[str, ...] = tuple(kind.value for kind in HeadKind)
 
 
 class Precision(StrEnum):
@@ -34,7 +45,7 @@ class Precision(StrEnum):
     FP16 = "fp16"
 
 
-class ConfigError(ValueError):
+class ConfigError(DogbenchError, ValueError):
     """A config file or override that cannot be understood; the message names the key and the valid choices."""
 
 
@@ -62,8 +73,10 @@ class BackboneConfig:
     interpolation: str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    seed: int = 0  # initialisation seed for weights = "random"
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 PREPROCESS_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
@@ -86,6 +99,7 @@ class TuneConfig:
     storage: str | None = None  # any Optuna storage URL; default: SQLite in the run folder
     seed: int = 0
     baseline: bool = True  # scikit-learn LogisticRegression probe with C swept on validation
+    device: str = "auto"  # where heads train; auto = the features' device
 
 
 @dataclass(frozen=True)
@@ -198,16 +212,15 @@ def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig
     kwargs: dict[str, Any] = {}
     pre: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("model", "weights"):
+        if key in ("model", "weights", "seed"):
             continue
         if key in PREPROCESS_KEYS:
             pre[key] = tuple(value) if isinstance(value, list) else value
         else:
             kwargs[key] = value
-    _check_types(BackboneConfig, f"backbones.{label}", {"model": table["model"], "weights": table.get("weights", "hub"),
-                                                        **pre})
-    return BackboneConfig(label=label, model=table["model"], weights=table.get("weights", "hub"), model_kwargs=kwargs,
-                          **pre)
+    fixed = {"model": table["model"], "weights": table.get("weights", "hub"), "seed": table.get("seed", 0)}
+    _check_types(BackboneConfig, f"backbones.{label}", {**fixed, **pre})
+    return BackboneConfig(label=label, model_kwargs=kwargs, **fixed, **pre)
 
 
 def parse_backbone_spec(spec: str) -> BackboneConfig:
@@ -252,7 +265,7 @@ def saved_to_doc(saved: Mapping[str, Any]) -> dict[str, Any]:
     doc = {name: dict(saved.get(name, {})) for name in SECTIONS}
     doc["backbones"] = {}
     for b in saved.get("backbones", []):
-        table = {"model": b["model"], "weights": b["weights"], **b.get("model_kwargs", {})}
+        table = {"model": b["model"], "weights": b["weights"], "seed": b.get("seed", 0), **b.get("model_kwargs", {})}
         table.update({k: b[k] for k in PREPROCESS_KEYS if b.get(k) is not None})
         doc["backbones"][b["label"]] = table
     if saved.get("out") is not None:
@@ -261,16 +274,35 @@ def saved_to_doc(saved: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None) -> dict[str, Any]:
-    """Read a TOML config file into a plain nested dict (empty when path is None)."""
+    """Read a TOML config file into a plain nested dict (empty when path is None).
+
+    Relative input paths in the file (``data.root``, backbone weight files) are taken relative to the file's
+    folder, so a config works from any working directory; ``out`` and ``features.cache_dir`` stay relative to
+    the working directory, like the command-line flags.
+    """
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"Config file {path} is not valid TOML: {err}") from None
+    return _anchor_paths(doc, path.resolve().parent)
+
+
+def _anchor_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
+    def anchored(value: Any) -> Any:
+        return str(base / value) if isinstance(value, str) and not Path(value).expanduser().is_absolute() else value
+
+    data = doc.get("data")
+    if isinstance(data, dict) and "root" in data:
+        data["root"] = anchored(data["root"])
+    for table in (doc.get("backbones") or {}).values():
+        if isinstance(table, dict) and table.get("weights", "hub") not in ("hub", "random"):
+            table["weights"] = anchored(table["weights"])
+    return doc
 
 
 def apply_override(doc: dict[str, Any], override: str) -> None:
@@ -319,8 +351,11 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if cfg.features.batch_size < 1 or cfg.features.chunk_size < 1:
         raise ConfigError("features.batch_size and features.chunk_size must be at least 1")
-    if cfg.tune.trials < 0:
-        raise ConfigError(f"tune.trials must be >= 0, got {cfg.tune.trials}")
+    if cfg.tune.trials < 1:
+        raise ConfigError(f"tune.trials must be >= 1, got {cfg.tune.trials}")
+    for key, device in (("features.device", cfg.features.device), ("tune.device", cfg.tune.device)):
+        if not DEVICE_PATTERN.fullmatch(device):
+            raise ConfigError(f"{key} '{device}' is not a device. Valid: auto, cpu, cuda, cuda:N, mps")
     for head in cfg.tune.heads:
         if head not in HEAD_KINDS:
             raise ConfigError(f"Unknown head '{head}' in tune.heads. Valid heads: {', '.join(HEAD_KINDS)}")

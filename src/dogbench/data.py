@@ -15,7 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image
+
+from dogbench.errors import DogbenchError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -47,11 +49,15 @@ _ACCEPTED = "\n".join(f"  {name}: {shape}" for name, shape in LAYOUTS.items()) +
 )
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(DogbenchError, ValueError):
     """The folder does not hold a dataset layout that dogbench can read."""
 
 
-class ImageError(ValueError):
+class DataNotFoundError(DogbenchError, FileNotFoundError):
+    """A dataset folder or file that does not exist (any more)."""
+
+
+class ImageError(DogbenchError, ValueError):
     """An image file cannot be decoded."""
 
 
@@ -79,22 +85,23 @@ class Dataset:
             raise ValueError(f"Unknown split {name!r}. Valid splits: {', '.join(SPLITS)}")
         return tuple(s for s in self.samples if s.split == name)
 
-    def fingerprint(self) -> str:
-        """sha256 over each sample's id, label, split, box, file size and mtime: changes when a file does."""
+    def fingerprint(self, *, with_boxes: bool) -> str:
+        """sha256 over each sample's id, file size and mtime (and box when `with_boxes`): the pixels' identity.
+
+        Labels, splits and class names are left out: features are extracted for every image once and those
+        are applied when the cached features are loaded, so re-splitting does not force a re-extraction.
+        Samples are hashed in sample_id order, which a new split seed does not change.
+        """
         digest = hashlib.sha256()
-        digest.update(f"{self.layout}\n{len(self.classes)}\n".encode())
-        for cls in self.classes:
-            digest.update(f"{cls}\n".encode())
-        for s in self.samples:
+        for s in sorted(self.samples, key=lambda s: s.sample_id):
             try:
                 st = s.path.stat()
             except FileNotFoundError as exc:
-                raise FileNotFoundError(
+                raise DataNotFoundError(
                     f"{s.path} was removed after the dataset was opened; reopen it"
                 ) from exc
-            digest.update(
-                f"{s.sample_id}\t{s.label}\t{s.split}\t{st.st_size}\t{st.st_mtime_ns}\t{s.box}\n".encode()
-            )
+            box = f"\t{s.box}" if with_boxes else ""
+            digest.update(f"{s.sample_id}\t{st.st_size}\t{st.st_mtime_ns}{box}\n".encode())
         return digest.hexdigest()
 
 
@@ -187,7 +194,7 @@ def _describe(root: Path) -> str:
 
 def _locate(root: Path) -> _Located:
     if not root.exists():
-        raise FileNotFoundError(f"Dataset folder {root} does not exist. Accepted layouts:\n{_ACCEPTED}")
+        raise DataNotFoundError(f"Dataset folder {root} does not exist. Accepted layouts:\n{_ACCEPTED}")
     if not root.is_dir():
         raise DatasetLayoutError(f"Dataset path {root} is not a folder. Accepted layouts:\n{_ACCEPTED}")
     found = _locate_stanford(root)
@@ -408,22 +415,40 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def load_image(path: str | Path, *, box: tuple[int, int, int, int] | None = None) -> Image.Image:
-    """Decode `path` fully into an RGB image (EXIF orientation applied), cropped to `box` when given.
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
-    `box` is (xmin, ymin, xmax, ymax) in the upright image, clamped to its bounds. Raises ImageError.
-    """
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = _to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
-    if box is None:
-        return rgb
-    width, height = rgb.size
+
+def _clamped_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str | Path) -> tuple[int, int, int, int]:
+    width, height = size
     xmin, ymin = min(max(box[0], 0), width), min(max(box[1], 0), height)
     xmax, ymax = min(max(box[2], 0), width), min(max(box[3], 0), height)
     if xmax <= xmin or ymax <= ymin:
         raise ImageError(f"cannot read image {path}: box {box} lies outside the {width}x{height} image")
-    return rgb.crop((xmin, ymin, xmax, ymax))
+    return xmin, ymin, xmax, ymax
+
+
+def load_image(path: str | Path, *, box: tuple[int, int, int, int] | None = None) -> Image.Image:
+    """Decode `path` fully into an RGB image (EXIF orientation applied), cropped to `box` when given.
+
+    `box` is (xmin, ymin, xmax, ymax) in stored pixel coordinates, as Pascal-VOC annotations give it, clamped
+    to the image; the crop is taken before the EXIF orientation is applied. Raises ImageError.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+            stored = img.copy() if box is None else img.crop(_clamped_box(box, img.size, path))
+            return _to_rgb(stored.transpose(upright) if upright is not None else stored)
+    except ImageError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc

@@ -15,7 +15,8 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from dogbench.config import DataConfig
-from dogbench.data import Dataset, DatasetLayoutError, detect_layout, open_dataset
+from dogbench.data import DataNotFoundError, Dataset, DatasetLayoutError, detect_layout, open_dataset
+from dogbench.errors import DogbenchError
 
 __all__ = [
     "STANFORD_DOGS_ARCHIVES",
@@ -51,7 +52,7 @@ EXTRACTED_DIR = "extracted"
 _CHUNK = 1 << 20
 
 
-class DownloadError(RuntimeError):
+class DownloadError(DogbenchError, RuntimeError):
     """An archive could not be fetched, verified or unpacked."""
 
 
@@ -230,8 +231,14 @@ def safe_extract(archive: Path, target: Path) -> None:
     os.replace(tmp, marker)
 
 
-def _extract_archives(folder: Path, archives: tuple[Archive, ...], target: Path) -> Path:
-    """Verify and unpack into `target` the archives in `folder` not unpacked yet; returns `target`."""
+def _extract_archives(
+    folder: Path, archives: tuple[Archive, ...], target: Path, *, failed: dict[str, str] | None = None
+) -> Path:
+    """Verify and unpack into `target` the archives in `folder` not unpacked yet; returns `target`.
+
+    `failed` maps optional archives whose download failed to why; each missing one is warned about once.
+    """
+    failed = failed or {}
     for archive in archives:
         path = folder / archive.filename
         if (target / f".extracted-{archive.filename}").exists():
@@ -242,10 +249,15 @@ def _extract_archives(folder: Path, archives: tuple[Archive, ...], target: Path)
                     f"{folder} lacks {archive.filename}, which is required.\n"
                     + _manual_steps(archives=archives)
                 )
-            if archive.filename == "lists.tar":
+            lost = OPTIONAL_ARCHIVES[archive.filename]
+            if archive.filename in failed:
                 warnings.warn(
-                    f"{folder} has no lists.tar: {OPTIONAL_ARCHIVES[archive.filename]}", stacklevel=3
+                    f"{failed[archive.filename]}; continuing without {archive.filename}: {lost}. "
+                    f"Put {archive.filename} in {folder} to add it on a later run",
+                    stacklevel=3,
                 )
+            elif archive.filename == "lists.tar":
+                warnings.warn(f"{folder} has no lists.tar: {lost}", stacklevel=3)
             continue
         problem = _verify(path, size=archive.size, sha256=archive.sha256)
         if problem:
@@ -279,16 +291,20 @@ def prepare_stanford_dogs(
     base_url: str | None = None,
     cache_dir: Path | None = None,
     archives: tuple[Archive, ...] = STANFORD_DOGS_ARCHIVES,
+    progress: bool = True,
 ) -> Path:
     """A folder that `open_dataset` reads: `data` as it is, its archives unpacked, or the cached download.
 
     `data` may be a dataset folder (any layout `open_dataset` accepts), a folder holding the archives, or
     None for the cache (`cache_dir` or `default_cache_dir()`), downloading into it when `download` is True.
+    Only images.tar is required: an optional archive that fails to download is warned about and skipped.
+    The downloaded tarballs (~800 MB) stay in the cache folder next to the extracted copy, so a download
+    resumes and is verified; once unpacked they may be deleted by hand, and the extracted copy is still used.
     """
     if data is not None:
         folder = Path(data).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise DataNotFoundError(
                 f"--data {folder} does not exist or is not a folder. Accepted: a dataset folder "
                 "(Stanford Dogs Images/, Kaggle images/Images/, train/<class>/ + test/<class>/, or <class>/ "
                 f"folders) or a folder holding {', '.join(a.filename for a in archives)}"
@@ -323,6 +339,7 @@ def prepare_stanford_dogs(
             reason = f"{folder} lacks {', '.join(required)} and downloading is off"
             raise _unavailable(folder, base, archives, reason)
         missing = []
+    failed: dict[str, str] = {}
     for archive in missing:
         try:
             fetch(
@@ -330,13 +347,17 @@ def prepare_stanford_dogs(
                 folder / archive.filename,
                 size=archive.size,
                 sha256=archive.sha256,
+                progress=progress,
             )
         except DownloadError as exc:
-            raise _unavailable(folder, base, archives, str(exc).split("\n", 1)[0]) from exc
-    return _extract_archives(folder, archives, target)
+            reason = str(exc).split("\n", 1)[0].rstrip(".")
+            if archive.filename not in OPTIONAL_ARCHIVES:
+                raise _unavailable(folder, base, archives, reason) from exc
+            failed[archive.filename] = reason
+    return _extract_archives(folder, archives, target, failed=failed)
 
 
-def prepare_dataset(cfg: DataConfig) -> Dataset:
+def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:
     """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast."""
-    root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url)
+    root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url, progress=progress)
     return open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed)

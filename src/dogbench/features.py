@@ -8,9 +8,12 @@ a resumed run computes exactly the batches an uninterrupted one would, and the f
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from dogbench.cache import CachedFeatures, CacheEntry, Chunk, FeatureCache, cach
 from dogbench.config import FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError, Sample, load_image
 from dogbench.download import default_cache_dir
+from dogbench.errors import DogbenchError
 
 DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
 
@@ -33,7 +37,7 @@ class FeatureSet:
     """Features of the readable images of a dataset, with their ids, labels and splits (row-aligned)."""
 
     key: str
-    features: np.ndarray  # (N_ok, D) float32
+    features: np.ndarray  # (N_ok, D) float32, rows in sample-id order
     sample_ids: tuple[str, ...]
     labels: np.ndarray  # (N_ok,) int64
     splits: np.ndarray  # (N_ok,) str: "train" / "test"
@@ -48,12 +52,6 @@ class FeatureSet:
     def throughput_img_s(self) -> float | None:
         return self.n_computed / self.extract_s if self.n_computed and self.extract_s > 0 else None
 
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
-        """(X, y, ids) of one split."""
-        mask = self.splits == name
-        ids = tuple(sid for sid, m in zip(self.sample_ids, mask, strict=True) if m)
-        return self.features[mask], self.labels[mask], ids
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -65,9 +63,11 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"Unknown device '{name}'. Valid: auto, cpu, cuda, cuda:N, mps") from None
+        raise DogbenchError(f"Unknown device '{name}'. Valid: auto, cpu, cuda, cuda:N, mps") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"Device '{name}' requested but CUDA is not available here. Valid here: auto, cpu")
+        raise DogbenchError(f"Device '{name}' requested but CUDA is not available here. Valid here: auto, cpu")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DogbenchError(f"Device '{name}' requested but MPS is not available here. Valid here: auto, cpu")
     return device
 
 
@@ -107,9 +107,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def feature_key(backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision) -> str:
+    """The cache key: every image (id, size, mtime; box when cropping), model, weights, preprocessing, precision.
+
+    Labels and the train/test split are not in it: every image of the dataset is extracted, and they are
+    applied on load.
+    """
     return cache_key(
         {
-            "dataset": dataset.fingerprint(),
+            "images": dataset.fingerprint(with_boxes=crop_to_box),
             "crop_to_box": crop_to_box,
             "timm_tag": backbone.tag,
             "model_kwargs": backbone.model_kwargs,
@@ -129,15 +134,18 @@ def extract_features(
     strict: bool = False,
     progress: bool = True,
 ) -> FeatureSet:
-    """Features for every sample of ``dataset``, from the cache when present, else computed and cached."""
+    """Features for every sample of ``dataset``, from the cache when present, else computed and cached.
+
+    Rows are in sample-id order, whatever order the dataset lists its samples in (train first, test next):
+    a new train/test split of the same images is then the same cache entry.
+    """
+    dataset = dataclasses.replace(dataset, samples=tuple(sorted(dataset.samples, key=lambda s: s.sample_id)))
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     key = feature_key(backbone, dataset, crop_to_box=crop_to_box, precision=precision)
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
     entry = FeatureCache(cache_root).entry(key)
     sample_ids = [s.sample_id for s in dataset.samples]
-    labels = np.asarray([s.label for s in dataset.samples], dtype=np.int64)
-    splits = [s.split for s in dataset.samples]
     n_computed, extract_s = 0, 0.0
     if not entry.is_complete():
         n_chunks = -(-len(sample_ids) // cfg.chunk_size)
@@ -146,6 +154,8 @@ def extract_features(
                 "n": len(sample_ids),
                 "dim": backbone.feature_dim,
                 "chunk_size": cfg.chunk_size,
+                "batch_size": cfg.batch_size,
+                "device_type": device.type,
                 "ids_sha256": ids_digest(sample_ids),
                 "timm_tag": backbone.tag,
                 "weights": backbone.weights,
@@ -161,18 +171,22 @@ def extract_features(
             crop_to_box=crop_to_box, strict=strict, progress=progress,
         )
         extract_s = time.perf_counter() - start
-        cached = entry.finalize(n_chunks=n_chunks, sample_ids=sample_ids, labels=labels, splits=splits)
+        cached = entry.finalize(n_chunks=n_chunks, sample_ids=sample_ids)
     else:
-        cached = entry.load(sample_ids=sample_ids, labels=labels)
+        cached = entry.load(sample_ids=sample_ids)
     if strict and not cached.ok.all():
         first = cached.sample_ids[int(np.argmin(cached.ok))]
         raise ImageError(f"{first}: {cached.errors[first]} (--strict stops here)")
-    return _to_feature_set(cached, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision)
+    return _to_feature_set(
+        cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision
+    )
 
 
 def _to_feature_set(
-    cached: CachedFeatures, *, n_computed: int, extract_s: float, device: torch.device, precision: Precision
+    cached: CachedFeatures, dataset: Dataset, *, n_computed: int, extract_s: float, device: torch.device,
+    precision: Precision,
 ) -> FeatureSet:
+    """The readable rows, with labels and splits from the dataset (its ids equal the cache's, in order)."""
     ok = cached.ok
     skipped = tuple((sid, cached.errors[sid]) for sid, good in zip(cached.sample_ids, ok, strict=True) if not good)
     for sid, reason in skipped:
@@ -181,8 +195,8 @@ def _to_feature_set(
         key=cached.key,
         features=np.ascontiguousarray(cached.features[ok]),
         sample_ids=tuple(sid for sid, good in zip(cached.sample_ids, ok, strict=True) if good),
-        labels=cached.labels[ok],
-        splits=cached.splits[ok],
+        labels=np.asarray([s.label for s in dataset.samples], dtype=np.int64)[ok],
+        splits=np.asarray([s.split for s in dataset.samples])[ok],
         skipped=skipped,
         cache_hit=n_computed == 0,
         extract_s=extract_s,
@@ -238,7 +252,10 @@ def _extract_missing(
     autocast = _Autocast(device.type, DTYPES.get(precision))
     total = sum(len(b) for b in batches)
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
-    with tqdm(total=total, unit="img", desc=f"extract {backbone.label}", disable=not progress) as bar:
+    with (
+        _exact_fp32(device, precision),
+        tqdm(total=total, unit="img", desc=f"extract {backbone.label}", disable=not progress) as bar,
+    ):
         for x, index, errors in loader:
             bad = [(int(i), e) for i, e in zip(index, errors, strict=True) if e]
             if bad and strict:
@@ -250,6 +267,20 @@ def _extract_missing(
             _flush_complete_chunk(entry, pending, chunk_index, n=n, chunk_size=cfg.chunk_size)
             bar.update(len(index))
     return total
+
+
+@contextmanager
+def _exact_fp32(device: torch.device, precision: Precision) -> Iterator[None]:
+    """fp32 means fp32: no TF32 matmuls or convolutions on CUDA (torch allows TF32 convolutions by default)."""
+    if device.type != "cuda" or precision is not Precision.FP32:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,19 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_dat
 from torch import nn
 
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
+from dogbench.config import HEAD_KINDS, HeadKind
+
+__all__ = [
+    "HEAD_KINDS",
+    "META_FILE",
+    "TENSORS_FILE",
+    "Activation",
+    "HeadKind",
+    "LinearHead",
+    "MLPHead",
+    "load_head",
+    "make_head",
+]
 
 META_FILE = "head.json"
 TENSORS_FILE = "head.safetensors"
@@ -35,17 +48,11 @@ FORMAT_VERSION = 1
 _PREDICT_CHUNK = 8192  # rows per forward pass at inference
 
 
-class HeadKind(StrEnum):
-    LINEAR = "linear"
-    MLP = "mlp"
-
-
 class Activation(StrEnum):
     GELU = "gelu"
     RELU = "relu"
 
 
-HEAD_KINDS: tuple[str, ...] = tuple(kind.value for kind in HeadKind)
 _ACTIVATIONS: dict[Activation, type[nn.Module]] = {Activation.GELU: nn.GELU, Activation.RELU: nn.ReLU}
 
 
@@ -232,17 +239,14 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         *,
         eval_set: tuple[np.ndarray, np.ndarray] | None = None,
         on_epoch: Callable[[int, float], None] | None = None,
-        max_epochs: int | None = None,
     ) -> Self:
         """Train on (X, y). With ``eval_set``, stop early on its top-1 and keep the best epoch.
 
         ``on_epoch(epoch, val_top1)`` runs after each epoch when ``eval_set`` is given; whatever it
-        raises (e.g. ``optuna.TrialPruned``) propagates. ``max_epochs`` overrides the constructor's.
+        raises (e.g. ``optuna.TrialPruned``) propagates. To train for a fixed number of epochs
+        (e.g. a refit for a tuned ``best_epoch``), set ``max_epochs`` with ``set_params``.
         """
         self._check_params()
-        epochs = self.max_epochs if max_epochs is None else max_epochs
-        if epochs < 1:
-            raise ValueError(f"max_epochs must be >= 1, got {epochs}")
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
         check_classification_targets(y)
         classes, y_idx = np.unique(y, return_inverse=True)
@@ -274,7 +278,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
                 weight_decay=self.weight_decay,
                 label_smoothing=self.label_smoothing,
                 batch_size=self.batch_size,
-                max_epochs=epochs,
+                max_epochs=self.max_epochs,
                 patience=self.patience,
                 seed=self.seed,
                 on_epoch=on_epoch,

@@ -15,11 +15,14 @@ from typing import Any
 
 import numpy as np
 import optuna
+from sklearn.pipeline import Pipeline, make_pipeline
 
 from dogbench.config import TuneConfig
-from dogbench.heads import make_head
+from dogbench.errors import DogbenchError
+from dogbench.heads import LinearHead, MLPHead, make_head
 
 BASELINE_CS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
+SEARCH_SPACE_VERSION = 1  # bump when suggest_head_params changes: studies and tunings are keyed on it
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,7 @@ def suggest_head_params(trial: optuna.Trial, *, heads: Sequence[str]) -> dict[st
     return params
 
 
-def build_head(params: dict[str, Any], *, max_epochs: int, seed: int, device: str = "cpu") -> Any:
+def build_head(params: dict[str, Any], *, max_epochs: int, seed: int, device: str = "cpu") -> LinearHead | MLPHead:
     """A head from a parameter dict as produced by ``suggest_head_params`` (the "head" key picks the kind)."""
     rest = {k: v for k, v in params.items() if k != "head"}
     return make_head(params["head"], max_epochs=max_epochs, seed=seed, device=device, **rest)
@@ -135,7 +138,7 @@ def tune_head(
         study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, show_progress_bar=progress)
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
-        raise RuntimeError(f"Study '{study_name}' has no completed trial; raise tune.trials or tune.timeout_s")
+        raise DogbenchError(f"Study '{study_name}' has no completed trial; raise tune.trials or tune.timeout_s")
     best = study.best_trial
     history = [
         {"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
@@ -165,11 +168,14 @@ class BaselineResult:
     def to_dict(self) -> dict[str, Any]:
         return {"C": self.C, "val_top1": self.val_top1, "curve": self.curve, "seconds": self.seconds}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BaselineResult:
+        return cls(C=d["C"], val_top1=d["val_top1"], curve=d["curve"], seconds=d["seconds"])
 
-def make_logistic(C: float, *, max_iter: int = 1000) -> Any:
+
+def make_logistic(C: float, *, max_iter: int = 1000) -> Pipeline:
     """Standardise, then multinomial L2 logistic regression (lbfgs): the baseline probe."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, tol=1e-4))

@@ -88,7 +88,9 @@ def default_workers() -> int:
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, transformed images; an unreadable file yields a zero tensor and its error text."""
 
-    def __init__(self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple) -> None:
+    def __init__(
+        self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple[int, ...]
+    ) -> None:
         self.samples = samples
         self.transform = transform
         self.crop_to_box = crop_to_box

@@ -8,13 +8,17 @@ Integration tests that need the real data use:
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-import pytest
-import scipy.io
-from PIL import Image
+# scikit-learn's estimator checks run their array-API check only with this set before scipy is imported
+os.environ.setdefault("SCIPY_ARRAY_API", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import scipy.io  # noqa: E402
+from PIL import Image  # noqa: E402
 
 CLASS_COLOURS = (
     (220, 40, 40),

@@ -22,6 +22,7 @@ import torch
 from timm.data import create_transform, resolve_model_data_config
 
 from dogbench.config import BackboneConfig
+from dogbench.download import sha256_file
 from dogbench.errors import DogbenchError
 
 ALIASES: dict[str, str] = {
@@ -122,14 +123,6 @@ def resolve_model_name(name: str) -> str:
         f"Unknown backbone '{name}'.{hint} Known aliases: {', '.join(ALIASES)}; or any timm model tag "
         "(python -c 'import timm; print(timm.list_models())')."
     )
-
-
-def sha256_file(path: Path, *, block: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:

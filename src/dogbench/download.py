@@ -79,7 +79,8 @@ def _manual_steps(
     )
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (archives here; weight files in dogbench.backbones)."""
     digest = hashlib.sha256()
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
@@ -93,7 +94,7 @@ def _verify(path: Path, *, size: int | None, sha256: str | None) -> str | None:
     if size is not None and actual_size != size:
         return f"size mismatch for {path.name}: expected {size} bytes, got {actual_size}"
     if sha256 is not None:
-        actual = _sha256(path)
+        actual = sha256_file(path)
         if actual != sha256.lower():
             return f"sha256 mismatch for {path.name}: expected {sha256}, got {actual}"
     return None

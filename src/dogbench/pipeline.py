@@ -43,16 +43,6 @@ from dogbench.tune import (
 TUNING_FILE = "tuning.json"
 
 
-@dataclass
-class BackboneFeatures:
-    """One backbone (the model itself is dropped after extraction), its features and what each stage cost."""
-
-    info: BackboneInfo
-    features: FeatureSet
-    gflops: float
-    times: StageTimes
-
-
 @dataclass(frozen=True)
 class Splits:
     """Row indices into a FeatureSet: train/val carved from the training split (seeded, stratified), test."""
@@ -60,6 +50,17 @@ class Splits:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+
+
+@dataclass
+class BackboneFeatures:
+    """One backbone (the model itself is dropped after extraction), its features, their splits, stage costs."""
+
+    info: BackboneInfo
+    features: FeatureSet
+    splits: Splits
+    gflops: float
+    times: StageTimes
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,8 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
                 backbone, dataset, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box, strict=cfg.data.strict,
                 progress=progress,
             )
-        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, gflops, times)
+        splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times)
         del backbone  # frees the model (and its device memory) before the next one is loaded
     return out
 
@@ -155,8 +157,7 @@ def _read_tuning(run_dir: Path, label: str) -> Tuning | None:
 
 def tune_backbone(cfg: RunConfig, run_dir: Path, label: str, bf: BackboneFeatures, *, progress: bool) -> Tuning:
     """Tune the head (resuming this folder's study) and sweep the baseline's C; write ``<label>/tuning.json``."""
-    feats = bf.features
-    splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    feats, splits = bf.features, bf.splits
     X, y = feats.features, feats.labels
     digest = tuning_digest(cfg, feats.key)
     saved = _read_tuning(run_dir, label)
@@ -221,8 +222,7 @@ def evaluate_backbone(
     cfg: RunConfig, run_dir: Path, dataset: Dataset, label: str, bf: BackboneFeatures, tuning: Tuning
 ) -> tuple[ModelResult, dict[str, bool]]:
     """Refit the best head (and the baseline) on train+val, score the test split once; save head and predictions."""
-    feats, times, n_classes = bf.features, bf.times, len(dataset.classes)
-    splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    feats, splits, times, n_classes = bf.features, bf.splits, bf.times, len(dataset.classes)
     fit_rows = np.concatenate([splits.train, splits.val])
     X, y = feats.features, feats.labels
     y_test = y[splits.test]
@@ -306,8 +306,8 @@ def evaluate_stage(
     for label, bf in extracted.items():
         models[label], correct_by_label[label] = evaluate_backbone(cfg, run_dir, dataset, label, bf, tuning[label])
     comparisons = _compare_all(correct_by_label, cfg)
-    first = next(iter(extracted.values())).features
-    splits = make_splits(first, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+    reference = next(iter(extracted.values()))  # every backbone sees the same images and splits
+    first, splits = reference.features, reference.splits
     timing = {"data": round(data_s, 4)}
     for stage in ("load", "extract", "tune", "baseline", "fit", "evaluate"):
         timing[stage] = round(sum(bf.times.wall.get(stage, 0.0) for bf in extracted.values()), 4)

@@ -309,3 +309,20 @@ def test_gflops_of_a_vit_grow_with_tokens() -> None:
     small = measure_gflops(_random(VIT, model_kwargs={"img_size": 32}))
     large = measure_gflops(_random(VIT, model_kwargs={"img_size": 64}))
     assert 0 < small and 3.0 < large / small < 6.0  # 4 -> 16 patches: linear parts x~4, attention more
+
+
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_uint8_transform_then_normalize_equals_timms_float_transform(interpolation: str) -> None:
+    pre = _random(input_size=40, crop_pct=0.875, interpolation=interpolation).preprocess
+    rng = torch.Generator().manual_seed(1)
+    image = Image.fromarray((torch.rand(53, 71, 3, generator=rng) * 255).to(torch.uint8).numpy())
+    as_bytes = pre.transform(uint8=True)(image)
+    assert as_bytes.dtype == torch.uint8 and as_bytes.shape == (3, 40, 40)
+    # Bitwise: batches normalised on the device give exactly the features of timm's own transform.
+    assert torch.equal(pre.normalize(as_bytes.unsqueeze(0))[0], pre.transform()(image))
+
+
+def test_min_side_is_the_resize_target() -> None:
+    assert _random(input_size=224, crop_pct=0.875).preprocess.min_side == 256
+    assert _random(input_size=224, crop_pct=1.0).preprocess.min_side == 224
+    assert _random(input_size=(3, 32, 48), crop_pct=0.5).preprocess.min_side == 96

@@ -477,3 +477,44 @@ def test_real_stanford_dogs_originals_with_boxes() -> None:
         xmin, ymin, xmax, ymax = sample.box
         assert 0 <= xmin < xmax <= width and 0 <= ymin < ymax <= height
         assert load_image(sample.path, box=sample.box).size == (xmax - xmin, ymax - ymin)
+
+
+def _smooth_photo(path: Path, size: tuple[int, int]) -> Path:
+    """A JPEG of ``size`` (width, height) with smooth gradients and a few shapes: realistic for DCT scaling."""
+    w, h = size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    pixels = np.stack([
+        128 + 100 * np.sin(xx / 37.0), 128 + 100 * np.cos(yy / 29.0), 128 + 90 * np.sin((xx + yy) / 53.0),
+    ], axis=-1)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=92)
+    return path
+
+
+def test_reduced_decode_keeps_the_short_side_above_the_target(tmp_path: Path) -> None:
+    path = _smooth_photo(tmp_path / "big.jpg", (1600, 1200))
+    full = load_image(path)
+    reduced = load_image(path, min_side=256)
+    assert full.size == (1600, 1200)
+    assert reduced.size == (400, 300)  # 1/4 scale: 1/8 would give a 150 px short side, under 256
+    assert load_image(path, min_side=700).size == (1600, 1200)  # 1/2 would give 600 < 700: full decode
+    # Same picture: the reduced decode matches the full decode shrunk to its size.
+    shrunk = np.asarray(full.resize(reduced.size, Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(reduced, dtype=np.float64) - shrunk).mean() < 3.0
+
+
+def test_reduced_decode_scales_the_box(tmp_path: Path) -> None:
+    path = _smooth_photo(tmp_path / "big.jpg", (1600, 1200))
+    box = (200, 100, 1400, 1100)  # 1200 x 1000: decoded at 1/2 for a 256 target (1/4 would leave 250)
+    full = load_image(path, box=box)
+    reduced = load_image(path, box=box, min_side=256)
+    assert full.size == (1200, 1000) and reduced.size == (600, 500)
+    shrunk = np.asarray(full.resize(reduced.size, Image.Resampling.BOX), dtype=np.float64)
+    assert np.abs(np.asarray(reduced, dtype=np.float64) - shrunk).mean() < 3.0
+
+
+def test_reduced_decode_leaves_small_and_non_jpeg_images_alone(tmp_path: Path) -> None:
+    small = _smooth_photo(tmp_path / "small.jpg", (400, 300))
+    assert np.array_equal(np.asarray(load_image(small, min_side=256)), np.asarray(load_image(small)))
+    png = tmp_path / "big.png"
+    Image.open(_smooth_photo(tmp_path / "src.jpg", (1600, 1200))).save(png)
+    assert load_image(png, min_side=256).size == (1600, 1200)

@@ -20,7 +20,16 @@ from dogbench.cache import FeatureCache
 from dogbench.config import BackboneConfig, FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError, load_image, open_dataset
 from dogbench.errors import DogbenchError
-from dogbench.features import extract_features, feature_key, resolve_device, resolve_precision
+from dogbench.features import (
+    CPU_BATCH_SIZE,
+    ModelRunner,
+    extract_features,
+    feature_key,
+    keep_freed_memory,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+)
 
 CHUNK, BATCH = 5, 3  # batches of 3 inside chunks of 5: [0, 1, 2] [3, 4] | [5, 6, 7] [8, 9] | ...
 
@@ -317,3 +326,68 @@ def test_strict_on_a_cached_entry_with_bad_images_still_stops(
     first_bad = next(s.sample_id for s in dataset.samples if s.sample_id in bad_ids)
     with pytest.raises(ImageError, match=first_bad):
         extract_features(backbone, dataset, cfg=_cfg(tmp_path), strict=True, progress=False)
+
+
+class _OutOfMemoryAbove(torch.nn.Module):
+    """Wraps a model; a batch of more than ``limit`` images raises CUDA's out-of-memory error."""
+
+    def __init__(self, model: torch.nn.Module, limit: int) -> None:
+        super().__init__()
+        self.inner, self.limit, self.calls = model, limit, []
+        self.num_features = model.num_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.append(len(x))
+        if len(x) > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return self.inner(x)
+
+
+def test_out_of_memory_halves_the_batch_and_keeps_the_features(dataset: Dataset, tmp_path: Path) -> None:
+    backbone = _backbone()
+    expected = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "a", batch_size=4), progress=False)
+    wrapped = _OutOfMemoryAbove(backbone.model, limit=1)
+    oom = dataclasses.replace(backbone, model=wrapped)
+    with pytest.warns(UserWarning, match="out of memory on cpu: batches now run 2 images"):
+        got = extract_features(oom, dataset, cfg=_cfg(tmp_path / "b", batch_size=4), progress=False)
+    np.testing.assert_allclose(got.features, expected.features, rtol=1e-5, atol=1e-6)
+    assert wrapped.calls[:3] == [4, 2, 1] and set(wrapped.calls[3:]) == {1}  # 4 fails, 2 fails, then 1 at a time
+
+
+def test_out_of_memory_for_one_image_is_a_clear_error(dataset: Dataset, tmp_path: Path) -> None:
+    backbone = _backbone()
+    oom = dataclasses.replace(backbone, model=_OutOfMemoryAbove(backbone.model, limit=0))
+    with pytest.raises(DogbenchError, match="Out of memory on cpu for a single image"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        extract_features(oom, dataset, cfg=_cfg(tmp_path / "c", batch_size=2), progress=False)
+
+
+def test_batch_size_auto(dataset: Dataset) -> None:
+    backbone = _backbone()
+    runner = ModelRunner.create(backbone, device=torch.device("cpu"), precision=Precision.FP32)
+    assert runner.resolve_batch_size(None) == CPU_BATCH_SIZE and runner.resolve_batch_size(7) == 7
+    # On a GPU the probe takes the largest size that fits, trying from the top.
+    probe = _OutOfMemoryAbove(backbone.model, limit=100)
+    runner = ModelRunner.create(
+        dataclasses.replace(backbone, model=probe), device=torch.device("cpu"), precision=Precision.FP32)
+    assert runner.largest_fitting_batch() == 64 and probe.calls == [512, 256, 128, 64]
+
+
+def test_decode_options_are_part_of_the_key(dataset: Dataset) -> None:
+    backbone = _backbone()
+    keys = {
+        feature_key(backbone, dataset, crop_to_box=False, precision=Precision.FP32, reduced_decode=r, compiled=c)
+        for r in (True, False) for c in (True, False)
+    }
+    assert len(keys) == 4
+
+
+def test_workers_default_to_the_main_process_on_cpu() -> None:
+    assert resolve_workers(None, torch.device("cpu")) == 0
+    assert resolve_workers(3, torch.device("cpu")) == 3
+    assert 1 <= resolve_workers(None, torch.device("cuda")) <= 8
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
+def test_keep_freed_memory_applies_on_glibc() -> None:
+    assert keep_freed_memory() is True

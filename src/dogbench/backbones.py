@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +57,24 @@ class Preprocess:
     crop_pct: float
     crop_mode: str
 
-    def transform(self) -> Any:
-        """timm's eval transform (resize, centre crop, to tensor, normalise) for PIL images."""
-        return create_transform(**dataclasses.asdict(self), is_training=False)
+    def transform(self, *, uint8: bool = False) -> Any:
+        """timm's eval transform (resize, centre crop, to tensor, normalise) for PIL images.
+
+        With ``uint8``, it stops before normalising and returns the (3, H, W) uint8 tensor (timm's prefetcher
+        form): batches then travel as bytes and ``normalize`` finishes the job on the model's device.
+        """
+        return create_transform(**dataclasses.asdict(self), is_training=False, use_prefetcher=uint8)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 (N, 3, H, W) batch -> float32, exactly as torchvision's ToTensor then Normalize compute it."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
+        return x.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+    @property
+    def min_side(self) -> int:
+        """Short side the resize step scales an image to (timm: floor(size / crop_pct)); decode no smaller."""
+        return max(math.floor(size / self.crop_pct) for size in self.input_size[1:])
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

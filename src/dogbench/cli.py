@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, help_text in commands.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    help_text = ("time decode alone, the model alone, end-to-end extraction and the hand-written recipe, against "
+                 "the device's matmul peak; writes bench.csv (timm's columns) to --out")
+    bench = sub.add_parser("bench", help=help_text, description=help_text)
+    _add_common(bench)
+    bench.add_argument("--images", type=int, help="images per pass (bench.images)")
+    bench.add_argument("--repeats", type=int, help="rounds; figures are medians over them (bench.repeats)")
+    bench.add_argument("--batch-size", type=int, help="images per forward pass (features.batch_size)")
+    bench.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
+    bench.add_argument("--no-recipe", action="store_true", help="skip the ImageFolder + DataLoader recipe")
     return parser
 
 
@@ -78,9 +87,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, attr)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    for attr, key in (("images", "bench.images"), ("repeats", "bench.repeats"), ("batch_size", "features.batch_size")):
+        if getattr(args, attr, None) is not None:
+            overrides.append(f"{key}={getattr(args, attr)}")
     for attr, key, value in (("strict", "data.strict", "true"), ("crop_to_box", "data.crop_to_box", "true"),
-                             ("no_download", "data.download", "false")):
-        if getattr(args, attr):
+                             ("no_download", "data.download", "false"), ("compile", "bench.compare_compile", "true"),
+                             ("no_recipe", "bench.recipe", "false")):
+        if getattr(args, attr, False):
             overrides.append(f"{key}={value}")
     return resolve(doc, overrides=overrides, backbone_specs=args.backbone)
 
@@ -104,6 +117,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     progress = not args.quiet
     dataset = prepare_dataset(cfg.data, progress=progress)  # before torch is imported: fails in a second
     data_s = time.perf_counter() - start
+
+    if args.command == "bench":
+        from dogbench.bench import run_bench
+
+        bench = run_bench(cfg, dataset, progress=progress)
+        out = Path(cfg.out) if cfg.out else Path("runs") / ("bench-" + time.strftime("%Y%m%d-%H%M%S"))
+        bench.write(out, cfg)
+        print(bench.summary_table())
+        print(f"bench: {out / 'bench.csv'}")
+        return 0
 
     from dogbench import pipeline
 

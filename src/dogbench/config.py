@@ -84,8 +84,17 @@ PREPROCESS_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean
 class FeatureConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Precision = Precision.AUTO
-    batch_size: int = 64
-    num_workers: int | None = None  # None = one fewer than the CPU cores, at least 1
+    batch_size: int | None = None  # None = auto: 64 on CPU; on a GPU the largest power of two <= 512 that fits
+    # None = auto: on CPU, decode in the main process between forward passes (threads over all cores: the model
+    # needs every core, and worker processes fighting it for them slow it down); on a GPU, cores - 1 worker
+    # processes (at most 8). 0 = in the main process; N = N DataLoader worker processes.
+    num_workers: int | None = None
+    prefetch: int = 4  # batches each worker process keeps ready
+    reduced_decode: bool = True  # JPEGs >= 2x the resize target are decoded at 1/2..1/8 scale (part of the key)
+    compile: bool = False  # torch.compile the backbone (part of the key); `dogbench bench --compile` measures it
+    # glibc only: keep freed memory in the heap for reuse instead of mapping and unmapping every large activation
+    # (page faults were a third of ResNet50's CPU forward time at batch 64); set false for the allocator default.
+    reuse_host_memory: bool = True
     chunk_size: int = 512  # images per resumable chunk on disk
     cache_dir: str | None = None  # default: $DOGBENCH_CACHE/features
 
@@ -109,12 +118,25 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class BenchConfig:
+    """``dogbench bench``: rounds of (matmul peak, model alone, decode alone, end to end, hand-written recipe)."""
+
+    images: int = 256  # images per decode / end-to-end / recipe pass, spread evenly over the dataset
+    repeats: int = 5  # rounds; every figure is the median over rounds, every ratio the median of per-round ratios
+    model_batches: int = 4  # timed forward passes of synthetic batches per round (after 2 warm-up passes)
+    recipe: bool = True  # time torchvision ImageFolder + timm eval transform + default DataLoader on the same images
+    compare_compile: bool = False  # also time the model alone under torch.compile (compile time reported)
+    matmul_size: int | None = None  # square matmul for the FLOP peak; None = 2048 on CPU, 8192 on a GPU
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = DataConfig()
     backbones: tuple[BackboneConfig, ...] = ()
     features: FeatureConfig = FeatureConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvalConfig = EvalConfig()
+    bench: BenchConfig = BenchConfig()
     out: str | None = None  # run folder; default runs/<timestamp>
 
     def to_dict(self) -> dict[str, Any]:
@@ -129,6 +151,7 @@ SECTIONS: dict[str, type] = {
     "features": FeatureConfig,
     "tune": TuneConfig,
     "evaluate": EvalConfig,
+    "bench": BenchConfig,
 }
 
 
@@ -349,8 +372,12 @@ def resolve(
 def _validate(cfg: RunConfig) -> None:
     if not 0.0 < cfg.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
-    if cfg.features.batch_size < 1 or cfg.features.chunk_size < 1:
-        raise ConfigError("features.batch_size and features.chunk_size must be at least 1")
+    if (cfg.features.batch_size is not None and cfg.features.batch_size < 1) or cfg.features.chunk_size < 1:
+        raise ConfigError("features.batch_size and features.chunk_size must be at least 1 (omit batch_size: auto)")
+    if (cfg.features.num_workers is not None and cfg.features.num_workers < 0) or cfg.features.prefetch < 1:
+        raise ConfigError("features.num_workers must be >= 0 (omit it: auto) and features.prefetch >= 1")
+    if min(cfg.bench.images, cfg.bench.repeats, cfg.bench.model_batches) < 1:
+        raise ConfigError("bench.images, bench.repeats and bench.model_batches must be at least 1")
     if cfg.tune.trials < 1:
         raise ConfigError(f"tune.trials must be >= 1, got {cfg.tune.trials}")
     for key, device in (("features.device", cfg.features.device), ("tune.device", cfg.tune.device)):

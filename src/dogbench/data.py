@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
@@ -436,19 +437,43 @@ def _clamped_box(box: tuple[int, int, int, int], size: tuple[int, int], path: st
     return xmin, ymin, xmax, ymax
 
 
-def load_image(path: str | Path, *, box: tuple[int, int, int, int] | None = None) -> Image.Image:
-    """Decode `path` fully into an RGB image (EXIF orientation applied), cropped to `box` when given.
+def load_image(
+    path: str | Path, *, box: tuple[int, int, int, int] | None = None, min_side: int | None = None
+) -> Image.Image:
+    """Decode `path` into an RGB image (EXIF orientation applied), cropped to `box` when given.
 
     `box` is (xmin, ymin, xmax, ymax) in stored pixel coordinates, as Pascal-VOC annotations give it, clamped
-    to the image; the crop is taken before the EXIF orientation is applied. Raises ImageError.
+    to the image; the crop is taken before the EXIF orientation is applied. With `min_side`, a JPEG at least
+    twice that size (its box, when cropping) is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping
+    the short side of the region at `min_side` pixels or more: the resize that follows then starts from fewer
+    pixels (much less decode and resize work for large photos; pixels differ slightly from a full decode).
+    Raises ImageError.
     """
     try:
         with Image.open(path) as img:
+            full_size = img.size
+            if box is not None:
+                box = _clamped_box(box, full_size, path)
+            if min_side is not None and img.format == "JPEG":
+                _reduced_decode(img, box or (0, 0, *full_size), min_side)
             img.load()
             upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
-            stored = img.copy() if box is None else img.crop(_clamped_box(box, img.size, path))
+            if box is not None and img.size != full_size:
+                fx, fy = img.size[0] / full_size[0], img.size[1] / full_size[1]
+                box = _clamped_box(
+                    (int(box[0] * fx), int(box[1] * fy), math.ceil(box[2] * fx), math.ceil(box[3] * fy)),
+                    img.size, path,
+                )
+            stored = img.copy() if box is None else img.crop(box)
             return _to_rgb(stored.transpose(upright) if upright is not None else stored)
     except ImageError:
         raise
     except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
+
+
+def _reduced_decode(img: Image.Image, region: tuple[int, int, int, int], min_side: int) -> None:
+    """Ask libjpeg for the smallest DCT scale that keeps the region's short side >= ``min_side``."""
+    scale = min_side / min(region[2] - region[0], region[3] - region[1])
+    if scale <= 0.5:
+        img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))

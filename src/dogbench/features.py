@@ -8,11 +8,14 @@ a resumed run computes exactly the batches an uninterrupted one would, and the f
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
+import sys
 import time
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dogbench.backbones import Backbone
+from dogbench.backbones import Backbone, Preprocess
 from dogbench.cache import CachedFeatures, CacheEntry, Chunk, FeatureCache, cache_key, ids_digest
 from dogbench.config import FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError, Sample, load_image
@@ -47,6 +50,7 @@ class FeatureSet:
     n_computed: int  # images pushed through the model in this call
     device: str
     precision: str
+    batch_size: int | None = None  # images per forward pass when anything was computed
 
     @property
     def throughput_img_s(self) -> float | None:
@@ -80,21 +84,36 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     return Precision.FP32
 
 
-def default_workers() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1))
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(num_workers: int | None, device: torch.device) -> int:
+    """Worker processes: 0 on CPU (decode runs between forward passes on every core), cores - 1 on a GPU."""
+    if num_workers is not None:
+        return num_workers
+    return 0 if device.type == "cpu" else max(1, min(8, cpu_cores() - 1))
+
+
+CPU_BATCH_SIZE = 64  # throughput on CPU is flat from about 32 images up; memory is the only cost
+AUTO_BATCH_SIZES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Decoded, transformed images; an unreadable file yields a zero tensor and its error text."""
+    """Decoded, resized, centre-cropped images as uint8 (3, H, W); an unreadable file yields zeros and its error.
+
+    Normalisation happens on the batch on the model's device (``Preprocess.normalize``), so workers move bytes.
+    """
 
     def __init__(
-        self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple[int, ...]
+        self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple[int, ...],
+        min_side: int | None = None,
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.crop_to_box = crop_to_box
         self.input_size = input_size
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -102,14 +121,47 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         sample = self.samples[index]
         try:
-            image = load_image(sample.path, box=sample.box if self.crop_to_box else None)
+            image = load_image(sample.path, box=sample.box if self.crop_to_box else None, min_side=self.min_side)
         except ImageError as err:
-            return torch.zeros(self.input_size), index, str(err)
+            return torch.zeros(self.input_size, dtype=torch.uint8), index, str(err)
         return self.transform(image), index, ""
 
 
-def feature_key(backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision) -> str:
-    """The cache key: every image (id, size, mtime; box when cropping), model, weights, preprocessing, precision.
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, dataset indices, error texts ("" = ok)
+
+
+def _collate(items: list[tuple[torch.Tensor, int, str]]) -> Batch:
+    return (
+        torch.stack([item[0] for item in items]),
+        torch.tensor([item[1] for item in items], dtype=torch.int64),
+        [item[2] for item in items],
+    )
+
+
+def iter_batches(
+    images: ImageDataset, batches: list[list[int]], *, workers: int, prefetch: int, pin_memory: bool
+) -> Iterator[Batch]:
+    """The batches in order. ``workers = 0``: decoded in this process by a pool of one thread per core, only
+    when the batch is asked for (PIL releases the GIL while decoding and resizing); else DataLoader processes.
+    """
+    if workers > 0:
+        yield from torch.utils.data.DataLoader(
+            images, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
+            prefetch_factor=prefetch, collate_fn=_collate,
+        )
+        return
+    with ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="decode") as pool:
+        for batch in batches:
+            x, index, errors = _collate(list(pool.map(images.__getitem__, batch)))
+            yield (x.pin_memory() if pin_memory else x), index, errors
+
+
+def feature_key(
+    backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision, reduced_decode: bool = True,
+    compiled: bool = False,
+) -> str:
+    """The cache key: every image (id, size, mtime; box when cropping), model, weights, preprocessing (reduced
+    JPEG decoding included), precision, torch.compile.
 
     Labels and the train/test split are not in it: every image of the dataset is extracted, and they are
     applied on load.
@@ -123,6 +175,8 @@ def feature_key(backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, prec
             "weights_sha256": backbone.weights_sha256,
             "preprocess": backbone.preprocess.to_dict(),
             "precision": precision.value,
+            "reduced_decode": reduced_decode,
+            "compile": compiled,
         }
     )
 
@@ -135,28 +189,38 @@ def extract_features(
     crop_to_box: bool = False,
     strict: bool = False,
     progress: bool = True,
+    runner: ModelRunner | None = None,
 ) -> FeatureSet:
     """Features for every sample of ``dataset``, from the cache when present, else computed and cached.
 
     Rows are in sample-id order, whatever order the dataset lists its samples in (train first, test next):
-    a new train/test split of the same images is then the same cache entry.
+    a new train/test split of the same images is then the same cache entry. ``runner`` (a model already on
+    its device, e.g. compiled once for several calls) must come from ``ModelRunner.create`` with ``cfg``.
     """
     dataset = dataclasses.replace(dataset, samples=tuple(sorted(dataset.samples, key=lambda s: s.sample_id)))
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    key = feature_key(backbone, dataset, crop_to_box=crop_to_box, precision=precision)
+    key = feature_key(
+        backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
+        compiled=cfg.compile,
+    )
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
     entry = FeatureCache(cache_root).entry(key)
     sample_ids = [s.sample_id for s in dataset.samples]
-    n_computed, extract_s = 0, 0.0
+    n_computed, extract_s, batch_size = 0, 0.0, None
     if not entry.is_complete():
+        start = time.perf_counter()
+        runner = runner or ModelRunner.create(
+            backbone, device=device, precision=precision, compile=cfg.compile, reuse_host_memory=cfg.reuse_host_memory,
+        )
+        batch_size = runner.resolve_batch_size(cfg.batch_size)
         n_chunks = -(-len(sample_ids) // cfg.chunk_size)
         entry.begin(
             {
                 "n": len(sample_ids),
                 "dim": backbone.feature_dim,
                 "chunk_size": cfg.chunk_size,
-                "batch_size": cfg.batch_size,
+                "batch_size": batch_size,
                 "device_type": device.type,
                 "ids_sha256": ids_digest(sample_ids),
                 "timm_tag": backbone.tag,
@@ -164,13 +228,14 @@ def extract_features(
                 "weights_sha256": backbone.weights_sha256,
                 "preprocess": backbone.preprocess.to_dict(),
                 "precision": precision.value,
+                "reduced_decode": cfg.reduced_decode,
+                "compile": cfg.compile,
                 "dataset_root": str(dataset.root),
             }
         )
-        start = time.perf_counter()
         n_computed = _extract_missing(
-            backbone, dataset, entry, cfg=cfg, device=device, precision=precision,
-            crop_to_box=crop_to_box, strict=strict, progress=progress,
+            runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
+            progress=progress, desc=f"extract {backbone.label}",
         )
         extract_s = time.perf_counter() - start
         cached = entry.finalize(n_chunks=n_chunks, sample_ids=sample_ids)
@@ -180,13 +245,14 @@ def extract_features(
         first = cached.sample_ids[int(np.argmin(cached.ok))]
         raise ImageError(f"{first}: {cached.errors[first]} (--strict stops here)")
     return _to_feature_set(
-        cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision
+        cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision,
+        batch_size=batch_size,
     )
 
 
 def _to_feature_set(
     cached: CachedFeatures, dataset: Dataset, *, n_computed: int, extract_s: float, device: torch.device,
-    precision: Precision,
+    precision: Precision, batch_size: int | None,
 ) -> FeatureSet:
     """The readable rows, with labels and splits from the dataset (its ids equal the cache's, in order)."""
     ok = cached.ok
@@ -203,28 +269,29 @@ def _to_feature_set(
         cache_hit=n_computed == 0,
         extract_s=extract_s,
         n_computed=n_computed,
-        device=_device_name(device),
+        device=device_name(device),
         precision=precision.value,
+        batch_size=batch_size,
     )
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
 
 
 def _extract_missing(
-    backbone: Backbone,
+    runner: ModelRunner,
     dataset: Dataset,
     entry: CacheEntry,
     *,
     cfg: FeatureConfig,
-    device: torch.device,
-    precision: Precision,
+    batch_size: int,
     crop_to_box: bool,
     strict: bool,
     progress: bool,
+    desc: str,
 ) -> int:
     """Compute and write every chunk that is not on disk yet; returns the number of images computed."""
     n = len(dataset.samples)
@@ -232,43 +299,155 @@ def _extract_missing(
     if not starts:
         return 0
     batches = [
-        list(range(b, min(b + cfg.batch_size, s + cfg.chunk_size, n)))
+        list(range(b, min(b + batch_size, s + cfg.chunk_size, n)))
         for s in starts
-        for b in range(s, min(s + cfg.chunk_size, n), cfg.batch_size)
+        for b in range(s, min(s + cfg.chunk_size, n), batch_size)
     ]
+    preprocess = runner.preprocess
     images = ImageDataset(
-        dataset.samples, backbone.preprocess.transform(), crop_to_box=crop_to_box,
-        input_size=backbone.preprocess.input_size,
+        dataset.samples, preprocess.transform(uint8=True), crop_to_box=crop_to_box,
+        input_size=preprocess.input_size, min_side=preprocess.min_side if cfg.reduced_decode else None,
     )
-    workers = default_workers() if cfg.num_workers is None else cfg.num_workers
-    loader = torch.utils.data.DataLoader(
-        images,
-        batch_sampler=batches,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+    loader = iter_batches(
+        images, batches, workers=resolve_workers(cfg.num_workers, runner.device), prefetch=cfg.prefetch,
+        pin_memory=runner.device.type == "cuda",
     )
-    # channels_last lets oneDNN / cuDNN pick their fast NHWC convolution kernels; ViTs gain nothing from it.
-    memory_format = torch.preserve_format if backbone.is_vit else torch.channels_last
-    model = backbone.model.to(device, memory_format=memory_format)
-    autocast = _Autocast(device.type, DTYPES.get(precision))
     total = sum(len(b) for b in batches)
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
-    with (
-        _exact_fp32(device, precision),
-        tqdm(total=total, unit="img", desc=f"extract {backbone.label}", disable=not progress) as bar,
-    ):
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
         for x, index, errors in loader:
             bad = [(int(i), e) for i, e in zip(index, errors, strict=True) if e]
             if bad and strict:
                 raise ImageError(f"{dataset.samples[bad[0][0]].sample_id}: {bad[0][1]} (--strict stops here)")
-            feats = _forward(model, x, device=device, autocast=autocast, memory_format=memory_format)
-            assert feats.shape == (len(index), backbone.feature_dim), f"features {feats.shape}"
+            feats = runner(x)
+            assert feats.shape == (len(index), runner.feature_dim), f"features {feats.shape}"
             chunk_index = int(index[0]) // cfg.chunk_size
             pending.setdefault(chunk_index, []).append((index.numpy(), feats, list(errors)))
             _flush_complete_chunk(entry, pending, chunk_index, n=n, chunk_size=cfg.chunk_size)
             bar.update(len(index))
     return total
+
+
+class ModelRunner:
+    """The frozen model on its device, fed uint8 batches: normalise there, channels_last for CNNs (oneDNN and
+    cuDNN pick their fast NHWC kernels; ViTs gain nothing), autocast in the run's precision, forward.
+
+    A batch that runs out of GPU memory is split in halves, and later batches run at the smaller size.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, preprocess: Preprocess, *, feature_dim: int, device: torch.device,
+        precision: Precision, memory_format: torch.memory_format,
+    ) -> None:
+        self.model = model
+        self.preprocess = preprocess
+        self.feature_dim = feature_dim
+        self.device = device
+        self.precision = precision
+        self.memory_format = memory_format
+        self.max_rows: int | None = None  # set after an out-of-memory back-off
+
+    @classmethod
+    def create(
+        cls, backbone: Backbone, *, device: torch.device, precision: Precision, compile: bool = False,
+        reuse_host_memory: bool = True,
+    ) -> ModelRunner:
+        if reuse_host_memory:
+            keep_freed_memory()
+        memory_format = torch.preserve_format if backbone.is_vit else torch.channels_last
+        model = backbone.model.to(device, memory_format=memory_format)
+        if compile:
+            model = torch.compile(model)
+        return cls(
+            model, backbone.preprocess, feature_dim=backbone.feature_dim, device=device, precision=precision,
+            memory_format=memory_format,
+        )
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """A uint8 batch -> the model's input on its device: normalised float32 in the model's memory format."""
+        x = self.preprocess.normalize(x.to(self.device, non_blocking=True))
+        return x.contiguous(memory_format=self.memory_format)
+
+    def run_model(self, x: torch.Tensor) -> torch.Tensor:
+        """The model alone on a prepared batch, in the run's precision; the features stay on the device."""
+        dtype = DTYPES.get(self.precision)
+        with (
+            _exact_fp32(self.device, self.precision),
+            torch.inference_mode(),
+            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
+        ):
+            return self.model(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass of a uint8 batch; the features stay on the device."""
+        with torch.inference_mode():
+            return self.run_model(self.prepare(x))
+
+    def __call__(self, x: torch.Tensor) -> np.ndarray:
+        """(N, D) float32 features of a uint8 batch, in sub-batches after an out-of-memory back-off."""
+        parts: list[np.ndarray] = []
+        start = 0
+        while start < len(x):
+            rows = min(self.max_rows or len(x), len(x) - start)
+            try:
+                parts.append(self.forward(x[start : start + rows]).float().cpu().numpy())
+            except torch.OutOfMemoryError:
+                if rows == 1:
+                    raise DogbenchError(
+                        f"Out of memory on {self.device} for a single image; try features.precision=bf16 or "
+                        "a smaller model"
+                    ) from None
+                self.max_rows = rows // 2
+                _empty_cache(self.device)
+                warnings.warn(f"out of memory on {self.device}: batches now run {self.max_rows} images at a time",
+                              stacklevel=2)
+                continue
+            start += rows
+        return np.concatenate(parts)
+
+    def resolve_batch_size(self, batch_size: int | None) -> int:
+        """``batch_size`` as given; None on CPU = CPU_BATCH_SIZE; on a GPU, the largest of AUTO_BATCH_SIZES
+        whose forward pass fits in memory (tried on zeros, largest first)."""
+        if batch_size is not None:
+            return batch_size
+        if self.device.type == "cpu":
+            return CPU_BATCH_SIZE
+        return self.largest_fitting_batch()
+
+    def largest_fitting_batch(self) -> int:
+        """The largest of AUTO_BATCH_SIZES whose forward pass on zeros does not run out of memory."""
+        shape = self.preprocess.input_size
+        for size in AUTO_BATCH_SIZES:
+            try:
+                self.forward(torch.zeros((size, *shape), dtype=torch.uint8))
+                return size
+            except torch.OutOfMemoryError:
+                _empty_cache(self.device)
+        raise DogbenchError(f"Out of memory on {self.device} for a single image")
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve large blocks from the heap and keep freed memory there (no per-tensor mmap/munmap).
+
+    A CPU forward pass allocates and frees activations of tens to hundreds of MB; glibc maps each one fresh
+    and unmaps it on free, so every pass pays page faults and page zeroing for all of them. With mmap off and
+    a 1 GiB trim threshold the memory is reused instead. Process-wide, idempotent; False where not glibc.
+    """
+    if sys.platform != "linux":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):  # musl and others have no mallopt
+        return False
+
+
+def _empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 @contextmanager
@@ -283,24 +462,6 @@ def _exact_fp32(device: torch.device, precision: Precision) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-@dataclass(frozen=True)
-class _Autocast:
-    device_type: str
-    dtype: torch.dtype | None  # None = no autocast (fp32)
-
-    def context(self) -> Any:
-        return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.dtype is not None)
-
-
-def _forward(
-    model: torch.nn.Module, x: torch.Tensor, *, device: torch.device, autocast: _Autocast,
-    memory_format: torch.memory_format,
-) -> np.ndarray:
-    with torch.inference_mode(), autocast.context():
-        out = model(x.to(device, non_blocking=True, memory_format=memory_format))
-    return out.float().cpu().numpy()
 
 
 def _flush_complete_chunk(

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import make_class_folder_layout
 from dogbench.backbones import Backbone, load_backbone
@@ -26,6 +27,7 @@ from dogbench.features import (
     extract_features,
     feature_key,
     keep_freed_memory,
+    read_image,
     resolve_device,
     resolve_precision,
     resolve_workers,
@@ -51,15 +53,18 @@ def _cfg(cache_dir: Path, **changes: object) -> FeatureConfig:
     return dataclasses.replace(base, **changes)
 
 
-def _direct(backbone: Backbone, dataset: Dataset, ids: tuple[str, ...]) -> np.ndarray:
-    """The features computed without dogbench's loader, batching or cache: one image at a time."""
-    transform = backbone.preprocess.transform()
+def _direct(backbone: Backbone, dataset: Dataset, ids: tuple[str, ...], *, decoder: str = "pil") -> np.ndarray:
+    """The features computed without dogbench's loader, batching or cache: one image at a time, timm's float
+    transform (on PIL's image, or on torchvision's uint8 tensor for ``decoder="auto"``)."""
+    pre = backbone.preprocess
+    transform, as_bytes = pre.transform(), pre.transform(uint8=True)
     by_id = {s.sample_id: s for s in dataset.samples}
     rows = []
     with torch.inference_mode():
         for sid in ids:
-            x = transform(load_image(by_id[sid].path)).unsqueeze(0)
-            rows.append(backbone.model(x)[0].numpy())
+            image = read_image(by_id[sid].path) if decoder == "auto" else load_image(by_id[sid].path)
+            x = transform(image) if isinstance(image, Image.Image) else pre.normalize(as_bytes(image)[None])[0]
+            rows.append(backbone.model(x.unsqueeze(0))[0].numpy())
     return np.stack(rows)
 
 
@@ -123,10 +128,47 @@ def test_a_new_split_of_the_same_images_reuses_the_cache(flat_class_folder_root:
 
 def test_features_equal_a_direct_forward_pass(dataset: Dataset, tmp_path: Path) -> None:
     backbone = _backbone()
-    features = extract_features(backbone, dataset, cfg=_cfg(tmp_path), progress=False)
+    features = extract_features(backbone, dataset, cfg=_cfg(tmp_path, decoder="pil"), progress=False)
     expected = _direct(backbone, dataset, features.sample_ids)
     np.testing.assert_allclose(features.features, expected, atol=1e-5, rtol=0)
     assert np.abs(expected).max() > 1e-3, "all-zero features would compare equal to anything zero"
+    # torchvision's decoder and tensor resize: pixels within rounding of PIL's, features close but not equal.
+    fast = extract_features(backbone, dataset, cfg=_cfg(tmp_path, decoder="auto"), progress=False)
+    assert fast.key != features.key
+    assert np.abs(fast.features - expected).max() < 0.05 * np.abs(expected).max()
+    direct_fast = _direct(backbone, dataset, features.sample_ids, decoder="auto")
+    np.testing.assert_allclose(fast.features, direct_fast, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("orientation", [None, 2, 3, 4, 5, 6, 7, 8])
+@pytest.mark.parametrize("box", [None, (3, 5, 30, 27)])
+def test_torchvision_decode_matches_pil(tmp_path: Path, orientation: int | None, box: tuple | None) -> None:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    if orientation is not None:
+        exif[0x0112] = orientation
+    path = tmp_path / "x.jpg"
+    img.save(path, exif=exif, quality=90)
+    tensor = read_image(path, box=box, min_side=30)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.uint8
+    pil = np.asarray(load_image(path, box=box, min_side=30))
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), pil)  # same libjpeg-turbo, same pixels
+
+
+def test_read_image_hands_other_images_to_pil(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 255, size=(400, 480, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "x.png")
+    Image.fromarray(pixels).save(tmp_path / "big.jpg")
+    Image.fromarray(pixels).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert isinstance(read_image(tmp_path / "x.png"), Image.Image)
+    assert isinstance(read_image(tmp_path / "cmyk.jpg"), Image.Image)
+    assert isinstance(read_image(tmp_path / "big.jpg", min_side=100), Image.Image)  # reduced decode: PIL's draft
+    assert isinstance(read_image(tmp_path / "big.jpg", min_side=300), torch.Tensor)
+    (tmp_path / "cut.jpg").write_bytes((tmp_path / "big.jpg").read_bytes()[:2000])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        read_image(tmp_path / "cut.jpg")
 
 
 def test_same_weights_in_another_load_hit_the_cache(dataset: Dataset, tmp_path: Path) -> None:
@@ -198,7 +240,7 @@ def test_unreadable_images_are_skipped_with_reasons(bad_images_root: tuple[Path,
     assert "train/green/cmyk.jpg" in features.sample_ids and "train/blue/grey16.png" in features.sample_ids
     assert features.features.shape == (len(good_ids), backbone.feature_dim)
     assert features.n_computed == len(dataset.samples)
-    np.testing.assert_allclose(features.features, _direct(backbone, dataset, good_ids), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(features.features, _direct(backbone, dataset, good_ids, decoder="auto"), atol=1e-5)
 
     with pytest.warns(UserWarning, match="skipped unreadable image"):
         again = extract_features(backbone, dataset, cfg=cfg, progress=False)

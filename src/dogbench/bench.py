@@ -20,9 +20,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +40,7 @@ from tqdm.auto import tqdm
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 from dogbench.backbones import Backbone, load_backbone, measure_gflops
-from dogbench.config import Precision, RunConfig
+from dogbench.config import BackboneConfig, Precision, RunConfig
 from dogbench.data import Dataset, Sample
 from dogbench.errors import DogbenchError
 from dogbench.features import (
@@ -47,6 +49,7 @@ from dogbench.features import (
     ModelRunner,
     cpu_cores,
     device_name,
+    effective_decoder,
     extract_features,
     iter_batches,
     resolve_device,
@@ -145,42 +148,80 @@ def decode_only(images: ImageDataset, batch_size: int, *, workers: int, prefetch
 
 
 def recipe_features(
-    backbone: Backbone, samples: tuple[Sample, ...], *, batch_size: int, device: torch.device
+    bcfg: BackboneConfig, samples: tuple[Sample, ...], *, batch_size: int, device: torch.device
 ) -> tuple[float, np.ndarray]:
     """The hand-written baseline on the same images and model: (seconds, features in sample-id order).
 
-    torchvision ``ImageFolder`` over a folder of links to the images, timm's eval transform with the
-    backbone's preprocessing, ``DataLoader(batch_size=...)`` with every other setting at its default, the
-    model in eval mode under ``torch.no_grad()``.
+    Runs in a fresh Python process, as a user's script would (default allocator, its own model copy in the
+    default memory format): torchvision ``ImageFolder`` over a folder of links to the images, timm's eval
+    transform with the backbone's preprocessing, ``DataLoader(batch_size=...)`` with every other setting at
+    its default, the model in eval mode under ``torch.no_grad()``. One untimed warm-up pass on zeros first,
+    as dogbench's timings also start warm.
     """
+    with tempfile.TemporaryDirectory(prefix="dogbench-recipe-") as tmp:
+        root = Path(tmp) / "images"
+        for s in samples:  # class folder per label; files named by sample id so ImageFolder's order is id order
+            folder = root / f"{s.label:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / (s.sample_id.replace("/", "__") + s.path.suffix.lower())).symlink_to(s.path.resolve())
+        spec = {"backbone": _jsonable(dataclasses.asdict(bcfg)), "root": str(root), "batch_size": batch_size,
+                "device": str(device), "out": tmp}
+        (Path(tmp) / "spec.json").write_text(json.dumps(spec))
+        child = subprocess.run(
+            [sys.executable, "-m", "dogbench.bench", "recipe", str(Path(tmp) / "spec.json")],
+            capture_output=True, text=True, check=False,
+        )
+        if child.returncode != 0:
+            raise DogbenchError(f"The recipe process failed (exit {child.returncode}): {child.stderr[-2000:]}")
+        seconds = json.loads((Path(tmp) / "recipe.json").read_text())["seconds"]
+        features = np.load(Path(tmp) / "features.npy")
+        names = json.loads((Path(tmp) / "recipe.json").read_text())["names"]
+    return seconds, features[np.argsort(names)]  # back to sample-id order, whatever the class folders did
+
+
+def _recipe_child(spec_path: Path) -> None:
+    """The recipe itself, as people write it (timed from building the loader to the last batch)."""
     from timm.data import create_transform
     from torchvision.datasets import ImageFolder
 
-    with tempfile.TemporaryDirectory(prefix="dogbench-recipe-") as tmp:
-        for s in samples:  # class folder per label; files named by sample id so ImageFolder's order is id order
-            folder = Path(tmp) / f"{s.label:04d}"
-            folder.mkdir(exist_ok=True)
-            (folder / (s.sample_id.replace("/", "__") + s.path.suffix.lower())).symlink_to(s.path.resolve())
-        start = time.perf_counter()
-        transform = create_transform(**dataclasses.asdict(backbone.preprocess), is_training=False)
-        loader = torch.utils.data.DataLoader(ImageFolder(tmp, transform=transform), batch_size=batch_size)
-        model = backbone.model
-        outputs = []
-        with torch.no_grad():
-            for x, _ in loader:
-                outputs.append(model(x.to(device)).float().cpu())
-        seconds = time.perf_counter() - start
-        names = [Path(p).name for p, _ in ImageFolder(tmp).samples]
-    order = np.argsort(names)  # back to sample-id order, whatever the class folders did to it
-    return seconds, torch.cat(outputs).numpy()[order]
+    spec = json.loads(spec_path.read_text())
+    bcfg = BackboneConfig(**spec["backbone"])
+    backbone = load_backbone(bcfg)
+    device = torch.device(spec["device"])
+    model = backbone.model.to(device)
+    with torch.no_grad():
+        model(torch.zeros((spec["batch_size"], *backbone.preprocess.input_size), device=device))
+    _sync(device)
+    start = time.perf_counter()
+    transform = create_transform(**dataclasses.asdict(backbone.preprocess), is_training=False)
+    dataset = ImageFolder(spec["root"], transform=transform)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=spec["batch_size"])
+    outputs = []
+    with torch.no_grad():
+        for x, _ in loader:
+            outputs.append(model(x.to(device)).float().cpu())
+    seconds = time.perf_counter() - start
+    out = Path(spec["out"])
+    np.save(out / "features.npy", torch.cat(outputs).numpy())
+    names = [Path(p).name for p, _ in dataset.samples]
+    (out / "recipe.json").write_text(json.dumps({"seconds": seconds, "names": names}))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
 
 
 def bench_backbone(
-    backbone: Backbone, dataset: Dataset, *, cfg: RunConfig, progress: bool = True,
+    backbone_cfg: BackboneConfig, dataset: Dataset, *, cfg: RunConfig, progress: bool = True,
     on_round: Callable[[int, dict[str, float]], None] | None = None,
 ) -> BenchRow:
     """Rounds of matmul / model / decode / end-to-end / recipe for one backbone; medians and ratios."""
     fcfg, bcfg = cfg.features, cfg.bench
+    backbone = load_backbone(backbone_cfg)
     device = resolve_device(fcfg.device)
     precision = resolve_precision(fcfg.precision, device)
     gmacs = measure_gflops(backbone) / 2  # before the model moves: the counter runs on the CPU
@@ -193,7 +234,7 @@ def bench_backbone(
     pre = backbone.preprocess
     images = ImageDataset(
         samples, pre.transform(uint8=True), crop_to_box=cfg.data.crop_to_box, input_size=pre.input_size,
-        min_side=pre.min_side if fcfg.reduced_decode else None,
+        min_side=pre.min_side if fcfg.reduced_decode else None, decoder=effective_decoder(fcfg.decoder, pre),
     )
     compiled, compile_s = None, None
     if bcfg.compare_compile:
@@ -219,7 +260,7 @@ def bench_backbone(
             )
             got["e2e_samples_per_sec"] = len(samples) / (time.perf_counter() - start)
         if bcfg.recipe:
-            seconds, recipe = recipe_features(backbone, samples, batch_size=batch_size, device=device)
+            seconds, recipe = recipe_features(backbone_cfg, samples, batch_size=batch_size, device=device)
             got["recipe_samples_per_sec"] = len(samples) / seconds
             if recipe.shape == feats.features.shape:
                 recipe_diff = float(np.abs(recipe - feats.features).max())
@@ -381,9 +422,13 @@ def run_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> Ben
     start = time.perf_counter()
     device = resolve_device(cfg.features.device)
     rows = []
-    for bcfg in cfg.backbones:
-        backbone = load_backbone(bcfg)
-        rows.append(bench_backbone(backbone, dataset, cfg=cfg, progress=progress))
-        del backbone
+    for bcfg in cfg.backbones:  # one model in memory at a time
+        rows.append(bench_backbone(bcfg, dataset, cfg=cfg, progress=progress))
     machine = machine_info(device) | {"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     return BenchResults(tuple(rows), machine, dataset.name, time.perf_counter() - start)
+
+
+if __name__ == "__main__":  # the recipe's own process: python -m dogbench.bench recipe SPEC.json
+    if len(sys.argv) != 3 or sys.argv[1] != "recipe":
+        sys.exit("usage: python -m dogbench.bench recipe SPEC.json (run by dogbench bench)")
+    _recipe_child(Path(sys.argv[2]))

@@ -77,6 +77,7 @@ class BackboneConfig:
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+DECODERS = ("auto", "pil")
 PREPROCESS_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 
@@ -91,6 +92,9 @@ class FeatureConfig:
     num_workers: int | None = None
     prefetch: int = 4  # batches each worker process keeps ready
     reduced_decode: bool = True  # JPEGs >= 2x the resize target are decoded at 1/2..1/8 scale (part of the key)
+    # auto = libjpeg-turbo through torchvision.io and a uint8 tensor resize for RGB/grey JPEGs (2-3x faster than
+    # PIL here), PIL for the rest and for reduced decoding; pil = PIL only, exactly timm's transform (in the key)
+    decoder: str = "auto"
     compile: bool = False  # torch.compile the backbone (part of the key); `dogbench bench --compile` measures it
     # glibc only: keep freed memory in the heap for reuse instead of mapping and unmapping every large activation
     # (page faults were a third of ResNet50's CPU forward time at batch 64); set false for the allocator default.
@@ -374,6 +378,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     if (cfg.features.batch_size is not None and cfg.features.batch_size < 1) or cfg.features.chunk_size < 1:
         raise ConfigError("features.batch_size and features.chunk_size must be at least 1 (omit batch_size: auto)")
+    if cfg.features.decoder not in DECODERS:
+        raise ConfigError(f"features.decoder '{cfg.features.decoder}' is not one of: {', '.join(DECODERS)}")
     if (cfg.features.num_workers is not None and cfg.features.num_workers < 0) or cfg.features.prefetch < 1:
         raise ConfigError("features.num_workers must be >= 0 (omit it: auto) and features.prefetch >= 1")
     if min(cfg.bench.images, cfg.bench.repeats, cfg.bench.model_batches) < 1:

@@ -417,7 +417,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 # EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
-_UPRIGHT = {
+UPRIGHT = {
     2: Image.Transpose.FLIP_LEFT_RIGHT,
     3: Image.Transpose.ROTATE_180,
     4: Image.Transpose.FLIP_TOP_BOTTOM,
@@ -428,7 +428,8 @@ _UPRIGHT = {
 }
 
 
-def _clamped_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str | Path) -> tuple[int, int, int, int]:
+def clamp_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str | Path) -> tuple[int, int, int, int]:
+    """``box`` clipped to an image of ``size`` (width, height); ImageError when nothing of it is left."""
     width, height = size
     xmin, ymin = min(max(box[0], 0), width), min(max(box[1], 0), height)
     xmax, ymax = min(max(box[2], 0), width), min(max(box[3], 0), height)
@@ -453,14 +454,14 @@ def load_image(
         with Image.open(path) as img:
             full_size = img.size
             if box is not None:
-                box = _clamped_box(box, full_size, path)
+                box = clamp_box(box, full_size, path)
             if min_side is not None and img.format == "JPEG":
                 _reduced_decode(img, box or (0, 0, *full_size), min_side)
             img.load()
-            upright = _UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+            upright = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
             if box is not None and img.size != full_size:
                 fx, fy = img.size[0] / full_size[0], img.size[1] / full_size[1]
-                box = _clamped_box(
+                box = clamp_box(
                     (int(box[0] * fx), int(box[1] * fy), math.ceil(box[2] * fx), math.ceil(box[3] * fy)),
                     img.size, path,
                 )

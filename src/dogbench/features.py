@@ -23,12 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import ExifTags, Image
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.cache import CachedFeatures, CacheEntry, Chunk, FeatureCache, cache_key, ids_digest
 from dogbench.config import FeatureConfig, Precision
-from dogbench.data import Dataset, ImageError, Sample, load_image
+from dogbench.data import Dataset, ImageError, Sample, clamp_box, load_image
 from dogbench.download import default_cache_dir
 from dogbench.errors import DogbenchError
 
@@ -99,32 +101,90 @@ CPU_BATCH_SIZE = 64  # throughput on CPU is flat from about 32 images up; memory
 AUTO_BATCH_SIZES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
+TENSOR_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # what torchvision resizes uint8 tensors with
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, resized, centre-cropped images as uint8 (3, H, W); an unreadable file yields zeros and its error.
 
     Normalisation happens on the batch on the model's device (``Preprocess.normalize``), so workers move bytes.
+    With ``decoder = "auto"``, RGB and grey JPEGs are decoded by libjpeg-turbo through torchvision.io into a
+    uint8 tensor and timm's transform resizes the tensor; PIL decodes everything else, and the JPEGs large
+    enough for reduced-size decoding (``min_side``).
     """
 
     def __init__(
         self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple[int, ...],
-        min_side: int | None = None,
+        min_side: int | None = None, decoder: str = "pil",
     ) -> None:
         self.samples = samples
         self.transform = transform
         self.crop_to_box = crop_to_box
         self.input_size = input_size
         self.min_side = min_side
+        self.decoder = decoder
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         sample = self.samples[index]
+        box = sample.box if self.crop_to_box else None
         try:
-            image = load_image(sample.path, box=sample.box if self.crop_to_box else None, min_side=self.min_side)
+            if self.decoder == "auto":
+                image = read_image(sample.path, box=box, min_side=self.min_side)
+            else:
+                image = load_image(sample.path, box=box, min_side=self.min_side)
         except ImageError as err:
             return torch.zeros(self.input_size, dtype=torch.uint8), index, str(err)
         return self.transform(image), index, ""
+
+
+def read_image(
+    path: Path, *, box: tuple[int, int, int, int] | None = None, min_side: int | None = None
+) -> Image.Image | torch.Tensor:
+    """An image as ``load_image`` gives it (box crop in stored pixels, then EXIF orientation), decoded by
+    torchvision.io into a (3, H, W) uint8 tensor when it is an RGB or grey JPEG that reduced-size decoding
+    would not shrink; else the PIL image from ``load_image``. Raises ImageError.
+    """
+    try:
+        with Image.open(path) as img:  # the header only: format, mode, size, EXIF
+            fmt, mode, size = img.format, img.mode, img.size
+            orientation = img.getexif().get(ExifTags.Base.Orientation)
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
+        return load_image(path, box=box, min_side=min_side)  # raises the ImageError with PIL's reason
+    region = clamp_box(box, size, path) if box is not None else (0, 0, *size)
+    small = min_side is None or min(region[2] - region[0], region[3] - region[1]) < 2 * min_side
+    if fmt != "JPEG" or mode not in ("RGB", "L") or not small:
+        return load_image(path, box=box, min_side=min_side)
+    try:
+        x = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        reason = str(err).rsplit(", ", 1)[-1]  # drop torchvision's "decode_jpeg, <file.cpp>:<line>, " prefix
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+    if box is not None:
+        x = x[:, region[1] : region[3], region[0] : region[2]]
+    return _orient(x, orientation).contiguous()
+
+
+def _orient(x: torch.Tensor, orientation: int | None) -> torch.Tensor:
+    """The EXIF orientation's transpose (as ``data.UPRIGHT`` gives PIL) on a (C, H, W) tensor."""
+    ops: dict[int, Any] = {
+        2: lambda t: t.flip(-1),
+        3: lambda t: t.flip(-1, -2),
+        4: lambda t: t.flip(-2),
+        5: lambda t: t.transpose(-1, -2),
+        6: lambda t: torch.rot90(t, -1, (-2, -1)),
+        7: lambda t: t.transpose(-1, -2).flip(-1, -2),
+        8: lambda t: torch.rot90(t, 1, (-2, -1)),
+    }
+    op = ops.get(orientation) if orientation is not None else None
+    return op(x) if op is not None else x
+
+
+def effective_decoder(decoder: str, preprocess: Preprocess) -> str:
+    """``auto`` needs an interpolation torchvision resizes tensors with; otherwise PIL does all the work."""
+    return "auto" if decoder == "auto" and preprocess.interpolation in TENSOR_INTERPOLATIONS else "pil"
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, dataset indices, error texts ("" = ok)
@@ -144,6 +204,9 @@ def iter_batches(
     """The batches in order. ``workers = 0``: decoded in this process by a pool of one thread per core, only
     when the batch is asked for (PIL releases the GIL while decoding and resizing); else DataLoader processes.
     """
+    # torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they are what we measured.
+    warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
+                            category=DeprecationWarning)
     if workers > 0:
         yield from torch.utils.data.DataLoader(
             images, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
@@ -158,7 +221,7 @@ def iter_batches(
 
 def feature_key(
     backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision, reduced_decode: bool = True,
-    compiled: bool = False,
+    decoder: str = "auto", compiled: bool = False,
 ) -> str:
     """The cache key: every image (id, size, mtime; box when cropping), model, weights, preprocessing (reduced
     JPEG decoding included), precision, torch.compile.
@@ -176,6 +239,7 @@ def feature_key(
             "preprocess": backbone.preprocess.to_dict(),
             "precision": precision.value,
             "reduced_decode": reduced_decode,
+            "decoder": decoder,
             "compile": compiled,
         }
     )
@@ -202,7 +266,7 @@ def extract_features(
     precision = resolve_precision(cfg.precision, device)
     key = feature_key(
         backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
-        compiled=cfg.compile,
+        decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile,
     )
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
     entry = FeatureCache(cache_root).entry(key)
@@ -229,6 +293,7 @@ def extract_features(
                 "preprocess": backbone.preprocess.to_dict(),
                 "precision": precision.value,
                 "reduced_decode": cfg.reduced_decode,
+                "decoder": effective_decoder(cfg.decoder, backbone.preprocess),
                 "compile": cfg.compile,
                 "dataset_root": str(dataset.root),
             }
@@ -307,6 +372,7 @@ def _extract_missing(
     images = ImageDataset(
         dataset.samples, preprocess.transform(uint8=True), crop_to_box=crop_to_box,
         input_size=preprocess.input_size, min_side=preprocess.min_side if cfg.reduced_decode else None,
+        decoder=effective_decoder(cfg.decoder, preprocess),
     )
     loader = iter_batches(
         images, batches, workers=resolve_workers(cfg.num_workers, runner.device), prefetch=cfg.prefetch,

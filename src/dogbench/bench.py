@@ -351,6 +351,10 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _loadavg() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -393,7 +397,8 @@ class BenchResults:
         lines = [
             f"dogbench bench on {self.dataset}: {self.machine.get('cpu')} / {self.machine.get('gpu', 'no GPU')}, "
             f"torch {self.machine['torch']}, {self.machine['threads']} threads; medians of "
-            f"{self.rows[0].values['repeats'] if self.rows else 0} rounds",
+            f"{self.rows[0].values['repeats'] if self.rows else 0} rounds; load average "
+            f"{self.machine.get('loadavg_1min_before')} before, {self.machine.get('loadavg_1min_after')} after",
             "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
             "  ".join("-" * w for w in widths),
             *("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in body),
@@ -420,11 +425,16 @@ def run_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> Ben
     if not dataset.samples:
         raise DogbenchError(f"Dataset {dataset.root} has no images to benchmark")
     start = time.perf_counter()
+    load_before = _loadavg()
     device = resolve_device(cfg.features.device)
     rows = []
     for bcfg in cfg.backbones:  # one model in memory at a time
         rows.append(bench_backbone(bcfg, dataset, cfg=cfg, progress=progress))
-    machine = machine_info(device) | {"omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    machine = machine_info(device) | {
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        # 1-minute load average before and after: above ~0.5 on an idle machine means something else competed.
+        "loadavg_1min_before": load_before, "loadavg_1min_after": _loadavg(),
+    }
     return BenchResults(tuple(rows), machine, dataset.name, time.perf_counter() - start)
 
 

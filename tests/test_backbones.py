@@ -326,3 +326,20 @@ def test_min_side_is_the_resize_target() -> None:
     assert _random(input_size=224, crop_pct=0.875).preprocess.min_side == 256
     assert _random(input_size=224, crop_pct=1.0).preprocess.min_side == 224
     assert _random(input_size=(3, 32, 48), crop_pct=0.5).preprocess.min_side == 96
+
+
+@pytest.mark.parametrize("crop_mode", ["center", "squash"])
+def test_tensor_transform_matches_timms_pil_transform_within_rounding(crop_mode: str) -> None:
+    pre = _random(input_size=40, crop_pct=0.875, interpolation="bicubic", crop_mode=crop_mode).preprocess
+    rng = torch.Generator().manual_seed(2)
+    pixels = (torch.rand(61, 83, 3, generator=rng) * 255).to(torch.uint8)
+    tensor_out = pre.tensor_transform()(pixels.permute(2, 0, 1).contiguous())
+    pil_out = pre.transform(uint8=True)(Image.fromarray(pixels.numpy()))
+    assert tensor_out.dtype == torch.uint8 and tensor_out.shape == pil_out.shape == (3, 40, 40)
+    assert (tensor_out.int() - pil_out.int()).abs().float().mean() < 1.5
+
+
+def test_tensor_transform_is_none_where_only_pil_matches_timm() -> None:
+    assert _random(input_size=40, crop_mode="border").preprocess.tensor_transform() is None
+    assert _random(input_size=40, interpolation="lanczos").preprocess.tensor_transform() is None
+    assert _random(input_size=(3, 32, 48), crop_mode="center").preprocess.tensor_transform() is None

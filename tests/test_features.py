@@ -57,13 +57,13 @@ def _direct(backbone: Backbone, dataset: Dataset, ids: tuple[str, ...], *, decod
     """The features computed without dogbench's loader, batching or cache: one image at a time, timm's float
     transform (on PIL's image, or on torchvision's uint8 tensor for ``decoder="auto"``)."""
     pre = backbone.preprocess
-    transform, as_bytes = pre.transform(), pre.transform(uint8=True)
+    transform, tensor_transform = pre.transform(), pre.tensor_transform()
     by_id = {s.sample_id: s for s in dataset.samples}
     rows = []
     with torch.inference_mode():
         for sid in ids:
             image = read_image(by_id[sid].path) if decoder == "auto" else load_image(by_id[sid].path)
-            x = transform(image) if isinstance(image, Image.Image) else pre.normalize(as_bytes(image)[None])[0]
+            x = transform(image) if isinstance(image, Image.Image) else pre.normalize(tensor_transform(image)[None])[0]
             rows.append(backbone.model(x.unsqueeze(0))[0].numpy())
     return np.stack(rows)
 

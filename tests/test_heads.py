@@ -23,6 +23,7 @@ from dogbench.heads import (
     HeadKind,
     LinearHead,
     MLPHead,
+    TrainingData,
     _Dropout,
     load_head,
     make_head,
@@ -147,6 +148,39 @@ def test_fit_leaves_global_torch_rng_alone():
     state = torch.get_rng_state()
     MLPHead(hidden_size=32, max_epochs=3).fit(X, y)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("head", _small_heads(), ids=HEAD_KINDS)
+def test_fit_prepared_equals_fit(head):
+    X, y = _blobs()
+    eval_set = (X[400:], y[400:])
+    data = TrainingData.from_arrays(X[:400], y[:400], eval_set=eval_set)
+    seen: list[tuple[int, float]] = []
+    fitted = clone(head).fit(X[:400], y[:400], eval_set=eval_set)
+    prepared = clone(head).fit_prepared(data, on_epoch=lambda e, v: seen.append((e, v)))
+    assert np.array_equal(prepared.predict_proba(X), fitted.predict_proba(X))
+    assert prepared.history_ == fitted.history_ and prepared.best_epoch_ == fitted.best_epoch_
+    assert seen == [(h["epoch"], h["val_top1"]) for h in fitted.history_]
+    assert prepared.n_features_in_ == X.shape[1]
+    assert np.array_equal(prepared.mean_, fitted.mean_) and np.array_equal(prepared.classes_, fitted.classes_)
+    # The data is shared, not consumed: a second head trains on the same tensors to the same result.
+    again = clone(head).fit_prepared(data)
+    assert np.array_equal(again.predict_proba(X), prepared.predict_proba(X))
+
+
+def test_fit_prepared_checks_standardisation_and_data():
+    X, y = _blobs()
+    raw = TrainingData.from_arrays(X, y, standardize=False)
+    assert np.array_equal(raw.X.numpy(), X) and not raw.mean.any() and (raw.scale == 1).all()
+    with pytest.raises(ValueError, match="standardize=False, this head has True"):
+        LinearHead(max_epochs=2).fit_prepared(raw)
+    assert LinearHead(max_epochs=2, standardize=False).fit_prepared(raw).n_epochs_ == 2
+    with pytest.raises(ValueError, match="eval_set has 8 features, X has 16"):
+        TrainingData.from_arrays(X, y, eval_set=(X[:10, :8], y[:10]))
+    with pytest.raises(ValueError, match="not seen in training"):
+        TrainingData.from_arrays(X, y, eval_set=(X[:10], np.full(10, 99)))
+    with pytest.raises(ValueError, match="Unknown label type"):
+        TrainingData.from_arrays(X, X[:, 0])
 
 
 def test_refit_for_fixed_epochs_via_set_params_without_eval_set():

@@ -13,6 +13,7 @@ from dogbench.errors import DogbenchError
 from dogbench.heads import LinearHead, MLPHead
 from dogbench.tune import (
     BASELINE_CS,
+    TRIAL_PATIENCE,
     TuneResult,
     build_head,
     make_logistic,
@@ -22,7 +23,7 @@ from dogbench.tune import (
     tune_head,
 )
 
-COMMON = {"lr": 3e-3, "weight_decay": 1e-4, "label_smoothing": 0.1, "patience": 7, "batch_size": 128}
+COMMON = {"lr": 3e-3, "weight_decay": 1e-4, "label_smoothing": 0.1, "batch_size": 128}
 MLP_ONLY = {"hidden_size", "n_layers", "dropout"}
 
 
@@ -115,6 +116,24 @@ def test_tune_head_finds_a_good_head_and_resumes(tmp_path: Path, blobs: tuple[np
     assert [h["number"] for h in more.history] == list(range(8))
     assert more.best_val_top1 >= result.best_val_top1
     assert optuna.load_study(study_name="cnn", storage=storage).trials[-1].number == 7
+
+
+def test_every_finished_trial_is_stored_with_its_epochs(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    X_train, y_train, X_val, y_val = _blobs(spread=4.0)  # overlapping classes: trials differ, some are pruned
+    cfg = TuneConfig(trials=12, max_epochs=20, seed=0)
+    result = tune_head(X_train, y_train, X_val, y_val, cfg=cfg, storage=storage, study_name="s", progress=False)
+
+    stored = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.number for t in stored] == [h["number"] for h in result.history] == list(range(12))
+    assert {t.state.name for t in stored} <= {"COMPLETE", "PRUNED"} and result.n_pruned > 0
+    for t, h in zip(stored, result.history, strict=True):
+        assert h["n_epochs"] == len(t.intermediate_values) == max(t.intermediate_values) >= 1
+        assert h["params"] == t.params and h["value"] == t.value
+        if t.state.name == "COMPLETE":
+            # Early stopping ends a completed trial TRIAL_PATIENCE epochs after its best, or at max_epochs.
+            assert t.user_attrs["best_epoch"] == max(t.intermediate_values, key=t.intermediate_values.get)
+            assert h["n_epochs"] in (t.user_attrs["best_epoch"] + TRIAL_PATIENCE, cfg.max_epochs)
 
 
 def test_pruned_trials_are_counted(tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:

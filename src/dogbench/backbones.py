@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import math
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,9 @@ from urllib.parse import urlparse
 
 import timm
 import torch
+import torchvision.transforms.v2.functional as F2
 from timm.data import create_transform, resolve_model_data_config
+from torchvision.transforms import InterpolationMode
 
 from dogbench.config import BackboneConfig
 from dogbench.download import sha256_file
@@ -65,6 +69,24 @@ class Preprocess:
         """
         return create_transform(**dataclasses.asdict(self), is_training=False, use_prefetcher=uint8)
 
+    def tensor_transform(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The eval transform's resize and centre crop for a (3, H, W) uint8 tensor, with torchvision's native
+        uint8 kernels (pixels within rounding of PIL's); None where only PIL's path reproduces timm's
+        (crop_mode border, non-square centre crops, interpolations tensors lack)."""
+        height, width = self.input_size[1:]
+        scale = (math.floor(height / self.crop_pct), math.floor(width / self.crop_pct))
+        if self.interpolation not in TENSOR_INTERPOLATIONS:
+            return None
+        if self.crop_mode == "squash":
+            size = list(scale)
+        elif self.crop_mode == "center" and scale[0] == scale[1]:
+            size = [scale[0]]  # the short side, as timm's Resize(int)
+        else:
+            return None
+        return functools.partial(
+            _resize_crop, size=size, crop=[height, width], mode=InterpolationMode(self.interpolation)
+        )
+
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """A uint8 (N, 3, H, W) batch -> float32, exactly as torchvision's ToTensor then Normalize compute it."""
         mean = torch.tensor(self.mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
@@ -78,6 +100,13 @@ class Preprocess:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+TENSOR_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+
+
+def _resize_crop(x: torch.Tensor, *, size: list[int], crop: list[int], mode: InterpolationMode) -> torch.Tensor:
+    return F2.center_crop(F2.resize(x, size, interpolation=mode, antialias=True), crop)
 
 
 @dataclass(frozen=True)

@@ -232,9 +232,9 @@ def bench_backbone(
     subset = bench_images(dataset, bcfg.images)
     samples = tuple(sorted(subset.samples, key=lambda s: s.sample_id))
     pre = backbone.preprocess
-    images = ImageDataset(
-        samples, pre.transform(uint8=True), crop_to_box=cfg.data.crop_to_box, input_size=pre.input_size,
-        min_side=pre.min_side if fcfg.reduced_decode else None, decoder=effective_decoder(fcfg.decoder, pre),
+    images = ImageDataset.for_preprocess(
+        samples, pre, crop_to_box=cfg.data.crop_to_box, reduced_decode=fcfg.reduced_decode,
+        decoder=effective_decoder(fcfg.decoder, pre),
     )
     compiled, compile_s = None, None
     if bcfg.compare_compile:

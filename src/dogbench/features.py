@@ -101,9 +101,6 @@ CPU_BATCH_SIZE = 64  # throughput on CPU is flat from about 32 images up; memory
 AUTO_BATCH_SIZES = (512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
-TENSOR_INTERPOLATIONS = ("bilinear", "bicubic", "nearest")  # what torchvision resizes uint8 tensors with
-
-
 class ImageDataset(torch.utils.data.Dataset):
     """Decoded, resized, centre-cropped images as uint8 (3, H, W); an unreadable file yields zeros and its error.
 
@@ -115,14 +112,14 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(
         self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple[int, ...],
-        min_side: int | None = None, decoder: str = "pil",
+        min_side: int | None = None, tensor_transform: Any = None,
     ) -> None:
         self.samples = samples
-        self.transform = transform
+        self.transform = transform  # PIL image -> uint8 tensor (timm's eval transform, prefetcher form)
         self.crop_to_box = crop_to_box
         self.input_size = input_size
         self.min_side = min_side
-        self.decoder = decoder
+        self.tensor_transform = tensor_transform  # uint8 tensor -> uint8 tensor; None = decode with PIL only
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -131,13 +128,26 @@ class ImageDataset(torch.utils.data.Dataset):
         sample = self.samples[index]
         box = sample.box if self.crop_to_box else None
         try:
-            if self.decoder == "auto":
+            if self.tensor_transform is not None:
                 image = read_image(sample.path, box=box, min_side=self.min_side)
             else:
                 image = load_image(sample.path, box=box, min_side=self.min_side)
         except ImageError as err:
             return torch.zeros(self.input_size, dtype=torch.uint8), index, str(err)
+        if isinstance(image, torch.Tensor):
+            return self.tensor_transform(image), index, ""
         return self.transform(image), index, ""
+
+    @classmethod
+    def for_preprocess(
+        cls, samples: tuple[Sample, ...], preprocess: Preprocess, *, crop_to_box: bool, reduced_decode: bool,
+        decoder: str,
+    ) -> ImageDataset:
+        return cls(
+            samples, preprocess.transform(uint8=True), crop_to_box=crop_to_box, input_size=preprocess.input_size,
+            min_side=preprocess.min_side if reduced_decode else None,
+            tensor_transform=preprocess.tensor_transform() if decoder == "auto" else None,
+        )
 
 
 def read_image(
@@ -183,8 +193,8 @@ def _orient(x: torch.Tensor, orientation: int | None) -> torch.Tensor:
 
 
 def effective_decoder(decoder: str, preprocess: Preprocess) -> str:
-    """``auto`` needs an interpolation torchvision resizes tensors with; otherwise PIL does all the work."""
-    return "auto" if decoder == "auto" and preprocess.interpolation in TENSOR_INTERPOLATIONS else "pil"
+    """``auto`` needs a resize and crop torchvision can do on uint8 tensors; otherwise PIL does all the work."""
+    return "auto" if decoder == "auto" and preprocess.tensor_transform() is not None else "pil"
 
 
 Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, dataset indices, error texts ("" = ok)
@@ -369,9 +379,8 @@ def _extract_missing(
         for b in range(s, min(s + cfg.chunk_size, n), batch_size)
     ]
     preprocess = runner.preprocess
-    images = ImageDataset(
-        dataset.samples, preprocess.transform(uint8=True), crop_to_box=crop_to_box,
-        input_size=preprocess.input_size, min_side=preprocess.min_side if cfg.reduced_decode else None,
+    images = ImageDataset.for_preprocess(
+        dataset.samples, preprocess, crop_to_box=crop_to_box, reduced_decode=cfg.reduced_decode,
         decoder=effective_decoder(cfg.decoder, preprocess),
     )
     loader = iter_batches(

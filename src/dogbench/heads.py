@@ -9,6 +9,7 @@ AdamW at a constant learning rate, stop early on validation top-1 when given an
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y, column_or_1d, validate_data
 from torch import nn
 
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
@@ -38,6 +39,7 @@ __all__ = [
     "HeadKind",
     "LinearHead",
     "MLPHead",
+    "TrainingData",
     "load_head",
     "make_head",
 ]
@@ -118,14 +120,15 @@ def _train(
     for epoch in range(1, max_epochs + 1):
         module.train()
         perm = torch.randperm(n, generator=shuffle).to(X.device)
+        X_epoch, y_epoch = X[perm], y[perm]  # one gather per epoch; the batches are views of it
         loss_sum = torch.zeros((), device=X.device)
         for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            loss = F.cross_entropy(module(X.index_select(0, idx)), y[idx], label_smoothing=label_smoothing)
+            xb, yb = X_epoch[start : start + batch_size], y_epoch[start : start + batch_size]
+            loss = F.cross_entropy(module(xb), yb, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += loss.detach() * idx.numel()
+            loss_sum += loss.detach() * yb.shape[0]
         record = {"epoch": epoch, "train_loss": float(loss_sum) / n}
         history.append(record)
         if val is None:
@@ -191,6 +194,64 @@ def _label_indices(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
     return idx
 
 
+@dataclass(frozen=True, eq=False)
+class TrainingData:
+    """Training rows (and validation rows, when given) checked, standardised and on the device: what ``fit`` trains on.
+
+    ``fit`` builds one per call. A search that trains many heads on the same rows builds it once with
+    ``from_arrays`` and passes it to ``fit_prepared`` in every trial, so no trial repeats the conversion.
+    """
+
+    X: torch.Tensor  # (n, d) float32, (X - mean) / scale
+    y: torch.Tensor  # (n,) int64 indices into classes
+    classes: np.ndarray  # (n_classes,) sorted labels
+    mean: np.ndarray  # (d,) float32; zeros without standardisation
+    scale: np.ndarray  # (d,) float32; ones without standardisation
+    standardize: bool
+    val: tuple[torch.Tensor, torch.Tensor] | None  # (n_val, d) float32 standardised, (n_val,) int64 indices
+
+    @classmethod
+    def from_arrays(
+        cls,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        eval_set: tuple[np.ndarray, np.ndarray] | None = None,
+        standardize: bool = True,
+        device: str | torch.device = "cpu",
+    ) -> TrainingData:
+        """Check (X, y), find the classes and, with ``standardize``, the per-feature mean and scale of X."""
+        X, y = check_X_y(X, y, dtype=np.float32, order="C")
+        check_classification_targets(y)
+        classes, y_idx = np.unique(y, return_inverse=True)
+        if standardize:
+            std = X.std(axis=0, dtype=np.float64)
+            mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
+            scale = np.where(std > 0, std, 1.0).astype(np.float32)
+        else:
+            mean, scale = np.zeros(X.shape[1], dtype=np.float32), np.ones(X.shape[1], dtype=np.float32)
+        val = None
+        if eval_set is not None:
+            X_val = check_array(eval_set[0], dtype=np.float32, order="C")
+            y_val = _label_indices(classes, column_or_1d(eval_set[1]))
+            if X_val.shape[1] != X.shape[1]:
+                raise ValueError(f"eval_set has {X_val.shape[1]} features, X has {X.shape[1]}")
+            if len(y_val) != X_val.shape[0]:
+                raise ValueError(f"eval_set has {X_val.shape[0]} rows of X but {len(y_val)} labels")
+            val = (_standardise(X_val, mean, scale, device), torch.from_numpy(y_val.astype(np.int64)).to(device))
+        X_t = _standardise(X, mean, scale, device)
+        return cls(X_t, torch.from_numpy(y_idx.astype(np.int64)).to(device), classes, mean, scale, standardize, val)
+
+    @property
+    def n_features(self) -> int:
+        return self.X.shape[1]
+
+    def to(self, device: str | torch.device) -> TrainingData:
+        """The same data on ``device`` (the tensors themselves when they are there already)."""
+        val = None if self.val is None else (self.val[0].to(device), self.val[1].to(device))
+        return dataclasses.replace(self, X=self.X.to(device), y=self.y.to(device), val=val)
+
+
 def _rng_devices(device: torch.device) -> list[int]:
     """Accelerator indices whose RNG state training on ``device`` consumes (dropout masks)."""
     if device.type != "cuda":
@@ -248,32 +309,38 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         """
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
-        check_classification_targets(y)
-        classes, y_idx = np.unique(y, return_inverse=True)
-        if self.standardize:
-            std = X.std(axis=0, dtype=np.float64)
-            mean = X.mean(axis=0, dtype=np.float64).astype(np.float32)
-            scale = np.where(std > 0, std, 1.0).astype(np.float32)
-        else:
-            mean, scale = np.zeros(X.shape[1], dtype=np.float32), np.ones(X.shape[1], dtype=np.float32)
-        device = torch.device(self.device)
-        val = None
         if eval_set is not None:
-            X_val, y_val = eval_set
-            X_val = validate_data(self, X_val, reset=False, dtype=np.float32, order="C")
-            y_val = _label_indices(classes, column_or_1d(y_val))
-            if len(y_val) != X_val.shape[0]:
-                raise ValueError(f"eval_set has {X_val.shape[0]} rows of X but {len(y_val)} labels")
-            val = (_standardise(X_val, mean, scale, device), torch.from_numpy(y_val).to(device))
+            eval_set = (validate_data(self, eval_set[0], reset=False, dtype=np.float32, order="C"), eval_set[1])
+        data = TrainingData.from_arrays(X, y, eval_set=eval_set, standardize=self.standardize, device=self.device)
+        return self._fit_data(data, on_epoch=on_epoch)
+
+    def fit_prepared(self, data: TrainingData, *, on_epoch: Callable[[int, float], None] | None = None) -> Self:
+        """``fit`` on data already checked and standardised by ``TrainingData.from_arrays``.
+
+        The data's ``standardize`` must be this head's. Training is the same as ``fit`` on the arrays the data
+        was built from, to the bit; only the per-call conversion is skipped.
+        """
+        self._check_params()
+        if data.standardize != self.standardize:
+            raise ValueError(
+                f"TrainingData was built with standardize={data.standardize}, this head has {self.standardize}"
+            )
+        self.n_features_in_ = data.n_features
+        if hasattr(self, "feature_names_in_"):  # left by an earlier fit on a DataFrame
+            del self.feature_names_in_
+        return self._fit_data(data.to(self.device), on_epoch=on_epoch)
+
+    def _fit_data(self, data: TrainingData, *, on_epoch: Callable[[int, float], None] | None) -> Self:
+        device = torch.device(self.device)
         # Init and dropout draw from torch's global RNG: seed it locally, leave the caller's state alone.
         with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
             torch.manual_seed(self.seed)
-            module = self._build_module(X.shape[1], len(classes)).to(device)
+            module = self._build_module(data.n_features, len(data.classes)).to(device)
             result = _train(
                 module,
-                _standardise(X, mean, scale, device),
-                torch.from_numpy(y_idx.astype(np.int64)).to(device),
-                val=val,
+                data.X,
+                data.y,
+                val=data.val,
                 lr=self.lr,
                 weight_decay=self.weight_decay,
                 label_smoothing=self.label_smoothing,
@@ -284,7 +351,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
                 on_epoch=on_epoch,
             )
         # Learned state is set only once training has finished (on_epoch may abort it).
-        self.classes_, self.mean_, self.scale_, self.module_ = classes, mean, scale, module
+        self.classes_, self.mean_, self.scale_, self.module_ = data.classes, data.mean, data.scale, module
         self.n_epochs_ = result.n_epochs
         self.best_epoch_ = result.best_epoch
         self.best_val_top1_ = result.best_val_top1

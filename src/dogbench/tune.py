@@ -19,10 +19,11 @@ from sklearn.pipeline import Pipeline, make_pipeline
 
 from dogbench.config import TuneConfig
 from dogbench.errors import DogbenchError
-from dogbench.heads import LinearHead, MLPHead, make_head
+from dogbench.heads import LinearHead, MLPHead, TrainingData, make_head
 
 BASELINE_CS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
-SEARCH_SPACE_VERSION = 1  # bump when suggest_head_params changes: studies and tunings are keyed on it
+SEARCH_SPACE_VERSION = 2  # bump when suggest_head_params changes: studies and tunings are keyed on it
+TRIAL_PATIENCE = 5  # epochs without a better validation top-1 before a trial stops
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,10 @@ def suggest_head_params(trial: optuna.Trial, *, heads: Sequence[str]) -> dict[st
         "lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3),
-        "patience": trial.suggest_int("patience", 5, 20),
         "batch_size": trial.suggest_categorical("batch_size", [128, 256, 512]),
     }
     if params["head"] == "mlp":
-        params["hidden_size"] = trial.suggest_categorical("hidden_size", [256, 512, 1024, 2048])
+        params["hidden_size"] = trial.suggest_categorical("hidden_size", [256, 512, 1024])
         params["n_layers"] = trial.suggest_int("n_layers", 1, 2)
         params["dropout"] = trial.suggest_float("dropout", 0.0, 0.7)
     return params
@@ -90,21 +90,27 @@ def make_objective(
     device: str = "cpu",
 ) -> Callable[[optuna.Trial], float]:
     """objective(trial) -> validation top-1 of the best epoch; reports every epoch so the pruner can stop it."""
+    data = TrainingData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device)  # once per study
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_head_params(trial, heads=heads)
-        head = build_head(params, max_epochs=max_epochs, seed=seed, device=device)
+        head = build_head(params, max_epochs=max_epochs, seed=seed, device=device).set_params(patience=TRIAL_PATIENCE)
 
         def report(epoch: int, val_top1: float) -> None:
             trial.report(val_top1, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch} (val top-1 {val_top1:.4f})")
 
-        head.fit(X_train, y_train, eval_set=(X_val, y_val), on_epoch=report)
+        head.fit_prepared(data, on_epoch=report)
         trial.set_user_attr("best_epoch", int(head.best_epoch_))
         return float(head.best_val_top1_)
 
     return objective
+
+
+def make_pruner() -> optuna.pruners.BasePruner:
+    """Median pruning from the second epoch on, once five trials have completed."""
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
 
 
 def tune_head(
@@ -119,30 +125,43 @@ def tune_head(
     device: str = "cpu",
     progress: bool = True,
 ) -> TuneResult:
-    """Run (or resume) the study until it holds ``cfg.trials`` finished trials or ``cfg.timeout_s`` passes."""
+    """Run (or resume) the study until it holds ``cfg.trials`` finished trials or ``cfg.timeout_s`` passes.
+
+    The search runs on an in-memory copy of the stored study and writes each finished trial back to
+    ``storage`` as it ends: a stored report and pruning check per epoch cost more than a linear head's
+    epoch on SQLite. A resumed study starts from the stored trials; a trial cut off by a crash is lost.
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(1, cfg.trials // 3))),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=5),
-        load_if_exists=True,
-    )
+    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    remaining = cfg.trials - len(study.get_trials(deepcopy=False, states=finished))
+    done = study.get_trials(deepcopy=False, states=finished)
+    remaining = cfg.trials - len(done)
     if remaining > 0:
+        search = optuna.create_study(
+            direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(1, cfg.trials // 3))),
+            pruner=make_pruner(),
+        )
+        search.add_trials(done)
+
+        def store(_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if trial.state in finished:
+                study.add_trial(trial)
+
         objective = make_objective(
             X_train, y_train, X_val, y_val, heads=cfg.heads, max_epochs=cfg.max_epochs, seed=cfg.seed, device=device
         )
-        study.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, show_progress_bar=progress)
+        search.optimize(
+            objective, n_trials=remaining, timeout=cfg.timeout_s, callbacks=[store], show_progress_bar=progress
+        )
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise DogbenchError(f"Study '{study_name}' has no completed trial; raise tune.trials or tune.timeout_s")
     best = study.best_trial
     history = [
         {"number": t.number, "value": t.value, "state": t.state.name, "params": t.params,
-         "best_epoch": t.user_attrs.get("best_epoch")}
+         "best_epoch": t.user_attrs.get("best_epoch"), "n_epochs": len(t.intermediate_values),
+         "seconds": t.duration.total_seconds() if t.duration else None}
         for t in study.get_trials(deepcopy=False)
     ]
     return TuneResult(

@@ -8,6 +8,7 @@ import optuna
 import pytest
 from sklearn.datasets import make_blobs
 
+from dogbench import tune
 from dogbench.config import TuneConfig
 from dogbench.errors import DogbenchError
 from dogbench.heads import LinearHead, MLPHead
@@ -188,3 +189,19 @@ def test_logistic_sweep_picks_from_the_grid_or_its_refinement() -> None:
 
 def test_default_baseline_grid_is_decades() -> None:
     assert [round(math.log10(c)) for c in BASELINE_CS] == list(range(-4, 3))
+
+
+def test_search_on_a_database_server_uses_the_shared_study(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert tune.search_in_memory("sqlite:///x.db") and not tune.search_in_memory("postgresql://u@h/db")
+    monkeypatch.setattr(tune, "search_in_memory", lambda storage: False)  # SQLite standing in for a server
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 8)).astype(np.float32)
+    y = np.repeat(np.arange(3), 40)
+    X[np.arange(120), y] += 3.0
+    cfg = TuneConfig(trials=4, max_epochs=5, heads=("linear",))
+    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    result = tune.tune_head(X[::2], y[::2], X[1::2], y[1::2], cfg=cfg, storage=storage, study_name="s",
+                            progress=False)
+    assert result.n_trials == 4 and result.best_val_top1 > 0.5
+    stored = optuna.load_study(study_name="s", storage=storage)
+    assert len(stored.trials) == 4 and all(t.intermediate_values for t in stored.trials)

@@ -108,6 +108,11 @@ def make_objective(
     return objective
 
 
+def search_in_memory(storage: str) -> bool:
+    """Local storages (SQLite files) are searched on an in-memory copy; database servers directly."""
+    return storage.startswith("sqlite") or not storage
+
+
 def make_pruner() -> optuna.pruners.BasePruner:
     """Median pruning from the second epoch on, once five trials have completed."""
     return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
@@ -137,23 +142,26 @@ def tune_head(
     done = study.get_trials(deepcopy=False, states=finished)
     remaining = cfg.trials - len(done)
     if remaining > 0:
-        search = optuna.create_study(
-            direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(1, cfg.trials // 3))),
-            pruner=make_pruner(),
-        )
-        search.add_trials(done)
-
-        def store(_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if trial.state in finished:
-                study.add_trial(trial)
-
+        sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(1, cfg.trials // 3)))
         objective = make_objective(
             X_train, y_train, X_val, y_val, heads=cfg.heads, max_epochs=cfg.max_epochs, seed=cfg.seed, device=device
         )
-        search.optimize(
-            objective, n_trials=remaining, timeout=cfg.timeout_s, callbacks=[store], show_progress_bar=progress
-        )
+        if not search_in_memory(storage):
+            # A database server (PostgreSQL, MySQL) is shared by workers on several machines: search on it
+            # directly, so each worker's sampler and pruner see the others' running and finished trials.
+            shared = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=make_pruner())
+            shared.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, show_progress_bar=progress)
+        else:
+            search = optuna.create_study(direction="maximize", sampler=sampler, pruner=make_pruner())
+            search.add_trials(done)
+
+            def store(_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+                if trial.state in finished:
+                    study.add_trial(trial)
+
+            search.optimize(
+                objective, n_trials=remaining, timeout=cfg.timeout_s, callbacks=[store], show_progress_bar=progress
+            )
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise DogbenchError(f"Study '{study_name}' has no completed trial; raise tune.trials or tune.timeout_s")

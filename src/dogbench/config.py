@@ -92,8 +92,8 @@ class FeatureConfig:
     num_workers: int | None = None
     prefetch: int = 4  # batches each worker process keeps ready
     reduced_decode: bool = True  # JPEGs >= 2x the resize target are decoded at 1/2..1/8 scale (part of the key)
-    # auto = libjpeg-turbo through torchvision.io and a uint8 tensor resize for RGB/grey JPEGs (2-3x faster than
-    # PIL here), PIL for the rest and for reduced decoding; pil = PIL only, exactly timm's transform (in the key)
+    # auto = libjpeg-turbo through torchvision.io and a uint8 tensor resize for RGB/grey JPEGs (1.5x PIL on
+    # full-size photos here), PIL for the rest and for reduced decoding; pil = PIL only, exactly timm's transform
     decoder: str = "auto"
     compile: bool = False  # torch.compile the backbone (part of the key); `dogbench bench --compile` measures it
     # glibc only: keep freed memory in the heap for reuse instead of mapping and unmapping every large activation

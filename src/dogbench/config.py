@@ -105,7 +105,7 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class TuneConfig:
-    trials: int = 40
+    trials: int = 100  # 100 trials take well under a minute on cached features (docs/BENCHMARKS.md)
     timeout_s: float = 900.0
     heads: tuple[str, ...] = ("linear", "mlp")
     max_epochs: int = 150

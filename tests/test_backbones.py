@@ -343,3 +343,22 @@ def test_tensor_transform_is_none_where_only_pil_matches_timm() -> None:
     assert _random(input_size=40, crop_mode="border").preprocess.tensor_transform() is None
     assert _random(input_size=40, interpolation="lanczos").preprocess.tensor_transform() is None
     assert _random(input_size=(3, 32, 48), crop_mode="center").preprocess.tensor_transform() is None
+
+
+@pytest.mark.parametrize(
+    ("tag", "weights", "imagenet", "needle"),
+    [
+        ("vit_small_patch16_224.augreg_in21k_ft_in1k", "hub", True, "ImageNet-21k, ImageNet-1k"),
+        ("resnet50.tv_in1k", "hub", True, "tv_in1k: ImageNet-1k"),
+        ("vit_small_patch14_dinov2", "w.safetensors", True, "LVD-142M"),  # timm's default tag, assumed
+        ("vit_base_patch16_clip_224.laion2b", "hub", False, "no ImageNet-family data"),
+        ("resnet50", "random", False, "random initialisation"),
+    ],
+)
+def test_pretraining_is_read_from_the_timm_tag(tag: str, weights: str, imagenet: bool, needle: str) -> None:
+    from dogbench.backbones import pretraining_of
+
+    pre = pretraining_of(tag, weights)
+    assert pre.imagenet is imagenet
+    assert needle in pre.describe()
+    assert ("assumed from the timm tag" in pre.describe()) is (weights not in ("hub", "random"))

@@ -42,7 +42,7 @@ def _official_slice(root: Path, breeds: tuple[str, ...]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def real_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     base = tmp_path_factory.mktemp("real")
     data = _official_slice(base / "dogs", BREEDS)
     args = [
@@ -52,7 +52,12 @@ def real_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
         "--trials", "8", "--set", "evaluate.n_bootstrap=500",
     ]
     assert main(args) == 0
-    return json.loads((base / "run" / "results.json").read_text())
+    return base / "run"
+
+
+@pytest.fixture(scope="module")
+def real_run(real_run_dir: Path) -> dict:
+    return json.loads((real_run_dir / "results.json").read_text())
 
 
 def test_real_features_separate_real_breeds(real_run: dict) -> None:
@@ -67,6 +72,33 @@ def test_real_features_separate_real_breeds(real_run: dict) -> None:
     assert real_run["models"]["vit"]["feature_dim"] == 384
     assert real_run["models"]["vit"]["preprocess"]["input_size"] == [3, 224, 224]
     assert real_run["comparison"]["n"] == 20 * len(BREEDS)
+
+
+def test_imagenet_pretraining_on_stanford_dogs_is_flagged_leaky(real_run: dict) -> None:
+    cnn, vit = real_run["models"]["cnn"], real_run["models"]["vit"]
+    assert cnn["leaky"] and "ImageNet-1k" in cnn["pretraining"]  # tf_efficientnet_lite0.in1k
+    assert vit["leaky"] and "LVD-142M" in vit["pretraining"]  # DINOv2's data was curated around ImageNet
+    assert (cnn["architecture"]["family"], vit["architecture"]["family"]) == ("cnn", "vit")
+    assert (vit["architecture"]["layers"], vit["architecture"]["hidden_size"], vit["architecture"]["heads"]) == (
+        12, 384, 6)
+    assert vit["architecture"]["image_size"] == [224, 224]  # the run's img_size=224, not timm's 518
+
+
+def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Path, real_run: dict) -> None:
+    from browser import check_page
+    from dogbench.results import verdict
+
+    shot = Path(__file__).resolve().parents[1] / "test-artifacts" / "report-stanford-dogs-dev.png"
+    page = check_page(real_run_dir / "report.html", shot)
+    assert page.broken_images == [] and page.console_errors == [] and page.page_errors == []
+    assert page.failed_requests == []
+    assert page.images >= 30  # figures, thumbnails of the grid and the confused pairs, explanations
+    assert verdict(real_run["comparison"]) in page.text
+    for header in ("test top-1 [95% CI]", "top-5", "macro-F1", "GFLOPs", "img/s"):
+        assert header in page.text
+    assert "Stanford Dogs is a subset of ImageNet" in page.text  # the leak caveat
+    html = (real_run_dir / "report.html").read_text()
+    assert "attention rollout" in html and "grad-cam" in html
 
 
 def test_official_lists_of_the_slice_are_read(tmp_path: Path) -> None:

@@ -282,6 +282,44 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     )
 
 
+# Pretraining-tag tokens (timm's ``model.tag`` suffixes) naming data that contains ImageNet's photos, and what they are.
+IMAGENET_TAGS: dict[str, str] = {
+    "in1k": "ImageNet-1k", "in12k": "ImageNet-12k (a subset of ImageNet-21k)", "in21k": "ImageNet-21k",
+    "in22k": "ImageNet-22k", "imagenet": "ImageNet", "lvd142m": "LVD-142M (curated around ImageNet-1k/22k)",
+}
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """What a backbone's weights were trained on, as far as its timm tag says."""
+
+    tag: str  # the pretrained tag, e.g. "augreg_in21k_ft_in1k"; "" for random weights
+    datasets: tuple[str, ...]  # the ImageNet-family datasets it names
+    assumed: bool  # weights from a local file: the tag's data is assumed, not known
+
+    @property
+    def imagenet(self) -> bool:
+        return bool(self.datasets)
+
+    def describe(self) -> str:
+        if not self.tag:
+            return "random initialisation (no pretraining)"
+        data = ", ".join(self.datasets) if self.datasets else "no ImageNet-family data named in the tag"
+        note = " (assumed from the timm tag: weights from a local file)" if self.assumed else ""
+        return f"{self.tag}: {data}{note}"
+
+
+def pretraining_of(tag: str, weights: str) -> Pretraining:
+    """Which ImageNet-family data the weights of ``tag`` saw, read from its pretrained tag (timm's default if none)."""
+    if weights == "random":
+        return Pretraining("", (), False)
+    cfg = timm.models.get_pretrained_cfg(tag)
+    pretrained_tag = tag.split(".", 1)[1] if "." in tag else (getattr(cfg, "tag", None) or "")
+    tokens = pretrained_tag.lower().replace("-", "_").split("_")
+    datasets = tuple(dict.fromkeys(IMAGENET_TAGS[t] for t in tokens if t in IMAGENET_TAGS))
+    return Pretraining(pretrained_tag, datasets, weights != "hub")
+
+
 HUB_HELP = (
     "Offline? Download the weights on a connected machine and pass a local file (weights = "
     "\"path/to/model.safetensors\" or --backbone LABEL=MODEL@path), or use weights = \"random\" for a smoke test."

@@ -68,6 +68,32 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="images per forward pass (features.batch_size)")
     bench.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
     bench.add_argument("--no-recipe", action="store_true", help="skip the ImageFolder + DataLoader recipe")
+
+    help_text = ("write report.html (self-contained) and report.md from one or more run folders; several folders "
+                 "(frozen and fine-tuned, other datasets) combine into one comparison")
+    report = sub.add_parser("report", help=help_text, description=help_text)
+    report.add_argument("runs", nargs="+", type=Path, metavar="RUN_DIR", help="run folders that `dogbench run` wrote")
+    report.add_argument("--out", type=Path, help="folder for the report (default: the run folder; with several "
+                        "runs, runs/report-<timestamp>)")
+    report.add_argument("--examples", type=int, help="test images in the predictions grid (report.examples)")
+    report.add_argument("--explain", type=int, help="of those, images explained with attention rollout / Grad-CAM "
+                        "when the run folder has none yet (report.explain; 0: never load a model)")
+    report.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    help_text = "write attention-rollout (ViT) / Grad-CAM (CNN) overlays of photos for every model of a run"
+    explain = sub.add_parser("explain", help=help_text, description=help_text)
+    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="photos to explain")
+    explain.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+                         help="a run folder: its config names the backbones, its tuned heads give the breeds")
+    explain.add_argument("--out", type=Path, help="folder for the overlays (default: RUN_DIR/explain)")
+    explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default cpu)")
+
+    help_text = ("print the architecture of timm models (layers, hidden size, MLP size, heads, parameters), built on "
+                 "the meta device: the ViT variants table by default, beside the ViT paper's Table 1")
+    models = sub.add_parser("models", help=help_text, description=help_text)
+    models.add_argument("names", nargs="*", metavar="MODEL",
+                        help="aliases or timm tags (default: ViT-S/B/L/H, ResNet50)")
+    models.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -112,6 +138,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "models":
+        from dogbench.architecture import models_command
+
+        print(models_command(args.names, as_json=args.json))
+        return 0
+    if args.command == "report":
+        return _report(args)
+    if args.command == "explain":
+        return _explain(args)
     start = time.perf_counter()
     cfg = config_from_args(args)
     progress = not args.quiet
@@ -149,6 +184,39 @@ def _dispatch(args: argparse.Namespace) -> int:
     results, run_dir = stage(cfg, dataset, data_s=data_s, start=start, progress=progress)
     print(results.summary_table())
     print(f"results: {run_dir / 'results.json'}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dogbench.config import ReportConfig
+    from dogbench.pipeline import report_stage
+
+    d = ReportConfig()
+    examples = d.examples if args.examples is None else args.examples
+    explain = d.explain if args.explain is None else args.explain
+    if examples < 0 or explain < 0:
+        raise ConfigError(f"--examples and --explain must be >= 0, got {examples} and {explain}")
+    cfg = ReportConfig(examples=examples, explain=min(explain, examples))
+    out = args.out or (args.runs[0] if len(args.runs) == 1 else Path("runs") / time.strftime("report-%Y%m%d-%H%M%S"))
+    files = report_stage(args.runs, out, cfg, progress=not args.quiet)
+    print("\n".join(files.verdicts))
+    print(f"report: {files.html}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from dogbench.explain import explain_run
+
+    missing = [str(p) for p in args.images if not p.is_file()]
+    if missing:
+        raise DogbenchError(f"No such image file: {', '.join(missing)}")
+    out = args.out or args.run / "explain"
+    records = explain_run(args.run, args.images, out, device=args.device)
+    for r in records:
+        print(f"{r['image']} {r['label']} ({r['method']}): {out / r['png']}; "
+              f"top-3 {', '.join(f'{n} {p:.0%}' for n, p in r['top3']) or '(no tuned head)'}")
+    for figure in dict.fromkeys(r["figure"] for r in records):
+        print(f"side by side: {out / figure}")
     return 0
 
 

@@ -134,6 +134,17 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class ReportConfig:
+    """The HTML/Markdown report that ``dogbench run`` writes at the end (``dogbench report`` makes it alone)."""
+
+    enabled: bool = True  # write report.html and report.md into the run folder after evaluation
+    examples: int = 12  # test images in the predictions grid (right and wrong, each model's top-3)
+    explain: int = 6  # of those, how many get attention rollout / Grad-CAM overlays (0: none, no model reload)
+    confused_pairs: int = 8  # most-confused breed pairs shown with thumbnails
+    seed: int = 0  # which test images the grid shows
+
+
+@dataclass(frozen=True)
 class RunConfig:
     data: DataConfig = DataConfig()
     backbones: tuple[BackboneConfig, ...] = ()
@@ -141,6 +152,7 @@ class RunConfig:
     tune: TuneConfig = TuneConfig()
     evaluate: EvalConfig = EvalConfig()
     bench: BenchConfig = BenchConfig()
+    report: ReportConfig = ReportConfig()
     out: str | None = None  # run folder; default runs/<timestamp>
 
     def to_dict(self) -> dict[str, Any]:
@@ -156,6 +168,7 @@ SECTIONS: dict[str, type] = {
     "tune": TuneConfig,
     "evaluate": EvalConfig,
     "bench": BenchConfig,
+    "report": ReportConfig,
 }
 
 
@@ -386,6 +399,12 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("bench.images, bench.repeats and bench.model_batches must be at least 1")
     if cfg.tune.trials < 1:
         raise ConfigError(f"tune.trials must be >= 1, got {cfg.tune.trials}")
+    r = cfg.report
+    if min(r.examples, r.explain, r.confused_pairs) < 0 or r.explain > r.examples:
+        raise ConfigError(
+            "report.examples, report.explain and report.confused_pairs must be >= 0, and report.explain at most "
+            f"report.examples (it explains images of the grid); got {r.examples}, {r.explain}, {r.confused_pairs}"
+        )
     for key, device in (("features.device", cfg.features.device), ("tune.device", cfg.tune.device)):
         if not DEVICE_PATTERN.fullmatch(device):
             raise ConfigError(f"{key} '{device}' is not a device. Valid: auto, cpu, cuda, cuda:N, mps")

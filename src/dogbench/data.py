@@ -24,6 +24,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "SPLITS",
+    "STANFORD_DOGS",
     "Dataset",
     "DatasetLayoutError",
     "ImageError",
@@ -48,6 +49,8 @@ LAYOUTS = {
 _ACCEPTED = "\n".join(f"  {name}: {shape}" for name, shape in LAYOUTS.items()) + (
     "\n  or the parent folder of a Stanford Dogs layout"
 )
+
+STANFORD_DOGS = "stanford-dogs"  # Dataset.name of Stanford Dogs in any of its layouts
 
 
 class DatasetLayoutError(DogbenchError, ValueError):
@@ -343,7 +346,7 @@ def _open_stanford(located: _Located, *, seed: int) -> Dataset:
         Sample(located.images / f, f, folder_label[f.split("/", 1)[0]], split, box_of(f))
         for f, split in split_of.items()
     )
-    return Dataset("stanford-dogs", located.root, located.layout, split_source, classes, _ordered(samples))
+    return Dataset(STANFORD_DOGS, located.root, located.layout, split_source, classes, _ordered(samples))
 
 
 # ---------------------------------------------------------------- class-per-folder

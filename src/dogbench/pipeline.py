@@ -17,15 +17,16 @@ import time
 from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dogbench.architecture import describe_model
 from dogbench.atomic import atomic_write_json, atomic_write_with
-from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops
+from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.cache import cache_key
-from dogbench.config import RunConfig
-from dogbench.data import Dataset, stratified_split
+from dogbench.config import ReportConfig, RunConfig
+from dogbench.data import STANFORD_DOGS, Dataset, stratified_split
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import ClassificationMetrics, bootstrap_ci, classification_metrics, compare_paired
 from dogbench.features import FeatureSet, extract_features, resolve_device
@@ -40,7 +41,11 @@ from dogbench.tune import (
     tune_head,
 )
 
+if TYPE_CHECKING:
+    from dogbench.report import ReportFiles
+
 TUNING_FILE = "tuning.json"
+NO_BOX = (-1, -1, -1, -1)  # predictions.npz "boxes" row of an image without an annotated box
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,7 @@ class BackboneFeatures:
     splits: Splits
     gflops: float
     times: StageTimes
+    architecture: dict[str, Any]  # architecture.describe_model of the loaded model (layers, D, MLP, heads...)
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,8 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
                 progress=progress,
             )
         splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
-        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times)
+        arch = describe_model(backbone.model, name=bcfg.model, tag=backbone.tag).to_dict()
+        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch)
         del backbone  # frees the model (and its device memory) before the next one is loaded
     return out
 
@@ -227,6 +234,8 @@ def evaluate_backbone(
     X, y = feats.features, feats.labels
     y_test = y[splits.test]
     test_ids = [feats.sample_ids[i] for i in splits.test]
+    sample_of = {s.sample_id: s for s in dataset.samples}
+    boxes = np.asarray([sample_of[i].box or NO_BOX for i in test_ids], dtype=np.int64).reshape(-1, 4)
     best = tuning.tune
     with times.measure("fit"):
         head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
@@ -238,7 +247,10 @@ def evaluate_backbone(
         atomic_write_with(
             run_dir / label / "predictions.npz",
             lambda h: np.savez_compressed(h, sample_ids=np.asarray(test_ids), y_true=y_test,
-                                          proba=proba.astype(np.float32), confusion=metrics.confusion),
+                                          proba=proba.astype(np.float32), confusion=metrics.confusion,
+                                          paths=np.asarray([str(sample_of[i].path) for i in test_ids]),
+                                          boxes=boxes,
+                                          classes=np.asarray(dataset.classes)),
         )
     baseline: dict[str, Any] = {}
     if tuning.baseline is not None:
@@ -250,6 +262,7 @@ def evaluate_backbone(
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
     info = bf.info
+    pretraining = pretraining_of(info.tag, info.weights)
     result = ModelResult(
         label=label, backbone=info.tag, weights=info.weights, weights_sha256=info.weights_sha256,
         feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
@@ -262,6 +275,9 @@ def evaluate_backbone(
         timing_s={k: round(v, 4) for k, v in times.wall.items()},
         cpu_s={k: round(v, 4) for k, v in times.cpu.items()},
         throughput_img_s=feats.throughput_img_s,
+        pretraining=pretraining.describe(),
+        leaky=pretraining.imagenet and dataset.name == STANFORD_DOGS,
+        architecture=bf.architecture,
     )
     return result, dict(zip(test_ids, correct.tolist(), strict=True))
 
@@ -359,7 +375,9 @@ def evaluate(
         raise DogbenchError(f"No tuning for {missing} in {run_dir}: run `dogbench tune --out {run_dir}` first")
     extracted = extract_stage(cfg, dataset, progress=progress)
     tuning = {label: load_tuning(cfg, run_dir, label, bf) for label, bf in extracted.items()}
-    return evaluate_stage(cfg, run_dir, dataset, extracted, tuning, data_s=data_s, start=start), run_dir
+    results = evaluate_stage(cfg, run_dir, dataset, extracted, tuning, data_s=data_s, start=start)
+    _report_after(cfg, run_dir, progress=progress)
+    return results, run_dir
 
 
 def run(
@@ -373,4 +391,63 @@ def run(
     cfg, run_dir = _start_run_dir(cfg)
     extracted = extract_stage(cfg, dataset, progress=progress)
     tuning = {label: tune_backbone(cfg, run_dir, label, bf, progress=progress) for label, bf in extracted.items()}
-    return evaluate_stage(cfg, run_dir, dataset, extracted, tuning, data_s=data_s, start=start), run_dir
+    results = evaluate_stage(cfg, run_dir, dataset, extracted, tuning, data_s=data_s, start=start)
+    _report_after(cfg, run_dir, progress=progress)
+    return results, run_dir
+
+
+def _report_after(cfg: RunConfig, run_dir: Path, *, progress: bool) -> None:
+    """The report at the end of ``run`` / ``evaluate``; a failure there keeps the results already written."""
+    if not cfg.report.enabled:
+        return
+    try:
+        report_stage([run_dir], run_dir, cfg.report, progress=progress)
+    except DogbenchError as err:
+        raise DogbenchError(f"{err}\nThe results are saved in {run_dir}; only the report is missing: fix the above "
+                            f"and run `dogbench report {run_dir}`") from err
+
+
+def explain_examples(run_dir: Path, ids: list[str], *, device: str) -> list[dict[str, Any]]:
+    """Attention rollout / Grad-CAM overlays of the test images ``ids`` for every model of a run folder.
+
+    Written to ``<run_dir>/explanations/`` with ``explanations.json``, which the report embeds.
+    """
+    from dogbench.explain import explain_run
+    from dogbench.report.runs import EXPLANATIONS_DIR, EXPLANATIONS_FILE, breed_names, load_run
+
+    first = next(iter(load_run(run_dir).models.values()))
+    row_of = {sid: i for i, sid in enumerate(first.sample_ids)}
+    rows = [row_of[i] for i in ids]
+    images = [(Path(first.paths[r]), tuple(int(v) for v in first.boxes[r]) if first.boxes[r][0] >= 0 else None)
+              for r in rows]
+    out_dir = run_dir / EXPLANATIONS_DIR
+    records = explain_run(run_dir, images, out_dir, device=device, class_names=breed_names(first.classes))
+    names = breed_names(first.classes)
+    by_path = {str(first.paths[r]): r for r in rows}
+    for record in records:
+        r = by_path.get(str(record["image"]))
+        if r is not None:
+            record["sample_id"] = str(first.sample_ids[r])
+            record["caption"] = f"{Path(record['image']).name}: true breed {names[first.y_true[r]]}"
+    atomic_write_json(out_dir / EXPLANATIONS_FILE, records)
+    return records
+
+
+def report_stage(run_dirs: list[Path], out_dir: Path, cfg: ReportConfig, *, progress: bool = True) -> ReportFiles:
+    """Explain the grid's first ``cfg.explain`` test images where a run has no explanations yet, then write the
+    report (``report.html``, ``report.md``) into ``out_dir``."""
+    from dogbench.report import load_runs, make_report, select_examples
+    from dogbench.report.runs import all_models
+
+    runs = load_runs(list(run_dirs))
+    if cfg.explain > 0:
+        for run in runs:
+            if run.explanations:
+                continue
+            ids = select_examples(all_models([run]), n=cfg.examples, seed=cfg.seed)[: cfg.explain]
+            config = json.loads((run.path / "config.json").read_text())
+            device = str(resolve_device(config.get("features", {}).get("device", "auto")))
+            if progress:
+                print(f"explaining {len(ids)} test images for {', '.join(run.models)} ({run.path})", file=sys.stderr)
+            explain_examples(run.path, ids, device=device)
+    return make_report(run_dirs, out_dir, examples=cfg.examples, confused_pairs=cfg.confused_pairs, seed=cfg.seed)

@@ -65,6 +65,9 @@ class ModelResult:
     timing_s: dict[str, float]  # extract, tune, baseline, fit, evaluate (wall)
     cpu_s: dict[str, float]
     throughput_img_s: float | None  # images per second through the model in extraction (None on a cache hit)
+    pretraining: str = ""  # what the weights were trained on, from the timm tag (backbones.pretraining_of)
+    leaky: bool = False  # pretrained on ImageNet-family data while the dataset is Stanford Dogs (an ImageNet subset)
+    architecture: dict[str, Any] = field(default_factory=dict)  # architecture.Architecture.to_dict()
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,9 @@
+"""The report: run folders in, ``report.html`` (self-contained) and ``report.md`` out. No torch import.
+
+``runs`` reads run folders, ``plots`` draws the figures, ``render`` assembles and writes the pages.
+"""
+
+from dogbench.report.render import ReportFiles, build_report, make_report, write_report
+from dogbench.report.runs import ReportError, load_runs, select_examples
+
+__all__ = ["ReportError", "ReportFiles", "build_report", "load_runs", "make_report", "select_examples", "write_report"]

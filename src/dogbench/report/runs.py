@@ -1,0 +1,243 @@
+"""Run folders as the report sees them: ``results.json``, each model's test predictions and its Optuna study.
+
+Everything here is read-only over what ``dogbench run`` wrote; no torch import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dogbench.errors import DogbenchError
+from dogbench.evaluate import compare_paired
+
+EXPLANATIONS_DIR = "explanations"
+EXPLANATIONS_FILE = "explanations.json"
+
+
+class ReportError(DogbenchError, ValueError):
+    """A run folder cannot be reported on."""
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One Optuna trial of a head search, as the history plot needs it."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING
+    value: float | None  # validation top-1 (complete), or the last reported epoch's (pruned)
+    head: str
+    epochs: int
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    trials: tuple[Trial, ...]
+    importance: dict[str, float]  # Optuna's fANOVA importance over the complete trials; {} when not computable
+    note: str = ""  # why something is missing
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    """One backbone of one run folder: its result record and its test predictions."""
+
+    key: str  # display name: the label, or "<run>/<label>" when several runs are combined
+    label: str
+    run: str
+    result: dict[str, Any]  # results.json "models"[label]
+    sample_ids: np.ndarray  # (n,) str, test images in the evaluation's order
+    y_true: np.ndarray  # (n,) int
+    proba: np.ndarray  # (n, C) float32
+    paths: np.ndarray  # (n,) str: the test image files
+    classes: tuple[str, ...]
+    study: Study | None
+    boxes: np.ndarray  # (n, 4) int: the annotated box (x0, y0, x1, y1), -1s where there is none
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.proba.argmax(axis=1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.y_pred == self.y_true
+
+    def top_k(self, row: int, k: int = 3) -> list[tuple[str, float]]:
+        order = np.argsort(-self.proba[row], kind="stable")[:k]
+        return [(self.classes[i], float(self.proba[row, i])) for i in order]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    path: Path
+    name: str
+    results: dict[str, Any]
+    models: dict[str, ModelRun]
+    explanations: list[dict[str, Any]] = field(default_factory=list)  # explanations.json records
+
+
+def _short_breed(name: str) -> str:
+    """``n02085620-Chihuahua`` -> ``Chihuahua``: the Stanford Dogs folder name without its WordNet id."""
+    head, sep, tail = name.partition("-")
+    return tail if sep and head[:1] == "n" and head[1:].isdigit() else name
+
+
+def breed_names(classes: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(_short_breed(c).replace("_", " ") for c in classes)
+
+
+def _load_study(run_dir: Path, results: dict[str, Any], study_name: str) -> Study | None:
+    """The head search from its Optuna storage (the run's SQLite file unless the config names a server)."""
+    import optuna
+
+    storage = (results.get("config", {}).get("tune", {}) or {}).get("storage")
+    if not storage:
+        db = run_dir / "optuna.db"
+        if not db.is_file():
+            return None
+        storage = f"sqlite:///{db.resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        frozen = study.get_trials(deepcopy=False)
+    except Exception as err:  # noqa: BLE001 - an unreachable or foreign storage leaves the section out, not the report
+        return Study(study_name, (), {}, note=f"study not readable from {storage}: {type(err).__name__}: {err}")
+    trials = []
+    for t in frozen:
+        value = t.value
+        if value is None and t.intermediate_values:
+            value = t.intermediate_values[max(t.intermediate_values)]
+        trials.append(Trial(t.number, t.state.name, value, str(t.params.get("head", "?")), len(t.intermediate_values)))
+    importance: dict[str, float] = {}
+    note = ""
+    complete = [t for t in frozen if t.state.name == "COMPLETE"]
+    if len(complete) >= 2:
+        try:
+            evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+            importance = dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+        except Exception as err:  # noqa: BLE001 - e.g. every complete trial had the same parameters
+            note = f"parameter importance not computable: {err}"
+    else:
+        note = "parameter importance needs at least 2 complete trials"
+    return Study(study_name, tuple(trials), importance, note)
+
+
+def _load_model(run_dir: Path, run_name: str, label: str, result: dict[str, Any], results: dict[str, Any]) -> ModelRun:
+    path = run_dir / label / "predictions.npz"
+    if not path.is_file():
+        raise ReportError(f"{path} is missing: the run's evaluation did not finish; run `dogbench evaluate --out "
+                          f"{run_dir}` first")
+    with np.load(path, allow_pickle=False) as npz:
+        missing = {"sample_ids", "y_true", "proba", "paths", "classes"} - set(npz.files)
+        if missing:
+            raise ReportError(f"{path} lacks {sorted(missing)}: it was written by an older dogbench; run "
+                              f"`dogbench evaluate --out {run_dir}` again")
+        sample_ids, y_true, proba = npz["sample_ids"].astype(str), npz["y_true"].astype(np.int64), npz["proba"]
+        paths, classes = npz["paths"].astype(str), tuple(npz["classes"].astype(str).tolist())
+        boxes = npz["boxes"] if "boxes" in npz.files else np.full((len(sample_ids), 4), -1)
+    n = len(sample_ids)
+    if proba.shape != (n, len(classes)) or y_true.shape != (n,) or paths.shape != (n,):
+        raise ReportError(f"{path} is inconsistent: {n} ids, proba {proba.shape}, {len(classes)} classes")
+    study_name = (result.get("head") or {}).get("study")
+    study = _load_study(run_dir, results, study_name) if study_name else None
+    return ModelRun(label, label, run_name, result, sample_ids, y_true, proba, paths, classes, study, boxes)
+
+
+def load_run(run_dir: Path) -> RunFolder:
+    """Read a finished run folder; errors say what is missing and which command makes it."""
+    run_dir = Path(run_dir)
+    path = run_dir / "results.json"
+    if not path.is_file():
+        what = "not a folder" if not run_dir.is_dir() else "no results.json"
+        raise ReportError(f"{run_dir} is {what}: give a folder that `dogbench run` (or `dogbench evaluate`) wrote")
+    results = json.loads(path.read_text())
+    models = {label: _load_model(run_dir, run_dir.name, label, r, results) for label, r in results["models"].items()}
+    explanations: list[dict[str, Any]] = []
+    exp = run_dir / EXPLANATIONS_DIR / EXPLANATIONS_FILE
+    if exp.is_file():
+        explanations = json.loads(exp.read_text())
+    return RunFolder(run_dir, run_dir.name, results, models, explanations)
+
+
+def load_runs(run_dirs: list[Path]) -> list[RunFolder]:
+    """Several run folders; model keys become ``<run>/<label>`` when there is more than one (names made unique)."""
+    if not run_dirs:
+        raise ReportError("no run folder given")
+    runs = [load_run(d) for d in run_dirs]
+    if len(runs) > 1:
+        seen: dict[str, int] = {}
+        renamed = []
+        for run in runs:
+            seen[run.name] = seen.get(run.name, 0) + 1
+            name = run.name if seen[run.name] == 1 else f"{run.name}~{seen[run.name]}"
+            models = {
+                f"{name}/{label}": dataclasses.replace(m, key=f"{name}/{label}", run=name)
+                for label, m in run.models.items()
+            }
+            renamed.append(RunFolder(run.path, name, run.results, models, run.explanations))
+        runs = renamed
+    return runs
+
+
+def all_models(runs: list[RunFolder]) -> list[ModelRun]:
+    return [m for run in runs for m in run.models.values()]
+
+
+def comparisons(runs: list[RunFolder], *, n_resamples: int = 2000, seed: int = 0) -> list[dict[str, Any]]:
+    """Every run's own paired comparisons, then pairs across runs that scored the same test images."""
+    out = []
+    for run in runs:
+        for comp in run.results.get("comparisons") or []:
+            if len(runs) > 1:
+                comp = {**comp, "a": f"{run.name}/{comp['a']}", "b": f"{run.name}/{comp['b']}"}
+            out.append(comp)
+    for ra, rb in combinations(runs, 2):
+        for ma in ra.models.values():
+            for mb in rb.models.values():
+                if ma.classes != mb.classes:
+                    continue
+                shared, ia, ib = np.intersect1d(ma.sample_ids, mb.sample_ids, return_indices=True)
+                if len(shared) == 0:
+                    continue
+                comp = compare_paired(ma.key, ma.correct[ia], mb.key, mb.correct[ib], n_resamples=n_resamples,
+                                      seed=seed).to_dict()
+                out.append({**comp, "across_runs": True})
+    return out
+
+
+def aligned(a: ModelRun, b: ModelRun) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of the test images both models scored, in ``a``'s order."""
+    _, ia, ib = np.intersect1d(a.sample_ids, b.sample_ids, return_indices=True)
+    order = np.argsort(ia)
+    return ia[order], ib[order]
+
+
+def select_examples(models: list[ModelRun], *, n: int, seed: int) -> list[str]:
+    """Sample ids of ``n`` test images for the predictions grid: right and wrong, balanced over agreement patterns.
+
+    With two or more models the first two define four groups (both right, only the first, only the second, both
+    wrong), drawn from in turn; with one model, right and wrong. Seeded, so the grid and the explanations agree.
+    """
+    if n <= 0 or not models:
+        return []
+    rng = np.random.default_rng(seed)
+    first = models[0]
+    if len(models) >= 2:
+        ia, ib = aligned(first, models[1])
+        ca, cb = first.correct[ia], models[1].correct[ib]
+        groups = [ia[ca & cb], ia[ca & ~cb], ia[~ca & cb], ia[~ca & ~cb]]
+    else:
+        groups = [np.flatnonzero(first.correct), np.flatnonzero(~first.correct)]
+    pools = [list(rng.permutation(g)) for g in groups]
+    chosen: list[int] = []
+    while len(chosen) < n and any(pools):
+        for pool in pools:
+            if pool and len(chosen) < n:
+                chosen.append(int(pool.pop()))
+    return [str(first.sample_ids[i]) for i in chosen]

@@ -1,0 +1,180 @@
+"""The report: `dogbench run` writes report.html (self-contained) and report.md; `dogbench report` combines runs.
+
+Tiny synthetic datasets and tiny random timm models; the browser check opens the page in headless Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from browser import check_page
+from dogbench.cli import main
+from dogbench.config import ConfigError, resolve
+from dogbench.report import ReportError, load_runs, select_examples
+from dogbench.report.plots import breed_order
+from dogbench.report.runs import ModelRun
+from dogbench.results import verdict
+
+TINY = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"]
+FAST = ["--trials", "4", "--set", "tune.max_epochs=15", "--set", "evaluate.n_bootstrap=200", "--quiet"]
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """Two run folders on the same tiny dataset: both backbones, and the CNN alone with other tuning."""
+    from conftest import make_class_folder_layout
+
+    base = tmp_path_factory.mktemp("report")
+    data = make_class_folder_layout(base / "data", classes=("cat", "dog", "fox", "owl", "yak"), n_train=8, n_test=4)
+    common = ["--data", str(data), "--cache-dir", str(base / "cache"), *FAST]
+    assert main(["run", *common, "--out", str(base / "both"), *TINY]) == 0
+    assert main(["run", *common, "--out", str(base / "cnn-only"), TINY[0], TINY[1], "--set", "tune.seed=1",
+                 "--set", "report.explain=2"]) == 0
+    return base, base / "both", base / "cnn-only"
+
+
+def test_run_writes_a_self_contained_report(runs: tuple[Path, Path, Path]) -> None:
+    _, run, _ = runs
+    results = json.loads((run / "results.json").read_text())
+    html = (run / "report.html").read_text()
+    sources = re.findall(r'<img[^>]* src="([^"]*)"', html)
+    assert sources and all(s.startswith("data:image/") for s in sources)  # nothing to fetch: opens offline
+    assert not re.search(r'(?:href|src)="(?:https?:)?//', html)
+    assert verdict(results["comparison"]) in html.replace("&#39;", "'")
+    for header in ("test top-1 [95% CI]", "top-5", "macro-F1", "params", "GFLOPs", "img/s", "device"):
+        assert header in html
+    for section in ("Accuracy and compute", "Per-breed accuracy", "Confusions", "Head search (Optuna)",
+                    "Test predictions, right and wrong", "Where the models look"):
+        assert f">{section}</h2>" in html
+    # every model: a confusion matrix, an optimisation history; both models in the explanations
+    for label in ("cnn", "vit"):
+        assert f"confusion matrix of {label}" in html and f"{label} optimisation history" in html
+    records = json.loads((run / "explanations" / "explanations.json").read_text())
+    assert {r["label"] for r in records} == {"cnn", "vit"}
+    assert {r["method"] for r in records} == {"attention rollout", "grad-cam"}
+    assert len({r["figure"] for r in records}) == 6  # report.explain
+
+
+def test_markdown_report_links_files_that_exist(runs: tuple[Path, Path, Path]) -> None:
+    _, run, _ = runs
+    md = (run / "report.md").read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(links) >= 8
+    for link in links:
+        assert (run / link).is_file(), link
+        assert (run / link).read_bytes()[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb")
+    assert md.startswith("# dogbench: cnn vs vit")
+
+
+def test_random_weights_are_not_leaky_and_say_so(runs: tuple[Path, Path, Path]) -> None:
+    _, run, _ = runs
+    results = json.loads((run / "results.json").read_text())
+    for m in results["models"].values():
+        assert m["leaky"] is False and m["pretraining"] == "random initialisation (no pretraining)"
+    assert "randomly initialised weights: a smoke test" in (run / "report.md").read_text()
+
+
+def test_the_page_renders_in_headless_chromium(runs: tuple[Path, Path, Path]) -> None:
+    _, run, _ = runs
+    page = check_page(run / "report.html", ARTIFACTS / "report-tiny.png")
+    assert page.images >= 15
+    assert page.broken_images == [] and page.console_errors == [] and page.page_errors == []
+    assert page.failed_requests == []
+    results = json.loads((run / "results.json").read_text())
+    assert verdict(results["comparison"]) in page.text
+    assert "test top-1 [95% CI]" in page.text
+    assert page.screenshot.stat().st_size > 50_000
+
+
+def test_several_runs_combine_into_one_comparison(runs: tuple[Path, Path, Path], capsys: pytest.CaptureFixture
+                                                  ) -> None:
+    base, both, cnn_only = runs
+    out = base / "combined"
+    assert main(["report", str(both), str(cnn_only), "--out", str(out), "--explain", "0", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in printed
+    html = (out / "report.html").read_text()
+    for key in ("both/cnn", "both/vit", "cnn-only/cnn"):
+        assert key in html
+    # the same CNN features, another study seed: compared on the same test images across the runs
+    report = json.loads((out / "report.json").read_text())
+    assert any("(across runs)" in v for v in report["verdicts"]) or "cnn-only/cnn" in html
+    assert "McNemar p" in html and "both/cnn" in printed + html
+    assert not (both / "report_files" / "accuracy.png").samefile(out / "report_files" / "accuracy.png")
+
+
+def test_cross_run_comparisons_are_paired_on_shared_test_images(runs: tuple[Path, Path, Path]) -> None:
+    from dogbench.report.runs import comparisons
+
+    _, both, cnn_only = runs
+    loaded = load_runs([both, cnn_only])
+    comps = comparisons(loaded, n_resamples=200)
+    across = [c for c in comps if c.get("across_runs")]
+    assert {(c["a"], c["b"]) for c in across} == {("both/cnn", "cnn-only/cnn"), ("both/vit", "cnn-only/cnn")}
+    a, b = loaded[0].models["both/cnn"], loaded[1].models["cnn-only/cnn"]
+    c = next(c for c in across if c["a"] == "both/cnn")
+    assert c["n"] == len(a.sample_ids) and c["top1_a"] == pytest.approx(a.correct.mean())
+    assert c["top1_b"] == pytest.approx(b.correct.mean())
+
+
+def test_report_on_a_folder_without_results_says_what_to_run(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results.json" in capsys.readouterr().err
+    with pytest.raises(ReportError, match="not a folder"):
+        load_runs([tmp_path / "missing"])
+
+
+def test_a_report_failure_keeps_the_results(runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, run, _ = runs
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "results.json").write_text((run / "results.json").read_text())
+    (broken / "cnn").mkdir()  # predictions of cnn are missing
+    with pytest.raises(ReportError, match=r"predictions.npz is missing.*dogbench evaluate"):
+        load_runs([broken])
+
+
+def _model(correct: np.ndarray, key: str) -> ModelRun:
+    n = len(correct)
+    y = np.arange(n) % 3
+    proba = np.full((n, 3), 0.1, dtype=np.float32)
+    proba[np.arange(n), np.where(correct, y, (y + 1) % 3)] = 0.8
+    return ModelRun(key, key, "r", {}, np.array([f"s{i:03d}" for i in range(n)]), y, proba,
+                    np.array([f"/x/{i}.jpg" for i in range(n)]), ("a", "b", "c"), None, np.full((n, 4), -1))
+
+
+def test_examples_cover_every_agreement_group_and_are_seeded() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.random(200) < 0.7, rng.random(200) < 0.6
+    models = [_model(a, "a"), _model(b, "b")]
+    ids = select_examples(models, n=12, seed=3)
+    assert len(ids) == len(set(ids)) == 12
+    rows = [int(i[1:]) for i in ids]
+    groups = {(bool(a[r]), bool(b[r])) for r in rows}
+    assert groups == {(True, True), (True, False), (False, True), (False, False)}
+    assert select_examples(models, n=12, seed=3) == ids != select_examples(models, n=12, seed=4)
+    assert select_examples(models[:1], n=5, seed=0) and select_examples(models, n=0, seed=0) == []
+
+
+def test_breed_order_puts_confused_breeds_side_by_side() -> None:
+    n = 8
+    confusion = np.eye(n, dtype=int) * 20
+    for i, j in ((0, 5), (2, 7), (1, 4)):
+        confusion[i, j] = confusion[j, i] = 6
+    order = list(breed_order(confusion))
+    assert sorted(order) == list(range(n))
+    for i, j in ((0, 5), (2, 7), (1, 4)):
+        assert abs(order.index(i) - order.index(j)) == 1
+
+
+def test_report_config_is_validated() -> None:
+    with pytest.raises(ConfigError, match="report.explain at most"):
+        resolve({}, overrides=["report.examples=2", "report.explain=3"])
+    assert resolve({}, overrides=["report.enabled=false"]).report.enabled is False

@@ -225,3 +225,33 @@ def test_a_dataset_without_test_images_fails_before_any_model_is_loaded(tmp_path
     assert code == 2
     assert "0 test images" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
+
+
+def test_explain_writes_an_overlay_per_model_for_a_photo(tiny_run: tuple[Path, Path, dict],
+                                                         capsys: pytest.CaptureFixture) -> None:
+    base, data, _ = tiny_run
+    photo = sorted(p for p in (data / "test" / "fox").iterdir() if not p.name.startswith("."))[0]
+    out = base / "explain-cli"
+    assert main(["explain", str(photo), "--run", str(base / "run"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    records = json.loads((out / "explanations.json").read_text())
+    assert [(r["label"], r["method"]) for r in records] == [("cnn", "grad-cam"), ("vit", "attention rollout")]
+    for r in records:
+        assert (out / r["png"]).read_bytes()[:4] == b"\x89PNG" and len(r["top3"]) == 3
+        assert str(out / r["png"]) in printed
+    assert (out / f"{photo.stem}.png").is_file() and f"side by side: {out / (photo.stem + '.png')}" in printed
+    assert main(["explain", str(base / "nope.jpg"), "--run", str(base / "run")]) == 2
+    assert "No such image file" in capsys.readouterr().err
+
+
+def test_models_prints_the_vit_paper_rows_from_the_models(capsys: pytest.CaptureFixture) -> None:
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines if line.startswith(("vit_", "resnet50"))}
+    # layers, hidden D, MLP, heads, patch, params (M) counted from the model, paper params (M), = paper
+    assert rows["vit_b16"][2:] == ["12", "768", "3072", "12", "16", "86.6", "86", "yes"]
+    assert rows["vit_l16"][2:] == ["24", "1024", "4096", "16", "16", "304.3", "307", "yes"]
+    assert rows["vit_h14"][2:] == ["32", "1280", "5120", "16", "14", "632.0", "632", "yes"]
+    assert rows["resnet50"][1] == "resnet50.tv_in1k" and "25.6" in rows["resnet50"]
+    assert main(["models", "resnet50", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["stages"] == [3, 4, 6, 3]

@@ -62,3 +62,15 @@ def test_temp_file_lives_beside_the_target_until_exit(tmp_path: Path) -> None:
         assert len(_leftovers(tmp_path)) == 1
     assert path.read_bytes() == b"data"
     assert _leftovers(tmp_path) == []
+
+
+def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.html", "<p>hi</p>")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644

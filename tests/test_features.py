@@ -430,6 +430,33 @@ def test_workers_default_to_the_main_process_on_cpu() -> None:
     assert 1 <= resolve_workers(None, torch.device("cuda")) <= 8
 
 
+def test_worker_processes_fork_without_a_warning_per_worker(dataset: Dataset) -> None:
+    """Python >= 3.12 warns on each fork of a multi-threaded process (any process that has used CUDA is one):
+    on a GPU that was one DeprecationWarning per worker per loader (seen on an H100). Worker loaders silence it."""
+    import threading
+
+    from dogbench.features import ImageDataset, iter_batches
+
+    backbone = _backbone()
+    images = ImageDataset.for_preprocess(
+        dataset.samples[:4], backbone.preprocess, crop_to_box=False, reduced_decode=True, decoder="auto")
+    stop = threading.Event()
+    alive = threading.Thread(target=stop.wait)  # this process is now multi-threaded when the workers fork
+    alive.start()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = list(iter_batches(images, [[0, 1], [2, 3]], workers=2, prefetch=1, pin_memory=False))
+            # Python < 3.12 does not warn: check that the filter matches the text it would have warned with.
+            warnings.warn(f"This process (pid={os.getpid()}) is multi-threaded, use of fork() may lead to "
+                          "deadlocks in the child.", DeprecationWarning, stacklevel=1)
+    finally:
+        stop.set()
+        alive.join()
+    assert [b[1].tolist() for b in got] == [[0, 1], [2, 3]]
+    assert not [w for w in caught if "multi-threaded" in str(w.message)]
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert keep_freed_memory() is True

@@ -218,6 +218,11 @@ def iter_batches(
     warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                             category=DeprecationWarning)
     if workers > 0:
+        # Python >= 3.12 warns on every fork of a multi-threaded process, and a process that has touched CUDA
+        # always is one: one warning per worker and loader on a GPU. DataLoader forks its workers on Linux by
+        # design; they only decode images (no CUDA, one torch thread).
+        warnings.filterwarnings("ignore", message=r"This process \(pid=\d+\) is multi-threaded, use of fork\(\)",
+                                category=DeprecationWarning)
         yield from torch.utils.data.DataLoader(
             images, batch_sampler=batches, num_workers=workers, pin_memory=pin_memory,
             prefetch_factor=prefetch, collate_fn=_collate,

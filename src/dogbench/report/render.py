@@ -22,6 +22,7 @@ from PIL import Image as PILImage
 
 from dogbench import __version__
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
+from dogbench.data import STANFORD_DOGS
 from dogbench.report import plots
 from dogbench.report.runs import (
     EXPLANATIONS_DIR,
@@ -47,6 +48,7 @@ class Image:
     name: str  # file name under report_files/
     alt: str
     width: int | None = None  # display width in px (None: the figure's own, up to the page width)
+    wide: bool = False  # shown at its natural size in a scrolling frame (a 120-class confusion matrix)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class _Assets:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
 
-    def add(self, name: str, data: bytes, alt: str, width: int | None = None) -> Image:
+    def add(self, name: str, data: bytes, alt: str, width: int | None = None, *, wide: bool = False) -> Image:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         stem, dot, ext = safe.rpartition(".")
         unique, i = safe, 1
@@ -120,7 +122,7 @@ class _Assets:
             i += 1
             unique = f"{stem}-{i}{dot}{ext}"
         self.files[unique] = data
-        return Image(unique, alt, width)
+        return Image(unique, alt, width, wide)
 
     def thumbnail(self, path: str, alt: str, px: int = THUMB_PX) -> Image | None:
         """A JPEG thumbnail of a dataset image, or None when the file cannot be read (moved, corrupt)."""
@@ -233,8 +235,9 @@ def _confusion_section(models: list[ModelRun], assets: _Assets, *, pairs: int) -
         n = len(m.classes)
         confusion = np.bincount(m.y_true * n + m.y_pred, minlength=n * n).reshape(n, n)
         img = assets.add(f"confusion-{m.key}.png", plots.confusion_figure(names, confusion, m.key),
-                         f"confusion matrix of {m.key}")
-        section.blocks.append(Figure(img, f"{m.key}: confusion matrix ({n} classes)"))
+                         f"confusion matrix of {m.key}", wide=n > 40)
+        section.blocks.append(Figure(img, f"{m.key}: confusion matrix ({n} classes)"
+                                     + ("; shown at full size, scroll sideways" if n > 40 else "")))
         if pairs <= 0:
             continue
         off = confusion.copy()
@@ -376,8 +379,9 @@ def _caveats(runs: list[RunFolder]) -> list[str]:
         if random:
             out.append(f"{prefix}{', '.join(random)} use randomly initialised weights: a smoke test, not a finding.")
         ds = run.results["dataset"]
-        if ds.get("split_source") not in ("official", "official lists"):
-            out.append(f"{prefix}train/test split: {ds.get('split_source')} (not Stanford Dogs' official lists).")
+        if ds.get("name") == STANFORD_DOGS and ds.get("split_source") != "official-lists":
+            out.append(f"{prefix}Stanford Dogs without its official lists: the train/test split was drawn with a seed "
+                       f"({ds.get('split_source')}), so the figures are not comparable with published ones.")
         if ds.get("skipped"):
             out.append(f"{prefix}{ds['skipped']} unreadable images were skipped (listed in results.json).")
     return out

@@ -97,8 +97,9 @@ def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Pat
     for header in ("test top-1 [95% CI]", "top-5", "macro-F1", "GFLOPs", "img/s"):
         assert header in page.text
     assert "Stanford Dogs is a subset of ImageNet" in page.text  # the leak caveat
-    html = (real_run_dir / "report.html").read_text()
-    assert "attention rollout" in html and "grad-cam" in html
+    assert "Where the models look" in page.text
+    records = json.loads((real_run_dir / "explanations" / "explanations.json").read_text())
+    assert {(r["label"], r["method"]) for r in records} == {("cnn", "grad-cam"), ("vit", "attention rollout")}
 
 
 def test_official_lists_of_the_slice_are_read(tmp_path: Path) -> None:

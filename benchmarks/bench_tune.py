@@ -74,7 +74,9 @@ def synthetic_features(
     return Features(X[train], labels[train], X[val], labels[val], X[test], labels[test])
 
 
-def run_search(feats: Features, *, heads: tuple[str, ...], trials: int, max_epochs: int, seed: int) -> dict[str, Any]:
+def run_search(
+    feats: Features, *, heads: tuple[str, ...], trials: int, max_epochs: int, seed: int, device: str = "cpu"
+) -> dict[str, Any]:
     """One fresh study: wall time, trial counts, epochs trained, best validation top-1, refit and test top-1."""
     cfg = TuneConfig(trials=trials, timeout_s=24 * 3600.0, heads=heads, max_epochs=max_epochs, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,13 +84,13 @@ def run_search(feats: Features, *, heads: tuple[str, ...], trials: int, max_epoc
         start = time.perf_counter()
         result = tune_head(
             feats.X_train, feats.y_train, feats.X_val, feats.y_val, cfg=cfg, storage=storage, study_name="bench",
-            progress=False,
+            device=device, progress=False,
         )
         wall_s = time.perf_counter() - start
         study = optuna.load_study(study_name="bench", storage=storage)
         epochs = sum(len(t.intermediate_values) for t in study.get_trials(deepcopy=False))
     start = time.perf_counter()
-    head = build_head(result.best_params, max_epochs=result.best_epoch, seed=seed)
+    head = build_head(result.best_params, max_epochs=result.best_epoch, seed=seed, device=device)
     head.fit(np.concatenate([feats.X_train, feats.X_val]), np.concatenate([feats.y_train, feats.y_val]))
     refit_s = time.perf_counter() - start
     return {
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="fresh studies per search; the median wall time")
     parser.add_argument("--max-epochs", type=int, default=TuneConfig().max_epochs)
     parser.add_argument("--seed", type=int, default=0, help="the study's seed (TuneConfig.seed)")
+    parser.add_argument("--device", default="cpu", help="where heads train (dogbench run: the features' device)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -143,12 +146,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeats):
             loads.append(os.getloadavg()[0])
             runs.append(run_search(feats, heads=SEARCHES[name], trials=args.trials, max_epochs=args.max_epochs,
-                                   seed=args.seed))
+                                   seed=args.seed, device=args.device))
         rows.append(summarise(name, runs, loads))
     print_table(rows)
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "optuna": optuna.__version__,
            "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
-    report = {"trials": args.trials, "max_epochs": args.max_epochs, "repeats": args.repeats,
+    report = {"trials": args.trials, "max_epochs": args.max_epochs, "repeats": args.repeats, "device": args.device,
               "n_train": len(feats.y_train), "n_val": len(feats.y_val), "n_test": len(feats.y_test),
               "dim": feats.X_train.shape[1], "n_classes": len(np.unique(feats.y_train)), "environment": env,
               "results": rows}

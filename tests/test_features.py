@@ -390,7 +390,7 @@ def test_out_of_memory_halves_the_batch_and_keeps_the_features(dataset: Dataset,
     expected = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "a", batch_size=4), progress=False)
     wrapped = _OutOfMemoryAbove(backbone.model, limit=1)
     oom = dataclasses.replace(backbone, model=wrapped)
-    with pytest.warns(UserWarning, match="out of memory on cpu: batches now run 2 images"):
+    with pytest.warns(UserWarning, match="out of memory on cpu: batches now run [12] images"):
         got = extract_features(oom, dataset, cfg=_cfg(tmp_path / "b", batch_size=4), progress=False)
     np.testing.assert_allclose(got.features, expected.features, rtol=1e-5, atol=1e-6)
     assert wrapped.calls[:3] == [4, 2, 1] and set(wrapped.calls[3:]) == {1}  # 4 fails, 2 fails, then 1 at a time

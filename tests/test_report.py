@@ -5,6 +5,7 @@ Tiny synthetic datasets and tiny random timm models; the browser check opens the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -178,3 +179,34 @@ def test_report_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="report.explain at most"):
         resolve({}, overrides=["report.examples=2", "report.explain=3"])
     assert resolve({}, overrides=["report.enabled=false"]).report.enabled is False
+
+
+def test_a_single_model_run_has_a_report_without_a_comparison(runs: tuple[Path, Path, Path]) -> None:
+    _, _, cnn_only = runs
+    md = (cnn_only / "report.md").read_text()
+    assert "**Only one model: nothing to compare.**" in md
+    assert "## Per-breed accuracy" not in md and "## Test predictions, right and wrong" in md
+
+
+def test_moved_images_leave_a_report_with_placeholders(runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    _, run, _ = runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("report*", "explanations"))
+    ids = np.load(copy / "cnn" / "predictions.npz")
+    moved = {k: ids[k] for k in ids.files}
+    moved["paths"] = np.array([str(tmp_path / "gone" / Path(p).name) for p in moved["paths"]])
+    np.savez_compressed(copy / "cnn" / "predictions.npz", **moved)
+    np.savez_compressed(copy / "vit" / "predictions.npz", **moved)
+    assert main(["report", str(copy), "--explain", "0", "--quiet"]) == 0
+    html = (copy / "report.html").read_text()
+    assert "(image not readable)" in html and "Where the models look" not in html
+
+
+def test_examples_of_models_without_shared_test_images_come_from_the_first() -> None:
+    a = _model(np.arange(20) % 2 == 0, "a")
+    b = dataclasses.replace(_model(np.ones(20, bool), "b"), sample_ids=np.array([f"t{i:03d}" for i in range(20)]))
+    ids = select_examples([a, b], n=6, seed=0)
+    assert len(ids) == 6 and all(i.startswith("s") for i in ids)
+    assert {bool(a.correct[int(i[1:])]) for i in ids} == {True, False}

@@ -497,7 +497,7 @@ def render_markdown(report: Report) -> str:
                 lines += _md_table(block)
             else:
                 table = Table(["image", "truth", "predictions (top-3)"],
-                              [[c.image or "", c.title, c.lines] for c in block.cards])
+                              [[c.image or "(image not readable)", c.title, c.lines] for c in block.cards])
                 lines += _md_table(table)
     return "\n".join(lines) + "\n"
 

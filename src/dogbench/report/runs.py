@@ -222,17 +222,18 @@ def select_examples(models: list[ModelRun], *, n: int, seed: int) -> list[str]:
     """Sample ids of ``n`` test images for the predictions grid: right and wrong, balanced over agreement patterns.
 
     With two or more models the first two define four groups (both right, only the first, only the second, both
-    wrong), drawn from in turn; with one model, right and wrong. Seeded, so the grid and the explanations agree.
+    wrong), drawn from in turn; with one model (or two that share no test image), the first's right and wrong.
+    Seeded, so the grid and the explanations agree.
     """
     if n <= 0 or not models:
         return []
     rng = np.random.default_rng(seed)
     first = models[0]
-    if len(models) >= 2:
-        ia, ib = aligned(first, models[1])
+    ia, ib = aligned(first, models[1]) if len(models) >= 2 else (np.array([], int), np.array([], int))
+    if len(ia):
         ca, cb = first.correct[ia], models[1].correct[ib]
         groups = [ia[ca & cb], ia[ca & ~cb], ia[~ca & cb], ia[~ca & ~cb]]
-    else:
+    else:  # one model, or two runs without a test image in common
         groups = [np.flatnonzero(first.correct), np.flatnonzero(~first.correct)]
     pools = [list(rng.permutation(g)) for g in groups]
     chosen: list[int] = []

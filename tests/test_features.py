@@ -460,3 +460,57 @@ def test_worker_processes_fork_without_a_warning_per_worker(dataset: Dataset) ->
 @pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert keep_freed_memory() is True
+
+
+@pytest.mark.parametrize("layout", ["class_folder_root", "bad_images_root", "official_root"])
+def test_device_decoding_gives_the_batches_of_the_cpu_tensor_path(layout: str, request: pytest.FixtureRequest
+                                                                  ) -> None:
+    """decoder = "device" leaves plain JPEGs as bytes for nvJPEG on the model's device; decoded on the CPU the
+    same way, the batches and error texts equal the CPU tensor path's (box crops and EXIF included)."""
+    from dogbench.features import EncodedJpeg, ImageDataset, decode_on_device, iter_batches
+
+    root = request.getfixturevalue(layout)
+    ds = open_dataset(root[0] if isinstance(root, tuple) else root)
+    crop = layout == "official_root"
+    pre = _backbone().preprocess
+    kw = {"crop_to_box": crop, "reduced_decode": True}
+    cpu = ImageDataset.for_preprocess(ds.samples, pre, decoder="auto", **kw)
+    dev = ImageDataset.for_preprocess(ds.samples, pre, decoder="nvjpeg", **kw)
+    batch = [list(range(len(ds.samples)))]
+    [(x_cpu, index, errors_cpu)] = iter_batches(cpu, batch, workers=0, prefetch=1, pin_memory=False)
+    [(items, _, errors)] = iter_batches(dev, batch, workers=0, prefetch=1, pin_memory=False)
+    assert isinstance(items, list) and any(isinstance(x, EncodedJpeg) for x in items)
+    if layout != "official_root":  # all JPEGs there
+        assert any(isinstance(x, torch.Tensor) for x in items)  # PNGs (and unreadable files) leave decoded
+    x_dev, errors_dev = decode_on_device(items, errors, torch.device("cpu"), dev.tensor_transform, dev.input_size,
+                                         [ds.samples[int(i)].path for i in index])
+    assert torch.equal(x_dev, x_cpu)
+    assert errors_dev == errors_cpu
+    if layout == "bad_images_root":
+        assert sum(bool(e) for e in errors_dev) == 3
+
+
+def test_device_decoder_is_nvjpeg_on_cuda_only() -> None:
+    from dogbench.features import effective_decoder
+
+    pre = _backbone().preprocess
+    assert effective_decoder("device", pre, torch.device("cuda")) == "nvjpeg"
+    assert effective_decoder("device", pre, torch.device("cpu")) == "auto"  # the same numbers as "auto" there
+    assert effective_decoder("pil", pre, torch.device("cuda")) == "pil"
+    assert effective_decoder("auto", pre, torch.device("cuda")) == "auto"
+
+
+def test_device_decoding_through_worker_processes(dataset: Dataset) -> None:
+    from dogbench.features import ImageDataset, decode_on_device, iter_batches
+
+    pre = _backbone().preprocess
+    dev = ImageDataset.for_preprocess(dataset.samples, pre, crop_to_box=False, reduced_decode=True, decoder="nvjpeg")
+    batches = [[0, 1, 2, 3], [4, 5, 6]]
+    got = []
+    for workers in (0, 2):
+        for items, index, errors in iter_batches(dev, batches, workers=workers, prefetch=1, pin_memory=False):
+            x, _ = decode_on_device(items, errors, torch.device("cpu"), dev.tensor_transform, dev.input_size,
+                                    [dataset.samples[int(i)].path for i in index])
+            got.append(x)
+    for a, b in zip(got[:2], got[2:], strict=True):
+        assert torch.equal(a, b)

@@ -1,7 +1,6 @@
 #!/bin/bash
 # The GPU figures of docs/BENCHMARKS.md part 7 (run from the repository root on a CUDA machine):
 #   bash benchmarks/gpu.sh OUT [PARTS]      PARTS: any of env bf16 fp32 vits oom tune base w15 b128 b128w15 tunecpu
-#                                                       dev devw4 (features.decoder = "device": nvJPEG)
 # Data: the first PER_CLASS images (sorted names) of each class folder of SRC, each copied COPIES times into
 # /tmp/dogs-xCOPIES (class folders; distinct files with the same bytes). On the H100 of part 7, SRC was a
 # copy of that 20-per-class slice carried to the machine. Results: OUT/res.tgz, re-packed after every step.
@@ -42,8 +41,6 @@ tunecpu) run tunecpu 120 $PY benchmarks/bench_tune.py --device cpu --out $RES/tu
 base) run base 120 $BENCH $BB --images $IMAGES --no-recipe --out $RES/base $EXTRA;;
 w15) run w15 120 $BENCH $BB --images $IMAGES --no-recipe --set features.num_workers=15 --out $RES/w15 $EXTRA;;
 b128) run b128 120 $BENCH $BB --images $IMAGES --no-recipe --batch-size 128 --out $RES/b128 $EXTRA;;
-dev) run dev 150 $BENCH $BB --images $IMAGES --no-recipe --set features.decoder='"device"' --out $RES/dev $EXTRA;;
-devw4) run devw4 150 $BENCH $BB --images $IMAGES --no-recipe --set features.decoder='"device"' --set features.num_workers=4 --out $RES/devw4 $EXTRA;;
 b128w15) run b128w15 120 $BENCH $BB --images $IMAGES --no-recipe --batch-size 128 --set features.num_workers=15 --out $RES/b128w15 $EXTRA;;
 esac; done
 echo "=== done after $SECONDS s"; ls -la $OUT

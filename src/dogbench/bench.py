@@ -48,7 +48,6 @@ from dogbench.features import (
     ImageDataset,
     ModelRunner,
     cpu_cores,
-    decode_on_device,
     device_name,
     effective_decoder,
     extract_features,
@@ -138,20 +137,13 @@ def model_only(runner: ModelRunner, batch_size: int, *, batches: int, warmup: in
     return times
 
 
-def decode_only(
-    images: ImageDataset, batch_size: int, *, workers: int, prefetch: int, pin: bool, device: torch.device
-) -> float:
-    """Seconds to produce every uint8 batch of ``images`` with extraction's loader (JPEGs decoded on ``device``
-    when ``images`` leaves them to it), and nothing else."""
+def decode_only(images: ImageDataset, batch_size: int, *, workers: int, prefetch: int, pin: bool) -> float:
+    """Seconds to produce every batch of ``images`` with extraction's loader, and nothing else."""
     n = len(images)
     batches = [list(range(b, min(b + batch_size, n))) for b in range(0, n, batch_size)]
     start = time.perf_counter()
-    for x, index, errors in iter_batches(images, batches, workers=workers, prefetch=prefetch, pin_memory=pin):
-        if not isinstance(x, torch.Tensor):
-            decode_on_device(x, errors, device, images.tensor_transform, images.input_size,
-                             [images.samples[int(i)].path for i in index])
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    for _ in iter_batches(images, batches, workers=workers, prefetch=prefetch, pin_memory=pin):
+        pass
     return time.perf_counter() - start
 
 
@@ -242,7 +234,7 @@ def bench_backbone(
     pre = backbone.preprocess
     images = ImageDataset.for_preprocess(
         samples, pre, crop_to_box=cfg.data.crop_to_box, reduced_decode=fcfg.reduced_decode,
-        decoder=effective_decoder(fcfg.decoder, pre, device),
+        decoder=effective_decoder(fcfg.decoder, pre),
     )
     compiled, compile_s = None, None
     if bcfg.compare_compile:
@@ -259,7 +251,7 @@ def bench_backbone(
             c_steps = model_only(compiled, batch_size, batches=bcfg.model_batches)
             got["compiled_samples_per_sec"] = batch_size * len(c_steps) / sum(c_steps)
         got["decode_samples_per_sec"] = len(samples) / decode_only(
-            images, batch_size, workers=workers, prefetch=fcfg.prefetch, pin=device.type == "cuda", device=device)
+            images, batch_size, workers=workers, prefetch=fcfg.prefetch, pin=device.type == "cuda")
         with tempfile.TemporaryDirectory(prefix="dogbench-bench-") as cache:
             run_cfg = dataclasses.replace(fcfg, cache_dir=cache, batch_size=batch_size, compile=False)
             start = time.perf_counter()

@@ -77,7 +77,7 @@ class BackboneConfig:
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
-DECODERS = ("auto", "pil", "device")
+DECODERS = ("auto", "pil")
 PREPROCESS_KEYS = ("input_size", "crop_pct", "crop_mode", "interpolation", "mean", "std")
 
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(
         self, samples: tuple[Sample, ...], transform: Any, *, crop_to_box: bool, input_size: tuple[int, ...],
-        min_side: int | None = None, tensor_transform: Any = None, device_decode: bool = False,
+        min_side: int | None = None, tensor_transform: Any = None,
     ) -> None:
         self.samples = samples
         self.transform = transform  # PIL image -> uint8 tensor (timm's eval transform, prefetcher form)
@@ -120,21 +120,14 @@ class ImageDataset(torch.utils.data.Dataset):
         self.input_size = input_size
         self.min_side = min_side
         self.tensor_transform = tensor_transform  # uint8 tensor -> uint8 tensor; None = decode with PIL only
-        # plain JPEGs leave as their file bytes (EncodedJpeg), decoded later on the model's device (nvJPEG)
-        self.device_decode = device_decode and tensor_transform is not None
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor | EncodedJpeg, int, str]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         sample = self.samples[index]
         box = sample.box if self.crop_to_box else None
         try:
-            plain = _plain_jpeg(sample.path, box, self.min_side) if self.device_decode else None
-            if plain is not None:
-                # bytes in ordinary memory: read_file's storage cannot be shared with the main process by fd
-                data = torch.frombuffer(bytearray(Path(sample.path).read_bytes()), dtype=torch.uint8)
-                return EncodedJpeg(data, *plain), index, ""
             if self.tensor_transform is not None:
                 image = read_image(sample.path, box=box, min_side=self.min_side)
             else:
@@ -153,8 +146,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return cls(
             samples, preprocess.transform(uint8=True), crop_to_box=crop_to_box, input_size=preprocess.input_size,
             min_side=preprocess.min_side if reduced_decode else None,
-            tensor_transform=preprocess.tensor_transform() if decoder in ("auto", "nvjpeg") else None,
-            device_decode=decoder == "nvjpeg",
+            tensor_transform=preprocess.tensor_transform() if decoder == "auto" else None,
         )
 
 
@@ -165,84 +157,24 @@ def read_image(
     torchvision.io into a (3, H, W) uint8 tensor when it is an RGB or grey JPEG that reduced-size decoding
     would not shrink; else the PIL image from ``load_image``. Raises ImageError.
     """
-    plain = _plain_jpeg(path, box, min_side)
-    if plain is None:
-        return load_image(path, box=box, min_side=min_side)  # raises the ImageError with PIL's reason
-    try:
-        x = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
-    except RuntimeError as err:
-        raise ImageError(f"cannot read image {path}: {_decode_reason(err)}") from None
-    return _crop_orient(x, *plain, cropped=box is not None)
-
-
-def _decode_reason(err: RuntimeError) -> str:
-    return str(err).rsplit(", ", 1)[-1]  # drop torchvision's "decode_jpeg, <file.cpp>:<line>, " prefix
-
-
-def _plain_jpeg(
-    path: Path, box: tuple[int, int, int, int] | None, min_side: int | None
-) -> tuple[tuple[int, int, int, int], int | None] | None:
-    """(region to keep, EXIF orientation) when ``path`` is an RGB or grey JPEG that reduced-size decoding would
-    not shrink (torchvision decodes it as it is); None when PIL must do the work (or report the error)."""
     try:
         with Image.open(path) as img:  # the header only: format, mode, size, EXIF
             fmt, mode, size = img.format, img.mode, img.size
             orientation = img.getexif().get(ExifTags.Base.Orientation)
     except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
-        return None
+        return load_image(path, box=box, min_side=min_side)  # raises the ImageError with PIL's reason
     region = clamp_box(box, size, path) if box is not None else (0, 0, *size)
     small = min_side is None or min(region[2] - region[0], region[3] - region[1]) < 2 * min_side
     if fmt != "JPEG" or mode not in ("RGB", "L") or not small:
-        return None
-    return region, orientation
-
-
-def _crop_orient(
-    x: torch.Tensor, region: tuple[int, int, int, int], orientation: int | None, *, cropped: bool = True
-) -> torch.Tensor:
-    if cropped:
+        return load_image(path, box=box, min_side=min_side)
+    try:
+        x = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        reason = str(err).rsplit(", ", 1)[-1]  # drop torchvision's "decode_jpeg, <file.cpp>:<line>, " prefix
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+    if box is not None:
         x = x[:, region[1] : region[3], region[0] : region[2]]
     return _orient(x, orientation).contiguous()
-
-
-class EncodedJpeg(NamedTuple):
-    """A plain JPEG's file bytes for decoding on the model's device, with what ``read_image`` would apply."""
-
-    data: torch.Tensor  # (n_bytes,) uint8
-    region: tuple[int, int, int, int]  # the box (or the whole image) in stored pixels
-    orientation: int | None  # EXIF orientation
-
-
-def decode_on_device(
-    items: list[torch.Tensor | EncodedJpeg], errors: list[str], device: torch.device, tensor_transform: Any,
-    input_size: tuple[int, ...], paths: list[Path],
-) -> tuple[torch.Tensor, list[str]]:
-    """A mixed batch (decoded images, JPEG bytes) -> the uint8 batch on ``device`` and its error texts.
-
-    The JPEGs are decoded together (nvJPEG's batched decoder on CUDA), cropped, oriented and resized on the
-    device exactly as ``read_image`` + the tensor transform do on the CPU. When the batch decoder fails, each
-    JPEG is decoded alone on the CPU, so one corrupt file costs only itself.
-    """
-    jpegs = [i for i, item in enumerate(items) if isinstance(item, EncodedJpeg)]
-    errors = list(errors)
-    try:
-        decoded = decode_jpeg([items[i].data for i in jpegs], mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        decoded = []
-        for i in jpegs:
-            try:
-                decoded.append(decode_jpeg(items[i].data, mode=ImageReadMode.RGB).to(device))
-            except RuntimeError as err:
-                decoded.append(None)
-                errors[i] = f"cannot read image {paths[i]}: {_decode_reason(err)}"
-    out = [item.to(device, non_blocking=True) if isinstance(item, torch.Tensor) else None for item in items]
-    for i, x in zip(jpegs, decoded, strict=True):
-        item = items[i]
-        region = tuple(int(v) for v in item.region)
-        orientation = None if item.orientation is None else int(item.orientation)
-        out[i] = (tensor_transform(_crop_orient(x, region, orientation)) if x is not None
-                  else torch.zeros(input_size, dtype=torch.uint8, device=device))
-    return torch.stack(out), errors
 
 
 def _orient(x: torch.Tensor, orientation: int | None) -> torch.Tensor:
@@ -260,22 +192,17 @@ def _orient(x: torch.Tensor, orientation: int | None) -> torch.Tensor:
     return op(x) if op is not None else x
 
 
-def effective_decoder(decoder: str, preprocess: Preprocess, device: torch.device | None = None) -> str:
-    """What decodes: ``auto`` (torchvision on the CPU) needs a resize and crop torchvision can do on uint8
-    tensors, else PIL does all the work; ``device`` is nvJPEG on a CUDA device and ``auto`` anywhere else."""
-    if decoder == "pil" or preprocess.tensor_transform() is None:
-        return "pil"
-    return "nvjpeg" if decoder == "device" and device is not None and device.type == "cuda" else "auto"
+def effective_decoder(decoder: str, preprocess: Preprocess) -> str:
+    """``auto`` needs a resize and crop torchvision can do on uint8 tensors; otherwise PIL does all the work."""
+    return "auto" if decoder == "auto" and preprocess.tensor_transform() is not None else "pil"
 
 
-# uint8 images (or, with device decoding, a list of images and EncodedJpeg), dataset indices, error texts ("" = ok)
-Batch = tuple[torch.Tensor | list, torch.Tensor, list[str]]
+Batch = tuple[torch.Tensor, torch.Tensor, list[str]]  # uint8 images, dataset indices, error texts ("" = ok)
 
 
-def _collate(items: list[tuple[torch.Tensor | EncodedJpeg, int, str]]) -> Batch:
-    images = [item[0] for item in items]
+def _collate(items: list[tuple[torch.Tensor, int, str]]) -> Batch:
     return (
-        torch.stack(images) if all(isinstance(x, torch.Tensor) for x in images) else images,
+        torch.stack([item[0] for item in items]),
         torch.tensor([item[1] for item in items], dtype=torch.int64),
         [item[2] for item in items],
     )
@@ -304,7 +231,7 @@ def iter_batches(
     with ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="decode") as pool:
         for batch in batches:
             x, index, errors = _collate(list(pool.map(images.__getitem__, batch)))
-            yield (x.pin_memory() if pin_memory and isinstance(x, torch.Tensor) else x), index, errors
+            yield (x.pin_memory() if pin_memory else x), index, errors
 
 
 def feature_key(
@@ -354,7 +281,7 @@ def extract_features(
     precision = resolve_precision(cfg.precision, device)
     key = feature_key(
         backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
-        decoder=effective_decoder(cfg.decoder, backbone.preprocess, device), compiled=cfg.compile,
+        decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile,
     )
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
     entry = FeatureCache(cache_root).entry(key)
@@ -381,7 +308,7 @@ def extract_features(
                 "preprocess": backbone.preprocess.to_dict(),
                 "precision": precision.value,
                 "reduced_decode": cfg.reduced_decode,
-                "decoder": effective_decoder(cfg.decoder, backbone.preprocess, device),
+                "decoder": effective_decoder(cfg.decoder, backbone.preprocess),
                 "compile": cfg.compile,
                 "dataset_root": str(dataset.root),
             }
@@ -459,7 +386,7 @@ def _extract_missing(
     preprocess = runner.preprocess
     images = ImageDataset.for_preprocess(
         dataset.samples, preprocess, crop_to_box=crop_to_box, reduced_decode=cfg.reduced_decode,
-        decoder=effective_decoder(cfg.decoder, preprocess, runner.device),
+        decoder=effective_decoder(cfg.decoder, preprocess),
     )
     loader = iter_batches(
         images, batches, workers=resolve_workers(cfg.num_workers, runner.device), prefetch=cfg.prefetch,
@@ -469,9 +396,6 @@ def _extract_missing(
     pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
     with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
         for x, index, errors in loader:
-            if not isinstance(x, torch.Tensor):
-                x, errors = decode_on_device(x, errors, runner.device, images.tensor_transform, images.input_size,
-                                             [dataset.samples[int(i)].path for i in index])
             bad = [(int(i), e) for i, e in zip(index, errors, strict=True) if e]
             if bad and strict:
                 raise ImageError(f"{dataset.samples[bad[0][0]].sample_id}: {bad[0][1]} (--strict stops here)")

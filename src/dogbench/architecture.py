@@ -256,7 +256,7 @@ def variants_table(names: Sequence[str] = DEFAULT_MODELS, *, num_classes: int = 
         f"paper: {PAPER}.",
     ]
     if papers:
-        notes.append(f"paper rows: {papers}; '= paper' compares layers, hidden D, MLP and heads.")
+        notes += [f"paper rows: {papers}.", "'= paper': layers, hidden D, MLP and heads equal the paper's."]
     return "\n".join([line(COLUMNS), line(["-" * w for w in widths]), *map(line, body), "", *notes])
 
 

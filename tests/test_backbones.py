@@ -351,7 +351,9 @@ def test_tensor_transform_is_none_where_only_pil_matches_timm() -> None:
         ("vit_small_patch16_224.augreg_in21k_ft_in1k", "hub", True, "ImageNet-21k, ImageNet-1k"),
         ("resnet50.tv_in1k", "hub", True, "tv_in1k: ImageNet-1k"),
         ("vit_small_patch14_dinov2", "w.safetensors", True, "LVD-142M"),  # timm's default tag, assumed
-        ("vit_base_patch16_clip_224.laion2b", "hub", False, "no ImageNet-family data"),
+        ("vit_base_patch16_clip_224.laion2b", "hub", False, "names no ImageNet-family data"),
+        ("vit_base_patch16_224.dino", "hub", True, "DINO, self-supervised"),
+        ("vit_base_patch16_224.mae", "hub", True, "MAE, self-supervised"),
         ("resnet50", "random", False, "random initialisation"),
     ],
 )

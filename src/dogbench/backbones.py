@@ -285,7 +285,11 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
 # Pretraining-tag tokens (timm's ``model.tag`` suffixes) naming data that contains ImageNet's photos, and what they are.
 IMAGENET_TAGS: dict[str, str] = {
     "in1k": "ImageNet-1k", "in12k": "ImageNet-12k (a subset of ImageNet-21k)", "in21k": "ImageNet-21k",
-    "in22k": "ImageNet-22k", "imagenet": "ImageNet", "lvd142m": "LVD-142M (curated around ImageNet-1k/22k)",
+    "in22k": "ImageNet-22k", "inw21k": "ImageNet-21k (winter release)", "imagenet": "ImageNet",
+    "lvd142m": "LVD-142M (curated around ImageNet-1k/22k)",
+    # self-supervised recipes whose timm weights were trained on ImageNet-1k images (no labels)
+    "dino": "ImageNet-1k (DINO, self-supervised)", "mae": "ImageNet-1k (MAE, self-supervised)",
+    "fcmae": "ImageNet-1k (FCMAE, self-supervised)", "msn": "ImageNet-1k (MSN, self-supervised)",
 }
 
 
@@ -304,7 +308,7 @@ class Pretraining:
     def describe(self) -> str:
         if not self.tag:
             return "random initialisation (no pretraining)"
-        data = ", ".join(self.datasets) if self.datasets else "no ImageNet-family data named in the tag"
+        data = ", ".join(self.datasets) or "the tag names no ImageNet-family data (not checked further)"
         note = " (assumed from the timm tag: weights from a local file)" if self.assumed else ""
         return f"{self.tag}: {data}{note}"
 

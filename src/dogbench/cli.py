@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--examples", type=int, help="test images in the predictions grid (report.examples)")
     report.add_argument("--explain", type=int, help="of those, images explained with attention rollout / Grad-CAM "
                         "when the run folder has none yet (report.explain; 0: never load a model)")
+    report.add_argument("--seed", type=int, help="which test images the grid shows (report.seed)")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
 
     help_text = "write attention-rollout (ViT) / Grad-CAM (CNN) overlays of photos for every model of a run"
@@ -191,17 +193,34 @@ def _report(args: argparse.Namespace) -> int:
     from dogbench.config import ReportConfig
     from dogbench.pipeline import report_stage
 
-    d = ReportConfig()
+    saved: dict = {}  # one run folder: its own [report] settings are the defaults
+    if len(args.runs) == 1 and (args.runs[0] / "config.json").is_file():
+        saved = json.loads((args.runs[0] / "config.json").read_text()).get("report", {})
+    d = dataclasses.replace(ReportConfig(), **{k: v for k, v in saved.items() if k in ReportConfig.__annotations__})
     examples = d.examples if args.examples is None else args.examples
     explain = d.explain if args.explain is None else args.explain
     if examples < 0 or explain < 0:
         raise ConfigError(f"--examples and --explain must be >= 0, got {examples} and {explain}")
-    cfg = ReportConfig(examples=examples, explain=min(explain, examples))
+    cfg = dataclasses.replace(d, examples=examples, explain=min(explain, examples),
+                              seed=d.seed if args.seed is None else args.seed)
     out = args.out or (args.runs[0] if len(args.runs) == 1 else Path("runs") / time.strftime("report-%Y%m%d-%H%M%S"))
     files = report_stage(args.runs, out, cfg, progress=not args.quiet)
     print("\n".join(files.verdicts))
     print(f"report: {files.html}")
     return 0
+
+
+def _run_classes(run_dir: Path) -> tuple[str, ...] | None:
+    """Breed names as the run's evaluation saved them (None before evaluation: explain then reads the dataset)."""
+    import numpy as np
+
+    from dogbench.report.runs import breed_names
+
+    for path in sorted(run_dir.glob("*/predictions.npz")):
+        with np.load(path, allow_pickle=False) as npz:
+            if "classes" in npz.files:
+                return breed_names(tuple(npz["classes"].astype(str).tolist()))
+    return None
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -211,7 +230,7 @@ def _explain(args: argparse.Namespace) -> int:
     if missing:
         raise DogbenchError(f"No such image file: {', '.join(missing)}")
     out = args.out or args.run / "explain"
-    records = explain_run(args.run, args.images, out, device=args.device)
+    records = explain_run(args.run, args.images, out, device=args.device, class_names=_run_classes(args.run))
     for r in records:
         print(f"{r['image']} {r['label']} ({r['method']}): {out / r['png']}; "
               f"top-3 {', '.join(f'{n} {p:.0%}' for n, p in r['top3']) or '(no tuned head)'}")

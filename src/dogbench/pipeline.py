@@ -404,7 +404,7 @@ def _report_after(cfg: RunConfig, run_dir: Path, *, progress: bool) -> None:
         report_stage([run_dir], run_dir, cfg.report, progress=progress)
     except DogbenchError as err:
         raise DogbenchError(f"{err}\nThe results are saved in {run_dir}; only the report is missing: fix the above "
-                            f"and run `dogbench report {run_dir}`") from err
+                            f"and run `dogbench report {run_dir}` (`--explain 0` loads no model)") from err
 
 
 def explain_examples(run_dir: Path, ids: list[str], *, device: str) -> list[dict[str, Any]]:
@@ -417,7 +417,10 @@ def explain_examples(run_dir: Path, ids: list[str], *, device: str) -> list[dict
 
     first = next(iter(load_run(run_dir).models.values()))
     row_of = {sid: i for i, sid in enumerate(first.sample_ids)}
-    rows = [row_of[i] for i in ids]
+    rows = [row_of[i] for i in ids if Path(first.paths[row_of[i]]).is_file()]
+    if not rows:
+        raise DogbenchError(f"none of the {len(ids)} test images to explain is where the run read it (first: "
+                            f"{first.paths[row_of[ids[0]]] if ids else '-'})")
     images = [(Path(first.paths[r]), tuple(int(v) for v in first.boxes[r]) if first.boxes[r][0] >= 0 else None)
               for r in rows]
     out_dir = run_dir / EXPLANATIONS_DIR
@@ -434,20 +437,27 @@ def explain_examples(run_dir: Path, ids: list[str], *, device: str) -> list[dict
 
 
 def report_stage(run_dirs: list[Path], out_dir: Path, cfg: ReportConfig, *, progress: bool = True) -> ReportFiles:
-    """Explain the grid's first ``cfg.explain`` test images where a run has no explanations yet, then write the
-    report (``report.html``, ``report.md``) into ``out_dir``."""
+    """Explain the grid's first ``cfg.explain`` test images where a run has no explanations of them yet, then
+    write the report (``report.html``, ``report.md``) into ``out_dir``. Explanations that cannot be made (a
+    moved image or weights file) leave a note in the report instead of stopping it."""
     from dogbench.report import load_runs, make_report, select_examples
     from dogbench.report.runs import all_models
 
     runs = load_runs(list(run_dirs))
+    notes: list[str] = []
     if cfg.explain > 0:
         for run in runs:
-            if run.explanations:
-                continue
             ids = select_examples(all_models([run]), n=cfg.examples, seed=cfg.seed)[: cfg.explain]
-            config = json.loads((run.path / "config.json").read_text())
-            device = str(resolve_device(config.get("features", {}).get("device", "auto")))
-            if progress:
-                print(f"explaining {len(ids)} test images for {', '.join(run.models)} ({run.path})", file=sys.stderr)
-            explain_examples(run.path, ids, device=device)
-    return make_report(run_dirs, out_dir, examples=cfg.examples, confused_pairs=cfg.confused_pairs, seed=cfg.seed)
+            if [r.get("sample_id") for r in run.explanations[:: max(len(run.models), 1)]] == ids:
+                continue  # these very images are explained already
+            try:
+                config = json.loads((run.path / "config.json").read_text())
+                device = str(resolve_device(config.get("features", {}).get("device", "auto")))
+                if progress:
+                    print(f"explaining {len(ids)} test images for {', '.join(run.models)} ({run.path})",
+                          file=sys.stderr)
+                explain_examples(run.path, ids, device=device)
+            except (DogbenchError, OSError) as err:
+                notes.append(f"{run.name}: no explanations ({err}).")
+    return make_report(run_dirs, out_dir, examples=cfg.examples, confused_pairs=cfg.confused_pairs, seed=cfg.seed,
+                       notes=notes)

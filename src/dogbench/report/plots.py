@@ -19,6 +19,7 @@ from scipy.cluster.hierarchy import leaves_list, linkage  # noqa: E402
 
 DPI = 110
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+HEAD_COLOURS = ("#444444", "#e69f00", "#56b4e9", "#009e73")  # head kinds in the search plots, not models
 
 
 def palette(keys: Sequence[str]) -> dict[str, str]:
@@ -40,7 +41,7 @@ class ModelPoint:
     top1: float
     ci: tuple[float, float]
     gflops: float
-    seconds: float  # wall time of extraction + tuning + refit + evaluation
+    seconds: float  # wall time of extraction, tuning, the baseline, refit and evaluation
     baseline_top1: float | None = None
     baseline_ci: tuple[float, float] | None = None
 
@@ -72,7 +73,7 @@ def accuracy_vs_compute(points: Sequence[ModelPoint], colours: dict[str, str]) -
     """Top-1 against GFLOPs per image and against the run's wall time, one marker per model."""
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for ax, attr, xlabel in ((axes[0], "gflops", "GFLOPs per image (forward pass)"),
-                             (axes[1], "seconds", "wall time: extract + tune + refit + evaluate (s)")):
+                             (axes[1], "seconds", "wall time of the model's stages (s; extraction 0 when cached)")):
         for p in points:
             x = max(getattr(p, attr), 1e-3)
             ax.errorbar(x, p.top1 * 100, yerr=[[(p.top1 - p.ci[0]) * 100], [(p.ci[1] - p.top1) * 100]], fmt="o",
@@ -87,15 +88,18 @@ def accuracy_vs_compute(points: Sequence[ModelPoint], colours: dict[str, str]) -
 
 
 def per_breed_scatter(
-    names: Sequence[str], recall_a: np.ndarray, recall_b: np.ndarray, key_a: str, key_b: str, *, annotate: int = 8
+    names: Sequence[str], recall_a: np.ndarray, recall_b: np.ndarray, key_a: str, key_b: str, colours: dict[str, str],
+    *, annotate: int = 8,
 ) -> bytes:
-    """One point per breed: recall under ``a`` (x) against ``b`` (y); the breeds that differ most are named."""
+    """One point per breed: recall under ``a`` (x) against ``b`` (y), in the colour of the model that is better on
+    it (grey: tied); the breeds that differ most are named."""
     fig, ax = plt.subplots(figsize=(6.5, 6.5))
     rng = np.random.default_rng(0)
     jitter = rng.uniform(-0.006, 0.006, size=(2, len(names)))  # recalls are multiples of 1/n_test: separate ties
     diff = recall_b - recall_a
+    point_colours = [colours[key_b] if d > 0 else colours[key_a] if d < 0 else "grey" for d in diff]
     ax.scatter(recall_a * 100 + jitter[0] * 100, recall_b * 100 + jitter[1] * 100, s=18, alpha=0.65,
-               c=np.sign(diff), cmap="coolwarm_r", vmin=-1.5, vmax=1.5, edgecolors="none")
+               c=point_colours, edgecolors="none")
     ax.plot([0, 100], [0, 100], color="grey", lw=1, ls="--")
     for i in np.argsort(-np.abs(diff), kind="stable")[:annotate]:
         ax.annotate(names[i], (recall_a[i] * 100, recall_b[i] * 100), xytext=(4, -3), textcoords="offset points",
@@ -177,7 +181,7 @@ def optimisation_history(numbers: np.ndarray, values: np.ndarray, states: Sequen
                          key: str) -> bytes:
     """Validation top-1 per trial (pruned trials at their last epoch, hollow) and the best so far."""
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
-    head_colours = {h: COLOURS[i % len(COLOURS)] for i, h in enumerate(sorted(set(heads)))}
+    head_colours = {h: HEAD_COLOURS[i % len(HEAD_COLOURS)] for i, h in enumerate(sorted(set(heads)))}
     complete = np.array([s == "COMPLETE" for s in states])
     has_value = np.isfinite(values)
     for head, colour in head_colours.items():
@@ -200,8 +204,8 @@ def optimisation_history(numbers: np.ndarray, values: np.ndarray, states: Sequen
     return _png(fig)
 
 
-def parameter_importance(importance: dict[str, float], key: str) -> bytes:
-    """Optuna's fANOVA importance of each hyper-parameter for validation top-1."""
+def parameter_importance(importance: dict[str, float], key: str, n_complete: int) -> bytes:
+    """Optuna's fANOVA importance of each hyper-parameter for validation top-1 (over the complete trials)."""
     items = sorted(importance.items(), key=lambda kv: kv[1])
     fig, ax = plt.subplots(figsize=(6, 0.8 + 0.35 * max(len(items), 1)))
     ax.barh(range(len(items)), [v for _, v in items], color="#4c72b0")
@@ -209,6 +213,6 @@ def parameter_importance(importance: dict[str, float], key: str) -> bytes:
     for i, (_, v) in enumerate(items):
         ax.annotate(f"{v:.2f}", (v, i), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
     ax.set_xlabel("importance (fANOVA, sums to 1)")
-    ax.set_title(f"{key}: hyper-parameter importance")
+    ax.set_title(f"{key}: hyper-parameter importance ({n_complete} complete trials)")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from jinja2 import Environment, PackageLoader, select_autoescape
+from jinja2 import Environment, PackageLoader
 from PIL import Image as PILImage
 
 from dogbench import __version__
@@ -171,10 +171,11 @@ def _summary_table(models: list[ModelRun]) -> Table:
             bt = base["test"]
             rows.append([m.key, f"logistic regression (C={base['C']:.3g})",
                          f"{_pct(bt['top1'])} {_ci(bt['top1_ci95'])}", _pct(bt["top5"]), f"{bt['macro_f1']:.4f}",
-                         _pct(base["val"]["top1"]), *common, "", f"{t.get('baseline', 0):.1f}", "", img_s, device])
+                         _pct(base["val"]["top1"]), *common, f"{t.get('baseline', 0):.1f}", "", "", img_s, device])
     return Table(header, rows, "Test top-1 with its 95% bootstrap interval; val top-1 is the best trial's (tuned head) "
-                 "or the swept C's (baseline). Seconds are wall time per stage; img/s is extraction throughput "
-                 "(\"cached\": features came from the cache).")
+                 "or the swept C's (baseline). Seconds are wall time per stage (the baseline's C sweep, refit and "
+                 "scoring together under tune s); img/s is extraction throughput (\"cached\": features came from "
+                 "the cache).")
 
 
 def _points(models: list[ModelRun]) -> list[plots.ModelPoint]:
@@ -205,7 +206,7 @@ def _per_breed_section(a: ModelRun, b: ModelRun, assets: _Assets, colours: dict[
     keep = np.isfinite(ra) & np.isfinite(rb)
     names = [n for n, k in zip(breed_names(a.classes), keep, strict=True) if k]
     ra, rb = ra[keep], rb[keep]
-    scatter = assets.add("per-breed-scatter.png", plots.per_breed_scatter(names, ra, rb, a.key, b.key),
+    scatter = assets.add("per-breed-scatter.png", plots.per_breed_scatter(names, ra, rb, a.key, b.key, colours),
                          f"per-breed accuracy, {a.key} against {b.key}")
     bars = assets.add("per-breed-differences.png",
                       plots.breed_differences(names, ra, rb, a.key, b.key, colours),
@@ -281,10 +282,13 @@ def _tuning_section(models: list[ModelRun], assets: _Assets) -> Section:
                                      f"{sum(t.state == 'COMPLETE' for t in trials)} complete, "
                                      f"{sum(t.state == 'PRUNED' for t in trials)} pruned"))
         if study.importance:
-            imp = plots.parameter_importance(study.importance, m.key)
+            n_complete = sum(t.state == "COMPLETE" for t in trials)
+            imp = plots.parameter_importance(study.importance, m.key, n_complete)
             section.blocks.append(Figure(assets.add(f"optuna-importance-{m.key}.png", imp,
                                                     f"{m.key} hyper-parameter importance"),
-                                         f"{m.key}: hyper-parameter importance"))
+                                         f"{m.key}: hyper-parameter importance, fANOVA over {n_complete} complete "
+                                         "trials; parameters that only some heads have (MLP width, depth) are left "
+                                         "out when a complete trial lacks them"))
         elif study.note:
             section.paragraphs.append(f"{m.key}: {study.note}.")
     return section
@@ -317,9 +321,9 @@ def _examples_section(models: list[ModelRun], ids: list[str], assets: _Assets) -
         "both wrong. Each model's top-3 breeds with their probabilities."], [Cards(cards)])
 
 
-def _explanations_section(runs: list[RunFolder], assets: _Assets) -> Section | None:
+def _explanations_section(runs: list[RunFolder], assets: _Assets, notes: Sequence[str] = ()) -> Section | None:
     records = [(run, r) for run in runs for r in run.explanations]
-    if not records:
+    if not records and not notes:
         return None
     section = Section("explanations", "Where the models look", [
         "The same test images through each model: attention rollout for ViTs (attention of the class token, heads "
@@ -336,7 +340,8 @@ def _explanations_section(runs: list[RunFolder], assets: _Assets) -> Section | N
         img = assets.add(f"explain-{Path(figure).name}", png.read_bytes(),
                          f"explanations for {record.get('sample_id') or record['image']}")
         section.blocks.append(Figure(img, record.get("caption") or Path(record["image"]).name))
-    return section if section.blocks else None
+    section.paragraphs += list(notes)
+    return section if section.blocks or notes else None
 
 
 def _architecture_section(models: list[ModelRun]) -> Section | None:
@@ -359,8 +364,8 @@ def _architecture_section(models: list[ModelRun]) -> Section | None:
         return None
     return Section("models", "The backbones", [
         "Read off the models the run loaded (timm), not from a slide: layers are transformer blocks (ViT) or "
-        "residual blocks per stage (CNN); parameters without a classifier. `dogbench models` prints the ViT paper's "
-        "Base/Large/Huge table the same way."],
+        "residual blocks per stage (CNN); parameters without a classifier. The command dogbench models prints the "
+        "ViT paper's Base/Large/Huge table the same way."],
         [Table(["model", "timm tag", "family", "layers", "hidden size D", "MLP size", "heads", "patch", "input",
                 "params", "pretraining"], rows)])
 
@@ -373,7 +378,7 @@ def _caveats(runs: list[RunFolder]) -> list[str]:
         if leaky:
             out.append(f"{prefix}Stanford Dogs is a subset of ImageNet, and {', '.join(leaky)} "
                        f"{'was' if len(leaky) == 1 else 'were'} pretrained on ImageNet-family data: some test photos "
-                       "may have been seen in pretraining, so these accuracies may be optimistic (flag `leaky` in "
+                       "may have been seen in pretraining, so these accuracies may be optimistic (flag \"leaky\" in "
                        "results.json). The comparison between equally exposed models is still fair.")
         random = [k for k, m in run.results["models"].items() if m.get("weights") == "random"]
         if random:
@@ -387,16 +392,43 @@ def _caveats(runs: list[RunFolder]) -> list[str]:
     return out
 
 
-def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: int = 8, seed: int = 0) -> Report:
+def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[ModelRun]) -> list[str]:
+    """Each run's headline comparison (its first two backbones), then models of the same label across runs."""
+    out = []
+    for run in runs:
+        c = run.results.get("comparison")
+        if c:
+            prefix = f"{run.name}: " if len(runs) > 1 else ""
+            if len(runs) > 1:
+                c = {**c, "a": f"{run.name}/{c['a']}", "b": f"{run.name}/{c['b']}"}
+            out.append(prefix + verdict(c))
+    for c in comps:
+        if c.get("across_runs") and c["a"].split("/", 1)[1] == c["b"].split("/", 1)[1]:
+            out.append("Across runs: " + verdict(c))
+    if not out:
+        out = ["Only one model: nothing to compare." if len(models) < 2 else
+               f"{len(models)} models, but no two of them scored the same test images with the same classes: "
+               "nothing to compare pairwise."]
+    return out
+
+
+def _comparable_pair(models: list[ModelRun]) -> tuple[ModelRun, ModelRun] | None:
+    """The first two models (in run and config order) with the same classes and test images in common."""
+    for i, a in enumerate(models):
+        for b in models[i + 1:]:
+            if a.classes == b.classes and len(aligned(a, b)[0]):
+                return a, b
+    return None
+
+
+def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: int = 8, seed: int = 0,
+                 notes: Sequence[str] = ()) -> Report:
     """Everything the report shows, from loaded run folders."""
     models = all_models(runs)
     colours = plots.palette([m.key for m in models])
     assets = _Assets()
     comps = comparisons(runs)
-    verdicts = [(f"{c['a'].split('/')[0]} vs {c['b'].split('/')[0]} (across runs): " if c.get("across_runs") else "")
-                + verdict(c) for c in comps[: max(1, len(runs))]]
-    if not comps:
-        verdicts = ["Only one model: nothing to compare."]
+    verdicts = _verdicts(runs, comps, models)
     sections = [Section("summary", "Summary", [], [_summary_table(models)])]
     if len(comps) > 1:
         rows: list[list[Cell]] = [[c["a"], c["b"], f"{c['delta_top1'] * 100:+.2f}",
@@ -407,20 +439,22 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
     points = _points(models)
     sections.append(Section("accuracy", "Accuracy and compute", [
         "Test top-1 per model with its 95% bootstrap interval (hollow: the logistic-regression baseline on the same "
-        "features), then against the forward pass's GFLOPs and the run's wall time."], [
+        "features), then against the forward pass's GFLOPs and the wall time of the model's stages (extraction, "
+        "tuning, baseline, refit, evaluation; extraction counts 0 when the features came from the cache)."], [
         Figure(assets.add("accuracy.png", plots.accuracy_intervals(points, colours), "accuracy with intervals"),
                "Accuracy with intervals"),
         Figure(assets.add("accuracy-vs-compute.png", plots.accuracy_vs_compute(points, colours),
                           "accuracy against compute"), "Accuracy against compute"),
     ]))
-    if len(models) >= 2 and models[0].classes == models[1].classes:
-        sections.append(_per_breed_section(models[0], models[1], assets, colours))
+    pair = _comparable_pair(models)
+    if pair is not None:
+        sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
     sections.append(_tuning_section(models, assets))
     ids = select_examples(models, n=examples, seed=seed)
     if ids:
         sections.append(_examples_section(models, ids, assets))
-    for extra in (_explanations_section(runs, assets), _architecture_section(models)):
+    for extra in (_explanations_section(runs, assets, notes), _architecture_section(models)):
         if extra is not None:
             sections.append(extra)
     sections.append(_details_section(runs))
@@ -453,7 +487,7 @@ def _data_uri(name: str, data: bytes) -> str:
 
 
 def render_html(report: Report) -> str:
-    env = Environment(loader=PackageLoader("dogbench.report", "templates"), autoescape=select_autoescape(["html"]))
+    env = Environment(loader=PackageLoader("dogbench.report", "templates"), autoescape=True)
     env.filters["data_uri"] = lambda image: _data_uri(image.name, report.files[image.name])
     env.tests["image"] = lambda x: isinstance(x, Image)
     env.tests["lines"] = lambda x: isinstance(x, list)
@@ -464,7 +498,10 @@ def render_html(report: Report) -> str:
 
 
 def _md_escape(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Text that Markdown shows as it is: table pipes, emphasis, links and HTML characters escaped."""
+    for ch in "\\`*_[]<>|":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\n", " ")
 
 
 def _md_cell(cell: Cell) -> str:
@@ -476,23 +513,26 @@ def _md_cell(cell: Cell) -> str:
 
 
 def _md_table(table: Table) -> list[str]:
-    out = [f"*{table.caption}*", ""] if table.caption else []
+    out = [f"*{_md_escape(table.caption)}*", ""] if table.caption else []
     out += ["| " + " | ".join(_md_escape(h) for h in table.header) + " |", "|" + "---|" * len(table.header)]
     out += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
     return [*out, ""]
 
 
 def render_markdown(report: Report) -> str:
-    lines = [f"# {report.title}", "", f"{report.subtitle}  ", f"dogbench {report.version}, {report.created}", ""]
-    lines += [f"**{v}**" for v in report.verdicts] + [""]
-    lines += [f"> **Caveat.** {c}" for c in report.caveats] + ([""] if report.caveats else [])
+    lines = [f"# {_md_escape(report.title)}", "", f"{_md_escape(report.subtitle)}  ",
+             f"dogbench {report.version}, {report.created}", ""]
+    for v in report.verdicts:
+        lines += [f"**{_md_escape(v)}**", ""]
+    for c in report.caveats:
+        lines += [f"> **Caveat.** {_md_escape(c)}", ""]
     for section in report.sections:
         lines += [f"## {section.title}", ""]
         for p in section.paragraphs:
-            lines += [p, ""]
+            lines += [_md_escape(p), ""]
         for block in section.blocks:
             if isinstance(block, Figure):
-                lines += [_md_cell(block.image), "", f"*{block.caption}*", ""]
+                lines += [_md_cell(block.image), "", f"*{_md_escape(block.caption)}*", ""]
             elif isinstance(block, Table):
                 lines += _md_table(block)
             else:
@@ -527,10 +567,10 @@ def write_report(report: Report, out_dir: Path) -> ReportFiles:
 
 
 def make_report(run_dirs: Sequence[Path], out_dir: Path, *, examples: int = 12, confused_pairs: int = 8,
-                seed: int = 0) -> ReportFiles:
-    """Load run folders, build the report, write it into ``out_dir``."""
+                seed: int = 0, notes: Sequence[str] = ()) -> ReportFiles:
+    """Load run folders, build the report, write it into ``out_dir``; ``notes`` say what could not be explained."""
     runs = load_runs([Path(d) for d in run_dirs])
-    report = build_report(runs, examples=examples, confused_pairs=confused_pairs, seed=seed)
+    report = build_report(runs, examples=examples, confused_pairs=confused_pairs, seed=seed, notes=notes)
     return write_report(report, out_dir)
 
 

@@ -33,7 +33,6 @@ class Trial:
     state: str  # COMPLETE, PRUNED, FAIL, RUNNING
     value: float | None  # validation top-1 (complete), or the last reported epoch's (pruned)
     head: str
-    epochs: int
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,6 @@ class ModelRun:
     def correct(self) -> np.ndarray:
         return self.y_pred == self.y_true
 
-    def top_k(self, row: int, k: int = 3) -> list[tuple[str, float]]:
-        order = np.argsort(-self.proba[row], kind="stable")[:k]
-        return [(self.classes[i], float(self.proba[row, i])) for i in order]
-
-
 @dataclass(frozen=True)
 class RunFolder:
     path: Path
@@ -98,10 +92,11 @@ def _load_study(run_dir: Path, results: dict[str, Any], study_name: str) -> Stud
 
     storage = (results.get("config", {}).get("tune", {}) or {}).get("storage")
     if not storage:
-        db = run_dir / "optuna.db"
-        if not db.is_file():
-            return None
-        storage = f"sqlite:///{db.resolve()}"
+        storage = f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
+    if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+        # optuna would create an empty database there; a report only reads
+        return Study(study_name, (), {}, note=f"its Optuna study is not here: {storage.removeprefix('sqlite:///')} "
+                     "does not exist")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         study = optuna.load_study(study_name=study_name, storage=storage)
@@ -113,7 +108,7 @@ def _load_study(run_dir: Path, results: dict[str, Any], study_name: str) -> Stud
         value = t.value
         if value is None and t.intermediate_values:
             value = t.intermediate_values[max(t.intermediate_values)]
-        trials.append(Trial(t.number, t.state.name, value, str(t.params.get("head", "?")), len(t.intermediate_values)))
+        trials.append(Trial(t.number, t.state.name, value, str(t.params.get("head", "?"))))
     importance: dict[str, float] = {}
     note = ""
     complete = [t for t in frozen if t.state.name == "COMPLETE"]
@@ -198,12 +193,14 @@ def comparisons(runs: list[RunFolder], *, n_resamples: int = 2000, seed: int = 0
                 comp = {**comp, "a": f"{run.name}/{comp['a']}", "b": f"{run.name}/{comp['b']}"}
             out.append(comp)
     for ra, rb in combinations(runs, 2):
+        if ra.results["dataset"].get("root") != rb.results["dataset"].get("root"):
+            continue  # sample ids are paths inside the dataset: equal ids elsewhere are other photos
         for ma in ra.models.values():
             for mb in rb.models.values():
                 if ma.classes != mb.classes:
                     continue
                 shared, ia, ib = np.intersect1d(ma.sample_ids, mb.sample_ids, return_indices=True)
-                if len(shared) == 0:
+                if len(shared) == 0 or not np.array_equal(ma.y_true[ia], mb.y_true[ib]):
                     continue
                 comp = compare_paired(ma.key, ma.correct[ia], mb.key, mb.correct[ib], n_resamples=n_resamples,
                                       seed=seed).to_dict()

@@ -269,3 +269,13 @@ def test_cross_run_comparisons_align_permuted_rows() -> None:
     assert c["top1_a"] == pytest.approx(a.correct.mean()) and c["top1_b"] == pytest.approx(1 - a.correct.mean())
     other = [runs[0], dataclasses.replace(runs[1], results={"dataset": {"root": "/elsewhere"}})]
     assert comparisons(other, n_resamples=100) == []  # same ids in another dataset are other photos
+
+
+def test_per_breed_compares_the_cnn_with_the_vit(runs: tuple[Path, Path, Path]) -> None:
+    from dogbench.report.render import _comparable_pair
+
+    base, both, cnn_only = runs
+    models = [m for run in load_runs([cnn_only, both]) for m in run.models.values()]
+    a, b = _comparable_pair(models)  # cnn-only/cnn comes first, but the CNN / ViT pair is preferred
+    assert (a.key, b.key) == ("cnn-only/cnn", "both/vit")
+    assert _comparable_pair(models[:2]) is not None and _comparable_pair(models[:1]) is None

@@ -412,13 +412,19 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
     return out
 
 
+def _family(m: ModelRun) -> str:
+    return str((m.result.get("architecture") or {}).get("family", ""))
+
+
 def _comparable_pair(models: list[ModelRun]) -> tuple[ModelRun, ModelRun] | None:
-    """The first two models (in run and config order) with the same classes and test images in common."""
-    for i, a in enumerate(models):
-        for b in models[i + 1:]:
-            if a.classes == b.classes and len(aligned(a, b)[0]):
-                return a, b
-    return None
+    """Two models with the same classes and test images in common: the first CNN / ViT pair (CNN first, so points
+    above the diagonal are breeds where the ViT is better), else the first pair in run and config order."""
+    pairs = [(a, b) for i, a in enumerate(models) for b in models[i + 1:]
+             if a.classes == b.classes and len(aligned(a, b)[0])]
+    for a, b in pairs:
+        if {_family(a), _family(b)} == {"cnn", "vit"}:
+            return (a, b) if _family(a) == "cnn" else (b, a)
+    return pairs[0] if pairs else None
 
 
 def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: int = 8, seed: int = 0,

@@ -210,19 +210,6 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_classes(run_dir: Path) -> tuple[str, ...] | None:
-    """Breed names as the run's evaluation saved them (None before evaluation: explain then reads the dataset)."""
-    import numpy as np
-
-    from dogbench.report.runs import breed_names
-
-    for path in sorted(run_dir.glob("*/predictions.npz")):
-        with np.load(path, allow_pickle=False) as npz:
-            if "classes" in npz.files:
-                return breed_names(tuple(npz["classes"].astype(str).tolist()))
-    return None
-
-
 def _explain(args: argparse.Namespace) -> int:
     from dogbench.explain import explain_run
 
@@ -230,7 +217,7 @@ def _explain(args: argparse.Namespace) -> int:
     if missing:
         raise DogbenchError(f"No such image file: {', '.join(missing)}")
     out = args.out or args.run / "explain"
-    records = explain_run(args.run, args.images, out, device=args.device, class_names=_run_classes(args.run))
+    records = explain_run(args.run, args.images, out, device=args.device)
     for r in records:
         print(f"{r['image']} {r['label']} ({r['method']}): {out / r['png']}; "
               f"top-3 {', '.join(f'{n} {p:.0%}' for n, p in r['top3']) or '(no tuned head)'}")

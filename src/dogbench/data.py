@@ -30,6 +30,7 @@ __all__ = [
     "ImageError",
     "Sample",
     "detect_layout",
+    "display_names",
     "load_image",
     "open_dataset",
     "stratified_split",
@@ -110,6 +111,11 @@ class Dataset:
 
 
 # ---------------------------------------------------------------- splits
+
+
+def display_names(classes: Iterable[str]) -> tuple[str, ...]:
+    """Class names as people read them: ``golden_retriever`` -> ``golden retriever``."""
+    return tuple(c.replace("_", " ") for c in classes)
 
 
 def stratified_split(labels: np.ndarray, *, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

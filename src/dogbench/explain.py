@@ -13,7 +13,7 @@ import io
 import json
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -29,7 +29,7 @@ from torch import nn
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Backbone, Preprocess, load_backbone
 from dogbench.config import RunConfig, from_mapping, saved_to_doc
-from dogbench.data import load_image, open_dataset
+from dogbench.data import display_names, load_image, open_dataset
 from dogbench.errors import DogbenchError
 from dogbench.features import resolve_device
 from dogbench.heads import META_FILE, LinearHead, MLPHead, load_head
@@ -494,11 +494,16 @@ def _run_config(run_dir: Path) -> RunConfig:
 
 
 def run_class_names(run_dir: Path, cfg: RunConfig) -> tuple[str, ...] | None:
-    """The run's class names (heads predict indices into them), from its dataset; None when it cannot be read.
+    """The run's class names (heads predict indices into them); None when they cannot be read.
 
-    The dataset is the one ``results.json`` records (``dataset.root``), else ``data.root`` of the config; only
-    its folder names are read, and its class count must match the one ``results.json`` records.
+    As the evaluation saved them (``<label>/predictions.npz``), else from the dataset: the one ``results.json``
+    records (``dataset.root``), else ``data.root`` of the config; only its folder names are read, and its class
+    count must match the one ``results.json`` records.
     """
+    for path in sorted(run_dir.glob("*/predictions.npz")):
+        with np.load(path, allow_pickle=False) as npz:
+            if "classes" in npz.files:
+                return display_names(npz["classes"].astype(str).tolist())
     results_path = run_dir / "results.json"
     recorded = json.loads(results_path.read_text()).get("dataset", {}) if results_path.is_file() else {}
     for root in (recorded.get("root"), cfg.data.root):
@@ -511,7 +516,7 @@ def run_class_names(run_dir: Path, cfg: RunConfig) -> tuple[str, ...] | None:
         except DogbenchError:
             continue
         if recorded.get("n_classes") in (None, len(classes)):
-            return classes
+            return display_names(classes)
     return None
 
 
@@ -530,6 +535,7 @@ def explain_run(
     *,
     device: str = "cpu",
     class_names: Sequence[str] | None = None,
+    extra: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     """Explain photos with every backbone of a run; write PNGs and ``explanations.json`` into ``out_dir``.
 
@@ -538,7 +544,8 @@ def explain_run(
     its tuned head (``<run>/<label>/head``) when there is one; class names come from ``class_names`` or the
     run's dataset (``run_class_names``). Per image: ``<stem>__<label>.png`` (overlay) for each backbone and
     ``<stem>.png`` (input | overlays with titles and top-3). Returns one record per (image, backbone):
-    {image, stem, label, model, method, png, figure, top3 [[name, p]], target}.
+    {image, stem, label, model, method, png, figure, top3 [[name, p]], target}, plus ``extra[i]``'s fields for
+    the i-th image (e.g. its sample id).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = _run_config(run_dir)
@@ -555,7 +562,7 @@ def explain_run(
         models.append((bcfg.label, backbone, head))
     records: list[dict[str, Any]] = []
     used: set[str] = set()
-    for entry in images:
+    for i, entry in enumerate(images):
         path, box = (entry if isinstance(entry, tuple) else (entry, None))
         path = Path(path)
         stem = _unique_stem(path, used)
@@ -574,7 +581,7 @@ def explain_run(
                 "image": str(path), "stem": stem, "label": label, "model": backbone.tag,
                 "method": explanation.method, "png": png, "figure": f"{stem}.png",
                 "top3": [[name, round(p, 6)] for name, p in explanation.top3],
-                "target": explanation.target,
+                "target": explanation.target, **(extra[i] if extra else {}),
             })
         first = explanations[0]  # the input panel shows the first backbone's view (input sizes may differ)
         atomic_write_bytes(out_dir / f"{stem}.png", side_by_side(first.image, panels, box=first.box))

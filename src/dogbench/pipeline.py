@@ -26,7 +26,7 @@ from dogbench.atomic import atomic_write_json, atomic_write_with
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.cache import cache_key
 from dogbench.config import ReportConfig, RunConfig
-from dogbench.data import STANFORD_DOGS, Dataset, stratified_split
+from dogbench.data import STANFORD_DOGS, Dataset, display_names, stratified_split
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import ClassificationMetrics, bootstrap_ci, classification_metrics, compare_paired
 from dogbench.features import FeatureSet, extract_features, resolve_device
@@ -43,6 +43,7 @@ from dogbench.tune import (
 
 if TYPE_CHECKING:
     from dogbench.report import ReportFiles
+    from dogbench.report.runs import ModelRun
 
 TUNING_FILE = "tuning.json"
 NO_BOX = (-1, -1, -1, -1)  # predictions.npz "boxes" row of an image without an annotated box
@@ -407,15 +408,12 @@ def _report_after(cfg: RunConfig, run_dir: Path, *, progress: bool) -> None:
                             f"and run `dogbench report {run_dir}` (`--explain 0` loads no model)") from err
 
 
-def explain_examples(run_dir: Path, ids: list[str], *, device: str) -> list[dict[str, Any]]:
-    """Attention rollout / Grad-CAM overlays of the test images ``ids`` for every model of a run folder.
-
-    Written to ``<run_dir>/explanations/`` with ``explanations.json``, which the report embeds.
-    """
+def explain_examples(run_dir: Path, first: ModelRun, ids: list[str], *, device: str) -> list[dict[str, Any]]:
+    """Attention rollout / Grad-CAM overlays of the test images ``ids`` (rows of ``first``, the run's first model)
+    for every model of a run folder, into ``<run_dir>/explanations/`` with ``explanations.json``."""
     from dogbench.explain import explain_run
-    from dogbench.report.runs import EXPLANATIONS_DIR, EXPLANATIONS_FILE, breed_names, load_run
+    from dogbench.report.runs import EXPLANATIONS_DIR
 
-    first = next(iter(load_run(run_dir).models.values()))
     row_of = {sid: i for i, sid in enumerate(first.sample_ids)}
     rows = [row_of[i] for i in ids if Path(first.paths[row_of[i]]).is_file()]
     if not rows:
@@ -423,32 +421,25 @@ def explain_examples(run_dir: Path, ids: list[str], *, device: str) -> list[dict
                             f"{first.paths[row_of[ids[0]]] if ids else '-'})")
     images = [(Path(first.paths[r]), tuple(int(v) for v in first.boxes[r]) if first.boxes[r][0] >= 0 else None)
               for r in rows]
-    out_dir = run_dir / EXPLANATIONS_DIR
-    records = explain_run(run_dir, images, out_dir, device=device, class_names=breed_names(first.classes))
-    names = breed_names(first.classes)
-    by_path = {str(first.paths[r]): r for r in rows}
-    for record in records:
-        r = by_path.get(str(record["image"]))
-        if r is not None:
-            record["sample_id"] = str(first.sample_ids[r])
-            record["caption"] = f"{Path(record['image']).name}: true breed {names[first.y_true[r]]}"
-    atomic_write_json(out_dir / EXPLANATIONS_FILE, records)
-    return records
+    names = display_names(first.classes)
+    extra = [{"sample_id": str(first.sample_ids[r]),
+              "caption": f"{Path(first.paths[r]).name}: true breed {names[first.y_true[r]]}"} for r in rows]
+    return explain_run(run_dir, images, run_dir / EXPLANATIONS_DIR, device=device, class_names=names, extra=extra)
 
 
 def report_stage(run_dirs: list[Path], out_dir: Path, cfg: ReportConfig, *, progress: bool = True) -> ReportFiles:
     """Explain the grid's first ``cfg.explain`` test images where a run has no explanations of them yet, then
     write the report (``report.html``, ``report.md``) into ``out_dir``. Explanations that cannot be made (a
     moved image or weights file) leave a note in the report instead of stopping it."""
-    from dogbench.report import load_runs, make_report, select_examples
-    from dogbench.report.runs import all_models
+    from dogbench.report import build_report, load_runs, select_examples, write_report
 
     runs = load_runs(list(run_dirs))
     notes: list[str] = []
     if cfg.explain > 0:
-        for run in runs:
-            ids = select_examples(all_models([run]), n=cfg.examples, seed=cfg.seed)[: cfg.explain]
-            if [r.get("sample_id") for r in run.explanations[:: max(len(run.models), 1)]] == ids:
+        for i, run in enumerate(runs):
+            models = list(run.models.values())
+            ids = select_examples(models, n=cfg.examples, seed=cfg.seed)[: cfg.explain]
+            if [r.get("sample_id") for r in run.explanations[:: len(models)]] == ids:
                 continue  # these very images are explained already
             try:
                 config = json.loads((run.path / "config.json").read_text())
@@ -456,8 +447,9 @@ def report_stage(run_dirs: list[Path], out_dir: Path, cfg: ReportConfig, *, prog
                 if progress:
                     print(f"explaining {len(ids)} test images for {', '.join(run.models)} ({run.path})",
                           file=sys.stderr)
-                explain_examples(run.path, ids, device=device)
+                runs[i] = dataclasses.replace(run, explanations=explain_examples(run.path, models[0], ids,
+                                                                                 device=device))
             except (DogbenchError, OSError) as err:
                 notes.append(f"{run.name}: no explanations ({err}).")
-    return make_report(run_dirs, out_dir, examples=cfg.examples, confused_pairs=cfg.confused_pairs, seed=cfg.seed,
-                       notes=notes)
+    report = build_report(runs, examples=cfg.examples, confused_pairs=cfg.confused_pairs, seed=cfg.seed, notes=notes)
+    return write_report(report, out_dir)

@@ -22,7 +22,7 @@ from PIL import Image as PILImage
 
 from dogbench import __version__
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
-from dogbench.data import STANFORD_DOGS
+from dogbench.data import STANFORD_DOGS, display_names
 from dogbench.report import plots
 from dogbench.report.runs import (
     EXPLANATIONS_DIR,
@@ -30,7 +30,6 @@ from dogbench.report.runs import (
     RunFolder,
     aligned,
     all_models,
-    breed_names,
     comparisons,
     load_runs,
     select_examples,
@@ -204,7 +203,7 @@ def _per_breed_section(a: ModelRun, b: ModelRun, assets: _Assets, colours: dict[
     ia, ib = aligned(a, b)
     ra, rb = _recall(a, ia), _recall(b, ib)
     keep = np.isfinite(ra) & np.isfinite(rb)
-    names = [n for n, k in zip(breed_names(a.classes), keep, strict=True) if k]
+    names = [n for n, k in zip(display_names(a.classes), keep, strict=True) if k]
     ra, rb = ra[keep], rb[keep]
     scatter = assets.add("per-breed-scatter.png", plots.per_breed_scatter(names, ra, rb, a.key, b.key, colours),
                          f"per-breed accuracy, {a.key} against {b.key}")
@@ -232,7 +231,7 @@ def _confusion_section(models: list[ModelRun], assets: _Assets, *, pairs: int) -
         "breeds ordered so that breeds confused with each other sit together. Then the most-confused pairs with a "
         "misclassified test photo and a correctly classified photo of the breed it was taken for."])
     for m in models:
-        names = breed_names(m.classes)
+        names = display_names(m.classes)
         n = len(m.classes)
         confusion = np.bincount(m.y_true * n + m.y_pred, minlength=n * n).reshape(n, n)
         img = assets.add(f"confusion-{m.key}.png", plots.confusion_figure(names, confusion, m.key),
@@ -296,7 +295,7 @@ def _tuning_section(models: list[ModelRun], assets: _Assets) -> Section:
 
 def _prediction_lines(m: ModelRun, row: int) -> list[Line]:
     truth = m.y_true[row]
-    names = breed_names(m.classes)
+    names = display_names(m.classes)
     out = []
     for rank, i in enumerate(np.argsort(-m.proba[row], kind="stable")[:3]):
         mark = ("right" if i == truth else "wrong") if rank == 0 else ""
@@ -307,7 +306,7 @@ def _prediction_lines(m: ModelRun, row: int) -> list[Line]:
 
 def _examples_section(models: list[ModelRun], ids: list[str], assets: _Assets) -> Section:
     first = models[0]
-    names = breed_names(first.classes)
+    names = display_names(first.classes)
     index = [{sid: i for i, sid in enumerate(m.sample_ids)} for m in models]
     cards = []
     for sid in ids:

@@ -76,16 +76,6 @@ class RunFolder:
     explanations: list[dict[str, Any]] = field(default_factory=list)  # explanations.json records
 
 
-def _short_breed(name: str) -> str:
-    """``n02085620-Chihuahua`` -> ``Chihuahua``: the Stanford Dogs folder name without its WordNet id."""
-    head, sep, tail = name.partition("-")
-    return tail if sep and head[:1] == "n" and head[1:].isdigit() else name
-
-
-def breed_names(classes: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(_short_breed(c).replace("_", " ") for c in classes)
-
-
 def _load_study(run_dir: Path, results: dict[str, Any], study_name: str) -> Study | None:
     """The head search from its Optuna storage (the run's SQLite file unless the config names a server)."""
     import optuna

@@ -93,7 +93,7 @@ def test_stage_commands_match_run(tiny_run: tuple[Path, Path, dict], capsys: pyt
     staged = base / "staged"
     assert main(["tune", *common, "--out", str(staged)]) == 0
     assert (staged / "cnn" / "tuning.json").is_file()
-    assert main(["evaluate", "--out", str(staged), "--quiet", "--cache-dir", str(base / "cache")]) == 0
+    assert main(["evaluate", str(staged), "--quiet", "--cache-dir", str(base / "cache")]) == 0
     results = json.loads((staged / "results.json").read_text())
     for label in ("cnn", "vit"):
         staged_model, run_model = results["models"][label], first["models"][label]
@@ -114,7 +114,9 @@ def test_a_changed_tuning_config_starts_a_new_study(tiny_run: tuple[Path, Path, 
     args = ["--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32"]
     assert _run(args, base) == 0
     before = json.loads((out / "results.json").read_text())["models"]["cnn"]["head"]["study"]
-    assert _run([*args, "--set", "data.val_fraction=0.5", "--set", 'tune.heads=["linear"]'], base) == 0
+    changed = [*args, "--set", "data.val_fraction=0.5", "--set", 'tune.heads=["linear"]']
+    assert _run(changed, base) == 2  # the folder's config rules: another one is refused ...
+    assert _run([*changed, "--force"], base) == 0  # ... unless it replaces it
     after = json.loads((out / "results.json").read_text())["models"]["cnn"]
     assert after["head"]["study"] != before and after["head"]["kind"] == "linear"
     assert after["head"]["n_trials"] == 3
@@ -122,10 +124,16 @@ def test_a_changed_tuning_config_starts_a_new_study(tiny_run: tuple[Path, Path, 
 
 def test_evaluate_checks_its_inputs_before_extracting(class_folder_root: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture) -> None:
-    assert main(["evaluate", "--data", str(class_folder_root), "--quiet"]) == 2
-    assert "needs --out" in capsys.readouterr().err
-    code = main(["evaluate", "--data", str(class_folder_root), "--out", str(tmp_path / "none"), *TINY, "--quiet",
-                 "--cache-dir", str(tmp_path / "cache")])
+    with pytest.raises(SystemExit):  # RUN_DIR is required
+        main(["evaluate", "--data", str(class_folder_root), "--quiet"])
+    assert main(["evaluate", str(tmp_path / "none"), "--quiet"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    from dogbench.config import resolve
+    from dogbench.rundir import RunDir
+
+    RunDir(tmp_path / "r").write_config(resolve({"data": {"root": str(class_folder_root)}},
+                                                backbone_specs=TINY[1::2]))
+    code = main(["evaluate", str(tmp_path / "r"), "--quiet", "--cache-dir", str(tmp_path / "cache")])
     assert code == 2
     assert "run `dogbench tune" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists(), "nothing may be extracted before the tuning is found"
@@ -232,7 +240,7 @@ def test_explain_writes_an_overlay_per_model_for_a_photo(tiny_run: tuple[Path, P
     base, data, _ = tiny_run
     photo = sorted(p for p in (data / "test" / "fox").iterdir() if not p.name.startswith("."))[0]
     out = base / "explain-cli"
-    assert main(["explain", str(photo), "--run", str(base / "run"), "--out", str(out)]) == 0
+    assert main(["explain", str(base / "run"), str(photo), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     records = json.loads((out / "explanations.json").read_text())
     assert [(r["label"], r["method"]) for r in records] == [("cnn", "grad-cam"), ("vit", "attention rollout")]
@@ -240,7 +248,7 @@ def test_explain_writes_an_overlay_per_model_for_a_photo(tiny_run: tuple[Path, P
         assert (out / r["png"]).read_bytes()[:4] == b"\x89PNG" and len(r["top3"]) == 3
         assert str(out / r["png"]) in printed
     assert (out / f"{photo.stem}.png").is_file() and f"side by side: {out / (photo.stem + '.png')}" in printed
-    assert main(["explain", str(base / "nope.jpg"), "--run", str(base / "run")]) == 2
+    assert main(["explain", str(base / "run"), str(base / "nope.jpg")]) == 2
     assert "No such image file" in capsys.readouterr().err
 
 

@@ -103,7 +103,8 @@ def test_load_config_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_backbone_spec_with_weights_and_kwargs() -> None:
     b = parse_backbone_spec("vit=vit_small_patch14_dinov2@w.safetensors,img_size=224")
-    assert b.label == "vit" and b.model == "vit_small_patch14_dinov2" and b.weights == "w.safetensors"
+    assert b.label == "vit" and b.model == "vit_small_patch14_dinov2"
+    assert b.weights == str(Path.cwd() / "w.safetensors")  # stored absolute
     assert dict(b.model_kwargs) == {"img_size": 224}
 
     plain = parse_backbone_spec("cnn=resnet50")

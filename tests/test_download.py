@@ -16,10 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import make_class_folder_layout, make_official_layout
-from dogbench import download
 from dogbench.config import DataConfig
-from dogbench.data import DatasetLayoutError, open_dataset
-from dogbench.download import (
+from dogbench.data import DatasetLayoutError, download, open_dataset
+from dogbench.data.download import (
     STANFORD_DOGS_URL,
     Archive,
     DownloadError,

@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import make_official_layout, shared_dir
 from dogbench.backbones import Backbone, Preprocess, load_backbone
-from dogbench.config import BackboneConfig, DataConfig, RunConfig, parse_backbone_spec
+from dogbench.config import BackboneConfig, DataConfig, FeatureConfig, RunConfig, parse_backbone_spec
 from dogbench.data import load_image, open_dataset
 from dogbench.explain import (
     GRAD_CAM,
@@ -32,7 +32,9 @@ from dogbench.explain import (
     input_image,
     overlay,
 )
-from dogbench.heads import LinearHead
+from dogbench.heads import LinearHead, head_identity
+from dogbench.inference import Model, load_run
+from dogbench.rundir import RunDir, RunFolderError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -257,9 +259,11 @@ def test_display_map_is_not_taken_over_by_one_outlier_patch() -> None:
 
 def test_explain_image_vit_and_cnn(official_root: Path) -> None:
     sample = open_dataset(official_root).samples[0]
+    pil = FeatureConfig(decoder="pil", reduced_decode=False)  # timm's PIL transform: comparable to input_image
     vit = random_backbone("vit", "vit_tiny_patch16_224", img_size=32, depth=2)
     head = fitted_head(vit.feature_dim, n_classes=3)
-    ex = explain_image(vit, head, sample.path, box=sample.box, class_names=("a", "b", "c"))
+    model = Model("vit", vit, head, classes=("a", "b", "c"), features=pil)
+    ex = explain_image(model, sample.path, box=sample.box)
     assert ex.method == ROLLOUT and ex.image.shape == (32, 32, 3) and ex.image.dtype == np.uint8
     assert ex.heatmap.shape == (32, 32) and ex.heatmap.min() >= 0.0 and ex.heatmap.max() == 1.0
     assert ex.heatmap.std() > 0 and ex.target is None
@@ -267,9 +271,13 @@ def test_explain_image_vit_and_cnn(official_root: Path) -> None:
     assert sorted(names) == ["a", "b", "c"] and list(probs) == sorted(probs, reverse=True)
     assert abs(sum(probs) - 1) < 1e-6 and ex.box is not None
     np.testing.assert_array_equal(ex.image, input_image(load_image(sample.path), vit.preprocess))
+    # the top-3 is predict's: the same inference path
+    proba, _ = model.predict_proba([sample.path])
+    assert ex.top3[0] == (("a", "b", "c")[int(proba[0].argmax())], pytest.approx(float(proba[0].max())))
 
     cnn = random_backbone("cnn", "resnet18", input_size=64)
-    ex = explain_image(cnn, None, sample.path, box=sample.box, crop_to_box=True)
+    ex = explain_image(Model("cnn", cnn, None, classes=(), features=pil, crop_to_box=True), sample.path,
+                       box=sample.box)
     assert ex.method == GRAD_CAM and ex.heatmap.shape == (64, 64) and ex.top3 == () and ex.box is None
     assert ex.target == "pooled feature norm"
     np.testing.assert_array_equal(ex.image, input_image(load_image(sample.path, box=sample.box), cnn.preprocess))
@@ -285,11 +293,15 @@ def _fake_run(run_dir: Path, data_root: Path, *, with_heads: bool) -> RunConfig:
         ),
         out=str(run_dir),
     )
-    run_dir.mkdir(parents=True)
-    cfg.save(run_dir / "config.json")
+    RunDir(run_dir).write_config(cfg)
     if with_heads:
-        for label, dim in (("vit", 192), ("cnn", 512)):
-            fitted_head(dim, n_classes=3).save(run_dir / label / "head")
+        classes = open_dataset(data_root).classes
+        for bcfg in cfg.backbones:
+            backbone = load_backbone(bcfg)
+            identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256, feature_key="",
+                                     preprocess=backbone.preprocess.to_dict())
+            fitted_head(backbone.feature_dim, n_classes=3).save(RunDir(run_dir).head_dir(bcfg.label),
+                                                                identity=identity, class_names=classes)
     return cfg
 
 
@@ -300,7 +312,7 @@ def test_explain_run_writes_overlays_side_by_side_and_records(tmp_path: Path) ->
     _fake_run(run_dir, data, with_heads=True)
     images = [samples[0].path, (samples[1].path, samples[1].box), samples[0].path]  # a repeated stem too
     out = tmp_path / "explain"
-    records = explain_run(run_dir, images, out)
+    records = explain_run(load_run(run_dir, require_heads=False), images, out)
 
     stems = [samples[0].path.stem, samples[1].path.stem, samples[0].path.stem + "-2"]
     assert [(r["stem"], r["label"]) for r in records] == [(s, lab) for s in stems for lab in ("vit", "cnn")]
@@ -318,10 +330,12 @@ def test_explain_run_without_heads_and_not_a_run(tmp_path: Path) -> None:
     data = make_official_layout(tmp_path / "dogs", n_classes=2, n_train=1, n_test=1)
     _fake_run(tmp_path / "run", data, with_heads=False)
     path = open_dataset(data).samples[0].path
-    records = explain_run(tmp_path / "run", [path], tmp_path / "out")
+    records = explain_run(load_run(tmp_path / "run", require_heads=False), [path], tmp_path / "out")
     assert [(r["top3"], r["target"]) for r in records] == [([], None), ([], "pooled feature norm")]
-    with pytest.raises(ExplainError, match="no config.json"):
-        explain_run(tmp_path / "dogs", [path], tmp_path / "out")
+    with pytest.raises(RunFolderError, match="config.json is missing"):
+        load_run(tmp_path / "dogs", require_heads=False)
+    with pytest.raises(RunFolderError, match="results.json is missing"):
+        load_run(tmp_path / "run")  # predictions need a finished evaluation
 
 
 # ---------------------------------------------------------------- integration: ../shared

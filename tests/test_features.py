@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -17,21 +18,12 @@ from PIL import Image
 
 from conftest import make_class_folder_layout
 from dogbench.backbones import Backbone, load_backbone
-from dogbench.cache import FeatureCache
 from dogbench.config import BackboneConfig, FeatureConfig, Precision
-from dogbench.data import Dataset, ImageError, load_image, open_dataset
+from dogbench.data import Dataset, ImageError, load_image, open_dataset, read_image
+from dogbench.device import resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
-from dogbench.features import (
-    CPU_BATCH_SIZE,
-    ModelRunner,
-    extract_features,
-    feature_key,
-    keep_freed_memory,
-    read_image,
-    resolve_device,
-    resolve_precision,
-    resolve_workers,
-)
+from dogbench.features import FeatureCache, ModelRunner, extract_features, feature_key
+from dogbench.features.runner import CPU_BATCH_SIZE, keep_freed_memory
 
 CHUNK, BATCH = 5, 3  # batches of 3 inside chunks of 5: [0, 1, 2] [3, 4] | [5, 6, 7] [8, 9] | ...
 
@@ -202,7 +194,7 @@ def test_changed_preprocessing_is_a_new_entry(dataset: Dataset, tmp_path: Path) 
     b = extract_features(_backbone(crop_pct=0.5), dataset, cfg=cfg, progress=False)
     assert a.key != b.key and not b.cache_hit and b.n_computed == len(dataset.samples)
     assert not np.allclose(a.features, b.features)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([a.key, b.key])
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock") == sorted([a.key, b.key])
 
 
 def test_bf16_on_cpu_is_close_to_fp32(dataset: Dataset, tmp_path: Path) -> None:
@@ -460,3 +452,103 @@ def test_worker_processes_fork_without_a_warning_per_worker(dataset: Dataset) ->
 @pytest.mark.skipif(sys.platform != "linux", reason="mallopt is glibc's")
 def test_keep_freed_memory_applies_on_glibc() -> None:
     assert keep_freed_memory() is True
+
+
+def _killed_after(monkeypatch: pytest.MonkeyPatch, n_chunks: int) -> None:
+    """Make extraction die (as a kill would) once ``n_chunks`` chunks are on disk."""
+    from dogbench.features.cache import CacheEntry
+
+    original = CacheEntry.write_chunk
+    written: list[int] = []
+
+    def write_then_die(self: CacheEntry, index: int, chunk: object) -> None:
+        original(self, index, chunk)
+        written.append(index)
+        if len(written) == n_chunks:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(CacheEntry, "write_chunk", write_then_die)
+
+
+def test_a_resume_keeps_the_batch_size_the_entry_was_started_with(
+    dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backbone = _backbone()
+    started = _cfg(tmp_path / "a", batch_size=2)
+    with monkeypatch.context() as m:
+        _killed_after(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(backbone, dataset, cfg=started, progress=False)
+    auto = dataclasses.replace(started, batch_size=None)  # auto would be 64 on CPU: the chunks would not match
+    resumed = extract_features(backbone, dataset, cfg=auto, progress=False)
+    assert resumed.batch_size == 2 and resumed.n_computed == len(dataset.samples) - 2 * CHUNK
+    clean = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "b", batch_size=2), progress=False)
+    assert np.array_equal(resumed.features, clean.features)
+
+    with monkeypatch.context() as m:
+        _killed_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(backbone, dataset, cfg=_cfg(tmp_path / "c", batch_size=2), progress=False)
+    with pytest.warns(UserWarning, match="features.batch_size=3 is ignored"):
+        again = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "c", batch_size=3), progress=False)
+    assert again.batch_size == 2 and np.array_equal(again.features, clean.features)
+
+
+def test_the_out_of_memory_back_off_is_recorded_in_the_entry(dataset: Dataset, tmp_path: Path) -> None:
+    backbone = _backbone()
+    oom = dataclasses.replace(backbone, model=_OutOfMemoryAbove(backbone.model, limit=1))
+    with pytest.warns(UserWarning, match="out of memory"):
+        got = extract_features(oom, dataset, cfg=_cfg(tmp_path, batch_size=4), progress=False)
+    meta = json.loads((FeatureCache(tmp_path).entry(got.key).path / "meta.json").read_text())
+    assert meta["batch_size"] == 4 and meta["max_rows"] == 1
+
+
+EXTRACT_TWICE = ["--backbone", "cnn=resnet18@random,input_size=96", "--device", "cpu", "--precision", "fp32",
+                 "--quiet"]
+
+
+def test_two_extract_processes_at_once_compute_every_image_once(tmp_path: Path) -> None:
+    """Two `dogbench extract` on one dataset, backbone and cache. The test holds the entry's lock until both
+    processes wait for it (so they really run at the same time), then lets go."""
+    import threading
+
+    from dogbench.features.runner import effective_decoder
+    from dogbench.locks import locked
+
+    root = make_class_folder_layout(tmp_path / "data", classes=("a", "b", "c", "d"), n_train=12, n_test=4)
+    cache = tmp_path / "cache"
+    backbone = load_backbone(BackboneConfig(label="cnn", model="resnet18", weights="random", input_size=96))
+    key = feature_key(backbone, open_dataset(root), crop_to_box=False, precision=Precision.FP32,
+                      decoder=effective_decoder("auto", backbone.preprocess))
+    argv = [sys.executable, "-m", "dogbench.cli", "extract", "--data", str(root), "--cache-dir", str(cache),
+            *EXTRACT_TWICE]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    errs: list[list[str]] = [[], []]
+    with locked(cache / f"{key}.lock", what="the test's hold"):
+        procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for _ in range(2)]
+        readers = [threading.Thread(target=lambda p=p, e=e: e.extend(p.stderr), daemon=True)
+                   for p, e in zip(procs, errs, strict=True)]
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + 120
+        while not all(any("waiting for another process" in line for line in e) for e in errs):
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), errs
+            time.sleep(0.05)
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    for r in readers:
+        r.join(timeout=10)
+    assert [p.returncode for p in procs] == [0, 0], errs
+    n = len(open_dataset(root).samples)
+    assert sum(f"computed {n} images" in out for out in outs) == 1, outs  # one computed them all...
+    assert sum("(cached)" in out for out in outs) == 1, outs  # ... the other read them
+
+    # the entry equals one that a single process makes
+    single = subprocess.run([*argv[:argv.index("--cache-dir") + 1], str(tmp_path / "single"), *EXTRACT_TWICE],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert f"computed {n} images" in single.stdout
+    shared_entry, single_entry = cache / key, tmp_path / "single" / key
+    assert np.array_equal(np.load(shared_entry / "features.npy"), np.load(single_entry / "features.npy"))
+    assert (shared_entry / "index.json").read_text() == (single_entry / "index.json").read_text()
+    assert not (shared_entry / "chunks").exists()

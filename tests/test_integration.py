@@ -18,7 +18,9 @@ DEV = shared_dir() / "data" / "stanford-dogs-dev"
 WEIGHTS = shared_dir() / "weights"
 CNN = WEIGHTS / "tf_efficientnet_lite0.in1k.safetensors"
 VIT = WEIGHTS / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
-BREEDS = ("n02085620-Chihuahua", "n02099601-golden_retriever", "n02106662-German_shepherd",
+ORIGINALS = shared_dir() / "data" / "stanford-dogs-originals"
+# the originals' four breeds are among them, so `predict` on those full-size photos can be right
+BREEDS = ("n02085620-Chihuahua", "n02085936-Maltese_dog", "n02099601-golden_retriever", "n02106662-German_shepherd",
           "n02109525-Saint_Bernard", "n02110958-pug")
 
 pytestmark = [
@@ -63,9 +65,10 @@ def real_run(real_run_dir: Path) -> dict:
 def test_real_features_separate_real_breeds(real_run: dict) -> None:
     cnn = real_run["models"]["cnn"]
     d = real_run["dataset"]
-    assert (d["n_train"] + d["n_val"], d["n_test"], d["n_classes"]) == (40 * len(BREEDS), 20 * len(BREEDS), 5)
+    assert (d["n_train"] + d["n_val"], d["n_test"], d["n_classes"]) == (40 * len(BREEDS), 20 * len(BREEDS),
+                                                                        len(BREEDS))
     assert cnn["feature_dim"] == 1280 and cnn["weights_sha256"].startswith("2d3c8842")
-    # ImageNet EfficientNet-Lite0 features separate five distinct breeds easily; chance is 0.2
+    # ImageNet EfficientNet-Lite0 features separate six distinct breeds easily; chance is 1/6
     assert cnn["test"]["top1"] >= 0.85
     assert cnn["baseline"]["test"]["top1"] >= 0.85
     assert abs(cnn["test"]["top1"] - cnn["baseline"]["test"]["top1"]) <= 0.08
@@ -109,3 +112,41 @@ def test_official_lists_of_the_slice_are_read(tmp_path: Path) -> None:
     ds = open_dataset(data)
     assert ds.classes == ("Chihuahua", "golden_retriever")
     assert len(ds.split("train")) == 80 and len(ds.split("test")) == 40
+
+
+def test_predict_reproduces_the_runs_predictions_on_its_test_images(real_run_dir: Path) -> None:
+    import numpy as np
+
+    import dogbench
+    from dogbench.rundir import RunDir
+
+    run = dogbench.load_run(real_run_dir)  # CPU, fp32: what the run used here
+    for label in ("cnn", "vit"):
+        saved = RunDir(real_run_dir).read_predictions(label)
+        proba = run.predict_proba([Path(p) for p in saved.paths])[label]
+        assert np.array_equal(proba.argmax(axis=1), saved.proba.argmax(axis=1)), label
+        np.testing.assert_allclose(proba, saved.proba, atol=1e-5, rtol=0)
+
+
+def test_predict_names_every_original_photo_and_the_api_agrees(
+    real_run_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import dogbench
+    from dogbench.inference import collect_images
+
+    images = ORIGINALS / "Images"
+    assert main(["predict", str(real_run_dir), str(images), "--format", "json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    photos = collect_images([images])
+    assert [p["image"] for p in doc["predictions"]] == [str(p) for p in photos] and len(photos) == 80
+    assert all(p["error"] is None and len(p["models"]["cnn"]) == 5 for p in doc["predictions"])
+    api = dogbench.load_run(real_run_dir).predict(photos, top_k=5)
+    for printed, answer in zip(doc["predictions"], api, strict=True):
+        for label in ("cnn", "vit"):
+            assert [t["breed"] for t in printed["models"][label]] == [b for b, _ in answer.top[label]]
+            assert [t["p"] for t in printed["models"][label]] == pytest.approx([q for _, q in answer.top[label]],
+                                                                                 abs=1e-9)
+    # the originals are the dev set's breeds: the CNN's top-1 on these whole photos (6-way here)
+    truth = [p.parent.name.split("-", 1)[1].replace("_", " ") for p in photos]
+    top1 = sum(a.top["cnn"][0][0] == t for a, t in zip(api, truth, strict=True)) / len(photos)
+    assert top1 >= 0.6, top1

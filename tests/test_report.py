@@ -20,6 +20,7 @@ from dogbench.report import ReportError, load_runs, select_examples
 from dogbench.report.plots import breed_order
 from dogbench.report.runs import ModelRun
 from dogbench.results import verdict
+from dogbench.rundir import RunFolderError
 
 TINY = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"]
 FAST = ["--trials", "4", "--set", "tune.max_epochs=15", "--set", "evaluate.n_bootstrap=200", "--quiet"]
@@ -127,8 +128,8 @@ def test_cross_run_comparisons_are_paired_on_shared_test_images(runs: tuple[Path
 def test_report_on_a_folder_without_results_says_what_to_run(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path)]) == 2
-    assert "no results.json" in capsys.readouterr().err
-    with pytest.raises(ReportError, match="not a folder"):
+    assert "results.json is missing" in capsys.readouterr().err
+    with pytest.raises(RunFolderError, match="does not exist"):
         load_runs([tmp_path / "missing"])
 
 

@@ -27,7 +27,7 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision.transforms import InterpolationMode
 
 from dogbench.config import BackboneConfig
-from dogbench.download import sha256_file
+from dogbench.data.download import sha256_file
 from dogbench.errors import DogbenchError
 
 ALIASES: dict[str, str] = {

@@ -42,20 +42,9 @@ from dogbench.atomic import atomic_write_json, atomic_write_text
 from dogbench.backbones import Backbone, load_backbone, measure_gflops
 from dogbench.config import BackboneConfig, Precision, RunConfig
 from dogbench.data import Dataset, Sample
+from dogbench.device import DTYPES, cpu_cores, device_name, resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
-from dogbench.features import (
-    DTYPES,
-    ImageDataset,
-    ModelRunner,
-    cpu_cores,
-    device_name,
-    effective_decoder,
-    extract_features,
-    iter_batches,
-    resolve_device,
-    resolve_precision,
-    resolve_workers,
-)
+from dogbench.features import ImageDataset, ModelRunner, effective_decoder, extract_features, iter_batches
 
 TIMM_COLUMNS = ("model", "infer_img_size", "infer_samples_per_sec", "infer_step_time", "infer_batch_size",
                 "param_count", "infer_gmacs")

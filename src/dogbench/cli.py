@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
+import io
 import json
 import sys
 import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dogbench import __version__
 from dogbench.config import ConfigError, RunConfig, load_config, resolve, saved_to_doc
-from dogbench.download import prepare_dataset
+from dogbench.data.download import prepare_dataset
 from dogbench.errors import DogbenchError
+from dogbench.rundir import RunDir
+
+if TYPE_CHECKING:
+    from dogbench.inference import ImagePrediction
 
 EPILOG = """examples:
   dogbench run --data ~/data/stanford-dogs                    # ViT-S/16 vs ResNet50 (hub weights)
   dogbench run --config benchmarks/shared-dev.toml --out runs/shared-dev
   dogbench run --data my_images --backbone cnn=resnet50 --backbone vit=vit_b16 --trials 20
   dogbench run --backbone vit=vit_small_patch14_dinov2@w.safetensors,img_size=224 --set 'tune.heads=["linear"]'
+  dogbench predict runs/shared-dev dog.jpg photos/ --top-k 3 --format json
+  dogbench evaluate runs/shared-dev                           # its config.json is the source of truth
 """
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
+    """The flags of the commands that build a config; ``run_dir``: "out" (--out, made if missing) or "positional"
+    (an existing RUN_DIR, whose config.json is the source of truth)."""
+    if run_dir == "positional":
+        p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench tune` or `run` wrote")
     p.add_argument("--config", type=Path, help="TOML config file (see README)")
     p.add_argument("--data", help="dataset folder: Stanford Dogs (official or Kaggle layout, or the .tar "
                    "archives) or class-per-folder images; default: the Stanford Dogs cache, downloaded if missing")
@@ -34,14 +47,21 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="Optuna trials per backbone (tune.trials)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (features.device)")
     p.add_argument("--precision", help="auto, fp32, bf16, fp16 (features.precision)")
-    p.add_argument("--out", help="run folder (default runs/<timestamp>)")
+    if run_dir == "out":
+        p.add_argument("--out", help="run folder (default runs/<timestamp>); an existing one keeps its config.json")
+        p.add_argument("--force", action="store_true", help="replace an existing run folder's config.json with the "
+                       "given config (stages whose inputs changed are computed again)")
     p.add_argument("--cache-dir", help="feature cache folder (default $DOGBENCH_CACHE/features)")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    p.add_argument("--crop-to-box", action="store_true", help="crop Stanford Dogs images to their annotated box")
-    p.add_argument("--no-download", action="store_true", help="never download the dataset")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, help="stop at the first unreadable image "
+                   "(data.strict; default: skip it with a warning)")
+    p.add_argument("--crop-to-box", action=argparse.BooleanOptionalAction,
+                   help="crop Stanford Dogs images to their annotated box (data.crop_to_box)")
+    p.add_argument("--download", action=argparse.BooleanOptionalAction,
+                   help="download Stanford Dogs when it is not found (data.download; default on)")
     p.add_argument("--data-url", help="mirror URL for the Stanford Dogs archives")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config key, e.g. --set tune.timeout_s=60 (repeatable)")
+                   help="override any config key, e.g. --set tune.timeout_s=60 or --set backbones.vit.img_size=224 "
+                   "(applied after --config and --backbone; repeatable)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -56,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "run": "the main job: extract (cached), tune heads, evaluate, compare",
         "extract": "extract features into the cache (nothing else)",
         "tune": "extract (cached) and tune heads on train/val; writes <out>/<label>/tuning.json",
-        "evaluate": "refit tuned heads on train+val, score test once, compare; needs a tuned --out",
     }
     for name, help_text in commands.items():
         _add_common(sub.add_parser(name, help=help_text, description=help_text))
+    help_text = "refit the tuned heads of RUN_DIR on train+val, score test once, compare (its config.json rules)"
+    _add_common(sub.add_parser("evaluate", help=help_text, description=help_text), run_dir="positional")
     help_text = ("time decode alone, the model alone, end-to-end extraction and the hand-written recipe, against "
                  "the device's matmul peak; writes bench.csv (timm's columns) to --out")
     bench = sub.add_parser("bench", help=help_text, description=help_text)
@@ -67,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--images", type=int, help="images per pass (bench.images)")
     bench.add_argument("--repeats", type=int, help="rounds; figures are medians over them (bench.repeats)")
     bench.add_argument("--batch-size", type=int, help="images per forward pass (features.batch_size)")
-    bench.add_argument("--compile", action="store_true", help="also time the model under torch.compile")
-    bench.add_argument("--no-recipe", action="store_true", help="skip the ImageFolder + DataLoader recipe")
+    bench.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                       help="also time the model under torch.compile (bench.compare_compile)")
+    bench.add_argument("--recipe", action=argparse.BooleanOptionalAction,
+                       help="time the ImageFolder + DataLoader recipe too (bench.recipe; default on)")
 
     help_text = ("write report.html (self-contained) and report.md from one or more run folders; several folders "
                  "(frozen and fine-tuned, other datasets) combine into one comparison")
@@ -84,11 +107,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     help_text = "write attention-rollout (ViT) / Grad-CAM (CNN) overlays of photos for every model of a run"
     explain = sub.add_parser("explain", help=help_text, description=help_text)
-    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="photos to explain")
-    explain.add_argument("--run", type=Path, required=True, metavar="RUN_DIR",
+    explain.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                          help="a run folder: its config names the backbones, its tuned heads give the breeds")
-    explain.add_argument("--out", type=Path, help="folder for the overlays (default: RUN_DIR/explain)")
+    explain.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="photos to explain")
+    explain.add_argument("--out", type=Path, help="folder for the overlays (default: RUN_DIR/explanations/photos)")
     explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default cpu)")
+
+    help_text = "classify photos (files and folders) with every model of a run: top-k breeds as a table, JSON or CSV"
+    predict = sub.add_parser("predict", help=help_text, description=help_text)
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench run` wrote")
+    predict.add_argument("paths", nargs="+", type=Path, metavar="PATH", help="image files and folders (walked)")
+    predict.add_argument("--top-k", type=int, default=5, help="breeds per model (default 5)")
+    predict.add_argument("--format", choices=("table", "json", "csv"), default="table", help="output (default table)")
+    predict.add_argument("--out", type=Path, help="write the output to this file instead of standard output")
+    predict.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default cpu)")
+    predict.add_argument("--batch-size", type=int, help="images per forward pass (default: the run's features "
+                         "setting: 64 on CPU)")
+    predict.add_argument("--strict", action=argparse.BooleanOptionalAction, default=False,
+                         help="stop at the first unreadable file (default: report it and go on)")
+    predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
     help_text = ("print the architecture of timm models (layers, hidden size, MLP size, heads, parameters), built on "
                  "the meta device: the ViT variants table by default, beside the ViT paper's Table 1")
@@ -99,31 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_folder(args: argparse.Namespace) -> RunDir | None:
+    """The run folder a config-building command works on: RUN_DIR (evaluate) or --out; None for a new one."""
+    path = getattr(args, "run_dir", None) or (args.out if args.command in ("run", "tune", "extract") else None)
+    return RunDir(path) if path else None
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    if args.command == "evaluate" and not args.out:
-        raise ConfigError("dogbench evaluate needs --out: the run folder that `dogbench tune` (or `run`) wrote")
-    doc = load_config(args.config)
-    if args.command == "evaluate" and args.out and (Path(args.out) / "config.json").is_file() and not args.config:
-        doc = saved_to_doc(json.loads((Path(args.out) / "config.json").read_text()))
+    """--config (or the run folder's own config.json), then --backbone, then flags and --set overrides."""
+    run = _run_folder(args)
+    if args.command == "evaluate":
+        run.read_config()  # a clear error when RUN_DIR is not a run folder
+    if args.config is not None or run is None or not run.exists():
+        doc = load_config(args.config)
+    else:
+        doc = saved_to_doc(run.read_config().to_dict())
     overrides = list(args.set)
     flag_keys = {
         "data": "data.root", "trials": "tune.trials", "device": "features.device",
         "precision": "features.precision", "out": "out", "cache_dir": "features.cache_dir",
-        "data_url": "data.data_url",
+        "data_url": "data.data_url", "images": "bench.images", "repeats": "bench.repeats",
+        "batch_size": "features.batch_size", "strict": "data.strict", "crop_to_box": "data.crop_to_box",
+        "download": "data.download", "compile": "bench.compare_compile", "recipe": "bench.recipe",
     }
     for attr, key in flag_keys.items():
-        value = getattr(args, attr)
+        value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
-    for attr, key in (("images", "bench.images"), ("repeats", "bench.repeats"), ("batch_size", "features.batch_size")):
-        if getattr(args, attr, None) is not None:
-            overrides.append(f"{key}={getattr(args, attr)}")
-    for attr, key, value in (("strict", "data.strict", "true"), ("crop_to_box", "data.crop_to_box", "true"),
-                             ("no_download", "data.download", "false"), ("compile", "bench.compare_compile", "true"),
-                             ("no_recipe", "bench.recipe", "false")):
-        if getattr(args, attr, False):
-            overrides.append(f"{key}={value}")
-    return resolve(doc, overrides=overrides, backbone_specs=args.backbone)
+    if args.command == "evaluate":
+        overrides.append(f"out={json.dumps(str(args.run_dir))}")
+    cfg = resolve(doc, overrides=overrides, backbone_specs=args.backbone)
+    if run is not None:
+        run.check_config(cfg, force=getattr(args, "force", False))  # before any data is read or downloaded
+    return cfg
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -149,6 +194,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _report(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "predict":
+        return _predict(args)
     start = time.perf_counter()
     cfg = config_from_args(args)
     progress = not args.quiet
@@ -168,22 +215,26 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dogbench import pipeline
 
     if args.command == "extract":
-        for label, bf in pipeline.extract_stage(cfg, dataset, progress=progress).items():
+        from dogbench.protocols.frozen import extract_stage
+
+        for label, bf in extract_stage(cfg, dataset, progress=progress).items():
             f = bf.features
             state = "cached" if f.cache_hit else f"computed {f.n_computed} images in {f.extract_s:.1f} s"
             print(f"{label}: {bf.info.tag} features {f.features.shape} key {f.key[:16]} ({state}); "
                   f"{len(f.skipped)} skipped")
         return 0
     if args.command == "tune":
-        tunings, run_dir = pipeline.tune(cfg, dataset, progress=progress)
+        tunings, run_dir = pipeline.tune(cfg, dataset, progress=progress, force=args.force)
         for label, t in tunings.items():
             extra = f"; baseline C={t.baseline.C:.3g} val top-1 {t.baseline.val_top1:.4f}" if t.baseline else ""
             print(f"{label}: best {t.tune.best_params} val top-1 {t.tune.best_val_top1:.4f} "
                   f"({t.tune.n_complete} complete, {t.tune.n_pruned} pruned){extra}")
         print(f"tuning: {run_dir}")
         return 0
-    stage = pipeline.run if args.command == "run" else pipeline.evaluate
-    results, run_dir = stage(cfg, dataset, data_s=data_s, start=start, progress=progress)
+    if args.command == "run":
+        results, run_dir = pipeline.run(cfg, dataset, data_s=data_s, start=start, progress=progress, force=args.force)
+    else:
+        results, run_dir = pipeline.evaluate(cfg, dataset, data_s=data_s, start=start, progress=progress)
     print(results.summary_table())
     print(f"results: {run_dir / 'results.json'}")
     return 0
@@ -193,10 +244,9 @@ def _report(args: argparse.Namespace) -> int:
     from dogbench.config import ReportConfig
     from dogbench.pipeline import report_stage
 
-    saved: dict = {}  # one run folder: its own [report] settings are the defaults
-    if len(args.runs) == 1 and (args.runs[0] / "config.json").is_file():
-        saved = json.loads((args.runs[0] / "config.json").read_text()).get("report", {})
-    d = dataclasses.replace(ReportConfig(), **{k: v for k, v in saved.items() if k in ReportConfig.__annotations__})
+    # one run folder: its own [report] settings are the defaults
+    one = RunDir(args.runs[0]) if len(args.runs) == 1 else None
+    d = one.read_config().report if one is not None and one.exists() else ReportConfig()
     examples = d.examples if args.examples is None else args.examples
     explain = d.explain if args.explain is None else args.explain
     if examples < 0 or explain < 0:
@@ -212,18 +262,74 @@ def _report(args: argparse.Namespace) -> int:
 
 def _explain(args: argparse.Namespace) -> int:
     from dogbench.explain import explain_run
+    from dogbench.inference import load_run
 
     missing = [str(p) for p in args.images if not p.is_file()]
     if missing:
         raise DogbenchError(f"No such image file: {', '.join(missing)}")
-    out = args.out or args.run / "explain"
-    records = explain_run(args.run, args.images, out, device=args.device)
+    out = args.out or RunDir(args.run_dir).photo_explanations_dir
+    records = explain_run(load_run(args.run_dir, device=args.device, require_heads=False), args.images, out)
     for r in records:
         print(f"{r['image']} {r['label']} ({r['method']}): {out / r['png']}; "
               f"top-3 {', '.join(f'{n} {p:.0%}' for n, p in r['top3']) or '(no tuned head)'}")
     for figure in dict.fromkeys(r["figure"] for r in records):
         print(f"side by side: {out / figure}")
     return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from dogbench.atomic import atomic_write_text
+    from dogbench.inference import collect_images, load_run
+
+    if args.top_k < 1:
+        raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    images = collect_images(args.paths)  # before any model is loaded: a typo fails in a second
+    run = load_run(args.run_dir, device=args.device, batch_size=args.batch_size)
+    predictions = run.predict(images, top_k=args.top_k, strict=args.strict, progress=not args.quiet)
+    text = format_predictions(predictions, fmt=args.format, run=str(run.path), models=list(run.models),
+                              top_k=args.top_k)
+    if args.out:
+        atomic_write_text(args.out, text)
+    else:
+        sys.stdout.write(text)
+    bad = sum(p.error is not None for p in predictions)
+    print(f"predicted {len(predictions) - bad} images with {', '.join(run.models)} ({run.path}); "
+          f"{bad} unreadable, skipped" + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def format_predictions(
+    predictions: Sequence[ImagePrediction], *, fmt: str, run: str, models: Sequence[str], top_k: int
+) -> str:
+    """``dogbench predict``'s output: an aligned table, JSON (run, models, top_k, predictions) or CSV rows of
+    (image, model, rank, breed, probability, error)."""
+    if fmt == "json":
+        doc = {"run": run, "models": list(models), "top_k": top_k, "predictions": [p.to_dict() for p in predictions]}
+        return json.dumps(doc, indent=2) + "\n"
+    rows = []
+    for p in predictions:
+        if p.error:
+            rows.append([p.image, "-", "", "", "", p.error])
+            continue
+        for label, top in p.top.items():
+            rows += [[p.image, label, str(rank), breed, f"{prob:.6f}", ""] for rank, (breed, prob) in enumerate(top, 1)]
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["image", "model", "rank", "breed", "probability", "error"])
+        writer.writerows(rows)
+        return buffer.getvalue()
+    lines = []
+    for p in predictions:
+        if p.error:
+            lines.append([p.image, "-", f"unreadable: {p.error}"])
+        for label, top in p.top.items():
+            lines.append([p.image, label, ", ".join(f"{breed} {prob:.1%}" for breed, prob in top)])
+    header = ["image", "model", f"top-{top_k}"]
+    widths = [max(len(r[k]) for r in [header, *lines]) for k in range(2)]
+    out = [f"{header[0].ljust(widths[0])}  {header[1].ljust(widths[1])}  {header[2]}"]
+    out += [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in lines]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

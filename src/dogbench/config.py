@@ -260,11 +260,18 @@ def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig
             kwargs[key] = value
     fixed = {"model": table["model"], "weights": table.get("weights", "hub"), "seed": table.get("seed", 0)}
     _check_types(BackboneConfig, f"backbones.{label}", {**fixed, **pre})
+    if fixed["weights"] not in ("hub", "random"):  # stored absolute: report, explain, predict run from anywhere
+        fixed["weights"] = str(Path(fixed["weights"]).expanduser().absolute())
     return BackboneConfig(label=label, model_kwargs=kwargs, **fixed, **pre)
 
 
 def parse_backbone_spec(spec: str) -> BackboneConfig:
     """``LABEL=MODEL[@WEIGHTS][,key=value...]`` e.g. ``vit=vit_small_patch14_dinov2@w.safetensors,img_size=224``."""
+    return parse_backbone_table(*backbone_spec_table(spec))
+
+
+def backbone_spec_table(spec: str) -> tuple[str, dict[str, Any]]:
+    """A ``--backbone`` spec as (label, the ``[backbones.<label>]`` table it stands for)."""
     label, sep, rest = spec.partition("=")
     if not sep or not label or not rest:
         raise ConfigError(
@@ -279,7 +286,7 @@ def parse_backbone_spec(spec: str) -> BackboneConfig:
         if not eq:
             raise ConfigError(f"Bad --backbone option '{pair}' in '{spec}': expected key=value")
         table[key.strip()] = parse_value(value)
-    return parse_backbone_table(label.strip(), table)
+    return label.strip(), table
 
 
 def parse_value(text: str) -> Any:
@@ -296,6 +303,10 @@ def from_mapping(doc: Mapping[str, Any]) -> RunConfig:
         if key not in valid_top:
             raise _unknown_key("top level", key, valid_top)
     sections = {name: _coerce(cls, name, doc.get(name, {})) for name, cls in SECTIONS.items()}
+    if sections["data"].root is not None:  # stored absolute, like weight files
+        sections["data"] = dataclasses.replace(
+            sections["data"], root=str(Path(sections["data"].root).expanduser().absolute())
+        )
     backbones = tuple(parse_backbone_table(label, table) for label, table in doc.get("backbones", {}).items())
     return RunConfig(backbones=backbones, out=doc.get("out"), **sections)
 
@@ -370,11 +381,15 @@ def resolve(
     ``--backbone`` specs replace the file's backbones; with neither, the two reference models are used.
     """
     doc = json.loads(json.dumps(doc))  # deep copy: callers keep their dict
+    if backbone_specs:  # replace the file's backbones; overrides of backbones.<label>.key then apply to them
+        tables = [backbone_spec_table(s) for s in backbone_specs]
+        doc["backbones"] = {label: table for label, table in tables}
+        labels = [label for label, _ in tables]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"Backbone labels must be unique, got {labels}")
     for override in overrides:
         apply_override(doc, override)
     cfg = from_mapping(doc)
-    if backbone_specs:
-        cfg = dataclasses.replace(cfg, backbones=tuple(parse_backbone_spec(s) for s in backbone_specs))
     if not cfg.backbones:
         cfg = dataclasses.replace(
             cfg, backbones=tuple(BackboneConfig(label=label, model=model) for label, model in DEFAULT_BACKBONES)
@@ -411,3 +426,35 @@ def _validate(cfg: RunConfig) -> None:
     for head in cfg.tune.heads:
         if head not in HEAD_KINDS:
             raise ConfigError(f"Unknown head '{head}' in tune.heads. Valid heads: {', '.join(HEAD_KINDS)}")
+
+
+# Keys that say how a run is executed, not what it computes: they may differ between the commands that work on
+# one run folder (another device, cache folder, batch size or report setting gives the same results).
+EXECUTION_KEYS = (
+    "out", "data.strict", "data.download", "data.data_url", "features.device", "features.batch_size",
+    "features.num_workers", "features.prefetch", "features.cache_dir", "features.reuse_host_memory", "tune.device",
+    "bench", "report",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _config_items(cfg: RunConfig) -> dict[str, Any]:
+    d = cfg.to_dict()
+    d["backbones"] = {b.pop("label"): b for b in d["backbones"]}
+    return {k: v for k, v in _flatten(d).items()
+            if not any(k == e or k.startswith(e + ".") for e in EXECUTION_KEYS)}
+
+
+def config_differences(saved: RunConfig, given: RunConfig) -> list[str]:
+    """The keys that change what a run computes, where ``given`` differs from ``saved``: ``key: saved -> given``."""
+    a, b = _config_items(saved), _config_items(given)
+    return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
+            if a.get(k, "(absent)") != b.get(k, "(absent)")]

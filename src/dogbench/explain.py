@@ -10,9 +10,7 @@ and the HTML report show: ``<stem>__<label>.png`` per backbone and ``<stem>.png`
 from __future__ import annotations
 
 import io
-import json
 import math
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,12 +25,11 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
-from dogbench.backbones import Backbone, Preprocess, load_backbone
-from dogbench.config import RunConfig, from_mapping, saved_to_doc
-from dogbench.data import display_names, load_image, open_dataset
+from dogbench.backbones import Preprocess
+from dogbench.data import ImageError, display_names, load_image
 from dogbench.errors import DogbenchError
-from dogbench.features import resolve_device
-from dogbench.heads import META_FILE, LinearHead, MLPHead, load_head
+from dogbench.heads import LinearHead, MLPHead
+from dogbench.inference import LoadedRun, Model
 
 __all__ = [
     "METHODS",
@@ -47,7 +44,6 @@ __all__ = [
     "grad_cam",
     "input_image",
     "overlay",
-    "run_class_names",
     "side_by_side",
 ]
 
@@ -375,47 +371,38 @@ def _display_map(grid: torch.Tensor, size: tuple[int, int], *, clip_quantile: fl
     return up.clamp(0.0, 1.0).numpy()
 
 
-def explain_image(
-    backbone: Backbone,
-    head: LinearHead | MLPHead | None,
-    image_path: str | Path,
-    *,
-    box: Box | None = None,
-    crop_to_box: bool = False,
-    class_names: Sequence[str] | None = None,
-) -> Explanation:
-    """Explain one photo: attention rollout for a ViT, Grad-CAM for a CNN, plus the head's top-3 when given.
+def explain_image(model: Model, image_path: str | Path, *, box: Box | None = None) -> Explanation:
+    """Explain one photo with one model of a run: attention rollout for a ViT, Grad-CAM for a CNN, plus the tuned
+    head's top-3 when the model has one.
 
-    ``box`` (xmin, ymin, xmax, ymax, original pixels) is either the crop the model sees (``crop_to_box``: the
-    run's ``data.crop_to_box``) or is mapped into input pixels for drawing (``Explanation.box``). A head's labels
-    are indices into ``class_names`` (the dataset's classes); without names the labels are shown as they are.
+    The photo is decoded, resized and cropped by the model's own inference path (``Model.pixels``: the decoder,
+    reduced-size decoding and box crop that extraction and ``predict`` use), so the top-3 is ``predict``'s.
+    ``box`` (xmin, ymin, xmax, ymax, original pixels) is the crop the model sees when the run cropped to boxes,
+    else it is mapped into input pixels for drawing (``Explanation.box``).
     """
-    crop = tuple(box) if box is not None and crop_to_box else None
-    picture = load_image(image_path, box=crop)
-    pixels = input_image(picture, backbone.preprocess)
-    device = _model_device(backbone.model)
-    x = backbone.preprocess.normalize(torch.from_numpy(pixels.transpose(2, 0, 1)).unsqueeze(0).to(device))
+    x_u8, _, errors = next(iter(model.pixels([Path(image_path)], boxes=[box])))
+    if errors[0]:
+        raise ImageError(errors[0])
+    pixels = np.ascontiguousarray(x_u8[0].permute(1, 2, 0).numpy())
+    backbone, head = model.backbone, model.head
+    x = model.runner.prepare(x_u8)
     size = pixels.shape[:2]
     top3: tuple[tuple[str, float], ...] = ()
-    proba = None
+    column = None
     if head is not None:
-        if class_names is not None and int(np.max(head.classes_)) >= len(class_names):
-            raise ExplainError(
-                f"The head predicts labels up to {int(np.max(head.classes_))} but {len(class_names)} class names "
-                "were given; pass the names of the run's dataset (or none)"
-            )
-        with torch.no_grad():
-            features = backbone.model(x).float().cpu().numpy()
-        proba = head.predict_proba(features)[0]
-        top3 = _top_classes(proba, head.classes_, class_names)
+        features = model.features(x_u8)
+        names = display_names(model.classes)
+        top3 = _top_classes(model.proba_of_features(features)[0], np.arange(len(names)), names)
+        column = int(np.argmax(head.predict_proba(features)[0]))  # the head's own column for Grad-CAM's target
     target = None
     if backbone.is_vit:
         method, heatmap = ROLLOUT, _display_map(attention_rollout(backbone.model, x)[0], size)
     else:
-        column = None if proba is None else int(np.argmax(proba))
         method, heatmap = GRAD_CAM, grad_cam(backbone.model, head, x, target=column)[0]
         target = top3[0][0] if top3 else "pooled feature norm"
-    drawn = None if box is None or crop_to_box else box_in_input(box, picture.size, backbone.preprocess)
+    drawn = None
+    if box is not None and not model.crop_to_box:
+        drawn = box_in_input(box, load_image(image_path).size, backbone.preprocess)
     return Explanation(image=pixels, heatmap=heatmap, method=method, top3=top3, box=drawn, target=target)
 
 
@@ -481,43 +468,7 @@ def side_by_side(
     return buffer.getvalue()
 
 
-# ---------------------------------------------------------------- a run folder
-
-
-def _run_config(run_dir: Path) -> RunConfig:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ExplainError(
-            f"{run_dir} is not a dogbench run folder: no config.json (written by `dogbench run` or `dogbench tune`)"
-        )
-    return from_mapping(saved_to_doc(json.loads(path.read_text())))
-
-
-def run_class_names(run_dir: Path, cfg: RunConfig) -> tuple[str, ...] | None:
-    """The run's class names (heads predict indices into them); None when they cannot be read.
-
-    As the evaluation saved them (``<label>/predictions.npz``), else from the dataset: the one ``results.json``
-    records (``dataset.root``), else ``data.root`` of the config; only its folder names are read, and its class
-    count must match the one ``results.json`` records.
-    """
-    for path in sorted(run_dir.glob("*/predictions.npz")):
-        with np.load(path, allow_pickle=False) as npz:
-            if "classes" in npz.files:
-                return display_names(npz["classes"].astype(str).tolist())
-    results_path = run_dir / "results.json"
-    recorded = json.loads(results_path.read_text()).get("dataset", {}) if results_path.is_file() else {}
-    for root in (recorded.get("root"), cfg.data.root):
-        if not root or not Path(root).expanduser().is_dir():
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # e.g. "no official lists": the split does not matter here
-                classes = open_dataset(root, seed=cfg.data.split_seed).classes
-        except DogbenchError:
-            continue
-        if recorded.get("n_classes") in (None, len(classes)):
-            return display_names(classes)
-    return None
+# ---------------------------------------------------------------- a run's models
 
 
 def _unique_stem(path: Path, used: set[str]) -> str:
@@ -529,37 +480,22 @@ def _unique_stem(path: Path, used: set[str]) -> str:
 
 
 def explain_run(
-    run_dir: Path,
+    run: LoadedRun,
     images: Sequence[Path | str | tuple[Path | str, Box | None]],
     out_dir: Path,
     *,
-    device: str = "cpu",
-    class_names: Sequence[str] | None = None,
     extra: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Explain photos with every backbone of a run; write PNGs and ``explanations.json`` into ``out_dir``.
+    """Explain photos with every model of a loaded run (``inference.load_run``); write PNGs and
+    ``explanations.json`` into ``out_dir``.
 
     ``images`` are paths or (path, box) pairs (box in original pixels: drawn on the overlays, or the crop the
-    models see when the run used ``data.crop_to_box``). Each backbone is loaded as the run configured it, with
-    its tuned head (``<run>/<label>/head``) when there is one; class names come from ``class_names`` or the
-    run's dataset (``run_class_names``). Per image: ``<stem>__<label>.png`` (overlay) for each backbone and
-    ``<stem>.png`` (input | overlays with titles and top-3). Returns one record per (image, backbone):
+    models see when the run used ``data.crop_to_box``). Per image: ``<stem>__<label>.png`` (overlay) for each
+    model and ``<stem>.png`` (input | overlays with titles and top-3). Returns one record per (image, model):
     {image, stem, label, model, method, png, figure, top3 [[name, p]], target}, plus ``extra[i]``'s fields for
     the i-th image (e.g. its sample id).
     """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    cfg = _run_config(run_dir)
-    if not cfg.backbones:
-        raise ExplainError(f"{run_dir / 'config.json'} lists no backbones")
-    names = tuple(class_names) if class_names is not None else run_class_names(run_dir, cfg)
-    torch_device = resolve_device(device)
-    models: list[tuple[str, Backbone, LinearHead | MLPHead | None]] = []
-    for bcfg in cfg.backbones:
-        backbone = load_backbone(bcfg)
-        backbone.model.to(torch_device)
-        head_dir = run_dir / bcfg.label / "head"
-        head = load_head(head_dir, device=str(torch_device)) if (head_dir / META_FILE).is_file() else None
-        models.append((bcfg.label, backbone, head))
+    out_dir = Path(out_dir)
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     for i, entry in enumerate(images):
@@ -568,17 +504,16 @@ def explain_run(
         stem = _unique_stem(path, used)
         panels = []
         explanations = []
-        for label, backbone, head in models:
-            explanation = explain_image(
-                backbone, head, path, box=box, crop_to_box=cfg.data.crop_to_box, class_names=names
-            )
+        for label, model in run.models.items():
+            explanation = explain_image(model, path, box=box)
             explanations.append(explanation)
             picture = overlay(explanation.image, explanation.heatmap, box=explanation.box)
             png = f"{stem}__{label}.png"
             atomic_write_bytes(out_dir / png, _png(picture))
-            panels.append((f"{label} ({backbone.tag.split('.')[0]}): {explanation.method}", picture, explanation.top3))
+            tag = model.backbone.tag
+            panels.append((f"{label} ({tag.split('.')[0]}): {explanation.method}", picture, explanation.top3))
             records.append({
-                "image": str(path), "stem": stem, "label": label, "model": backbone.tag,
+                "image": str(path), "stem": stem, "label": label, "model": tag,
                 "method": explanation.method, "png": png, "figure": f"{stem}.png",
                 "top3": [[name, round(p, 6)] for name, p in explanation.top3],
                 "target": explanation.target, **(extra[i] if extra else {}),
@@ -587,4 +522,3 @@ def explain_run(
         atomic_write_bytes(out_dir / f"{stem}.png", side_by_side(first.image, panels, box=first.box))
     atomic_write_json(out_dir / RECORDS_FILE, records)
     return records
-

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -30,6 +30,7 @@ from torch import nn
 
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
 from dogbench.config import HEAD_KINDS, HeadKind
+from dogbench.errors import DogbenchError
 
 __all__ = [
     "HEAD_KINDS",
@@ -37,10 +38,13 @@ __all__ = [
     "TENSORS_FILE",
     "Activation",
     "HeadKind",
+    "HeadFileError",
     "LinearHead",
     "MLPHead",
     "TrainingData",
+    "head_identity",
     "load_head",
+    "read_head_meta",
     "make_head",
 ]
 
@@ -379,11 +383,15 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)
         return self.classes_[proba.argmax(axis=1)]
 
-    def save(self, path: Path) -> None:
+    def save(
+        self, path: Path, *, identity: Mapping[str, Any] | None = None, class_names: Sequence[str] | None = None
+    ) -> None:
         """Write ``path/head.safetensors`` then ``path/head.json`` (params, classes, learned scalars).
 
-        Each file is replaced atomically; the JSON, written last, records the tensors' sha256 so a
-        torn pair is detected on load.
+        ``identity`` says what the head belongs to (the backbone's timm tag, weights sha256, feature key,
+        preprocessing) and ``class_names`` what its labels mean; both are checked and returned on load. The
+        device it was trained on is not saved: a head loads on the CPU unless asked otherwise. Each file is
+        replaced atomically; the JSON, written last, records the tensors' sha256 so a torn pair is detected.
         """
         check_is_fitted(self)
         path = Path(path)
@@ -395,8 +403,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         meta = {
             "format_version": FORMAT_VERSION,
             "kind": self._kind.value,
-            "params": self.get_params(),
+            "params": {k: v for k, v in self.get_params().items() if k != "device"},
             "classes": self.classes_.tolist(),
+            "class_names": list(class_names) if class_names is not None else None,
+            "identity": dict(identity) if identity is not None else None,
             "n_features_in": int(self.n_features_in_),
             "n_epochs": self.n_epochs_,
             "best_epoch": self.best_epoch_,
@@ -409,7 +419,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         atomic_write_text(path / META_FILE, text)
 
     @classmethod
-    def load(cls, path: Path, *, device: str | None = None) -> Self:
+    def load(cls, path: Path, *, device: str = "cpu") -> Self:
         """Load a head saved by ``save``; it must be of this class (``load_head`` takes any kind)."""
         head = load_head(path, device=device)
         if not isinstance(head, cls):
@@ -534,19 +544,70 @@ def make_head(kind: str, **params: Any) -> LinearHead | MLPHead:
     return _HEAD_CLASSES[_parse_choice(HeadKind, kind, "head kind")](**params)
 
 
-def load_head(path: Path, *, device: str | None = None) -> LinearHead | MLPHead:
-    """Load the head saved in directory ``path``, of whichever kind; ``device`` overrides the saved one."""
+class HeadFileError(DogbenchError, ValueError):
+    """A saved head that cannot be read, or that belongs to another backbone than the one it is loaded for."""
+
+
+IDENTITY_KEYS = ("timm_tag", "weights_sha256", "feature_key", "preprocess")  # what a head's features come from
+
+
+def head_identity(*, timm_tag: str, weights_sha256: str, feature_key: str, preprocess: Mapping[str, Any]) -> dict:
+    """What a head belongs to: the features it was trained on and the backbone that makes them."""
+    return {"timm_tag": timm_tag, "weights_sha256": weights_sha256, "feature_key": feature_key,
+            "preprocess": dict(preprocess)}
+
+
+def read_head_meta(path: Path) -> dict[str, Any]:
+    """``head.json`` of the head saved in directory ``path`` (no tensors read); HeadFileError names the file."""
+    meta_path = Path(path) / META_FILE
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise HeadFileError(f"{meta_path} is missing") from None
+    except (OSError, ValueError) as err:
+        raise HeadFileError(f"{meta_path} is not readable JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise HeadFileError(f"{meta_path}: format_version {version!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def load_head(
+    path: Path, *, device: str = "cpu", expect_identity: Mapping[str, Any] | None = None
+) -> LinearHead | MLPHead:
+    """Load the head saved in directory ``path``, of whichever kind, onto ``device`` (the CPU unless asked).
+
+    With ``expect_identity`` (``head_identity`` of the backbone it is loaded for), a head saved for another
+    backbone, weights, features or preprocessing is refused with both identities named. Every problem with the
+    files is a HeadFileError that names the file.
+    """
     path = Path(path)
-    meta = json.loads((path / META_FILE).read_text())
-    version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ValueError(f"{path / META_FILE}: format_version {version!r}, expected {FORMAT_VERSION}")
-    blob = (path / TENSORS_FILE).read_bytes()
-    if hashlib.sha256(blob).hexdigest() != meta["tensors_sha256"]:
-        raise ValueError(f"{path / TENSORS_FILE} does not match {path / META_FILE} (sha256 differs)")
-    params = dict(meta["params"])
-    if device is not None:
-        params["device"] = device
-    head = make_head(meta["kind"], **params)
-    head._restore(meta, safetensors.torch.load(blob))
+    meta = read_head_meta(path)
+    if expect_identity is not None:
+        saved = meta.get("identity") or {}
+        differ = [k for k in IDENTITY_KEYS if k in expect_identity and saved.get(k) != expect_identity[k]]
+        if differ:
+            def show(d: Mapping[str, Any]) -> str:
+                return ", ".join(f"{k}={d.get(k)!r}" for k in differ)
+
+            raise HeadFileError(
+                f"The head in {path} belongs to another backbone: it was trained on {show(saved)}, but this run's "
+                f"backbone has {show(expect_identity)}. Re-run `dogbench evaluate` on the run folder to refit it"
+            )
+    tensors_path = path / TENSORS_FILE
+    try:
+        blob = tensors_path.read_bytes()
+    except OSError as err:
+        raise HeadFileError(f"{tensors_path} is not readable ({err.strerror or err})") from None
+    if hashlib.sha256(blob).hexdigest() != meta.get("tensors_sha256"):
+        raise HeadFileError(f"{tensors_path} does not match {path / META_FILE} (sha256 differs)")
+    try:
+        params = {k: v for k, v in dict(meta["params"]).items() if k != "device"}  # old files saved theirs
+        head = make_head(meta["kind"], device=device, **params)
+        head._restore(meta, safetensors.torch.load(blob))
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise HeadFileError(f"{path / META_FILE} does not describe {tensors_path} ({type(err).__name__}: {err})") \
+            from None
+    head.class_names_ = tuple(meta["class_names"]) if meta.get("class_names") else None
+    head.identity_ = meta.get("identity")
     return head

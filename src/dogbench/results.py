@@ -99,6 +99,16 @@ class RunResults:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunResults:
+        """``results.json`` back into records; KeyError/TypeError/ValueError when it does not fit the schema."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+        if d.get("schema_version") != RESULTS_SCHEMA_VERSION:
+            raise ValueError(f"schema_version {d.get('schema_version')!r}, expected {RESULTS_SCHEMA_VERSION}")
+        models = {label: ModelResult(**m) for label, m in d["models"].items()}
+        return cls(**{**d, "models": models, "dataset": DatasetInfo(**d["dataset"])})
+
     def write(self, run_dir: Path) -> None:
         atomic_write_json(run_dir / "results.json", self.to_dict())
         atomic_write_text(run_dir / "results.csv", self.to_csv())

@@ -25,7 +25,6 @@ from dogbench.atomic import atomic_write_bytes, atomic_write_text
 from dogbench.data import STANFORD_DOGS, display_names
 from dogbench.report import plots
 from dogbench.report.runs import (
-    EXPLANATIONS_DIR,
     ModelRun,
     RunFolder,
     aligned,
@@ -35,6 +34,7 @@ from dogbench.report.runs import (
     select_examples,
 )
 from dogbench.results import verdict
+from dogbench.rundir import EXPLANATIONS_DIR
 
 FILES_DIR = "report_files"
 THUMB_PX = 180

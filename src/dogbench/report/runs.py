@@ -6,7 +6,6 @@ Everything here is read-only over what ``dogbench run`` wrote; no torch import.
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -16,9 +15,7 @@ import numpy as np
 
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import compare_paired
-
-EXPLANATIONS_DIR = "explanations"
-EXPLANATIONS_FILE = "explanations.json"
+from dogbench.rundir import RunDir
 
 
 class ReportError(DogbenchError, ValueError):
@@ -113,41 +110,23 @@ def _load_study(run_dir: Path, results: dict[str, Any], study_name: str) -> Stud
     return Study(study_name, tuple(trials), importance, note)
 
 
-def _load_model(run_dir: Path, run_name: str, label: str, result: dict[str, Any], results: dict[str, Any]) -> ModelRun:
-    path = run_dir / label / "predictions.npz"
-    if not path.is_file():
-        raise ReportError(f"{path} is missing: the run's evaluation did not finish; run `dogbench evaluate --out "
-                          f"{run_dir}` first")
-    with np.load(path, allow_pickle=False) as npz:
-        missing = {"sample_ids", "y_true", "proba", "paths", "classes"} - set(npz.files)
-        if missing:
-            raise ReportError(f"{path} lacks {sorted(missing)}: it was written by an older dogbench; run "
-                              f"`dogbench evaluate --out {run_dir}` again")
-        sample_ids, y_true, proba = npz["sample_ids"].astype(str), npz["y_true"].astype(np.int64), npz["proba"]
-        paths, classes = npz["paths"].astype(str), tuple(npz["classes"].astype(str).tolist())
-        boxes = npz["boxes"] if "boxes" in npz.files else np.full((len(sample_ids), 4), -1)
-    n = len(sample_ids)
-    if proba.shape != (n, len(classes)) or y_true.shape != (n,) or paths.shape != (n,):
-        raise ReportError(f"{path} is inconsistent: {n} ids, proba {proba.shape}, {len(classes)} classes")
+def _load_model(run: RunDir, label: str, result: dict[str, Any], results: dict[str, Any]) -> ModelRun:
+    if not run.predictions_path(label).is_file():
+        raise ReportError(f"{run.predictions_path(label)} is missing: the run's evaluation did not finish; run "
+                          f"`{run.rebuild('predictions')}` first")
+    p = run.read_predictions(label)
     study_name = (result.get("head") or {}).get("study")
-    study = _load_study(run_dir, results, study_name) if study_name else None
-    return ModelRun(label, label, run_name, result, sample_ids, y_true, proba, paths, classes, study, boxes)
+    study = _load_study(run.path, results, study_name) if study_name else None
+    return ModelRun(label, label, run.path.name, result, p.sample_ids, p.y_true, p.proba, p.paths, p.classes, study,
+                    p.boxes)
 
 
 def load_run(run_dir: Path) -> RunFolder:
     """Read a finished run folder; errors say what is missing and which command makes it."""
-    run_dir = Path(run_dir)
-    path = run_dir / "results.json"
-    if not path.is_file():
-        what = "not a folder" if not run_dir.is_dir() else "no results.json"
-        raise ReportError(f"{run_dir} is {what}: give a folder that `dogbench run` (or `dogbench evaluate`) wrote")
-    results = json.loads(path.read_text())
-    models = {label: _load_model(run_dir, run_dir.name, label, r, results) for label, r in results["models"].items()}
-    explanations: list[dict[str, Any]] = []
-    exp = run_dir / EXPLANATIONS_DIR / EXPLANATIONS_FILE
-    if exp.is_file():
-        explanations = json.loads(exp.read_text())
-    return RunFolder(run_dir, run_dir.name, results, models, explanations)
+    run = RunDir(run_dir)
+    results = run.read_results().to_dict()
+    models = {label: _load_model(run, label, r, results) for label, r in results["models"].items()}
+    return RunFolder(run.path, run.path.name, results, models, run.read_explanations())
 
 
 def load_runs(run_dirs: list[Path]) -> list[RunFolder]:

@@ -1,12 +1,11 @@
 """Datasets: Stanford Dogs (official or Kaggle layout) and class-per-folder image sets, with seeded splits.
 
-`open_dataset` only lists files and reads metadata (lists, boxes); pixels are read by `load_image`.
+`open_dataset` only lists files and reads metadata (lists, boxes); pixels are read by ``data.images``.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import warnings
 import xml.etree.ElementTree as ET
@@ -16,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-from PIL import ExifTags, Image
 
 from dogbench.errors import DogbenchError
 
@@ -27,11 +25,9 @@ __all__ = [
     "STANFORD_DOGS",
     "Dataset",
     "DatasetLayoutError",
-    "ImageError",
     "Sample",
     "detect_layout",
     "display_names",
-    "load_image",
     "open_dataset",
     "stratified_split",
 ]
@@ -60,10 +56,6 @@ class DatasetLayoutError(DogbenchError, ValueError):
 
 class DataNotFoundError(DogbenchError, FileNotFoundError):
     """A dataset folder or file that does not exist (any more)."""
-
-
-class ImageError(DogbenchError, ValueError):
-    """An image file cannot be decoded."""
 
 
 @dataclass(frozen=True)
@@ -402,88 +394,3 @@ def open_dataset(root: str | Path, *, test_fraction: float = 0.2, seed: int = 0)
     if not dataset.samples:
         raise DatasetLayoutError(f"No images found in {located.root} ({located.layout} layout)")
     return dataset
-
-
-# ---------------------------------------------------------------- images
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit grey: scale 0..65535 to 0..255 instead of letting PIL clip.
-        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
-        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
-    if img.mode == "F":
-        grey = np.nan_to_num(np.asarray(img, dtype=np.float64))
-        lo, hi = float(grey.min()), float(grey.max())
-        if lo < 0.0 or hi > 1.0:
-            grey = (grey - lo) / (hi - lo) if hi > lo else np.zeros_like(grey)
-        return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
-UPRIGHT = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
-
-
-def clamp_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str | Path) -> tuple[int, int, int, int]:
-    """``box`` clipped to an image of ``size`` (width, height); ImageError when nothing of it is left."""
-    width, height = size
-    xmin, ymin = min(max(box[0], 0), width), min(max(box[1], 0), height)
-    xmax, ymax = min(max(box[2], 0), width), min(max(box[3], 0), height)
-    if xmax <= xmin or ymax <= ymin:
-        raise ImageError(f"cannot read image {path}: box {box} lies outside the {width}x{height} image")
-    return xmin, ymin, xmax, ymax
-
-
-def load_image(
-    path: str | Path, *, box: tuple[int, int, int, int] | None = None, min_side: int | None = None
-) -> Image.Image:
-    """Decode `path` into an RGB image (EXIF orientation applied), cropped to `box` when given.
-
-    `box` is (xmin, ymin, xmax, ymax) in stored pixel coordinates, as Pascal-VOC annotations give it, clamped
-    to the image; the crop is taken before the EXIF orientation is applied. With `min_side`, a JPEG at least
-    twice that size (its box, when cropping) is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping
-    the short side of the region at `min_side` pixels or more: the resize that follows then starts from fewer
-    pixels (much less decode and resize work for large photos; pixels differ slightly from a full decode).
-    Raises ImageError.
-    """
-    try:
-        with Image.open(path) as img:
-            full_size = img.size
-            if box is not None:
-                box = clamp_box(box, full_size, path)
-            if min_side is not None and img.format == "JPEG":
-                _reduced_decode(img, box or (0, 0, *full_size), min_side)
-            img.load()
-            upright = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
-            if box is not None and img.size != full_size:
-                fx, fy = img.size[0] / full_size[0], img.size[1] / full_size[1]
-                box = clamp_box(
-                    (int(box[0] * fx), int(box[1] * fy), math.ceil(box[2] * fx), math.ceil(box[3] * fy)),
-                    img.size, path,
-                )
-            stored = img.copy() if box is None else img.crop(box)
-            return _to_rgb(stored.transpose(upright) if upright is not None else stored)
-    except ImageError:
-        raise
-    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
-
-
-def _reduced_decode(img: Image.Image, region: tuple[int, int, int, int], min_side: int) -> None:
-    """Ask libjpeg for the smallest DCT scale that keeps the region's short side >= ``min_side``."""
-    scale = min_side / min(region[2] - region[0], region[3] - region[1])
-    if scale <= 0.5:
-        img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))

@@ -15,8 +15,9 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from dogbench.config import DataConfig
-from dogbench.data import DataNotFoundError, Dataset, DatasetLayoutError, detect_layout, open_dataset
+from dogbench.data.datasets import DataNotFoundError, Dataset, DatasetLayoutError, detect_layout, open_dataset
 from dogbench.errors import DogbenchError
+from dogbench.locks import locked
 
 __all__ = [
     "STANFORD_DOGS_ARCHIVES",
@@ -150,28 +151,32 @@ def fetch(
     timeout: float = 30.0,
     progress: bool = True,
 ) -> Path:
-    """Download `url` to `dest` (resuming `dest.part`), verify size and sha256, then rename into place."""
+    """Download `url` to `dest` (resuming `dest.part`), verify size and sha256, then rename into place.
+
+    ``dest.lock`` is held meanwhile: a second process fetching the same file waits, then finds it in place.
+    """
     dest = Path(dest)
-    if dest.exists():
-        if (size is None and sha256 is None) or _verify(dest, size=size, sha256=sha256) is None:
-            return dest
-        dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    try:
-        _stream(url, part, size=size, timeout=timeout, progress=progress)
-    except HTTPError as exc:
-        raise DownloadError(
-            f"Could not download {url}: HTTP {exc.code} {exc.reason}.\n{_manual_steps()}"
-        ) from exc
-    except (URLError, OSError, http.client.HTTPException) as exc:
-        reason = exc.reason if isinstance(exc, URLError) else exc
-        raise DownloadError(f"Could not download {url}: {reason}.\n{_manual_steps()}") from exc
-    problem = _verify(part, size=size, sha256=sha256)
-    if problem:
-        part.unlink()
-        raise DownloadError(f"Downloaded {url} but it is corrupt ({problem}); the partial file was deleted")
-    os.replace(part, dest)
+    with locked(dest.with_name(dest.name + ".lock"), what=f"the download of {dest.name}"):
+        if dest.exists():
+            if (size is None and sha256 is None) or _verify(dest, size=size, sha256=sha256) is None:
+                return dest
+            dest.unlink()
+        part = dest.with_name(dest.name + ".part")
+        try:
+            _stream(url, part, size=size, timeout=timeout, progress=progress)
+        except HTTPError as exc:
+            raise DownloadError(
+                f"Could not download {url}: HTTP {exc.code} {exc.reason}.\n{_manual_steps()}"
+            ) from exc
+        except (URLError, OSError, http.client.HTTPException) as exc:
+            reason = exc.reason if isinstance(exc, URLError) else exc
+            raise DownloadError(f"Could not download {url}: {reason}.\n{_manual_steps()}") from exc
+        problem = _verify(part, size=size, sha256=sha256)
+        if problem:
+            part.unlink()
+            raise DownloadError(f"Downloaded {url} but it is corrupt ({problem}); the partial file was deleted")
+        os.replace(part, dest)
     return dest
 
 
@@ -260,12 +265,15 @@ def _extract_archives(
             elif archive.filename == "lists.tar":
                 warnings.warn(f"{folder} has no lists.tar: {lost}", stacklevel=3)
             continue
-        problem = _verify(path, size=archive.size, sha256=archive.sha256)
-        if problem:
-            raise DownloadError(
-                f"{path} is not the expected archive ({problem}); delete it and download it again"
-            )
-        safe_extract(path, target)
+        with locked(folder / f".{archive.filename}.lock", what=f"the unpacking of {archive.filename}"):
+            if (target / f".extracted-{archive.filename}").exists():
+                continue  # another process unpacked it while this one waited
+            problem = _verify(path, size=archive.size, sha256=archive.sha256)
+            if problem:
+                raise DownloadError(
+                    f"{path} is not the expected archive ({problem}); delete it and download it again"
+                )
+            safe_extract(path, target)
     try:
         detect_layout(target)
     except DatasetLayoutError as exc:

@@ -1,0 +1,36 @@
+"""Data: datasets (layouts, splits on samples), download (verify, resume, safe extract), images (decode, RGB, EXIF)."""
+
+from dogbench.data.datasets import (
+    IMAGE_EXTENSIONS,
+    LAYOUTS,
+    SPLITS,
+    STANFORD_DOGS,
+    DataNotFoundError,
+    Dataset,
+    DatasetLayoutError,
+    Sample,
+    detect_layout,
+    display_names,
+    open_dataset,
+    stratified_split,
+)
+from dogbench.data.images import ImageError, clamp_box, load_image, read_image
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "LAYOUTS",
+    "SPLITS",
+    "STANFORD_DOGS",
+    "DataNotFoundError",
+    "Dataset",
+    "DatasetLayoutError",
+    "ImageError",
+    "Sample",
+    "clamp_box",
+    "detect_layout",
+    "display_names",
+    "load_image",
+    "open_dataset",
+    "read_image",
+    "stratified_split",
+]

@@ -1,0 +1,154 @@
+"""Images from files: decoded to RGB (grey, 16-bit, CMYK, RGBA, palette), EXIF orientation applied, box crops.
+
+``load_image`` is PIL (with reduced-size JPEG decoding); ``read_image`` decodes plain RGB and grey JPEGs with
+libjpeg-turbo through torchvision.io into uint8 tensors, and hands everything else to ``load_image``. Both raise
+``ImageError`` for a file that cannot be decoded.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import ExifTags, Image
+
+from dogbench.errors import DogbenchError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the report reads data/ without it
+    import torch
+
+__all__ = ["UPRIGHT", "ImageError", "clamp_box", "load_image", "read_image"]
+
+
+class ImageError(DogbenchError, ValueError):
+    """An image file cannot be decoded."""
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: scale 0..65535 to 0..255 instead of letting PIL clip.
+        grey = np.clip(np.asarray(img, dtype=np.float64), 0, 65535) / 257.0
+        return Image.fromarray(np.round(grey).astype(np.uint8)).convert("RGB")
+    if img.mode == "F":
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        lo, hi = float(grey.min()), float(grey.max())
+        if lo < 0.0 or hi > 1.0:
+            grey = (grey - lo) / (hi - lo) if hi > lo else np.zeros_like(grey)
+        return Image.fromarray(np.round(grey * 255).astype(np.uint8)).convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does).
+UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def clamp_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str | Path) -> tuple[int, int, int, int]:
+    """``box`` clipped to an image of ``size`` (width, height); ImageError when nothing of it is left."""
+    width, height = size
+    xmin, ymin = min(max(box[0], 0), width), min(max(box[1], 0), height)
+    xmax, ymax = min(max(box[2], 0), width), min(max(box[3], 0), height)
+    if xmax <= xmin or ymax <= ymin:
+        raise ImageError(f"cannot read image {path}: box {box} lies outside the {width}x{height} image")
+    return xmin, ymin, xmax, ymax
+
+
+def load_image(
+    path: str | Path, *, box: tuple[int, int, int, int] | None = None, min_side: int | None = None
+) -> Image.Image:
+    """Decode `path` into an RGB image (EXIF orientation applied), cropped to `box` when given.
+
+    `box` is (xmin, ymin, xmax, ymax) in stored pixel coordinates, as Pascal-VOC annotations give it, clamped
+    to the image; the crop is taken before the EXIF orientation is applied. With `min_side`, a JPEG at least
+    twice that size (its box, when cropping) is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping
+    the short side of the region at `min_side` pixels or more: the resize that follows then starts from fewer
+    pixels (much less decode and resize work for large photos; pixels differ slightly from a full decode).
+    Raises ImageError.
+    """
+    try:
+        with Image.open(path) as img:
+            full_size = img.size
+            if box is not None:
+                box = clamp_box(box, full_size, path)
+            if min_side is not None and img.format == "JPEG":
+                _reduced_decode(img, box or (0, 0, *full_size), min_side)
+            img.load()
+            upright = UPRIGHT.get(img.getexif().get(ExifTags.Base.Orientation))
+            if box is not None and img.size != full_size:
+                fx, fy = img.size[0] / full_size[0], img.size[1] / full_size[1]
+                box = clamp_box(
+                    (int(box[0] * fx), int(box[1] * fy), math.ceil(box[2] * fx), math.ceil(box[3] * fy)),
+                    img.size, path,
+                )
+            stored = img.copy() if box is None else img.crop(box)
+            return _to_rgb(stored.transpose(upright) if upright is not None else stored)
+    except ImageError:
+        raise
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
+
+
+def _reduced_decode(img: Image.Image, region: tuple[int, int, int, int], min_side: int) -> None:
+    """Ask libjpeg for the smallest DCT scale that keeps the region's short side >= ``min_side``."""
+    scale = min_side / min(region[2] - region[0], region[3] - region[1])
+    if scale <= 0.5:
+        img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+
+
+def read_image(
+    path: Path, *, box: tuple[int, int, int, int] | None = None, min_side: int | None = None
+) -> Image.Image | torch.Tensor:
+    """An image as ``load_image`` gives it (box crop in stored pixels, then EXIF orientation), decoded by
+    torchvision.io into a (3, H, W) uint8 tensor when it is an RGB or grey JPEG that reduced-size decoding
+    would not shrink; else the PIL image from ``load_image``. Raises ImageError.
+    """
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    try:
+        with Image.open(path) as img:  # the header only: format, mode, size, EXIF
+            fmt, mode, size = img.format, img.mode, img.size
+            orientation = img.getexif().get(ExifTags.Base.Orientation)
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
+        return load_image(path, box=box, min_side=min_side)  # raises the ImageError with PIL's reason
+    region = clamp_box(box, size, path) if box is not None else (0, 0, *size)
+    small = min_side is None or min(region[2] - region[0], region[3] - region[1]) < 2 * min_side
+    if fmt != "JPEG" or mode not in ("RGB", "L") or not small:
+        return load_image(path, box=box, min_side=min_side)
+    try:
+        x = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        reason = str(err).rsplit(", ", 1)[-1]  # drop torchvision's "decode_jpeg, <file.cpp>:<line>, " prefix
+        raise ImageError(f"cannot read image {path}: {reason}") from None
+    if box is not None:
+        x = x[:, region[1] : region[3], region[0] : region[2]]
+    return _orient(x, orientation).contiguous()
+
+
+def _orient(x: torch.Tensor, orientation: int | None) -> torch.Tensor:
+    """The EXIF orientation's transpose (as ``data.UPRIGHT`` gives PIL) on a (C, H, W) tensor."""
+    import torch
+
+    ops: dict[int, Any] = {
+        2: lambda t: t.flip(-1),
+        3: lambda t: t.flip(-1, -2),
+        4: lambda t: t.flip(-2),
+        5: lambda t: t.transpose(-1, -2),
+        6: lambda t: torch.rot90(t, -1, (-2, -1)),
+        7: lambda t: t.transpose(-1, -2).flip(-1, -2),
+        8: lambda t: torch.rot90(t, 1, (-2, -1)),
+    }
+    op = ops.get(orientation) if orientation is not None else None
+    return op(x) if op is not None else x

@@ -1,0 +1,95 @@
+"""Device and precision policy in one place: which device, which dtype, how many decode workers, exact fp32.
+
+Every stage that runs a model (extraction, prediction, explanations, heads, benchmarks) asks here.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from dogbench.config import Precision
+from dogbench.errors import DogbenchError
+
+DTYPES = {Precision.BF16: torch.bfloat16, Precision.FP16: torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DogbenchError(f"Unknown device '{name}'. Valid: auto, cpu, cuda, cuda:N, mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DogbenchError(f"Device '{name}' requested but CUDA is not available here. Valid here: {valid_here()}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise DogbenchError(
+            f"Device '{name}' requested but this machine has {torch.cuda.device_count()} CUDA device(s). "
+            f"Valid here: {valid_here()}"
+        )
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DogbenchError(f"Device '{name}' requested but MPS is not available here. Valid here: {valid_here()}")
+    return device
+
+
+def valid_here() -> str:
+    """The device names this machine accepts, for error messages."""
+    names = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        names += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        names.append("mps")
+    return ", ".join(names)
+
+
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
+    """AUTO -> bf16 on a GPU with bf16 support, else fp32 (CPU bf16 without AMX is slower than fp32)."""
+    if precision is not Precision.AUTO:
+        return precision
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return Precision.BF16
+    return Precision.FP32
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_workers(num_workers: int | None, device: torch.device) -> int:
+    """Worker processes: 0 on CPU (decode runs between forward passes on every core), cores - 1 on a GPU."""
+    if num_workers is not None:
+        return num_workers
+    return 0 if device.type == "cpu" else max(1, min(8, cpu_cores() - 1))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({os.cpu_count()} cores)" if device.type == "cpu" else device.type
+
+
+def empty_cache(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@contextmanager
+def exact_fp32(device: torch.device, precision: Precision) -> Iterator[None]:
+    """fp32 means fp32: no TF32 matmuls or convolutions on CUDA (torch allows TF32 convolutions by default)."""
+    if device.type != "cuda" or precision is not Precision.FP32:
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -1,0 +1,261 @@
+"""Extract (N, D) features once per (dataset, backbone, weights, preprocessing, precision) into the cache.
+
+The hot loop reads batches from DataLoader workers (decode + the model's eval transform), runs the frozen
+model in inference mode (bf16 autocast where the device supports it), and writes one chunk file per
+``chunk_size`` images. A killed run resumes at the first missing chunk; batches never straddle chunks, so
+a resumed run computes exactly the batches an uninterrupted one would, and the features are identical.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dogbench.backbones import Backbone
+from dogbench.config import FeatureConfig, Precision
+from dogbench.data import Dataset, ImageError
+from dogbench.data.download import default_cache_dir
+from dogbench.device import device_name, resolve_device, resolve_precision, resolve_workers
+from dogbench.features.cache import CachedFeatures, CacheEntry, Chunk, FeatureCache, cache_key, ids_digest
+from dogbench.features.runner import ImageDataset, ModelRunner, effective_decoder, iter_batches
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """Features of the readable images of a dataset, with their ids, labels and splits (row-aligned)."""
+
+    key: str
+    features: np.ndarray  # (N_ok, D) float32, rows in sample-id order
+    sample_ids: tuple[str, ...]
+    labels: np.ndarray  # (N_ok,) int64
+    splits: np.ndarray  # (N_ok,) str: "train" / "test"
+    skipped: tuple[tuple[str, str], ...]  # (sample_id, reason) of unreadable images
+    cache_hit: bool  # True when nothing had to be computed
+    extract_s: float  # wall seconds spent computing features in this call (0 on a cache hit)
+    n_computed: int  # images pushed through the model in this call
+    device: str
+    precision: str
+    batch_size: int | None = None  # images per forward pass when anything was computed
+
+    @property
+    def throughput_img_s(self) -> float | None:
+        return self.n_computed / self.extract_s if self.n_computed and self.extract_s > 0 else None
+
+
+def feature_key(
+    backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision, reduced_decode: bool = True,
+    decoder: str = "auto", compiled: bool = False,
+) -> str:
+    """The cache key: every image (id, size, mtime; box when cropping), model, weights, preprocessing (reduced
+    JPEG decoding included), precision, torch.compile.
+
+    Labels and the train/test split are not in it: every image of the dataset is extracted, and they are
+    applied on load.
+    """
+    return cache_key(
+        {
+            "images": dataset.fingerprint(with_boxes=crop_to_box),
+            "crop_to_box": crop_to_box,
+            "timm_tag": backbone.tag,
+            "model_kwargs": backbone.model_kwargs,
+            "weights_sha256": backbone.weights_sha256,
+            "preprocess": backbone.preprocess.to_dict(),
+            "precision": precision.value,
+            "reduced_decode": reduced_decode,
+            "decoder": decoder,
+            "compile": compiled,
+        }
+    )
+
+
+def extract_features(
+    backbone: Backbone,
+    dataset: Dataset,
+    *,
+    cfg: FeatureConfig,
+    crop_to_box: bool = False,
+    strict: bool = False,
+    progress: bool = True,
+    runner: ModelRunner | None = None,
+) -> FeatureSet:
+    """Features for every sample of ``dataset``, from the cache when present, else computed and cached.
+
+    Rows are in sample-id order, whatever order the dataset lists its samples in (train first, test next):
+    a new train/test split of the same images is then the same cache entry. ``runner`` (a model already on
+    its device, e.g. compiled once for several calls) must come from ``ModelRunner.create`` with ``cfg``.
+    """
+    dataset = dataclasses.replace(dataset, samples=tuple(sorted(dataset.samples, key=lambda s: s.sample_id)))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    key = feature_key(
+        backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
+        decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile,
+    )
+    cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
+    entry = FeatureCache(cache_root).entry(key)
+    sample_ids = [s.sample_id for s in dataset.samples]
+    n_computed, extract_s, batch_size = 0, 0.0, None
+    if entry.is_complete():
+        cached = entry.load(sample_ids=sample_ids)
+    else:
+        with entry.lock():  # a second process on this key waits here, then reads the entry
+            if entry.is_complete():
+                cached = entry.load(sample_ids=sample_ids)
+            else:
+                start = time.perf_counter()
+                runner = runner or ModelRunner.create(
+                    backbone, device=device, precision=precision, compile=cfg.compile,
+                    reuse_host_memory=cfg.reuse_host_memory,
+                )
+                batch_size = _resume_batch_size(entry, runner, cfg, device=device)
+                entry.begin(
+                    {
+                        "n": len(sample_ids),
+                        "dim": backbone.feature_dim,
+                        "chunk_size": cfg.chunk_size,
+                        "batch_size": batch_size,
+                        "max_rows": runner.max_rows,
+                        "device_type": device.type,
+                        "ids_sha256": ids_digest(sample_ids),
+                        "timm_tag": backbone.tag,
+                        "weights": backbone.weights,
+                        "weights_sha256": backbone.weights_sha256,
+                        "preprocess": backbone.preprocess.to_dict(),
+                        "precision": precision.value,
+                        "reduced_decode": cfg.reduced_decode,
+                        "decoder": effective_decoder(cfg.decoder, backbone.preprocess),
+                        "compile": cfg.compile,
+                        "dataset_root": str(dataset.root),
+                    }
+                )
+                n_computed = _extract_missing(
+                    runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
+                    strict=strict, progress=progress, desc=f"extract {backbone.label}",
+                )
+                extract_s = time.perf_counter() - start
+                cached = entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
+    if strict and not cached.ok.all():
+        first = cached.sample_ids[int(np.argmin(cached.ok))]
+        raise ImageError(f"{first}: {cached.errors[first]} (--strict stops here)")
+    return _to_feature_set(
+        cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision,
+        batch_size=batch_size,
+    )
+
+
+def _resume_batch_size(entry: CacheEntry, runner: ModelRunner, cfg: FeatureConfig, *, device: torch.device) -> int:
+    """The batch size (and out-of-memory back-off) an unfinished entry was started with, so that its chunks are
+    kept and the resumed run computes the batches an uninterrupted one would; else ``cfg``'s (auto: resolved)."""
+    partial = entry.partial_meta()
+    if partial is None or partial.get("device_type") != device.type or not isinstance(partial.get("batch_size"), int):
+        return runner.resolve_batch_size(cfg.batch_size)
+    if cfg.batch_size is not None and cfg.batch_size != partial["batch_size"]:
+        warnings.warn(f"features.batch_size={cfg.batch_size} is ignored: cache entry {entry.key[:16]} was started "
+                      f"with batch size {partial['batch_size']} and is resumed with it", stacklevel=3)
+    runner.max_rows = partial.get("max_rows")
+    return int(partial["batch_size"])
+
+
+def _to_feature_set(
+    cached: CachedFeatures, dataset: Dataset, *, n_computed: int, extract_s: float, device: torch.device,
+    precision: Precision, batch_size: int | None,
+) -> FeatureSet:
+    """The readable rows, with labels and splits from the dataset (its ids equal the cache's, in order)."""
+    ok = cached.ok
+    skipped = tuple((sid, cached.errors[sid]) for sid, good in zip(cached.sample_ids, ok, strict=True) if not good)
+    for sid, reason in skipped:
+        warnings.warn(f"skipped unreadable image {sid}: {reason}", stacklevel=2)
+    return FeatureSet(
+        key=cached.key,
+        features=np.ascontiguousarray(cached.features[ok]),
+        sample_ids=tuple(sid for sid, good in zip(cached.sample_ids, ok, strict=True) if good),
+        labels=np.asarray([s.label for s in dataset.samples], dtype=np.int64)[ok],
+        splits=np.asarray([s.split for s in dataset.samples])[ok],
+        skipped=skipped,
+        cache_hit=n_computed == 0,
+        extract_s=extract_s,
+        n_computed=n_computed,
+        device=device_name(device),
+        precision=precision.value,
+        batch_size=batch_size,
+    )
+
+
+def _extract_missing(
+    runner: ModelRunner,
+    dataset: Dataset,
+    entry: CacheEntry,
+    *,
+    cfg: FeatureConfig,
+    batch_size: int,
+    crop_to_box: bool,
+    strict: bool,
+    progress: bool,
+    desc: str,
+) -> int:
+    """Compute and write every chunk that is not on disk yet; returns the number of images computed."""
+    n = len(dataset.samples)
+    starts = [s for s in range(0, n, cfg.chunk_size) if not entry.has_chunk(s // cfg.chunk_size)]
+    if not starts:
+        return 0
+    batches = [
+        list(range(b, min(b + batch_size, s + cfg.chunk_size, n)))
+        for s in starts
+        for b in range(s, min(s + cfg.chunk_size, n), batch_size)
+    ]
+    preprocess = runner.preprocess
+    images = ImageDataset.for_preprocess(
+        dataset.samples, preprocess, crop_to_box=crop_to_box, reduced_decode=cfg.reduced_decode,
+        decoder=effective_decoder(cfg.decoder, preprocess),
+    )
+    loader = iter_batches(
+        images, batches, workers=resolve_workers(cfg.num_workers, runner.device), prefetch=cfg.prefetch,
+        pin_memory=runner.device.type == "cuda",
+    )
+    total = sum(len(b) for b in batches)
+    pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
+    with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
+        for x, index, errors in loader:
+            bad = [(int(i), e) for i, e in zip(index, errors, strict=True) if e]
+            if bad and strict:
+                raise ImageError(f"{dataset.samples[bad[0][0]].sample_id}: {bad[0][1]} (--strict stops here)")
+            backoff = runner.max_rows
+            feats = runner(x)
+            assert feats.shape == (len(index), runner.feature_dim), f"features {feats.shape}"
+            if runner.max_rows != backoff:  # an out-of-memory back-off: a resume must run the same rows per pass
+                entry.update_meta(max_rows=runner.max_rows)
+            chunk_index = int(index[0]) // cfg.chunk_size
+            pending.setdefault(chunk_index, []).append((index.numpy(), feats, list(errors)))
+            _flush_complete_chunk(entry, pending, chunk_index, n=n, chunk_size=cfg.chunk_size)
+            bar.update(len(index))
+    return total
+
+
+def _flush_complete_chunk(
+    entry: CacheEntry,
+    pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]],
+    chunk_index: int,
+    *,
+    n: int,
+    chunk_size: int,
+) -> None:
+    parts = pending[chunk_index]
+    start = chunk_index * chunk_size
+    size = min(chunk_size, n - start)
+    if sum(len(p[0]) for p in parts) < size:
+        return
+    index = np.concatenate([p[0] for p in parts])
+    assert np.array_equal(index, np.arange(start, start + size)), "batches of a chunk arrived out of order"
+    errors = np.asarray([e for p in parts for e in p[2]], dtype=str)
+    entry.write_chunk(
+        chunk_index,
+        Chunk(start=start, features=np.concatenate([p[1] for p in parts]), ok=errors == "", errors=errors),
+    )
+    del pending[chunk_index]

@@ -1,0 +1,297 @@
+"""Photos -> breed probabilities with a finished run's models: ``load_run(path)`` and its ``predict``.
+
+A ``Model`` is one backbone of a run with its preprocessing, its tuned head and the run's feature settings
+(decoder, reduced-size decoding, precision, memory layout): photos go through the very ``ImageDataset`` and
+``ModelRunner`` that extraction used, so ``predict`` on a run's test images gives the probabilities of its
+``predictions.npz``, and ``explain`` and the demo show what ``predict`` says.
+
+    >>> run = load_run("runs/shared-dev")                      # doctest: +SKIP
+    >>> run.predict(["dog.jpg"], top_k=3)[0].top["cnn"]        # doctest: +SKIP
+    (('golden retriever', 0.91), ('Labrador retriever', 0.04), ('kuvasz', 0.01))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from dogbench.backbones import Backbone, load_backbone
+from dogbench.config import FeatureConfig, RunConfig
+from dogbench.data import IMAGE_EXTENSIONS, ImageError, Sample, display_names
+from dogbench.device import resolve_device, resolve_precision, resolve_workers
+from dogbench.errors import DogbenchError
+from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
+from dogbench.heads import META_FILE, LinearHead, MLPHead, head_identity, load_head
+from dogbench.protocols.scoring import full_proba
+from dogbench.rundir import RunDir, RunFolderError
+
+__all__ = ["ImageInput", "ImagePrediction", "LoadedRun", "Model", "collect_images", "load_run"]
+
+ImageInput = str | Path | Image.Image | np.ndarray  # a file, a PIL image, or an (H, W[, 3]) uint8 array
+Box = tuple[int, int, int, int]
+PROGRESS_FROM = 64  # images: shorter lists get no progress bar
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    """One photo through every model of a run: top-k (breed, probability) per model label, or why it failed."""
+
+    image: str  # the path as given, or "<image N>" for an in-memory image
+    top: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)
+    error: str | None = None  # the image could not be read; ``top`` is empty
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"image": self.image, "error": self.error,
+                "models": {label: [{"breed": b, "p": p} for b, p in top] for label, top in self.top.items()}}
+
+
+def _describe(image: ImageInput, index: int) -> str:
+    return str(image) if isinstance(image, str | Path) else f"<image {index}>"
+
+
+class Model:
+    """One backbone + its preprocessing + its tuned head, on one device, as the run extracted features."""
+
+    def __init__(
+        self, label: str, backbone: Backbone, head: LinearHead | MLPHead | None, *, classes: Sequence[str],
+        features: FeatureConfig | None = None, crop_to_box: bool = False, device: str = "cpu",
+    ) -> None:
+        features = features or FeatureConfig()
+        torch_device = resolve_device(device)
+        self.label = label
+        self.backbone = backbone
+        self.head = head
+        self.classes = tuple(classes)  # the dataset's class names; head labels index them
+        self.crop_to_box = crop_to_box
+        self.features_cfg = features
+        self.decoder = effective_decoder(features.decoder, backbone.preprocess)
+        self.runner = ModelRunner.create(
+            backbone, device=torch_device, precision=resolve_precision(features.precision, torch_device),
+            compile=features.compile, reuse_host_memory=features.reuse_host_memory,
+        )
+        self.batch_size = self.runner.resolve_batch_size(features.batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    def _image_set(self, samples: tuple[Sample, ...]) -> ImageDataset:
+        return ImageDataset.for_preprocess(
+            samples, self.backbone.preprocess, crop_to_box=self.crop_to_box,
+            reduced_decode=self.features_cfg.reduced_decode, decoder=self.decoder,
+        )
+
+    def pixels(self, images: Sequence[ImageInput], boxes: Sequence[Box | None] | None = None) -> Iterable[
+        tuple[torch.Tensor, list[int], list[str]]
+    ]:
+        """Batches of (uint8 (B, 3, H, W) model inputs, their indices into ``images``, error texts ("" = ok)).
+
+        Files are decoded exactly as extraction decodes them (the run's decoder, reduced-size decoding, box crop
+        when the run cropped to boxes); in-memory images get the same resize and crop (torchvision's uint8 kernels
+        with the "auto" decoder, timm's PIL transform with "pil").
+        """
+        files = [i for i, im in enumerate(images) if isinstance(im, str | Path)]
+        if files:
+            samples = tuple(Sample(Path(images[i]), str(images[i]), -1, "test", boxes[i] if boxes else None)
+                            for i in files)
+            batches = [list(range(s, min(s + self.batch_size, len(files)))) for s in range(0, len(files),
+                                                                                          self.batch_size)]
+            loader = iter_batches(
+                self._image_set(samples), batches, workers=resolve_workers(self.features_cfg.num_workers, self.device),
+                prefetch=self.features_cfg.prefetch, pin_memory=self.device.type == "cuda",
+            )
+            for x, index, errors in loader:
+                yield x, [files[int(i)] for i in index], list(errors)
+        memory = [i for i, im in enumerate(images) if not isinstance(im, str | Path)]
+        tensor_transform = self.backbone.preprocess.tensor_transform() if self.decoder == "auto" else None
+        pil_transform = self.backbone.preprocess.transform(uint8=True)
+
+        def prepare(image: ImageInput) -> torch.Tensor:  # the resize and crop a decoded file of this run gets
+            picture = _as_pil(image)
+            if tensor_transform is None:
+                return pil_transform(picture)
+            return tensor_transform(torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous())
+
+        for start in range(0, len(memory), self.batch_size):
+            rows = memory[start : start + self.batch_size]
+            yield torch.stack([prepare(images[i]) for i in rows]), rows, [""] * len(rows)
+
+    def features(self, x: torch.Tensor) -> np.ndarray:
+        """(B, D) float32 features of a uint8 batch from ``pixels``."""
+        return self.runner(x)
+
+    def proba_of_features(self, feats: np.ndarray) -> np.ndarray:
+        """(B, n_classes) float64 probabilities over every class of the run's dataset."""
+        if self.head is None:
+            raise DogbenchError(f"'{self.label}' has no tuned head in this run: run `dogbench evaluate` on it first")
+        return full_proba(self.head.predict_proba(feats), self.head.classes_, len(self.classes))
+
+    def predict_proba(
+        self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
+        """(N, n_classes) probabilities (NaN rows for unreadable images) and the error text per image ("" = ok).
+        ``strict``: an unreadable image raises ImageError instead."""
+        out = np.full((len(images), len(self.classes)), np.nan)
+        errors = [""] * len(images)
+        with tqdm(total=len(images), unit="img", desc=f"predict {self.label}",
+                  disable=not progress or len(images) < PROGRESS_FROM) as bar:
+            for x, rows, errs in self.pixels(images):
+                bad = [(r, e) for r, e in zip(rows, errs, strict=True) if e]
+                if bad and strict:
+                    raise ImageError(f"{bad[0][1]} (--strict stops here)")
+                good = [k for k, e in enumerate(errs) if not e]
+                for r, e in bad:
+                    errors[r] = e
+                if good:
+                    proba = self.proba_of_features(self.features(x[good]))
+                    out[[rows[k] for k in good]] = proba
+                bar.update(len(rows))
+        return out, errors
+
+
+def _as_pil(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+        raise ImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4) uint8, got {array.shape} "
+                         f"{array.dtype}")
+    return Image.fromarray(array).convert("RGB")
+
+
+@dataclass
+class LoadedRun:
+    """A finished run's models, ready to classify photos: ``predict``, ``predict_proba``, ``models``, ``classes``."""
+
+    path: Path
+    config: RunConfig
+    classes: tuple[str, ...]  # display names, in label order: column j of every probability row
+    models: dict[str, Model]
+
+    def predict_proba(self, images: Sequence[ImageInput] | ImageInput) -> dict[str, np.ndarray]:
+        """Per model label, (N, n_classes) float64 probabilities; an unreadable image raises ImageError."""
+        images = _as_list(images)
+        return {label: m.predict_proba(images, strict=True)[0] for label, m in self.models.items()}
+
+    def predict(
+        self, images: Sequence[ImageInput] | ImageInput, *, top_k: int = 5, strict: bool = False,
+        progress: bool = False,
+    ) -> list[ImagePrediction]:
+        """Top-k breeds of every model for each image; unreadable images get ``error`` (``strict``: raise)."""
+        images = _as_list(images)
+        if top_k < 1:
+            raise DogbenchError(f"top_k must be at least 1, got {top_k}")
+        per_model = {label: m.predict_proba(images, strict=strict, progress=progress)
+                     for label, m in self.models.items()}
+        out = []
+        for i, image in enumerate(images):
+            error = next((errs[i] for _, errs in per_model.values() if errs[i]), None)
+            top = {} if error else {label: _top(proba[i], self.classes, top_k) for label, (proba, _) in
+                                    per_model.items()}
+            out.append(ImagePrediction(_describe(image, i), top, error))
+        return out
+
+
+def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
+    if isinstance(images, str | Path | Image.Image) or (isinstance(images, np.ndarray) and images.dtype == np.uint8
+                                                          and images.ndim in (2, 3) and images.shape[-1] in (3, 4)):
+        return [images]
+    return list(images)
+
+
+def _top(proba: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str, float], ...]:
+    order = np.argsort(-proba, kind="stable")[:k]
+    return tuple((classes[j], float(proba[j])) for j in order)
+
+
+def run_classes(run: RunDir, cfg: RunConfig) -> tuple[str, ...] | None:
+    """The run's class names: as its heads or predictions recorded them; None when neither exists."""
+    from dogbench.heads import read_head_meta
+
+    for b in cfg.backbones:
+        if (run.head_dir(b.label) / META_FILE).is_file():
+            with run.reading(run.head_dir(b.label) / META_FILE, "head"):
+                names = read_head_meta(run.head_dir(b.label)).get("class_names")
+            if names:
+                return tuple(names)
+        if run.predictions_path(b.label).is_file():
+            return run.read_predictions(b.label).classes
+    return None
+
+
+def load_run(
+    path: str | Path, *, device: str = "cpu", batch_size: int | None = None, require_heads: bool = True,
+) -> LoadedRun:
+    """Every backbone of the run folder ``path`` with its tuned head, on ``device`` (the CPU unless asked).
+
+    Each head is checked against its backbone (timm tag, weights sha256, preprocessing, and the feature key
+    ``results.json`` records): a head for other features is refused with both identities named. Without
+    ``require_heads`` a backbone with no head yet is loaded alone (explanations of the feature norm).
+    """
+    run = RunDir(path)
+    cfg = run.read_config()
+    if not cfg.backbones:
+        raise RunFolderError(f"{run.config_path} lists no backbones")
+    results = run.read_results() if require_heads or run.results_path.is_file() else None
+    classes = run_classes(run, cfg)
+    if classes is None:
+        if require_heads:
+            raise RunFolderError(f"{run.path} has no tuned heads yet: run `{run.rebuild('head')}` first")
+        classes = ()
+    features = cfg.features if batch_size is None else _with_batch(cfg.features, batch_size)
+    models: dict[str, Model] = {}
+    for bcfg in cfg.backbones:
+        backbone = load_backbone(bcfg)
+        head_dir = run.head_dir(bcfg.label)
+        head = None
+        if (head_dir / META_FILE).is_file() or require_heads:
+            recorded = results.models.get(bcfg.label) if results else None
+            expect = head_identity(
+                timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
+                feature_key=recorded.feature_key if recorded else "", preprocess=backbone.preprocess.to_dict(),
+            )
+            if recorded is None:
+                expect.pop("feature_key")
+            with run.reading(head_dir / META_FILE, "head"):
+                head = load_head(head_dir, device=str(resolve_device(device)), expect_identity=expect)
+        models[bcfg.label] = Model(bcfg.label, backbone, head, classes=classes, features=features,
+                                   crop_to_box=cfg.data.crop_to_box, device=device)
+    return LoadedRun(run.path, cfg, display_names(classes), models)
+
+
+def _with_batch(features: FeatureConfig, batch_size: int) -> FeatureConfig:
+    if batch_size < 1:
+        raise DogbenchError(f"--batch-size must be at least 1, got {batch_size}")
+    return dataclasses.replace(features, batch_size=batch_size)
+
+
+def collect_images(paths: Iterable[str | Path]) -> list[Path]:
+    """Files as given (whatever their extension: an unreadable one is reported, not hidden) and the image files
+    under folders (walked, sorted, hidden entries skipped); a path that does not exist is an error."""
+    paths = [Path(p) for p in paths]
+    out: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found = []
+            for folder, dirs, files in os.walk(p):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [Path(folder) / f for f in files
+                          if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+            out += sorted(found)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise DogbenchError(f"No such image file or folder: {p}")
+    if not out:
+        raise DogbenchError(f"No image files found in {', '.join(map(str, paths))} (extensions: "
+                            f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    return out

@@ -1,0 +1,1 @@
+"""Protocols: how a backbone becomes a classifier (frozen features + tuned head; fine-tuning next)."""

@@ -1,0 +1,287 @@
+"""The frozen protocol: features from the cache, a head tuned by Optuna on validation, refit on train+val,
+scored on test once, compared pairwise. Each stage reads and writes the run folder through ``rundir``, so stages
+can run in separate processes and give the same ``results.json`` as one ``dogbench run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dogbench.architecture import describe_model
+from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
+from dogbench.config import RunConfig
+from dogbench.data import STANFORD_DOGS, Dataset, stratified_split
+from dogbench.device import resolve_device
+from dogbench.errors import DogbenchError
+from dogbench.features import FeatureSet, extract_features
+from dogbench.features.cache import cache_key
+from dogbench.heads import head_identity
+from dogbench.locks import locked
+from dogbench.protocols.scoring import compare_all, environment, full_proba, test_scores
+from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
+from dogbench.rundir import NO_BOX, Predictions, RunDir
+from dogbench.tune import (
+    SEARCH_SPACE_VERSION,
+    BaselineResult,
+    TuneResult,
+    build_head,
+    make_logistic,
+    sweep_logistic_C,
+    tune_head,
+)
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Row indices into a FeatureSet: train/val carved from the training split (seeded, stratified), test."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+@dataclass
+class BackboneFeatures:
+    """One backbone (the model itself is dropped after extraction), its features, their splits, stage costs."""
+
+    info: BackboneInfo
+    features: FeatureSet
+    splits: Splits
+    gflops: float
+    times: StageTimes
+    architecture: dict[str, Any]  # architecture.describe_model of the loaded model (layers, D, MLP, heads...)
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """What the tune stage hands to evaluation: the study's best head, the baseline's C, and their cost."""
+
+    digest: str  # identifies features + split + search space; a mismatch means the tuning is stale
+    tune: TuneResult
+    baseline: BaselineResult | None
+    wall_s: dict[str, float]  # tune, baseline (the C sweep)
+    cpu_s: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "digest": self.digest, "tune": self.tune.to_dict(),
+            "baseline": self.baseline.to_dict() if self.baseline else None,
+            "timing_s": self.wall_s, "cpu_s": self.cpu_s,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Tuning:
+        return cls(
+            digest=d["digest"], tune=TuneResult.from_dict(d["tune"]),
+            baseline=BaselineResult.from_dict(d["baseline"]) if d.get("baseline") else None,
+            wall_s=d.get("timing_s", {}), cpu_s=d.get("cpu_s", {}),
+        )
+
+
+def check_dataset(dataset: Dataset) -> None:
+    """Fail before any model is loaded when the dataset cannot give train, validation and test sets."""
+    n_train, n_test = len(dataset.split("train")), len(dataset.split("test"))
+    if n_train < 2 or n_test < 1:
+        raise DogbenchError(
+            f"Dataset {dataset.root} has {n_train} training and {n_test} test images; dogbench needs at least 2 "
+            "training images (train and validation are carved from them) and 1 test image"
+        )
+
+
+def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> dict[str, BackboneFeatures]:
+    """Load each backbone and get its features from the cache, computing what is missing."""
+    check_dataset(dataset)
+    out: dict[str, BackboneFeatures] = {}
+    for bcfg in cfg.backbones:
+        times = StageTimes()
+        with times.measure("load"):
+            backbone = load_backbone(bcfg)
+            gflops = measure_gflops(backbone)
+        with times.measure("extract"):
+            feats = extract_features(
+                backbone, dataset, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box, strict=cfg.data.strict,
+                progress=progress,
+            )
+        splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
+        arch = describe_model(backbone.model, name=bcfg.model, tag=backbone.tag).to_dict()
+        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch)
+        del backbone  # frees the model (and its device memory) before the next one is loaded
+    return out
+
+
+def make_splits(feats: FeatureSet, *, val_fraction: float, seed: int) -> Splits:
+    """Stratified, seeded validation rows carved from the readable training images; test rows as they are."""
+    train_rows = np.flatnonzero(feats.splits == "train")
+    test_rows = np.flatnonzero(feats.splits == "test")
+    if len(train_rows) < 2 or len(test_rows) < 1:
+        raise DogbenchError(
+            f"Only {len(train_rows)} readable training and {len(test_rows)} readable test images are left"
+        )
+    keep, held = stratified_split(feats.labels[train_rows], fraction=val_fraction, seed=seed)
+    return Splits(train=train_rows[keep], val=train_rows[held], test=test_rows)
+
+
+def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
+    """Everything the tuning result depends on: features, validation split, search space and its bounds."""
+    t = cfg.tune
+    return cache_key({
+        "features": feature_key, "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed,
+        "heads": list(t.heads), "max_epochs": t.max_epochs, "seed": t.seed, "search_space": SEARCH_SPACE_VERSION,
+    })
+
+
+def head_device(cfg: RunConfig) -> str:
+    """Where heads train: ``tune.device``, or with "auto" the features' device."""
+    return str(resolve_device(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device))
+
+
+def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures, *, progress: bool) -> Tuning:
+    """Tune the head (resuming this folder's study) and sweep the baseline's C; write ``<label>/tuning.json``."""
+    feats, splits = bf.features, bf.splits
+    X, y = feats.features, feats.labels
+    digest = tuning_digest(cfg, feats.key)
+    saved = run.read_tuning(label, Tuning.from_dict)
+    saved = saved if saved and saved.digest == digest else None
+    storage = cfg.tune.storage or run.default_storage()
+    times = StageTimes()
+    with times.measure("tune"), _study_lock(storage):
+        tuned = tune_head(
+            X[splits.train], y[splits.train], X[splits.val], y[splits.val], cfg=cfg.tune, storage=storage,
+            study_name=f"{label}-{digest[:16]}", device=head_device(cfg), progress=progress,
+        )
+    baseline = saved.baseline if saved else None
+    if cfg.tune.baseline and baseline is None:
+        with times.measure("baseline"):
+            baseline = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val])
+    tuning = Tuning(digest, tuned, baseline if cfg.tune.baseline else None, times.wall, times.cpu)
+    run.write_tuning(label, tuning.to_dict())
+    bf.times.wall.update(times.wall)
+    bf.times.cpu.update(times.cpu)
+    return tuning
+
+
+def load_tuning(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures) -> Tuning:
+    """The tune stage's output for ``label``, checked against these features and this config."""
+    tuning = run.read_tuning(label, Tuning.from_dict)
+    if tuning is None:
+        raise DogbenchError(f"No tuning for '{label}' in {run.path}: run `{run.rebuild('tuning')}` first")
+    if tuning.digest != tuning_digest(cfg, bf.features.key):
+        raise DogbenchError(
+            f"{run.tuning_path(label)} was tuned on other features, split or search space than this config; "
+            f"run `{run.rebuild('tuning')}` again"
+        )
+    for stage in ("tune", "baseline"):  # the tune stage's cost, measured in its own process
+        if stage in tuning.wall_s:
+            bf.times.wall[stage] = tuning.wall_s[stage]
+            bf.times.cpu[stage] = tuning.cpu_s.get(stage, 0.0)
+    return tuning
+
+
+def evaluate_backbone(
+    cfg: RunConfig, run: RunDir, dataset: Dataset, label: str, bf: BackboneFeatures, tuning: Tuning
+) -> tuple[ModelResult, dict[str, bool]]:
+    """Refit the best head (and the baseline) on train+val, score the test split once; save head and predictions."""
+    feats, splits, times, n_classes = bf.features, bf.splits, bf.times, len(dataset.classes)
+    fit_rows = np.concatenate([splits.train, splits.val])
+    X, y = feats.features, feats.labels
+    y_test = y[splits.test]
+    test_ids = [feats.sample_ids[i] for i in splits.test]
+    sample_of = {s.sample_id: s for s in dataset.samples}
+    boxes = np.asarray([sample_of[i].box or NO_BOX for i in test_ids], dtype=np.int64).reshape(-1, 4)
+    best = tuning.tune
+    with times.measure("fit"):
+        head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
+        head.fit(X[fit_rows], y[fit_rows])  # no validation left: train the tuned number of epochs
+        info = bf.info
+        identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256, feature_key=feats.key,
+                                 preprocess=info.preprocess.to_dict())
+        head.save(run.head_dir(label), identity=identity, class_names=dataset.classes)
+    with times.measure("evaluate"):
+        proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, n_classes)
+        scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
+        run.write_predictions(label, Predictions(
+            sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32),
+            confusion=metrics.confusion, paths=np.asarray([str(sample_of[i].path) for i in test_ids]), boxes=boxes,
+            classes=tuple(dataset.classes),
+        ))
+    baseline: dict[str, Any] = {}
+    if tuning.baseline is not None:
+        with times.measure("baseline"):
+            probe = make_logistic(tuning.baseline.C).fit(X[fit_rows], y[fit_rows])
+            probe_proba = full_proba(probe.predict_proba(X[splits.test]), probe.classes_, n_classes)
+            probe_scores, _, _ = test_scores(y_test, probe_proba, dataset, cfg)
+        probe_scores.pop("per_class")
+        baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
+                    "curve": tuning.baseline.curve, "test": probe_scores}
+    pretraining = pretraining_of(info.tag, info.weights)
+    result = ModelResult(
+        label=label, backbone=info.tag, weights=info.weights, weights_sha256=info.weights_sha256,
+        feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
+        feature_key=feats.key, cache_hit=feats.cache_hit, device=feats.device, precision=feats.precision,
+        head={"kind": best.best_params["head"], "params": best.best_params, "epochs": best.best_epoch,
+              "study": best.study_name, "n_trials": best.n_trials, "n_pruned": best.n_pruned},
+        val={"top1": best.best_val_top1},
+        test=scores,
+        baseline=baseline,
+        timing_s={k: round(v, 4) for k, v in times.wall.items()},
+        cpu_s={k: round(v, 4) for k, v in times.cpu.items()},
+        throughput_img_s=feats.throughput_img_s,
+        pretraining=pretraining.describe(),
+        leaky=pretraining.imagenet and dataset.name == STANFORD_DOGS,
+        architecture=bf.architecture,
+    )
+    return result, dict(zip(test_ids, correct.tolist(), strict=True))
+
+
+def evaluate_stage(
+    cfg: RunConfig,
+    run: RunDir,
+    dataset: Dataset,
+    extracted: dict[str, BackboneFeatures],
+    tuning: dict[str, Tuning],
+    *,
+    data_s: float,
+    start: float,
+) -> RunResults:
+    """Evaluate every backbone, compare them pairwise, write ``results.json``, ``results.csv``, ``summary.txt``."""
+    models: dict[str, ModelResult] = {}
+    correct_by_label: dict[str, dict[str, bool]] = {}
+    for label, bf in extracted.items():
+        models[label], correct_by_label[label] = evaluate_backbone(cfg, run, dataset, label, bf, tuning[label])
+    comparisons = compare_all(correct_by_label, cfg)
+    reference = next(iter(extracted.values()))  # every backbone sees the same images and splits
+    first, splits = reference.features, reference.splits
+    timing = {"data": round(data_s, 4)}
+    for stage in ("load", "extract", "tune", "baseline", "fit", "evaluate"):
+        timing[stage] = round(sum(bf.times.wall.get(stage, 0.0) for bf in extracted.values()), 4)
+    timing["total"] = round(time.perf_counter() - start, 4)
+    results = RunResults(
+        models=models,
+        comparison=comparisons[0] if comparisons else None,
+        comparisons=comparisons,
+        dataset=DatasetInfo(
+            name=dataset.name, root=str(dataset.root), layout=dataset.layout, split_source=dataset.split_source,
+            n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test),
+            n_classes=len(dataset.classes), skipped=len(first.skipped),
+            skipped_files=[{"id": sid, "reason": why} for sid, why in first.skipped],
+        ),
+        environment=environment(first.device),
+        config=cfg.to_dict(),
+        timing_s=timing,
+    )
+    run.write_results(results)
+    return results
+
+
+def _study_lock(storage: str) -> Any:
+    """A lock beside an SQLite study file (two processes on one SQLite study take turns); none for a server."""
+    if not storage.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    db = Path(storage.removeprefix("sqlite:///"))
+    return locked(db.with_name(db.name + ".lock"), what=f"the Optuna study file {db}")

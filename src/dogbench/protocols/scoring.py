@@ -1,0 +1,62 @@
+"""Scoring shared by every protocol (frozen heads now, fine-tuned models later): test metrics with their
+bootstrap interval, full-width probabilities, paired comparisons, the environment record. No torch import.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+
+from dogbench.config import RunConfig
+from dogbench.data import Dataset
+from dogbench.evaluate import ClassificationMetrics, bootstrap_ci, classification_metrics, compare_paired
+
+
+def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Columns for every class of the dataset (classes absent from training get probability 0)."""
+    full = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
+    full[:, classes.astype(int)] = proba
+    return full
+
+
+def test_scores(
+    y: np.ndarray, proba: np.ndarray, dataset: Dataset, cfg: RunConfig
+) -> tuple[dict[str, Any], ClassificationMetrics, np.ndarray]:
+    """Headline test scores with the bootstrap interval of top-1; the metrics; the per-image correctness."""
+    metrics = classification_metrics(y, proba, class_names=list(dataset.classes))
+    correct = proba.argmax(axis=1) == y
+    ci = bootstrap_ci(correct, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
+    scores = {
+        "top1": metrics.top1, "top1_ci95": list(ci), "top5": metrics.top5, "macro_f1": metrics.macro_f1,
+        "per_class": metrics.per_class, "n": metrics.n,
+    }
+    return scores, metrics, correct
+
+
+def compare_all(correct_by_label: dict[str, dict[str, bool]], cfg: RunConfig) -> list[dict[str, Any]]:
+    """Paired comparison of every pair of backbones on the test images both have (normally all of them)."""
+    out = []
+    for a, b in combinations(correct_by_label, 2):
+        shared = sorted(set(correct_by_label[a]) & set(correct_by_label[b]))
+        ca = np.asarray([correct_by_label[a][s] for s in shared])
+        cb = np.asarray([correct_by_label[b][s] for s in shared])
+        comp = compare_paired(a, ca, b, cb, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
+        out.append(comp.to_dict())
+    return out
+
+
+def environment(device: str) -> dict[str, Any]:
+    import timm
+    import torch
+
+    from dogbench import __version__
+
+    return {
+        "python": sys.version.split()[0], "torch": torch.__version__, "timm": timm.__version__,
+        "dogbench": __version__, "device": device, "platform": platform.platform(), "cpu_count": os.cpu_count(),
+    }

@@ -518,3 +518,17 @@ def test_reduced_decode_leaves_small_and_non_jpeg_images_alone(tmp_path: Path) -
     png = tmp_path / "big.png"
     Image.open(_smooth_photo(tmp_path / "src.jpg", (1600, 1200))).save(png)
     assert load_image(png, min_side=256).size == (1600, 1200)
+
+
+def test_a_test_list_covering_only_some_breeds_is_read(tmp_path: Path) -> None:
+    """Labels index the sorted folders of Images/, not only the folders a list mentions."""
+    root = make_official_layout(tmp_path / "dogs", n_classes=3, n_train=2, n_test=2)
+    only_last = [f"n00000002-Breed2/n00000002_{i}.jpg" for i in (2, 3)]
+    write_list(root / "lists" / "test_list.mat", only_last, [3, 3])
+    ds = open_dataset(root)
+    test = ds.split("test")
+    assert [s.sample_id for s in test] == only_last and {s.label for s in test} == {2}
+    assert ds.classes == ("Breed0", "Breed1", "Breed2")
+    write_list(root / "lists" / "test_list.mat", only_last, [1, 1])  # Breed0's label on Breed2's photos
+    with pytest.raises(DatasetLayoutError, match="labels disagree with the image folders"):
+        open_dataset(root)

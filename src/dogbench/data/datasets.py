@@ -263,9 +263,9 @@ def _find_lists(located: _Located) -> tuple[Path, Path] | None:
     return None
 
 
-def _check_list_labels(path: Path, files: list[str], labels: np.ndarray) -> None:
-    """The .mat labels are 1-based indices into the sorted class folders that the list mentions."""
-    folders = sorted({f.split("/", 1)[0] for f in files})
+def _check_list_labels(path: Path, files: list[str], labels: np.ndarray, folders: list[str]) -> None:
+    """The .mat labels are 1-based indices into the sorted class folders of ``Images/`` (``folders``), whichever
+    of them the list mentions: a test list may cover only some breeds."""
     wrong = [
         (f, int(lab))
         for f, lab in zip(files, labels, strict=True)
@@ -309,7 +309,7 @@ def _open_stanford(located: _Located, *, seed: int) -> Dataset:
         split_of: dict[str, str] = {}
         for split, list_path in zip(SPLITS, lists, strict=True):
             files, labels = _read_list(list_path)
-            _check_list_labels(list_path, files, labels)
+            _check_list_labels(list_path, files, labels, [d.name for d in class_dirs])
             for f in files:
                 if split_of.setdefault(f, split) != split:
                     raise DatasetLayoutError(f"{f} is listed in both the train and the test list")

@@ -429,3 +429,38 @@ def test_safe_extract_reports_a_broken_archive(tmp_path: Path) -> None:
     (tmp_path / "broken.tar").write_bytes(b"definitely not a tar archive" * 40)
     with pytest.raises(DownloadError, match="broken.tar"):
         safe_extract(tmp_path / "broken.tar", tmp_path / "t")
+
+
+def test_two_processes_preparing_one_cache_download_and_unpack_each_archive_once(
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two preparations of the same cache folder at once (threads here; the locks are file locks, which exclude
+    threads and processes alike): every archive is fetched once, both get the same dataset."""
+    server, archives = served
+    original = download._stream
+    started = threading.Barrier(2, timeout=30)
+
+    def slow_stream(*args: object, **kwargs: object) -> None:
+        time.sleep(0.2)  # let the other preparation arrive while this one downloads
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(download, "_stream", slow_stream)
+    results: list[Path | BaseException] = []
+
+    def prepare() -> None:
+        started.wait()
+        try:
+            results.append(prepare_stanford_dogs(None, base_url=server.url, cache_dir=tmp_path / "cache",
+                                                 archives=archives, progress=False))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            results.append(err)
+
+    threads = [threading.Thread(target=prepare) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and all(isinstance(r, Path) for r in results), results
+    assert results[0] == results[1]
+    assert sorted(path for path, _ in server.requests) == sorted(f"/dogs/{a.filename}" for a in archives)
+    assert len(open_dataset(results[0]).samples) > 0

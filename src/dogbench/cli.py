@@ -279,10 +279,12 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from dogbench.atomic import atomic_write_text
+    from dogbench.device import resolve_device
     from dogbench.inference import collect_images, load_run
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be at least 1, got {args.top_k}")
+    resolve_device(args.device)  # checked against this machine before anything is read
     images = collect_images(args.paths)  # before any model is loaded: a typo fails in a second
     run = load_run(args.run_dir, device=args.device, batch_size=args.batch_size)
     predictions = run.predict(images, top_k=args.top_k, strict=args.strict, progress=not args.quiet)

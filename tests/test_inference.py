@@ -6,7 +6,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -230,6 +232,16 @@ def test_every_command_that_reads_a_corrupt_run_file_names_it_and_exits_2(
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert str(run_dir / rel) in err and err.startswith("dogbench: error:"), (argv, err)
+    if rel == "config.json":
+        assert "--force" in err  # a new folder, or the config written anew
+        return
+    # the command the message names rebuilds the file, and the readers work again
+    rebuild = re.search(r"`(dogbench [^`]+)`", err).group(1).split()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "tuning again"
+        assert main([*rebuild[1:], "--quiet"]) == 0, rebuild
+    for argv in readers:
+        assert main(argv) == 0, argv
 
 
 def test_run_config_round_trips_through_the_run_folder(tmp_path: Path) -> None:
@@ -237,3 +249,30 @@ def test_run_config_round_trips_through_the_run_folder(tmp_path: Path) -> None:
     run = RunDir(tmp_path / "r")
     settled = run.settle_config(cfg)
     assert run.read_config() == settled and isinstance(settled, RunConfig)
+
+
+@pytest.mark.parametrize("name", ["meta.json", "features.npy", "index.json"])
+@pytest.mark.parametrize("how", list(CORRUPTIONS))
+def test_a_corrupt_cache_entry_file_is_named_by_every_command_that_reads_it(
+    tiny: tuple[Path, Path, Path], tmp_path: Path, name: str, how: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, data, cache = tiny
+    cache = Path(shutil.copytree(cache, tmp_path / "cache"))
+    entries = sorted(p for p in cache.iterdir() if p.is_dir())
+    assert len(entries) == 2  # one per backbone
+    before = np.load(entries[0] / "features.npy")
+    CORRUPTIONS[how](entries[0] / name)
+    run = _copy_run(tiny, tmp_path / "run")
+    extract = ["extract", "--data", str(data), "--cache-dir", str(cache), *TINY, "--quiet"]
+    evaluate = ["evaluate", str(run), "--cache-dir", str(cache), "--quiet"]
+    if name == "index.json" and how == "missing":
+        # index.json is written last: without it the entry is unfinished and is computed again
+        assert main(extract) == 0 and np.array_equal(np.load(entries[0] / "features.npy"), before)
+        return
+    for argv in (extract, evaluate):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert str(entries[0] / name) in err and f"Delete the folder {entries[0]}" in err, err
+    shutil.rmtree(entries[0])  # what the message says: then the same command recomputes it
+    assert main(extract) == 0 and np.array_equal(np.load(entries[0] / "features.npy"), before)

@@ -131,7 +131,7 @@ class RunDir:
             "head": f"dogbench evaluate {self.path}",
             "predictions": f"dogbench evaluate {self.path}",
             "results": f"dogbench evaluate {self.path}",
-            "explanations": f"dogbench report {self.path}",
+            "explanations": f"rm -r {self.explanations_dir} && dogbench report {self.path}",
         }
         return commands[what]
 
@@ -169,7 +169,8 @@ class RunDir:
             raise RunFolderError(f"Run folder {self.path} does not exist: give a folder that `dogbench run` wrote")
         if not self.config_path.is_file():
             raise RunFolderError(f"{self.config_path} is missing: {self.path} is not a dogbench run folder (its "
-                                 f"config is written by `dogbench run` or `dogbench tune`)")
+                                 f"config is written by `dogbench run` or `dogbench tune`; to give it one, "
+                                 f"{self.rebuild('config')})")
         return self._read_json(self.config_path, "config", lambda d: from_mapping(saved_to_doc(d)))
 
     def write_config(self, cfg: RunConfig) -> None:
@@ -233,7 +234,7 @@ class RunDir:
 
     def read_predictions(self, label: str) -> Predictions:
         path = self.predictions_path(label)
-        with self.reading(path, "predictions"), np.load(path, allow_pickle=False) as npz:
+        with self.reading(path, "predictions"), open(path, "rb") as handle, np.load(handle, allow_pickle=False) as npz:
             missing = sorted(set(PREDICTION_ARRAYS) - set(npz.files) - {"boxes", "confusion"})
             if missing:
                 raise ValueError(f"it lacks {missing}")

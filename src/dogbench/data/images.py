@@ -19,7 +19,14 @@ from dogbench.errors import DogbenchError
 if TYPE_CHECKING:  # torch is imported where tensors are made: the report reads data/ without it
     import torch
 
-__all__ = ["UPRIGHT", "ImageError", "clamp_box", "load_image", "read_image"]
+__all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "clamp_box", "load_image", "read_image"]
+
+# Reduced-size decoding keeps the decoded short side at REDUCING_GAP x the resize target or more, so that timm's
+# antialiased resize still shrinks at least that much and its filter, not libjpeg's DCT scaling, shapes the
+# pixels (PIL's own ``thumbnail`` drafts with the same gap). Without a gap a 513 px photo was decoded at 257 px
+# and resized by 1.004: its EfficientNet-Lite0 features moved 11% (relative L2) from timm's pipeline, mosaics
+# of larger photos 11% on average (docs/whole-photos.md).
+REDUCING_GAP = 2
 
 
 class ImageError(DogbenchError, ValueError):
@@ -72,11 +79,12 @@ def load_image(
     """Decode `path` into an RGB image (EXIF orientation applied), cropped to `box` when given.
 
     `box` is (xmin, ymin, xmax, ymax) in stored pixel coordinates, as Pascal-VOC annotations give it, clamped
-    to the image; the crop is taken before the EXIF orientation is applied. With `min_side`, a JPEG at least
-    twice that size (its box, when cropping) is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping
-    the short side of the region at `min_side` pixels or more: the resize that follows then starts from fewer
-    pixels (much less decode and resize work for large photos; pixels differ slightly from a full decode).
-    Raises ImageError.
+    to the image; the crop is taken before the EXIF orientation is applied. With `min_side` (the resize
+    target), a JPEG whose region (its box, when cropping) has a short side of at least 2 x REDUCING_GAP x
+    `min_side` is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping the region's short side at
+    REDUCING_GAP x `min_side` pixels or more: the resize that follows then starts from fewer pixels (much less
+    decode and resize work for large photos; pixels and features differ from a full decode by more than
+    rounding, see docs/whole-photos.md). Raises ImageError.
     """
     try:
         with Image.open(path) as img:
@@ -101,10 +109,17 @@ def load_image(
         raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
 
 
+def _reduction(region: tuple[int, int, int, int], min_side: int) -> float | None:
+    """The scale to ask libjpeg for (it picks the smallest of 1/2, 1/4, 1/8 at or above it): the region's short
+    side kept at REDUCING_GAP x ``min_side`` or more; None when not even 1/2 would keep that (full decode)."""
+    scale = REDUCING_GAP * min_side / min(region[2] - region[0], region[3] - region[1])
+    return scale if scale <= 0.5 else None
+
+
 def _reduced_decode(img: Image.Image, region: tuple[int, int, int, int], min_side: int) -> None:
-    """Ask libjpeg for the smallest DCT scale that keeps the region's short side >= ``min_side``."""
-    scale = min_side / min(region[2] - region[0], region[3] - region[1])
-    if scale <= 0.5:
+    """Ask libjpeg for the smallest DCT scale that keeps the region's short side >= REDUCING_GAP x ``min_side``."""
+    scale = _reduction(region, min_side)
+    if scale is not None:
         img.draft(None, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
 
 
@@ -124,7 +139,7 @@ def read_image(
     except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
         return load_image(path, box=box, min_side=min_side)  # raises the ImageError with PIL's reason
     region = clamp_box(box, size, path) if box is not None else (0, 0, *size)
-    small = min_side is None or min(region[2] - region[0], region[3] - region[1]) < 2 * min_side
+    small = min_side is None or _reduction(region, min_side) is None
     if fmt != "JPEG" or mode not in ("RGB", "L") or not small:
         return load_image(path, box=box, min_side=min_side)
     try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from dogbench.heads import head_identity
 from dogbench.locks import locked
 from dogbench.protocols.scoring import compare_all, environment, full_proba, test_scores
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
-from dogbench.rundir import NO_BOX, Predictions, RunDir
+from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
 from dogbench.tune import (
     SEARCH_SPACE_VERSION,
     BaselineResult,
@@ -146,7 +147,11 @@ def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures,
     feats, splits = bf.features, bf.splits
     X, y = feats.features, feats.labels
     digest = tuning_digest(cfg, feats.key)
-    saved = run.read_tuning(label, Tuning.from_dict)
+    try:
+        saved = run.read_tuning(label, Tuning.from_dict)
+    except RunFolderError as err:  # this stage writes the file anew: an unreadable one is only a lost cache
+        warnings.warn(f"{err}; tuning again", stacklevel=2)
+        saved = None
     saved = saved if saved and saved.digest == digest else None
     storage = cfg.tune.storage or run.default_storage()
     times = StageTimes()

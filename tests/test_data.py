@@ -495,8 +495,8 @@ def test_reduced_decode_keeps_the_short_side_above_the_target(tmp_path: Path) ->
     full = load_image(path)
     reduced = load_image(path, min_side=256)
     assert full.size == (1600, 1200)
-    assert reduced.size == (400, 300)  # 1/4 scale: 1/8 would give a 150 px short side, under 256
-    assert load_image(path, min_side=700).size == (1600, 1200)  # 1/2 would give 600 < 700: full decode
+    assert reduced.size == (800, 600)  # 1/2 scale: 1/4 would give 300 px, under REDUCING_GAP x 256 = 512
+    assert load_image(path, min_side=350).size == (1600, 1200)  # 1/2 would give 600 < 2 x 350: full decode
     # Same picture: the reduced decode matches the full decode shrunk to its size.
     shrunk = np.asarray(full.resize(reduced.size, Image.Resampling.BOX), dtype=np.float64)
     assert np.abs(np.asarray(reduced, dtype=np.float64) - shrunk).mean() < 3.0
@@ -504,9 +504,9 @@ def test_reduced_decode_keeps_the_short_side_above_the_target(tmp_path: Path) ->
 
 def test_reduced_decode_scales_the_box(tmp_path: Path) -> None:
     path = _smooth_photo(tmp_path / "big.jpg", (1600, 1200))
-    box = (200, 100, 1400, 1100)  # 1200 x 1000: decoded at 1/2 for a 256 target (1/4 would leave 250)
+    box = (200, 100, 1400, 1100)  # 1200 x 1000: decoded at 1/2 for a 200 target (1/4 would leave 250 < 2 x 200)
     full = load_image(path, box=box)
-    reduced = load_image(path, box=box, min_side=256)
+    reduced = load_image(path, box=box, min_side=200)
     assert full.size == (1200, 1000) and reduced.size == (600, 500)
     shrunk = np.asarray(full.resize(reduced.size, Image.Resampling.BOX), dtype=np.float64)
     assert np.abs(np.asarray(reduced, dtype=np.float64) - shrunk).mean() < 3.0

@@ -95,7 +95,9 @@ class Preprocess:
 
     @property
     def min_side(self) -> int:
-        """Short side the resize step scales an image to (timm: floor(size / crop_pct)); decode no smaller."""
+        """Short side the resize step scales an image to (timm: floor(size / crop_pct)). Reduced-size decoding
+        (``data.images.load_image(min_side=...)``) keeps ``REDUCING_GAP`` (2) times this, so the resize still
+        shrinks by 2x or more."""
         return max(math.floor(size / self.crop_pct) for size in self.input_size[1:])
 
     def to_dict(self) -> dict[str, Any]:

@@ -91,7 +91,8 @@ class FeatureConfig:
     # processes (at most 8). 0 = in the main process; N = N DataLoader worker processes.
     num_workers: int | None = None
     prefetch: int = 4  # batches each worker process keeps ready
-    reduced_decode: bool = True  # JPEGs >= 2x the resize target are decoded at 1/2..1/8 scale (part of the key)
+    # JPEGs >= 4x the resize target are decoded at 1/2..1/8 scale keeping 2x the target (part of the key)
+    reduced_decode: bool = True
     # auto = libjpeg-turbo through torchvision.io and a uint8 tensor resize for RGB/grey JPEGs (1.5x PIL on
     # full-size photos here), PIL for the rest and for reduced decoding; pil = PIL only, exactly timm's transform
     decoder: str = "auto"

@@ -22,6 +22,7 @@ from dogbench.backbones import Backbone
 from dogbench.config import FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError
 from dogbench.data.download import default_cache_dir
+from dogbench.data.images import REDUCING_GAP
 from dogbench.device import device_name, resolve_device, resolve_precision, resolve_workers
 from dogbench.features.cache import CachedFeatures, CacheEntry, Chunk, FeatureCache, cache_key, ids_digest
 from dogbench.features.runner import ImageDataset, ModelRunner, effective_decoder, iter_batches
@@ -68,7 +69,8 @@ def feature_key(
             "weights_sha256": backbone.weights_sha256,
             "preprocess": backbone.preprocess.to_dict(),
             "precision": precision.value,
-            "reduced_decode": reduced_decode,
+            # the decode rule, not only the switch: features cached under an earlier rule are not reused
+            "reduced_decode": {"gap": REDUCING_GAP} if reduced_decode else False,
             "decoder": decoder,
             "compile": compiled,
         }

@@ -235,3 +235,65 @@ def test_metrics_dataclasses_are_frozen():
 def test_import_does_not_pull_in_torch():
     code = "import sys, dogbench.evaluate; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- calibration: known answers
+
+
+def _predictor(confidence: np.ndarray, correct: np.ndarray, n_classes: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and probabilities whose top class has ``confidence`` and is right where ``correct``; the rest of
+    the mass is spread evenly over the other classes."""
+    n = len(confidence)
+    y_pred = np.zeros(n, dtype=np.int64)
+    proba = np.repeat(((1 - confidence) / (n_classes - 1))[:, None], n_classes, axis=1)
+    proba[:, 0] = confidence
+    y_true = np.where(correct, y_pred, 1)
+    return y_true, proba
+
+
+def test_ece_of_a_perfectly_calibrated_predictor_is_near_zero() -> None:
+    from dogbench.evaluate import expected_calibration_error
+
+    rng = np.random.default_rng(0)
+    confidence = rng.uniform(0.3, 1.0, size=200_000)
+    y_true, proba = _predictor(confidence, rng.uniform(size=confidence.shape) < confidence)
+    assert expected_calibration_error(y_true, proba) < 0.005
+
+
+def test_ece_of_an_overconfident_predictor_is_the_analytic_gap() -> None:
+    from dogbench.evaluate import brier_score, expected_calibration_error, negative_log_likelihood, reliability_bins
+
+    # always 90% sure, right 6 times in 10: one bin, |0.6 - 0.9| = 0.3
+    y_true, proba = _predictor(np.full(10, 0.9), np.arange(10) < 6)
+    assert expected_calibration_error(y_true, proba) == pytest.approx(0.3, abs=1e-12)
+    # two bins: 0.95 sure and always right (gap 0.05), 0.55 sure and right half the time (gap 0.05)
+    y2, p2 = _predictor(np.r_[np.full(4, 0.95), np.full(4, 0.55)], np.array([1, 1, 1, 1, 1, 0, 1, 0], bool))
+    assert expected_calibration_error(y2, p2) == pytest.approx(0.05, abs=1e-12)
+    bins = reliability_bins(y2, p2)
+    assert bins.count.sum() == 8 and bins.count[14] == 4 and bins.count[8] == 4  # (14/15, 1] and (8/15, 9/15]
+    assert bins.accuracy[14] == 1.0 and bins.accuracy[8] == 0.5
+    # NLL and Brier by hand: right rows -log 0.9, wrong rows -log(0.1 / 3)
+    assert negative_log_likelihood(y_true, proba) == pytest.approx(-(6 * np.log(0.9) + 4 * np.log(0.1 / 3)) / 10)
+    right = (0.9 - 1) ** 2 + 3 * (0.1 / 3) ** 2
+    wrong = 0.9**2 + (0.1 / 3 - 1) ** 2 + 2 * (0.1 / 3) ** 2
+    assert brier_score(y_true, proba) == pytest.approx((6 * right + 4 * wrong) / 10)
+
+
+def test_temperature_scaling_recovers_a_known_temperature() -> None:
+    from dogbench.evaluate import apply_temperature, expected_calibration_error, fit_temperature
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=3.0, size=(20_000, 10))
+    true_t = 2.5
+    p_true = np.exp(logits / true_t)
+    p_true /= p_true.sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(10, p=row) for row in p_true])
+    overconfident = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)  # softmax(z): T = 1 is too sharp
+    t = fit_temperature(y, overconfident)
+    assert t == pytest.approx(true_t, rel=0.03)
+    scaled = apply_temperature(overconfident, t)
+    np.testing.assert_allclose(scaled, p_true, atol=0.02)
+    assert (scaled.argmax(axis=1) == overconfident.argmax(axis=1)).all()
+    assert expected_calibration_error(y, scaled) < 0.3 * expected_calibration_error(y, overconfident)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        apply_temperature(overconfident, 0.0)

@@ -116,6 +116,104 @@ def classification_metrics(
     )
 
 
+# ---------------------------------------------------------------- calibration
+
+ECE_BINS = 15  # equal-width confidence bins (Guo et al. 2017)
+_LOG_FLOOR = 1e-12  # probabilities are floored here before a log (a class the head never predicts)
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per equal-width confidence bin: how many predictions, their mean confidence and their accuracy."""
+
+    edges: np.ndarray  # (n_bins + 1,) from 0 to 1
+    count: np.ndarray  # (n_bins,) int64
+    confidence: np.ndarray  # (n_bins,) mean max-probability in the bin (NaN where empty)
+    accuracy: np.ndarray  # (n_bins,) fraction correct in the bin (NaN where empty)
+
+    def to_dict(self) -> dict[str, Any]:
+        def listed(a: np.ndarray) -> list[float | None]:
+            return [None if np.isnan(v) else float(v) for v in a]
+
+        return {"edges": self.edges.tolist(), "count": self.count.tolist(), "confidence": listed(self.confidence),
+                "accuracy": listed(self.accuracy)}
+
+
+def reliability_bins(y_true: np.ndarray, proba: np.ndarray, *, n_bins: int = ECE_BINS) -> ReliabilityBins:
+    """The reliability diagram's data: the top-1 confidence of each row, in ``n_bins`` equal-width bins
+    ``(0, 1/n], (1/n, 2/n], ... (1 - 1/n, 1]``."""
+    y_true, proba = _check_scores(y_true, proba)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    confidence = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == y_true
+    which = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    count = np.bincount(which, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        conf = np.bincount(which, weights=confidence, minlength=n_bins) / count
+        acc = np.bincount(which, weights=correct.astype(np.float64), minlength=n_bins) / count
+    return ReliabilityBins(np.linspace(0.0, 1.0, n_bins + 1), count.astype(np.int64), conf, acc)
+
+
+def expected_calibration_error(y_true: np.ndarray, proba: np.ndarray, *, n_bins: int = ECE_BINS) -> float:
+    """ECE: sum over confidence bins of (bin share) x |accuracy - mean confidence| (equal-width bins)."""
+    bins = reliability_bins(y_true, proba, n_bins=n_bins)
+    filled = bins.count > 0
+    share = bins.count[filled] / bins.count.sum()
+    return float(np.sum(share * np.abs(bins.accuracy[filled] - bins.confidence[filled])))
+
+
+def negative_log_likelihood(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Mean -log p(true class) (probabilities floored at 1e-12)."""
+    y_true, proba = _check_scores(y_true, proba)
+    return float(-np.mean(np.log(np.maximum(proba[np.arange(len(y_true)), y_true], _LOG_FLOOR))))
+
+
+def brier_score(y_true: np.ndarray, proba: np.ndarray) -> float:
+    """Multi-class Brier score: mean over rows of sum_k (p_k - [y = k])^2 (0 is perfect, 2 the worst)."""
+    y_true, proba = _check_scores(y_true, proba)
+    onehot = np.zeros_like(proba, dtype=np.float64)
+    onehot[np.arange(len(y_true)), y_true] = 1.0
+    return float(np.mean(np.sum((proba - onehot) ** 2, axis=1)))
+
+
+def calibration_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """{ece, nll, brier} of probabilities against labels."""
+    return {"ece": expected_calibration_error(y_true, proba), "nll": negative_log_likelihood(y_true, proba),
+            "brier": brier_score(y_true, proba)}
+
+
+def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T): temperature scaling of probabilities (the log-probabilities are the logits up to a
+    per-row constant, which softmax ignores). T > 1 softens, T < 1 sharpens; the argmax never changes."""
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = np.log(np.maximum(np.asarray(proba, dtype=np.float64), _LOG_FLOOR)) / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    out = np.exp(logits)
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def fit_temperature(y_true: np.ndarray, proba: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """The temperature that minimises the negative log-likelihood of ``apply_temperature(proba, T)`` on
+    (y_true, proba), searched over log T within ``bounds`` (scipy's bounded scalar minimiser)."""
+    from scipy.optimize import minimize_scalar
+
+    y_true, proba = _check_scores(y_true, proba)
+    log_p = np.log(np.maximum(proba.astype(np.float64), _LOG_FLOOR))
+    rows = np.arange(len(y_true))
+
+    def nll(log_t: float) -> float:
+        z = log_p / np.exp(log_t)
+        z_max = z.max(axis=1)
+        log_norm = z_max + np.log(np.exp(z - z_max[:, None]).sum(axis=1))
+        return float(np.mean(log_norm - z[rows, y_true]))
+
+    found = minimize_scalar(nll, bounds=(np.log(bounds[0]), np.log(bounds[1])), method="bounded",
+                            options={"xatol": 1e-6})
+    return float(np.exp(found.x))
+
+
 def _check_correct(correct: np.ndarray, name: str = "correct") -> np.ndarray:
     """Validate a non-empty 1-D vector of booleans (or 0/1) and return it as float64."""
     correct = np.asarray(correct)

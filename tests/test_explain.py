@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import make_official_layout, shared_dir
 from dogbench.backbones import Backbone, Preprocess, load_backbone
-from dogbench.config import BackboneConfig, DataConfig, FeatureConfig, RunConfig, parse_backbone_spec
+from dogbench.config import BackboneConfig, DataConfig, FeatureConfig, Precision, RunConfig, parse_backbone_spec
 from dogbench.data import load_image, open_dataset
 from dogbench.explain import (
     GRAD_CAM,
@@ -32,6 +32,7 @@ from dogbench.explain import (
     input_image,
     overlay,
 )
+from dogbench.features import feature_settings
 from dogbench.heads import LinearHead, head_identity
 from dogbench.inference import Model, load_run
 from dogbench.rundir import RunDir, RunFolderError
@@ -298,8 +299,10 @@ def _fake_run(run_dir: Path, data_root: Path, *, with_heads: bool) -> RunConfig:
         classes = open_dataset(data_root).classes
         for bcfg in cfg.backbones:
             backbone = load_backbone(bcfg)
-            identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256, feature_key="",
-                                     preprocess=backbone.preprocess.to_dict())
+            settings = feature_settings(cfg.features, crop_to_box=False, precision=Precision.FP32,
+                                        preprocess=backbone.preprocess)
+            identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
+                                     preprocess=backbone.preprocess.to_dict(), features=settings)
             fitted_head(backbone.feature_dim, n_classes=3).save(RunDir(run_dir).head_dir(bcfg.label),
                                                                 identity=identity, class_names=classes)
     return cfg

@@ -18,7 +18,8 @@ from PIL import Image
 import dogbench
 from dogbench.cli import main
 from dogbench.config import RunConfig, resolve
-from dogbench.rundir import RunDir, RunFolderError, new_run_dir
+from dogbench.heads import HeadIdentityError
+from dogbench.rundir import RunDir, new_run_dir
 
 TINY = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"]
 FAST = ["--trials", "2", "--set", "tune.max_epochs=8", "--set", "evaluate.n_bootstrap=100", "--set",
@@ -125,7 +126,7 @@ def test_a_head_for_another_backbone_is_refused_naming_both(tiny: tuple[Path, Pa
     true_sha = meta["identity"]["weights_sha256"]
     meta["identity"]["weights_sha256"] = "f" * 64
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(RunFolderError, match="belongs to another backbone") as err:
+    with pytest.raises(HeadIdentityError, match="belongs to another backbone") as err:
         dogbench.load_run(run_dir)
     assert "f" * 64 in str(err.value) and true_sha in str(err.value) and str(meta_path.parent) in str(err.value)
     path = RunDir(run_dir).read_predictions("cnn").paths[0]
@@ -276,3 +277,38 @@ def test_a_corrupt_cache_entry_file_is_named_by_every_command_that_reads_it(
         assert str(entries[0] / name) in err and f"Delete the folder {entries[0]}" in err, err
     shutil.rmtree(entries[0])  # what the message says: then the same command recomputes it
     assert main(extract) == 0 and np.array_equal(np.load(entries[0] / "features.npy"), before)
+
+
+def test_folder_rules_hold_at_the_edges(tiny: tuple[Path, Path, Path], tmp_path: Path, monkeypatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    run_dir, data, cache = tiny
+    run_dir = _copy_run(tiny, tmp_path / "run")
+    saved = (run_dir / "config.json").read_text()
+    # a device the machine lacks is refused before anything is written into the folder
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["evaluate", str(run_dir), "--device", "cuda:5", "--quiet"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err and (run_dir / "config.json").read_text() == saved
+    # the same data through another spelling of its path is the same config
+    monkeypatch.chdir(data.parent)
+    assert main(["tune", "--out", str(run_dir), "--data", f"../{data.parent.name}/{data.name}", "--quiet"]) == 0
+    # bench never writes into a run folder; an output path that cannot be written is one message, exit 2
+    assert main(["bench", "--data", str(data), *TINY, "--out", str(run_dir), "--quiet"]) == 2
+    assert "is a run folder" in capsys.readouterr().err
+    photo = RunDir(run_dir).read_predictions("cnn").paths[0]
+    assert main(["predict", str(run_dir), photo, "--out", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dogbench: error:") and str(tmp_path) in err
+    # an unreadable config.json is written anew with --force (the defaults and the flags given)
+    (run_dir / "config.json").write_text("{")
+    assert main(["tune", "--out", str(run_dir), "--data", str(data), *TINY, *FAST, "--force"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["tune"]["trials"] == 2
+
+
+def test_a_grey_array_is_one_image(tiny: tuple[Path, Path, Path]) -> None:
+    run = dogbench.load_run(tiny[0])
+    grey = np.full((40, 48), 128, dtype=np.uint8)
+    answers = run.predict(grey, top_k=1)
+    assert len(answers) == 1 and answers[0].error is None and set(answers[0].top) == {"cnn", "vit"}
+    assert run.predict_proba(np.stack([grey, grey]))["cnn"].shape == (2, 4)

@@ -18,7 +18,7 @@ from dogbench import __version__
 from dogbench.config import ConfigError, RunConfig, load_config, resolve, saved_to_doc
 from dogbench.data.download import prepare_dataset
 from dogbench.errors import DogbenchError
-from dogbench.rundir import RunDir
+from dogbench.rundir import RunDir, RunFolderError
 
 if TYPE_CHECKING:
     from dogbench.inference import ImagePrediction
@@ -145,12 +145,16 @@ def _run_folder(args: argparse.Namespace) -> RunDir | None:
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """--config (or the run folder's own config.json), then --backbone, then flags and --set overrides."""
     run = _run_folder(args)
-    if args.command == "evaluate":
-        run.read_config()  # a clear error when RUN_DIR is not a run folder
-    if args.config is not None or run is None or not run.exists():
+    force = getattr(args, "force", False)
+    if args.config is not None or run is None or (not run.exists() and args.command != "evaluate"):
         doc = load_config(args.config)
     else:
-        doc = saved_to_doc(run.read_config().to_dict())
+        try:
+            doc = saved_to_doc(run.read_config().to_dict())
+        except RunFolderError:
+            if not force:
+                raise
+            doc = {}  # --force on an unreadable config.json: the defaults and the flags given write it anew
     overrides = list(args.set)
     flag_keys = {
         "data": "data.root", "trials": "tune.trials", "device": "features.device",
@@ -166,8 +170,12 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.command == "evaluate":
         overrides.append(f"out={json.dumps(str(args.run_dir))}")
     cfg = resolve(doc, overrides=overrides, backbone_specs=args.backbone)
+    if run is None and cfg.out and args.command in ("run", "tune", "extract"):
+        run = RunDir(cfg.out)  # `out` named by the config file
     if run is not None:
-        run.check_config(cfg, force=getattr(args, "force", False))  # before any data is read or downloaded
+        run.check_config(cfg, force=force)  # before any data is read or downloaded
+    elif args.command == "bench" and cfg.out and RunDir(cfg.out).exists() and not Path(cfg.out, "bench.csv").exists():
+        raise ConfigError(f"{cfg.out} is a run folder: give `dogbench bench` a folder of its own (--out)")
     return cfg
 
 
@@ -181,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except DogbenchError as err:  # a user-facing error: one clear message, no traceback
         print(f"dogbench: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # an output path that cannot be written, a full disk, a vanished file
+        target = err.filename2 or err.filename  # an atomic write's rename names the temp file first
+        where = f": {target}" if target else ""
+        print(f"dogbench: error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
 
 
@@ -254,7 +267,8 @@ def _report(args: argparse.Namespace) -> int:
     cfg = dataclasses.replace(d, examples=examples, explain=min(explain, examples),
                               seed=d.seed if args.seed is None else args.seed)
     out = args.out or (args.runs[0] if len(args.runs) == 1 else Path("runs") / time.strftime("report-%Y%m%d-%H%M%S"))
-    files = report_stage(args.runs, out, cfg, progress=not args.quiet)
+    with RunDir(out).lock():  # the report's files (and a run's explanations) are written into the folder
+        files = report_stage(args.runs, out, cfg, progress=not args.quiet)
     print("\n".join(files.verdicts))
     print(f"report: {files.html}")
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import tomllib
 import types
@@ -246,6 +247,11 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+def absolute_path(path: str) -> str:
+    """``~`` expanded, made absolute, ``..`` collapsed (symlinks kept: the path stays the one the user gave)."""
+    return os.path.abspath(os.path.expanduser(path))
+
+
 def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig:
     """``[backbones.<label>]``: ``model`` and ``weights``, preprocessing keys, anything else is a model kwarg."""
     if "model" not in table:
@@ -262,7 +268,7 @@ def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig
     fixed = {"model": table["model"], "weights": table.get("weights", "hub"), "seed": table.get("seed", 0)}
     _check_types(BackboneConfig, f"backbones.{label}", {**fixed, **pre})
     if fixed["weights"] not in ("hub", "random"):  # stored absolute: report, explain, predict run from anywhere
-        fixed["weights"] = str(Path(fixed["weights"]).expanduser().absolute())
+        fixed["weights"] = absolute_path(fixed["weights"])
     return BackboneConfig(label=label, model_kwargs=kwargs, **fixed, **pre)
 
 
@@ -304,10 +310,16 @@ def from_mapping(doc: Mapping[str, Any]) -> RunConfig:
         if key not in valid_top:
             raise _unknown_key("top level", key, valid_top)
     sections = {name: _coerce(cls, name, doc.get(name, {})) for name, cls in SECTIONS.items()}
-    if sections["data"].root is not None:  # stored absolute, like weight files
-        sections["data"] = dataclasses.replace(
-            sections["data"], root=str(Path(sections["data"].root).expanduser().absolute())
-        )
+    # input paths are stored absolute, so every command finds them from any working directory
+    if sections["data"].root is not None:
+        sections["data"] = dataclasses.replace(sections["data"], root=absolute_path(sections["data"].root))
+    if sections["features"].cache_dir is not None:
+        sections["features"] = dataclasses.replace(sections["features"],
+                                                   cache_dir=absolute_path(sections["features"].cache_dir))
+    storage = sections["tune"].storage
+    if storage and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        sections["tune"] = dataclasses.replace(
+            sections["tune"], storage="sqlite:///" + absolute_path(storage.removeprefix("sqlite:///")))
     backbones = tuple(parse_backbone_table(label, table) for label, table in doc.get("backbones", {}).items())
     return RunConfig(backbones=backbones, out=doc.get("out"), **sections)
 

@@ -29,7 +29,8 @@ from dogbench.backbones import Preprocess
 from dogbench.data import ImageError, display_names, load_image
 from dogbench.errors import DogbenchError
 from dogbench.heads import LinearHead, MLPHead
-from dogbench.inference import LoadedRun, Model
+from dogbench.inference import LoadedRun, Model, top_classes
+from dogbench.protocols.scoring import full_proba
 
 __all__ = [
     "METHODS",
@@ -344,22 +345,6 @@ def input_image(image: Image.Image, preprocess: Preprocess) -> np.ndarray:
     return np.ascontiguousarray(chw.transpose(1, 2, 0))
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(iter(model.parameters())).device
-
-
-def _top_classes(
-    proba: np.ndarray, classes: np.ndarray, class_names: Sequence[str] | None, k: int = TOP_K
-) -> tuple[tuple[str, float], ...]:
-    """The k most probable (name, probability); head labels are indices into ``class_names`` when given."""
-    order = np.argsort(-proba, kind="stable")[:k]
-
-    def name(label: Any) -> str:
-        return str(class_names[int(label)]) if class_names is not None else str(label)
-
-    return tuple((name(classes[i]), float(proba[i])) for i in order)
-
-
 def _display_map(grid: torch.Tensor, size: tuple[int, int], *, clip_quantile: float = DISPLAY_QUANTILE) -> np.ndarray:
     """(gh, gw) weights -> (H, W) in [0, 1] for display: min -> 0, the ``clip_quantile`` patch weight -> 1 (above
     it clipped), bilinear. A few outlier tokens (high-norm "artifact" patches of ViTs without registers) would
@@ -380,7 +365,7 @@ def explain_image(model: Model, image_path: str | Path, *, box: Box | None = Non
     ``box`` (xmin, ymin, xmax, ymax, original pixels) is the crop the model sees when the run cropped to boxes,
     else it is mapped into input pixels for drawing (``Explanation.box``).
     """
-    x_u8, _, errors = next(iter(model.pixels([Path(image_path)], boxes=[box])))
+    x_u8, _, errors = next(iter(model.pixels([Path(image_path)], boxes=[box], workers=0)))
     if errors[0]:
         raise ImageError(errors[0])
     pixels = np.ascontiguousarray(x_u8[0].permute(1, 2, 0).numpy())
@@ -390,10 +375,10 @@ def explain_image(model: Model, image_path: str | Path, *, box: Box | None = Non
     top3: tuple[tuple[str, float], ...] = ()
     column = None
     if head is not None:
-        features = model.features(x_u8)
+        head_proba = head.predict_proba(model.features(x_u8))[0]  # columns: head.classes_
         names = display_names(model.classes)
-        top3 = _top_classes(model.proba_of_features(features)[0], np.arange(len(names)), names)
-        column = int(np.argmax(head.predict_proba(features)[0]))  # the head's own column for Grad-CAM's target
+        top3 = top_classes(full_proba(head_proba[None], head.classes_, len(names))[0], names, TOP_K)
+        column = int(np.argmax(head_proba))  # the head's own column: Grad-CAM's target
     target = None
     if backbone.is_vit:
         method, heatmap = ROLLOUT, _display_map(attention_rollout(backbone.model, x)[0], size)

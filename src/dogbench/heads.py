@@ -39,9 +39,11 @@ __all__ = [
     "Activation",
     "HeadKind",
     "HeadFileError",
+    "HeadIdentityError",
     "LinearHead",
     "MLPHead",
     "TrainingData",
+    "check_identity",
     "head_identity",
     "load_head",
     "read_head_meta",
@@ -548,13 +550,38 @@ class HeadFileError(DogbenchError, ValueError):
     """A saved head that cannot be read, or that belongs to another backbone than the one it is loaded for."""
 
 
-IDENTITY_KEYS = ("timm_tag", "weights_sha256", "feature_key", "preprocess")  # what a head's features come from
+# what a head's features come from: the backbone, its preprocessing, how images became features, which features
+IDENTITY_KEYS = ("timm_tag", "weights_sha256", "preprocess", "features", "feature_key")
 
 
-def head_identity(*, timm_tag: str, weights_sha256: str, feature_key: str, preprocess: Mapping[str, Any]) -> dict:
-    """What a head belongs to: the features it was trained on and the backbone that makes them."""
-    return {"timm_tag": timm_tag, "weights_sha256": weights_sha256, "feature_key": feature_key,
-            "preprocess": dict(preprocess)}
+def head_identity(
+    *, timm_tag: str, weights_sha256: str, preprocess: Mapping[str, Any], features: Mapping[str, Any],
+    feature_key: str | None = None,
+) -> dict:
+    """What a head belongs to: the backbone (tag, weights), its preprocessing, the feature settings (precision,
+    decoder, reduced decoding, box crop, compile) and, when known, the key of the features it was trained on."""
+    identity = {"timm_tag": timm_tag, "weights_sha256": weights_sha256, "preprocess": dict(preprocess),
+                "features": dict(features)}
+    if feature_key is not None:
+        identity["feature_key"] = feature_key
+    return identity
+
+
+class HeadIdentityError(DogbenchError, ValueError):
+    """A head trained for another backbone, weights, preprocessing or features than the one it is loaded for."""
+
+
+def check_identity(saved: Mapping[str, Any], expected: Mapping[str, Any], path: Path) -> None:
+    """Refuse a head whose recorded identity differs from ``expected`` on any of its keys, naming both."""
+    differ = [k for k in IDENTITY_KEYS if k in expected and saved.get(k) != expected[k]]
+    if differ:
+        def show(d: Mapping[str, Any]) -> str:
+            return ", ".join(f"{k}={d.get(k)!r}" for k in differ)
+
+        raise HeadIdentityError(
+            f"The head in {path} belongs to another backbone: it was trained on {show(saved)}, but this run's "
+            f"backbone has {show(expected)}. Re-run `dogbench evaluate` on the run folder to refit it"
+        )
 
 
 def read_head_meta(path: Path) -> dict[str, Any]:
@@ -584,16 +611,7 @@ def load_head(
     path = Path(path)
     meta = read_head_meta(path)
     if expect_identity is not None:
-        saved = meta.get("identity") or {}
-        differ = [k for k in IDENTITY_KEYS if k in expect_identity and saved.get(k) != expect_identity[k]]
-        if differ:
-            def show(d: Mapping[str, Any]) -> str:
-                return ", ".join(f"{k}={d.get(k)!r}" for k in differ)
-
-            raise HeadFileError(
-                f"The head in {path} belongs to another backbone: it was trained on {show(saved)}, but this run's "
-                f"backbone has {show(expect_identity)}. Re-run `dogbench evaluate` on the run folder to refit it"
-            )
+        check_identity(meta.get("identity") or {}, expect_identity, path)
     tensors_path = path / TENSORS_FILE
     try:
         blob = tensors_path.read_bytes()

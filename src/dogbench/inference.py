@@ -3,7 +3,7 @@
 A ``Model`` is one backbone of a run with its preprocessing, its tuned head and the run's feature settings
 (decoder, reduced-size decoding, precision, memory layout): photos go through the very ``ImageDataset`` and
 ``ModelRunner`` that extraction used, so ``predict`` on a run's test images gives the probabilities of its
-``predictions.npz``, and ``explain`` and the demo show what ``predict`` says.
+``predictions.npz``, and ``explain`` shows what ``predict`` says.
 
     >>> run = load_run("runs/shared-dev")                      # doctest: +SKIP
     >>> run.predict(["dog.jpg"], top_k=3)[0].top["cnn"]        # doctest: +SKIP
@@ -25,12 +25,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone, load_backbone
-from dogbench.config import FeatureConfig, RunConfig
+from dogbench.config import FeatureConfig, Precision, RunConfig
 from dogbench.data import IMAGE_EXTENSIONS, ImageError, Sample, display_names
 from dogbench.device import resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
-from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
-from dogbench.heads import META_FILE, LinearHead, MLPHead, head_identity, load_head
+from dogbench.features import ImageDataset, ModelRunner, effective_decoder, feature_settings, iter_batches
+from dogbench.heads import META_FILE, LinearHead, MLPHead, check_identity, head_identity, load_head
 from dogbench.protocols.scoring import full_proba
 from dogbench.rundir import RunDir, RunFolderError
 
@@ -64,6 +64,7 @@ class Model:
     def __init__(
         self, label: str, backbone: Backbone, head: LinearHead | MLPHead | None, *, classes: Sequence[str],
         features: FeatureConfig | None = None, crop_to_box: bool = False, device: str = "cpu",
+        precision: Precision | None = None,
     ) -> None:
         features = features or FeatureConfig()
         torch_device = resolve_device(device)
@@ -75,7 +76,7 @@ class Model:
         self.features_cfg = features
         self.decoder = effective_decoder(features.decoder, backbone.preprocess)
         self.runner = ModelRunner.create(
-            backbone, device=torch_device, precision=resolve_precision(features.precision, torch_device),
+            backbone, device=torch_device, precision=precision or resolve_precision(features.precision, torch_device),
             compile=features.compile, reuse_host_memory=features.reuse_host_memory,
         )
         self.batch_size = self.runner.resolve_batch_size(features.batch_size)
@@ -90,14 +91,15 @@ class Model:
             reduced_decode=self.features_cfg.reduced_decode, decoder=self.decoder,
         )
 
-    def pixels(self, images: Sequence[ImageInput], boxes: Sequence[Box | None] | None = None) -> Iterable[
-        tuple[torch.Tensor, list[int], list[str]]
-    ]:
+    def pixels(
+        self, images: Sequence[ImageInput], boxes: Sequence[Box | None] | None = None, *, workers: int | None = None
+    ) -> Iterable[tuple[torch.Tensor, list[int], list[str]]]:
         """Batches of (uint8 (B, 3, H, W) model inputs, their indices into ``images``, error texts ("" = ok)).
 
         Files are decoded exactly as extraction decodes them (the run's decoder, reduced-size decoding, box crop
         when the run cropped to boxes); in-memory images get the same resize and crop (torchvision's uint8 kernels
-        with the "auto" decoder, timm's PIL transform with "pil").
+        with the "auto" decoder, timm's PIL transform with "pil"), but no EXIF rotation or reduced decoding (they
+        are pixels already). ``workers`` overrides the run's decode workers (0: this process, e.g. one photo).
         """
         files = [i for i, im in enumerate(images) if isinstance(im, str | Path)]
         if files:
@@ -106,7 +108,8 @@ class Model:
             batches = [list(range(s, min(s + self.batch_size, len(files)))) for s in range(0, len(files),
                                                                                           self.batch_size)]
             loader = iter_batches(
-                self._image_set(samples), batches, workers=resolve_workers(self.features_cfg.num_workers, self.device),
+                self._image_set(samples), batches,
+                workers=resolve_workers(self.features_cfg.num_workers if workers is None else workers, self.device),
                 prefetch=self.features_cfg.prefetch, pin_memory=self.device.type == "cuda",
             )
             for x, index, errors in loader:
@@ -195,20 +198,24 @@ class LoadedRun:
         out = []
         for i, image in enumerate(images):
             error = next((errs[i] for _, errs in per_model.values() if errs[i]), None)
-            top = {} if error else {label: _top(proba[i], self.classes, top_k) for label, (proba, _) in
+            top = {} if error else {label: top_classes(proba[i], self.classes, top_k) for label, (proba, _) in
                                     per_model.items()}
             out.append(ImagePrediction(_describe(image, i), top, error))
         return out
 
 
 def _as_list(images: Sequence[ImageInput] | ImageInput) -> list[ImageInput]:
-    if isinstance(images, str | Path | Image.Image) or (isinstance(images, np.ndarray) and images.dtype == np.uint8
-                                                          and images.ndim in (2, 3) and images.shape[-1] in (3, 4)):
+    """One image (a path, a PIL image, an (H, W) or (H, W, 3|4) array) or a sequence of them (a list, or an
+    (N, H, W, 3) array) -> a list of images."""
+    if isinstance(images, str | Path | Image.Image):
+        return [images]
+    if isinstance(images, np.ndarray) and (images.ndim == 2 or (images.ndim == 3 and images.shape[-1] in (3, 4))):
         return [images]
     return list(images)
 
 
-def _top(proba: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str, float], ...]:
+def top_classes(proba: np.ndarray, classes: Sequence[str], k: int) -> tuple[tuple[str, float], ...]:
+    """The k most probable (class name, probability) of one row, most probable first (ties: lower index)."""
     order = np.argsort(-proba, kind="stable")[:k]
     return tuple((classes[j], float(proba[j])) for j in order)
 
@@ -233,8 +240,9 @@ def load_run(
 ) -> LoadedRun:
     """Every backbone of the run folder ``path`` with its tuned head, on ``device`` (the CPU unless asked).
 
-    Each head is checked against its backbone (timm tag, weights sha256, preprocessing, and the feature key
-    ``results.json`` records): a head for other features is refused with both identities named. Without
+    Each head is checked against its backbone (timm tag, weights sha256, preprocessing, the feature settings
+    predictions will use: precision, decoder, reduced decoding, box crop, compile; and the feature key
+    ``results.json`` records): a head for anything else is refused with both identities named. Without
     ``require_heads`` a backbone with no head yet is loaded alone (explanations of the feature norm).
     """
     run = RunDir(path)
@@ -248,23 +256,28 @@ def load_run(
             raise RunFolderError(f"{run.path} has no tuned heads yet: run `{run.rebuild('head')}` first")
         classes = ()
     features = cfg.features if batch_size is None else _with_batch(cfg.features, batch_size)
+    torch_device = resolve_device(device)  # once, before any model is loaded
     models: dict[str, Model] = {}
     for bcfg in cfg.backbones:
         backbone = load_backbone(bcfg)
+        recorded = results.models.get(bcfg.label) if results else None
+        # the precision the run's features were computed in (bf16 on a GPU stays bf16 on the CPU), else the config's
+        precision = (Precision(recorded.precision) if recorded else
+                     resolve_precision(features.precision, torch_device))
         head_dir = run.head_dir(bcfg.label)
         head = None
         if (head_dir / META_FILE).is_file() or require_heads:
-            recorded = results.models.get(bcfg.label) if results else None
-            expect = head_identity(
-                timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
-                feature_key=recorded.feature_key if recorded else "", preprocess=backbone.preprocess.to_dict(),
-            )
-            if recorded is None:
-                expect.pop("feature_key")
             with run.reading(head_dir / META_FILE, "head"):
-                head = load_head(head_dir, device=str(resolve_device(device)), expect_identity=expect)
+                head = load_head(head_dir, device=str(torch_device))
+            settings = feature_settings(features, crop_to_box=cfg.data.crop_to_box, precision=precision,
+                                        preprocess=backbone.preprocess)
+            check_identity(head.identity_ or {}, head_identity(
+                timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
+                preprocess=backbone.preprocess.to_dict(), features=settings,
+                feature_key=recorded.feature_key if recorded else None,
+            ), head_dir)
         models[bcfg.label] = Model(bcfg.label, backbone, head, classes=classes, features=features,
-                                   crop_to_box=cfg.data.crop_to_box, device=device)
+                                   crop_to_box=cfg.data.crop_to_box, device=str(torch_device), precision=precision)
     return LoadedRun(run.path, cfg, display_names(classes), models)
 
 

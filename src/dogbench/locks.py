@@ -27,7 +27,7 @@ def locked(path: str | Path, *, what: str, timeout: float | None = None) -> Iter
     message printed when another process holds it. ``timeout`` None waits for as long as it takes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path))
+    lock = FileLock(str(path), is_singleton=True)  # re-entrant within a process: a nested hold never hangs
     try:
         lock.acquire(timeout=0)
     except Timeout:

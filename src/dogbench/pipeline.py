@@ -26,6 +26,12 @@ if TYPE_CHECKING:
     from dogbench.report.runs import ModelRun
 
 
+def check_devices(cfg: RunConfig) -> None:
+    """The configured devices exist on this machine (DogbenchError naming the valid ones otherwise)."""
+    for device in (cfg.features.device, cfg.tune.device):
+        resolve_device(device)
+
+
 def run_folder(cfg: RunConfig) -> RunDir:
     """The run folder ``cfg.out`` names, or a new ``runs/<timestamp>``."""
     return RunDir(cfg.out) if cfg.out else new_run_dir()
@@ -37,6 +43,7 @@ def tune(
     """``dogbench tune``: features (cached) and tuning; the run folder gets config.json and the tunings."""
     run = run_folder(cfg)
     with run.lock():
+        check_devices(cfg)  # before the config is written: a refused device must not stick to the folder
         cfg = run.settle_config(cfg, force=force)
         extracted = extract_stage(cfg, dataset, progress=progress)
         tunings = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
@@ -52,6 +59,7 @@ def evaluate(
         raise DogbenchError("dogbench evaluate needs the run folder that `dogbench tune` wrote: `dogbench evaluate R`")
     run = RunDir(cfg.out)
     with run.lock():
+        check_devices(cfg)
         cfg = run.settle_config(cfg)
         missing = [b.label for b in cfg.backbones if not run.tuning_path(b.label).is_file()]
         if missing:  # before any extraction, which can take hours
@@ -60,7 +68,7 @@ def evaluate(
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: load_tuning(cfg, run, label, bf) for label, bf in extracted.items()}
         results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
-    _report_after(cfg, run.path, progress=progress)
+        _report_after(cfg, run.path, progress=progress)
     return results, run.path
 
 
@@ -75,11 +83,12 @@ def run(
     start = time.perf_counter() if start is None else start
     run = run_folder(cfg)
     with run.lock():
+        check_devices(cfg)  # before the config is written: a refused device must not stick to the folder
         cfg = run.settle_config(cfg, force=force)
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
         results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
-    _report_after(cfg, run.path, progress=progress)
+        _report_after(cfg, run.path, progress=progress)
     return results, run.path
 
 

@@ -103,9 +103,6 @@ class RunDir:
     def photo_explanations_dir(self) -> Path:
         return self.path / PHOTO_EXPLANATIONS_DIR
 
-    def model_dir(self, label: str) -> Path:
-        return self.path / label
-
     def tuning_path(self, label: str) -> Path:
         return self.path / label / TUNING_FILE
 
@@ -125,8 +122,7 @@ class RunDir:
     def rebuild(self, what: str) -> str:
         """The command that writes ``what`` (a file of this folder) again."""
         commands = {
-            "config": f"start a new folder (`dogbench run --config FILE --out NEW`) or pass --force to write "
-                      f"{self.config_path} anew",
+            "config": f"dogbench run --config FILE --out {self.path} --force",
             "tuning": f"dogbench tune --out {self.path}",
             "head": f"dogbench evaluate {self.path}",
             "predictions": f"dogbench evaluate {self.path}",
@@ -169,8 +165,8 @@ class RunDir:
             raise RunFolderError(f"Run folder {self.path} does not exist: give a folder that `dogbench run` wrote")
         if not self.config_path.is_file():
             raise RunFolderError(f"{self.config_path} is missing: {self.path} is not a dogbench run folder (its "
-                                 f"config is written by `dogbench run` or `dogbench tune`; to give it one, "
-                                 f"{self.rebuild('config')})")
+                                 f"config is written by `dogbench run` or `dogbench tune`; to give it one: "
+                                 f"`{self.rebuild('config')}`)")
         return self._read_json(self.config_path, "config", lambda d: from_mapping(saved_to_doc(d)))
 
     def write_config(self, cfg: RunConfig) -> None:

@@ -23,6 +23,7 @@ import hashlib
 import json
 import shutil
 import warnings
+import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -121,24 +122,27 @@ class CacheEntry:
         except (OSError, ValueError) as err:
             raise self._problem(name, f"is not readable JSON ({err})") from None
 
-    def partial_meta(self) -> dict[str, Any] | None:
-        """What an unfinished entry was started with (``begin``'s meta), or None when there is none to resume."""
-        if not (self.path / "meta.json").is_file() or self.is_complete():
+    def resumable(self, meta: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The meta an unfinished entry was started with when its chunks can be kept for ``meta`` (the same
+        samples, chunking and device type, and a batch size to resume with); else None."""
+        if self.is_complete():
             return None
         try:
-            return json.loads((self.path / "meta.json").read_text())
+            existing = json.loads((self.path / "meta.json").read_text())
         except (OSError, ValueError):
-            return None  # a torn meta.json cannot happen (atomic writes); an edited one starts the entry afresh
+            return None  # none yet, or edited by hand (writes are atomic): the entry starts afresh
+        if not isinstance(existing, dict) or not isinstance(existing.get("batch_size"), int):
+            return None
+        return existing if all(existing.get(f) == meta.get(f) for f in RESUME_FIELDS) else None
 
     def begin(self, meta: Mapping[str, Any]) -> None:
-        """Create the entry (or check that a partial one was started for the same samples and device)."""
-        existing = self.partial_meta()
-        if existing is not None and any(existing.get(f) != meta.get(f) for f in RESUME_FIELDS):
-            # Same key but other samples, chunking or device: a resumed run would not give the bits an
-            # uninterrupted one gives, so the partial work is dropped.
-            changed = [f for f in RESUME_FIELDS if existing.get(f) != meta.get(f)]
-            warnings.warn(f"cache entry {self.key[:16]}: partial chunks made with another {', '.join(changed)} are "
-                          "computed again", stacklevel=3)
+        """Create the entry, keeping the chunks of an unfinished one that ``resumable`` accepts for ``meta``."""
+        if self.chunk_dir.is_dir() and self.resumable(meta) is None:
+            # Other samples, chunking or device, or no readable record of them: a resumed run would not give the
+            # bits an uninterrupted one gives, so the partial work is dropped.
+            if any(self.chunk_dir.iterdir()):
+                warnings.warn(f"cache entry {self.key[:16]}: partial chunks made with other samples, chunking or "
+                              "device are computed again", stacklevel=3)
             shutil.rmtree(self.chunk_dir, ignore_errors=True)
         self.chunk_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.path / "meta.json", {"key": self.key, **meta})
@@ -158,7 +162,7 @@ class CacheEntry:
             return False
         try:
             self.read_chunk(index)
-        except (OSError, ValueError, KeyError, EOFError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             warnings.warn(f"cache chunk {path} is unreadable: computing it again", stacklevel=2)
             path.unlink(missing_ok=True)
             return False
@@ -184,7 +188,10 @@ class CacheEntry:
 
     def finalize(self, *, n_chunks: int, sample_ids: Sequence[str]) -> CachedFeatures:
         """Join the chunks into ``features.npy``, write ``index.json`` and drop the chunks."""
-        chunks = [self.read_chunk(i) for i in range(n_chunks)]
+        try:
+            chunks = [self.read_chunk(i) for i in range(n_chunks)]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            raise self._problem("chunks", f"holds a chunk that cannot be read ({type(err).__name__}: {err})") from None
         starts = [c.start for c in chunks]
         if starts != sorted(starts) or sum(len(c.ok) for c in chunks) != len(sample_ids):
             raise CacheError(f"Cache entry {self.path} has chunks that do not cover the {len(sample_ids)} samples")

@@ -1,9 +1,10 @@
 """Extract (N, D) features once per (dataset, backbone, weights, preprocessing, precision) into the cache.
 
-The hot loop reads batches from DataLoader workers (decode + the model's eval transform), runs the frozen
-model in inference mode (bf16 autocast where the device supports it), and writes one chunk file per
-``chunk_size`` images. A killed run resumes at the first missing chunk; batches never straddle chunks, so
-a resumed run computes exactly the batches an uninterrupted one would, and the features are identical.
+The hot loop reads decoded, resized batches (``features.runner.iter_batches``: threads between forward passes
+on CPU, DataLoader workers on a GPU), runs the frozen model through ``ModelRunner`` in inference mode (bf16
+autocast where the device supports it), and writes one chunk file per ``chunk_size`` images. A killed run
+resumes at the first missing chunk; batches never straddle chunks, so a resumed run computes exactly the
+batches an uninterrupted one would, and the features are identical.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dogbench.backbones import Backbone
+from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError
 from dogbench.data.download import default_cache_dir
@@ -63,18 +64,32 @@ def feature_key(
     return cache_key(
         {
             "images": dataset.fingerprint(with_boxes=crop_to_box),
-            "crop_to_box": crop_to_box,
             "timm_tag": backbone.tag,
             "model_kwargs": backbone.model_kwargs,
             "weights_sha256": backbone.weights_sha256,
             "preprocess": backbone.preprocess.to_dict(),
-            "precision": precision.value,
-            # the decode rule, not only the switch: features cached under an earlier rule are not reused
-            "reduced_decode": {"gap": REDUCING_GAP} if reduced_decode else False,
-            "decoder": decoder,
-            "compile": compiled,
+            **_settings(crop_to_box=crop_to_box, precision=precision, reduced_decode=reduced_decode, decoder=decoder,
+                        compiled=compiled),
         }
     )
+
+
+def _settings(*, crop_to_box: bool, precision: Precision, reduced_decode: bool, decoder: str, compiled: bool) -> dict:
+    return {
+        "crop_to_box": crop_to_box,
+        "precision": precision.value,
+        # the decode rule, not only the switch: features cached under an earlier rule are not reused
+        "reduced_decode": {"gap": REDUCING_GAP} if reduced_decode else False,
+        "decoder": decoder,
+        "compile": compiled,
+    }
+
+
+def feature_settings(cfg: FeatureConfig, *, crop_to_box: bool, precision: Precision, preprocess: Preprocess) -> dict:
+    """How images become features besides the model (part of the cache key, and of a head's identity): box crop,
+    precision, reduced decoding and its rule, the decoder that applies to ``preprocess``, torch.compile."""
+    return _settings(crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
+                     decoder=effective_decoder(cfg.decoder, preprocess), compiled=cfg.compile)
 
 
 def extract_features(
@@ -116,27 +131,22 @@ def extract_features(
                     backbone, device=device, precision=precision, compile=cfg.compile,
                     reuse_host_memory=cfg.reuse_host_memory,
                 )
-                batch_size = _resume_batch_size(entry, runner, cfg, device=device)
-                entry.begin(
-                    {
-                        "n": len(sample_ids),
-                        "dim": backbone.feature_dim,
-                        "chunk_size": cfg.chunk_size,
-                        "batch_size": batch_size,
-                        "max_rows": runner.max_rows,
-                        "device_type": device.type,
-                        "ids_sha256": ids_digest(sample_ids),
-                        "timm_tag": backbone.tag,
-                        "weights": backbone.weights,
-                        "weights_sha256": backbone.weights_sha256,
-                        "preprocess": backbone.preprocess.to_dict(),
-                        "precision": precision.value,
-                        "reduced_decode": cfg.reduced_decode,
-                        "decoder": effective_decoder(cfg.decoder, backbone.preprocess),
-                        "compile": cfg.compile,
-                        "dataset_root": str(dataset.root),
-                    }
-                )
+                meta = {
+                    "n": len(sample_ids),
+                    "dim": backbone.feature_dim,
+                    "chunk_size": cfg.chunk_size,
+                    "device_type": device.type,
+                    "ids_sha256": ids_digest(sample_ids),
+                    "timm_tag": backbone.tag,
+                    "weights": backbone.weights,
+                    "weights_sha256": backbone.weights_sha256,
+                    "preprocess": backbone.preprocess.to_dict(),
+                    **feature_settings(cfg, crop_to_box=crop_to_box, precision=precision,
+                                       preprocess=backbone.preprocess),
+                    "dataset_root": str(dataset.root),
+                }
+                batch_size = _resume_batch_size(entry, runner, cfg, meta)
+                entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
                 n_computed = _extract_missing(
                     runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
                     strict=strict, progress=progress, desc=f"extract {backbone.label}",
@@ -152,11 +162,11 @@ def extract_features(
     )
 
 
-def _resume_batch_size(entry: CacheEntry, runner: ModelRunner, cfg: FeatureConfig, *, device: torch.device) -> int:
-    """The batch size (and out-of-memory back-off) an unfinished entry was started with, so that its chunks are
-    kept and the resumed run computes the batches an uninterrupted one would; else ``cfg``'s (auto: resolved)."""
-    partial = entry.partial_meta()
-    if partial is None or partial.get("device_type") != device.type or not isinstance(partial.get("batch_size"), int):
+def _resume_batch_size(entry: CacheEntry, runner: ModelRunner, cfg: FeatureConfig, meta: dict) -> int:
+    """The batch size (and out-of-memory back-off) of an unfinished entry whose chunks can be kept, so that the
+    resumed run computes the batches an uninterrupted one would; else ``cfg``'s (auto: resolved)."""
+    partial = entry.resumable(meta)
+    if partial is None:
         return runner.resolve_batch_size(cfg.batch_size)
     if cfg.batch_size is not None and cfg.batch_size != partial["batch_size"]:
         warnings.warn(f"features.batch_size={cfg.batch_size} is ignored: cache entry {entry.key[:16]} was started "

@@ -16,11 +16,11 @@ import numpy as np
 
 from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
-from dogbench.config import RunConfig
+from dogbench.config import Precision, RunConfig
 from dogbench.data import STANFORD_DOGS, Dataset, stratified_split
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
-from dogbench.features import FeatureSet, extract_features
+from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import head_identity
 from dogbench.locks import locked
@@ -204,8 +204,10 @@ def evaluate_backbone(
         head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
         head.fit(X[fit_rows], y[fit_rows])  # no validation left: train the tuned number of epochs
         info = bf.info
-        identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256, feature_key=feats.key,
-                                 preprocess=info.preprocess.to_dict())
+        settings = feature_settings(cfg.features, crop_to_box=cfg.data.crop_to_box,
+                                    precision=Precision(feats.precision), preprocess=info.preprocess)
+        identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256,
+                                 preprocess=info.preprocess.to_dict(), features=settings, feature_key=feats.key)
         head.save(run.head_dir(label), identity=identity, class_names=dataset.classes)
     with times.measure("evaluate"):
         proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, n_classes)

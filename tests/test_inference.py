@@ -312,3 +312,28 @@ def test_a_grey_array_is_one_image(tiny: tuple[Path, Path, Path]) -> None:
     answers = run.predict(grey, top_k=1)
     assert len(answers) == 1 and answers[0].error is None and set(answers[0].top) == {"cnn", "vit"}
     assert run.predict_proba(np.stack([grey, grey]))["cnn"].shape == (2, 4)
+
+
+def test_calibration_is_fitted_on_validation_and_carried_to_predict(tiny: tuple[Path, Path, Path],
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    from dogbench.evaluate import apply_temperature
+
+    run_dir = tiny[0]
+    results = RunDir(run_dir).read_results()
+    run = dogbench.load_run(run_dir)
+    for label, m in results.models.items():
+        cal = m.calibration
+        t = cal["temperature"]
+        assert t > 0 and cal["bins"] == 15 and run.models[label].temperature == t
+        assert cal["val"]["after"]["nll"] <= cal["val"]["before"]["nll"] + 1e-9  # T minimises validation NLL
+        assert set(cal["test"]["after"]) == {"ece", "nll", "brier"}
+        assert sum(cal["reliability"]["after"]["count"]) == m.test["n"]
+        saved = RunDir(run_dir).read_predictions(label)
+        np.testing.assert_allclose(saved.proba, apply_temperature(saved.proba_uncalibrated, t), atol=1e-6)
+        assert (saved.proba.argmax(axis=1) == saved.proba_uncalibrated.argmax(axis=1)).all()
+    assert main(["predict", str(run_dir), str(saved.paths[0]), "--format", "json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["calibration"]["cnn"] == {"temperature": results.models["cnn"].calibration["temperature"],
+                                         "calibrated": True}
+    assert main(["predict", str(run_dir), str(saved.paths[0]), "--quiet"]) == 0
+    assert "temperature-scaled (T = " in capsys.readouterr().out

@@ -73,6 +73,9 @@ def test_real_features_separate_real_breeds(real_run: dict) -> None:
     assert cnn["baseline"]["test"]["top1"] >= 0.85
     assert abs(cnn["test"]["top1"] - cnn["baseline"]["test"]["top1"]) <= 0.08
     assert real_run["models"]["vit"]["feature_dim"] == 384
+    for m in real_run["models"].values():  # temperature scaling: fitted on validation, never worse there
+        cal = m["calibration"]
+        assert cal["val"]["after"]["nll"] <= cal["val"]["before"]["nll"] + 1e-9 and cal["temperature"] > 0
     assert real_run["models"]["vit"]["preprocess"]["input_size"] == [3, 224, 224]
     assert real_run["comparison"]["n"] == 20 * len(BREEDS)
 
@@ -101,6 +104,7 @@ def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Pat
         assert header in page.text
     assert "Stanford Dogs is a subset of ImageNet" in page.text  # the leak caveat
     assert "Where the models look" in page.text
+    assert "Calibration" in page.text and "ECE before" in page.text  # the reliability diagrams' section
     records = json.loads((real_run_dir / "explanations" / "explanations.json").read_text())
     assert {(r["label"], r["method"]) for r in records} == {("cnn", "grad-cam"), ("vit", "attention rollout")}
 

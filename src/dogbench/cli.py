@@ -302,8 +302,8 @@ def _predict(args: argparse.Namespace) -> int:
     images = collect_images(args.paths)  # before any model is loaded: a typo fails in a second
     run = load_run(args.run_dir, device=args.device, batch_size=args.batch_size)
     predictions = run.predict(images, top_k=args.top_k, strict=args.strict, progress=not args.quiet)
-    text = format_predictions(predictions, fmt=args.format, run=str(run.path), models=list(run.models),
-                              top_k=args.top_k)
+    text = format_predictions(predictions, fmt=args.format, run=str(run.path), top_k=args.top_k,
+                              temperatures={label: m.temperature for label, m in run.models.items()})
     if args.out:
         atomic_write_text(args.out, text)
     else:
@@ -315,12 +315,15 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def format_predictions(
-    predictions: Sequence[ImagePrediction], *, fmt: str, run: str, models: Sequence[str], top_k: int
+    predictions: Sequence[ImagePrediction], *, fmt: str, run: str, top_k: int, temperatures: dict[str, float | None]
 ) -> str:
-    """``dogbench predict``'s output: an aligned table, JSON (run, models, top_k, predictions) or CSV rows of
-    (image, model, rank, breed, probability, error)."""
+    """``dogbench predict``'s output: an aligned table, JSON (run, models, calibration, top_k, predictions) or CSV
+    rows of (image, model, rank, breed, probability, error). ``temperatures``: per model, the calibration its
+    probabilities carry (None: uncalibrated)."""
     if fmt == "json":
-        doc = {"run": run, "models": list(models), "top_k": top_k, "predictions": [p.to_dict() for p in predictions]}
+        doc = {"run": run, "models": list(temperatures), "calibration": {
+            label: {"temperature": t, "calibrated": t is not None} for label, t in temperatures.items()},
+            "top_k": top_k, "predictions": [p.to_dict() for p in predictions]}
         return json.dumps(doc, indent=2) + "\n"
     rows = []
     for p in predictions:
@@ -345,6 +348,9 @@ def format_predictions(
     widths = [max(len(r[k]) for r in [header, *lines]) for k in range(2)]
     out = [f"{header[0].ljust(widths[0])}  {header[1].ljust(widths[1])}  {header[2]}"]
     out += [f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2]}" for r in lines]
+    out.append("probabilities: " + ", ".join(
+        f"{label} temperature-scaled (T = {t:.3f}, fitted on the run's validation split)" if t is not None
+        else f"{label} uncalibrated" for label, t in temperatures.items()))
     return "\n".join(out) + "\n"
 
 

@@ -386,12 +386,14 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         return self.classes_[proba.argmax(axis=1)]
 
     def save(
-        self, path: Path, *, identity: Mapping[str, Any] | None = None, class_names: Sequence[str] | None = None
+        self, path: Path, *, identity: Mapping[str, Any] | None = None, class_names: Sequence[str] | None = None,
+        temperature: float | None = None,
     ) -> None:
         """Write ``path/head.safetensors`` then ``path/head.json`` (params, classes, learned scalars).
 
         ``identity`` says what the head belongs to (the backbone's timm tag, weights sha256, feature key,
-        preprocessing) and ``class_names`` what its labels mean; both are checked and returned on load. The
+        preprocessing) and ``class_names`` what its labels mean; both are checked and returned on load;
+        ``temperature`` is the calibration fitted on validation (``predict_proba`` stays uncalibrated). The
         device it was trained on is not saved: a head loads on the CPU unless asked otherwise. Each file is
         replaced atomically; the JSON, written last, records the tensors' sha256 so a torn pair is detected.
         """
@@ -409,6 +411,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
             "classes": self.classes_.tolist(),
             "class_names": list(class_names) if class_names is not None else None,
             "identity": dict(identity) if identity is not None else None,
+            "temperature": temperature,
             "n_features_in": int(self.n_features_in_),
             "n_epochs": self.n_epochs_,
             "best_epoch": self.best_epoch_,
@@ -628,4 +631,5 @@ def load_head(
             from None
     head.class_names_ = tuple(meta["class_names"]) if meta.get("class_names") else None
     head.identity_ = meta.get("identity")
+    head.temperature_ = meta.get("temperature")  # None: not calibrated
     return head

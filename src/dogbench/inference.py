@@ -29,6 +29,7 @@ from dogbench.config import FeatureConfig, Precision, RunConfig
 from dogbench.data import IMAGE_EXTENSIONS, ImageError, Sample, display_names
 from dogbench.device import resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
+from dogbench.evaluate import apply_temperature
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, feature_settings, iter_batches
 from dogbench.heads import META_FILE, LinearHead, MLPHead, check_identity, head_identity, load_head
 from dogbench.protocols.scoring import full_proba
@@ -132,11 +133,18 @@ class Model:
         """(B, D) float32 features of a uint8 batch from ``pixels``."""
         return self.runner(x)
 
+    @property
+    def temperature(self) -> float | None:
+        """The head's calibration (fitted on the validation split), None when it has none."""
+        return getattr(self.head, "temperature_", None)
+
     def proba_of_features(self, feats: np.ndarray) -> np.ndarray:
-        """(B, n_classes) float64 probabilities over every class of the run's dataset."""
+        """(B, n_classes) float64 probabilities over every class of the run's dataset, temperature-scaled with
+        the head's calibration when it has one (the probabilities of the run's ``predictions.npz``)."""
         if self.head is None:
             raise DogbenchError(f"'{self.label}' has no tuned head in this run: run `dogbench evaluate` on it first")
-        return full_proba(self.head.predict_proba(feats), self.head.classes_, len(self.classes))
+        proba = full_proba(self.head.predict_proba(feats), self.head.classes_, len(self.classes))
+        return proba if self.temperature is None else apply_temperature(proba, self.temperature)
 
     def predict_proba(
         self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False

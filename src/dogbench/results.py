@@ -68,6 +68,8 @@ class ModelResult:
     pretraining: str = ""  # what the weights were trained on, from the timm tag (backbones.pretraining_of)
     leaky: bool = False  # pretrained on ImageNet-family data while the dataset is Stanford Dogs (an ImageNet subset)
     architecture: dict[str, Any] = field(default_factory=dict)  # architecture.Architecture.to_dict()
+    # temperature, bins, val/test {before, after} {ece, nll, brier}, reliability {before, after} (evaluate)
+    calibration: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

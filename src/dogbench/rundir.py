@@ -68,6 +68,7 @@ class Predictions:
     paths: np.ndarray  # (n,) str: the image files the run read
     boxes: np.ndarray  # (n, 4) int64: annotated box (x0, y0, x1, y1), NO_BOX where there is none
     classes: tuple[str, ...]
+    proba_uncalibrated: np.ndarray | None = None  # (n, C) before temperature scaling; ``proba`` is after it
 
     def check(self) -> None:
         n = len(self.sample_ids)
@@ -226,6 +227,7 @@ class RunDir:
         atomic_write_with(self.predictions_path(label), lambda h: np.savez_compressed(
             h, sample_ids=np.asarray(p.sample_ids), y_true=p.y_true, proba=p.proba.astype(np.float32),
             confusion=p.confusion, paths=np.asarray(p.paths), boxes=p.boxes, classes=np.asarray(p.classes),
+            **({} if p.proba_uncalibrated is None else {"proba_uncalibrated": p.proba_uncalibrated.astype(np.float32)}),
         ))
 
     def read_predictions(self, label: str) -> Predictions:
@@ -241,6 +243,7 @@ class RunDir:
                 paths=npz["paths"].astype(str),
                 boxes=npz["boxes"] if "boxes" in npz.files else np.full((n, 4), -1, dtype=np.int64),
                 classes=tuple(npz["classes"].astype(str).tolist()),
+                proba_uncalibrated=npz["proba_uncalibrated"] if "proba_uncalibrated" in npz.files else None,
             )
             p.check()
         return p

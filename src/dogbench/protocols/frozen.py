@@ -20,6 +20,7 @@ from dogbench.config import Precision, RunConfig
 from dogbench.data import STANFORD_DOGS, Dataset, stratified_split
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
+from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
 from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import head_identity
@@ -200,6 +201,8 @@ def evaluate_backbone(
     sample_of = {s.sample_id: s for s in dataset.samples}
     boxes = np.asarray([sample_of[i].box or NO_BOX for i in test_ids], dtype=np.int64).reshape(-1, 4)
     best = tuning.tune
+    with times.measure("calibrate"):
+        temperature, val_before, val_after = calibrate(cfg, best.best_params, best.best_epoch, X, y, splits, n_classes)
     with times.measure("fit"):
         head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
         head.fit(X[fit_rows], y[fit_rows])  # no validation left: train the tuned number of epochs
@@ -208,15 +211,24 @@ def evaluate_backbone(
                                     precision=Precision(feats.precision), preprocess=info.preprocess)
         identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256,
                                  preprocess=info.preprocess.to_dict(), features=settings, feature_key=feats.key)
-        head.save(run.head_dir(label), identity=identity, class_names=dataset.classes)
+        head.save(run.head_dir(label), identity=identity, class_names=dataset.classes, temperature=temperature)
     with times.measure("evaluate"):
-        proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, n_classes)
+        raw = full_proba(head.predict_proba(X[splits.test]), head.classes_, n_classes)
+        proba = apply_temperature(raw, temperature)  # what predict gives; the argmax and every rank are raw's
         scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
         run.write_predictions(label, Predictions(
             sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32),
             confusion=metrics.confusion, paths=np.asarray([str(sample_of[i].path) for i in test_ids]), boxes=boxes,
-            classes=tuple(dataset.classes),
+            classes=tuple(dataset.classes), proba_uncalibrated=raw.astype(np.float32),
         ))
+        calibration = {
+            "temperature": temperature, "bins": ECE_BINS,
+            "fitted_on": "validation, by the tuned head trained on train only (the trial's model)",
+            "val": {"before": val_before, "after": val_after},
+            "test": {"before": calibration_metrics(y_test, raw), "after": calibration_metrics(y_test, proba)},
+            "reliability": {"before": reliability_bins(y_test, raw).to_dict(),
+                            "after": reliability_bins(y_test, proba).to_dict()},
+        }
     baseline: dict[str, Any] = {}
     if tuning.baseline is not None:
         with times.measure("baseline"):
@@ -242,8 +254,24 @@ def evaluate_backbone(
         pretraining=pretraining.describe(),
         leaky=pretraining.imagenet and dataset.name == STANFORD_DOGS,
         architecture=bf.architecture,
+        calibration=calibration,
     )
     return result, dict(zip(test_ids, correct.tolist(), strict=True))
+
+
+def calibrate(
+    cfg: RunConfig, params: dict[str, Any], epochs: int, X: np.ndarray, y: np.ndarray, splits: Splits, n_classes: int,
+) -> tuple[float, dict[str, float], dict[str, float]]:
+    """Temperature scaling on the validation split (Guo et al. 2017): the tuned head retrained on train only
+    for its best epoch count (the trial's own model: validation is out of its sample) scores validation, and
+    the temperature minimising its negative log-likelihood is returned with validation's {ece, nll, brier}
+    before and after."""
+    val_head = build_head(params, max_epochs=epochs, seed=cfg.tune.seed, device=head_device(cfg))
+    val_head.fit(X[splits.train], y[splits.train])
+    val_proba = full_proba(val_head.predict_proba(X[splits.val]), val_head.classes_, n_classes)
+    temperature = fit_temperature(y[splits.val], val_proba)
+    return (temperature, calibration_metrics(y[splits.val], val_proba),
+            calibration_metrics(y[splits.val], apply_temperature(val_proba, temperature)))
 
 
 def evaluate_stage(
@@ -265,7 +293,7 @@ def evaluate_stage(
     reference = next(iter(extracted.values()))  # every backbone sees the same images and splits
     first, splits = reference.features, reference.splits
     timing = {"data": round(data_s, 4)}
-    for stage in ("load", "extract", "tune", "baseline", "fit", "evaluate"):
+    for stage in ("load", "extract", "tune", "baseline", "calibrate", "fit", "evaluate"):
         timing[stage] = round(sum(bf.times.wall.get(stage, 0.0) for bf in extracted.values()), 4)
     timing["total"] = round(time.perf_counter() - start, 4)
     results = RunResults(

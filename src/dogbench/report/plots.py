@@ -216,3 +216,21 @@ def parameter_importance(importance: dict[str, float], key: str, n_complete: int
     ax.set_title(f"{key}: hyper-parameter importance ({n_complete} complete trials)")
     ax.grid(axis="x", alpha=0.3)
     return _png(fig)
+
+
+def reliability_diagram(before: dict, after: dict, key: str, temperature: float) -> bytes:
+    """Accuracy against confidence per equal-width bin (``evaluate.ReliabilityBins.to_dict``), before and after
+    temperature scaling, over the diagonal of perfect calibration; bar heights are the bins' accuracies."""
+    fig, ax = plt.subplots(figsize=(4.6, 4.0))
+    edges = np.asarray(before["edges"], dtype=float)
+    width = np.diff(edges)
+    for bins, label, colour, alpha in ((before, "before", "#bbbbbb", 0.9), (after, f"after (T = {temperature:.2f})",
+                                                                           "#1f77b4", 0.6)):
+        acc = np.array([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
+        filled = ~np.isnan(acc)
+        ax.bar(edges[:-1][filled], acc[filled], width=width[filled], align="edge", color=colour, alpha=alpha,
+               edgecolor="white", label=label)
+    ax.plot([0, 1], [0, 1], color="black", linestyle="--", linewidth=1, label="perfectly calibrated")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title=key)
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)

@@ -293,6 +293,34 @@ def _tuning_section(models: list[ModelRun], assets: _Assets) -> Section:
     return section
 
 
+def _calibration_section(models: list[ModelRun], assets: _Assets) -> Section | None:
+    """ECE, NLL and Brier per model before and after temperature scaling, and the reliability diagrams."""
+    calibrated = [m for m in models if (m.result.get("calibration") or {}).get("reliability")]
+    if not calibrated:
+        return None
+    section = Section("calibration", "Calibration", [
+        "Are the probabilities trustworthy? Expected calibration error (15 equal-width confidence bins), negative "
+        "log-likelihood and Brier score on the test images, before and after temperature scaling. The temperature "
+        "was fitted on the validation split (by the tuned head trained on train only), never on test; it changes no "
+        "prediction, only how sure each one is. dogbench predict and the grid below show the calibrated "
+        "probabilities."])
+    rows: list[list[Cell]] = []
+    for m in calibrated:
+        cal = m.result["calibration"]
+        before, after = cal["test"]["before"], cal["test"]["after"]
+        rows.append([m.key, f"{cal['temperature']:.3f}", f"{before['ece']:.4f}", f"{after['ece']:.4f}",
+                     f"{before['nll']:.4f}", f"{after['nll']:.4f}", f"{before['brier']:.4f}", f"{after['brier']:.4f}"])
+        png = plots.reliability_diagram(cal["reliability"]["before"], cal["reliability"]["after"], m.key,
+                                        cal["temperature"])
+        section.blocks.append(Figure(assets.add(f"reliability-{m.key}.png", png, f"{m.key} reliability diagram"),
+                                     f"{m.key}: reliability diagram on the test images (bars: accuracy per "
+                                     "confidence bin; the dashed diagonal is perfect calibration)"))
+    section.blocks.insert(0, Table(["model", "temperature", "ECE before", "ECE after", "NLL before", "NLL after",
+                                    "Brier before", "Brier after"], rows,
+                                   "Test calibration before and after temperature scaling (lower is better)"))
+    return section
+
+
 def _prediction_lines(m: ModelRun, row: int) -> list[Line]:
     truth = m.y_true[row]
     names = display_names(m.classes)
@@ -456,6 +484,9 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
         sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
     sections.append(_tuning_section(models, assets))
+    calibration = _calibration_section(models, assets)
+    if calibration is not None:
+        sections.append(calibration)
     ids = select_examples(models, n=examples, seed=seed)
     if ids:
         sections.append(_examples_section(models, ids, assets))

@@ -532,3 +532,18 @@ def test_a_test_list_covering_only_some_breeds_is_read(tmp_path: Path) -> None:
     write_list(root / "lists" / "test_list.mat", only_last, [1, 1])  # Breed0's label on Breed2's photos
     with pytest.raises(DatasetLayoutError, match="labels disagree with the image folders"):
         open_dataset(root)
+
+
+def test_a_second_test_set_takes_the_datasets_labels_by_name(tmp_path: Path) -> None:
+    from dogbench.data import relabel_to
+
+    extra = open_dataset(make_class_folder_layout(tmp_path / "extra", classes=("Golden-Retriever", "pug"), n_train=2,
+                                                  n_test=1, flat=True))
+    classes = ("Chihuahua", "golden_retriever", "pug")
+    got = relabel_to(extra, classes)
+    assert got.classes == classes and {s.split for s in got.samples} == {"test"}
+    assert len(got.samples) == len(extra.samples) == 6
+    by_folder = {s.sample_id.split("/")[0]: s.label for s in got.samples}
+    assert by_folder == {"Golden-Retriever": 1, "pug": 2}
+    with pytest.raises(DatasetLayoutError, match="has classes the dataset does not: Golden-Retriever"):
+        relabel_to(extra, ("Chihuahua", "pug"))

@@ -337,3 +337,31 @@ def test_calibration_is_fitted_on_validation_and_carried_to_predict(tiny: tuple[
                                          "calibrated": True}
     assert main(["predict", str(run_dir), str(saved.paths[0]), "--quiet"]) == 0
     assert "temperature-scaled (T = " in capsys.readouterr().out
+
+
+def test_a_second_test_set_is_scored_by_the_same_heads(tiny: tuple[Path, Path, Path], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from conftest import make_class_folder_layout
+
+    _, data, cache = tiny
+    extra = make_class_folder_layout(tmp_path / "mine", classes=("Cat", "fox"), n_train=2, n_test=2, flat=True,
+                                     seed=3)
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), *TINY, *FAST,
+                 "--set", f'data.extra_test=["{extra}"]']) == 0
+    printed = capsys.readouterr().out
+    assert "second test set mine (8 images, 0 skipped): test top-1 cnn " in printed
+    results = RunDir(out).read_results()
+    assert results.extra_test["mine"]["n"] == 8 and results.extra_test["mine"]["root"] == str(extra)
+    comp = results.extra_test["mine"]["comparisons"][0]
+    assert (comp["a"], comp["b"], comp["n"]) == ("cnn", "vit", 8)
+    for m in results.models.values():
+        e = m.extra_test["mine"]
+        assert e["n"] == 8 and 0 <= e["top1"] <= 1 and set(e["per_class"]) <= {"cat", "fox"}
+        assert {"ece", "nll", "brier"} == set(e["calibration"]) and "top1" in e["baseline"]
+    assert results.timing_s["extra_test"] > 0
+    zebras = make_class_folder_layout(tmp_path / "zebras", classes=("zebra",), n_train=1, n_test=1, flat=True)
+    capsys.readouterr()
+    assert main(["run", "--data", str(data), "--out", str(tmp_path / "bad"), "--cache-dir", str(cache), *TINY,
+                 *FAST, "--set", f'data.extra_test=["{zebras}"]']) == 2
+    assert "has classes the dataset does not: zebra" in capsys.readouterr().err

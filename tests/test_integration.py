@@ -52,6 +52,7 @@ def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--backbone", f"cnn=tf_efficientnet_lite0@{CNN}",
         "--backbone", f"vit=vit_small_patch14_dinov2@{VIT},img_size=224,crop_pct=0.875",
         "--trials", "8", "--set", "evaluate.n_bootstrap=500",
+        "--set", f'data.extra_test=["{ORIGINALS}"]',  # the originals' four breeds are among the slice's
     ]
     assert main(args) == 0
     return base / "run"
@@ -80,6 +81,14 @@ def test_real_features_separate_real_breeds(real_run: dict) -> None:
     assert real_run["comparison"]["n"] == 20 * len(BREEDS)
 
 
+def test_the_originals_are_scored_as_a_second_test_set(real_run: dict) -> None:
+    extra = real_run["extra_test"]["stanford-dogs-originals"]
+    assert extra["n"] == 80 and extra["skipped"] == 0 and extra["comparisons"][0]["n"] == 80
+    cnn = real_run["models"]["cnn"]["extra_test"]["stanford-dogs-originals"]
+    assert cnn["top1"] >= 0.6 and set(cnn["per_class"]) == {"Maltese_dog", "golden_retriever", "German_shepherd",
+                                                           "Saint_Bernard"}
+
+
 def test_imagenet_pretraining_on_stanford_dogs_is_flagged_leaky(real_run: dict) -> None:
     cnn, vit = real_run["models"]["cnn"], real_run["models"]["vit"]
     assert cnn["leaky"] and "ImageNet-1k" in cnn["pretraining"]  # tf_efficientnet_lite0.in1k
@@ -105,6 +114,7 @@ def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Pat
     assert "Stanford Dogs is a subset of ImageNet" in page.text  # the leak caveat
     assert "Where the models look" in page.text
     assert "Calibration" in page.text and "ECE before" in page.text  # the reliability diagrams' section
+    assert "Second test sets" in page.text and "stanford-dogs-originals: 80 images" in page.text
     records = json.loads((real_run_dir / "explanations" / "explanations.json").read_text())
     assert {(r["label"], r["method"]) for r in records} == {("cnn", "grad-cam"), ("vit", "attention rollout")}
 

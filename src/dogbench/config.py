@@ -60,6 +60,9 @@ class DataConfig:
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     download: bool = True  # fetch the official archives when no data is found
     data_url: str | None = None  # mirror for the official archives
+    # second test sets: folders in any layout (every image of each is a test image) whose class names are the
+    # dataset's (matched ignoring case, "_", "-" and spaces); scored with the same heads, reported per set
+    extra_test: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,8 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
             raise _unknown_key(section, key, valid)
     if cls is TuneConfig and isinstance(values.get("heads"), str):
         values = {**values, "heads": [values["heads"]]}
+    if cls is DataConfig and isinstance(values.get("extra_test"), str):
+        values = {**values, "extra_test": [values["extra_test"]]}
     _check_types(cls, section, values)
     kwargs = dict(values)
     if cls is FeatureConfig and "precision" in kwargs:
@@ -244,6 +249,8 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
             raise ConfigError(f"features.precision '{kwargs['precision']}' is not one of: {choices}") from None
     if cls is TuneConfig and "heads" in kwargs:
         kwargs["heads"] = tuple(kwargs["heads"])
+    if cls is DataConfig and "extra_test" in kwargs:
+        kwargs["extra_test"] = tuple(str(p) for p in kwargs["extra_test"])
     return cls(**kwargs)
 
 
@@ -313,6 +320,9 @@ def from_mapping(doc: Mapping[str, Any]) -> RunConfig:
     # input paths are stored absolute, so every command finds them from any working directory
     if sections["data"].root is not None:
         sections["data"] = dataclasses.replace(sections["data"], root=absolute_path(sections["data"].root))
+    if sections["data"].extra_test:
+        sections["data"] = dataclasses.replace(sections["data"],
+                                               extra_test=tuple(absolute_path(p) for p in sections["data"].extra_test))
     if sections["features"].cache_dir is not None:
         sections["features"] = dataclasses.replace(sections["features"],
                                                    cache_dir=absolute_path(sections["features"].cache_dir))
@@ -363,6 +373,10 @@ def _anchor_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
     data = doc.get("data")
     if isinstance(data, dict) and "root" in data:
         data["root"] = anchored(data["root"])
+    if isinstance(data, dict) and isinstance(data.get("extra_test"), list):
+        data["extra_test"] = [anchored(p) for p in data["extra_test"]]
+    elif isinstance(data, dict) and isinstance(data.get("extra_test"), str):
+        data["extra_test"] = [anchored(data["extra_test"])]
     for table in (doc.get("backbones") or {}).values():
         if isinstance(table, dict) and table.get("weights", "hub") not in ("hub", "random"):
             table["weights"] = anchored(table["weights"])

@@ -70,6 +70,8 @@ class ModelResult:
     architecture: dict[str, Any] = field(default_factory=dict)  # architecture.Architecture.to_dict()
     # temperature, bins, val/test {before, after} {ece, nll, brier}, reliability {before, after} (evaluate)
     calibration: dict[str, Any] = field(default_factory=dict)
+    # per second test set: {top1, top1_ci95, top5, macro_f1, per_class, n, calibration, skipped, baseline}
+    extra_test: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class RunResults:
     environment: dict[str, Any]
     config: dict[str, Any]
     timing_s: dict[str, float]  # whole-run stages: data, features, tune, evaluate, total
+    extra_test: dict[str, Any] = field(default_factory=dict)  # set -> {root, n, skipped, comparisons}
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema_version: int = RESULTS_SCHEMA_VERSION
 
@@ -174,6 +177,13 @@ class RunResults:
         ]
         if self.comparison:
             lines += [line, verdict(self.comparison)]
+        for name, info in self.extra_test.items():
+            scored = ", ".join(
+                f"{m.label} {m.extra_test[name]['top1']:.4f} [{m.extra_test[name]['top1_ci95'][0]:.4f}, "
+                f"{m.extra_test[name]['top1_ci95'][1]:.4f}]" for m in self.models.values() if name in m.extra_test)
+            lines.append(f"second test set {name} ({info['n']} images, {info['skipped']} skipped): test top-1 {scored}")
+            if info["comparisons"]:
+                lines.append(f"  on {name}: {verdict(info['comparisons'][0])}")
         shown = self.dataset.skipped_files[:SKIPPED_SHOWN]
         lines += [f"skipped {f['id']}: {f['reason']}" for f in shown]
         if self.dataset.skipped > len(shown):

@@ -12,6 +12,7 @@ from dogbench.data.datasets import (
     detect_layout,
     display_names,
     open_dataset,
+    relabel_to,
     stratified_split,
 )
 from dogbench.data.images import ImageError, clamp_box, load_image, read_image
@@ -32,5 +33,6 @@ __all__ = [
     "load_image",
     "open_dataset",
     "read_image",
+    "relabel_to",
     "stratified_split",
 ]

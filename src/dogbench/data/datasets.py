@@ -29,6 +29,7 @@ __all__ = [
     "detect_layout",
     "display_names",
     "open_dataset",
+    "relabel_to",
     "stratified_split",
 ]
 
@@ -100,6 +101,26 @@ class Dataset:
             box = f"\t{s.box}" if with_boxes else ""
             digest.update(f"{s.sample_id}\t{st.st_size}\t{st.st_mtime_ns}{box}\n".encode())
         return digest.hexdigest()
+
+
+def _name_key(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def relabel_to(extra: Dataset, classes: tuple[str, ...]) -> Dataset:
+    """``extra`` (a second test set) with every sample a test sample labelled by its class's index in ``classes``
+    (names matched ignoring case, "_", "-" and spaces); DatasetLayoutError naming the classes that match none."""
+    index = {_name_key(c): i for i, c in enumerate(classes)}
+    unknown = [c for c in extra.classes if _name_key(c) not in index]
+    if unknown:
+        raise DatasetLayoutError(
+            f"Second test set {extra.root} has classes the dataset does not: {', '.join(unknown[:10])}"
+            f"{' ...' if len(unknown) > 10 else ''}. Its class folders must be named like the dataset's classes, "
+            f"e.g. {', '.join(classes[:5])}"
+        )
+    mapping = [index[_name_key(c)] for c in extra.classes]
+    samples = tuple(Sample(s.path, s.sample_id, mapping[s.label], "test", s.box) for s in extra.samples)
+    return Dataset(extra.name, extra.root, extra.layout, "extra-test", classes, samples)
 
 
 # ---------------------------------------------------------------- splits

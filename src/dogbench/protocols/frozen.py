@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.config import Precision, RunConfig
-from dogbench.data import STANFORD_DOGS, Dataset, stratified_split
+from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
@@ -58,6 +58,7 @@ class BackboneFeatures:
     gflops: float
     times: StageTimes
     architecture: dict[str, Any]  # architecture.describe_model of the loaded model (layers, D, MLP, heads...)
+    extra: dict[str, FeatureSet] = field(default_factory=dict)  # second test sets (data.extra_test) by name
 
 
 @dataclass(frozen=True)
@@ -96,9 +97,24 @@ def check_dataset(dataset: Dataset) -> None:
         )
 
 
+def extra_test_sets(cfg: RunConfig, dataset: Dataset) -> dict[str, Dataset]:
+    """``data.extra_test`` opened and labelled with the dataset's classes, by a unique name (the folder's)."""
+    sets: dict[str, Dataset] = {}
+    for root in cfg.data.extra_test:
+        name, n = Path(root).name, 2
+        while name in sets:
+            name, n = f"{Path(root).name}~{n}", n + 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no official lists": every image of a second test set is a test image
+            sets[name] = relabel_to(open_dataset(root, seed=cfg.data.split_seed), dataset.classes)
+    return sets
+
+
 def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> dict[str, BackboneFeatures]:
-    """Load each backbone and get its features from the cache, computing what is missing."""
+    """Load each backbone and get its features from the cache (the dataset's and each second test set's),
+    computing what is missing."""
     check_dataset(dataset)
+    extra_sets = extra_test_sets(cfg, dataset)  # before any model is loaded: a bad folder fails in a second
     out: dict[str, BackboneFeatures] = {}
     for bcfg in cfg.backbones:
         times = StageTimes()
@@ -110,9 +126,13 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
                 backbone, dataset, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box, strict=cfg.data.strict,
                 progress=progress,
             )
+        with times.measure("extra_test"):
+            extra = {name: extract_features(backbone, ds, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box,
+                                            strict=cfg.data.strict, progress=progress)
+                     for name, ds in extra_sets.items()}
         splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
         arch = describe_model(backbone.model, name=bcfg.model, tag=backbone.tag).to_dict()
-        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch)
+        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch, extra)
         del backbone  # frees the model (and its device memory) before the next one is loaded
     return out
 
@@ -238,6 +258,21 @@ def evaluate_backbone(
         probe_scores.pop("per_class")
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
+    extra_scores, extra_correct = {}, {}
+    with times.measure("extra_test"):
+        for name, ef in bf.extra.items():  # the same head, calibration and baseline on each second test set
+            e_proba = apply_temperature(full_proba(head.predict_proba(ef.features), head.classes_, n_classes),
+                                        temperature)
+            e_scores, _, e_correct = test_scores(ef.labels, e_proba, dataset, cfg)
+            e_scores["calibration"] = calibration_metrics(ef.labels, e_proba)
+            e_scores["skipped"] = len(ef.skipped)
+            if tuning.baseline is not None:
+                e_probe = full_proba(probe.predict_proba(ef.features), probe.classes_, n_classes)
+                e_base, _, _ = test_scores(ef.labels, e_probe, dataset, cfg)
+                e_base.pop("per_class")
+                e_scores["baseline"] = e_base
+            extra_scores[name] = e_scores
+            extra_correct[name] = dict(zip(ef.sample_ids, e_correct.tolist(), strict=True))
     pretraining = pretraining_of(info.tag, info.weights)
     result = ModelResult(
         label=label, backbone=info.tag, weights=info.weights, weights_sha256=info.weights_sha256,
@@ -255,8 +290,9 @@ def evaluate_backbone(
         leaky=pretraining.imagenet and dataset.name == STANFORD_DOGS,
         architecture=bf.architecture,
         calibration=calibration,
+        extra_test=extra_scores,
     )
-    return result, dict(zip(test_ids, correct.tolist(), strict=True))
+    return result, dict(zip(test_ids, correct.tolist(), strict=True)), extra_correct
 
 
 def calibrate(
@@ -287,13 +323,23 @@ def evaluate_stage(
     """Evaluate every backbone, compare them pairwise, write ``results.json``, ``results.csv``, ``summary.txt``."""
     models: dict[str, ModelResult] = {}
     correct_by_label: dict[str, dict[str, bool]] = {}
+    extra_correct: dict[str, dict[str, dict[str, bool]]] = {}  # set -> label -> sample id -> correct
     for label, bf in extracted.items():
-        models[label], correct_by_label[label] = evaluate_backbone(cfg, run, dataset, label, bf, tuning[label])
+        models[label], correct_by_label[label], extra = evaluate_backbone(cfg, run, dataset, label, bf,
+                                                                          tuning[label])
+        for name, correct in extra.items():
+            extra_correct.setdefault(name, {})[label] = correct
     comparisons = compare_all(correct_by_label, cfg)
+    reference_extra = next(iter(extracted.values())).extra
+    extra_test = {
+        name: {"root": str(cfg.data.extra_test[i]), "n": len(reference_extra[name].sample_ids),
+               "skipped": len(reference_extra[name].skipped), "comparisons": compare_all(extra_correct[name], cfg)}
+        for i, name in enumerate(reference_extra)
+    }
     reference = next(iter(extracted.values()))  # every backbone sees the same images and splits
     first, splits = reference.features, reference.splits
     timing = {"data": round(data_s, 4)}
-    for stage in ("load", "extract", "tune", "baseline", "calibrate", "fit", "evaluate"):
+    for stage in ("load", "extract", "tune", "baseline", "calibrate", "fit", "evaluate", "extra_test"):
         timing[stage] = round(sum(bf.times.wall.get(stage, 0.0) for bf in extracted.values()), 4)
     timing["total"] = round(time.perf_counter() - start, 4)
     results = RunResults(
@@ -309,6 +355,7 @@ def evaluate_stage(
         environment=environment(first.device),
         config=cfg.to_dict(),
         timing_s=timing,
+        extra_test=extra_test,
     )
     run.write_results(results)
     return results

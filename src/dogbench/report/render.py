@@ -293,6 +293,33 @@ def _tuning_section(models: list[ModelRun], assets: _Assets) -> Section:
     return section
 
 
+def _extra_test_section(runs: list[RunFolder]) -> Section | None:
+    """Each second test set (data.extra_test): every model's scores on it and the paired comparisons there."""
+    if not any(r.results.get("extra_test") for r in runs):
+        return None
+    section = Section("extra-test", "Second test sets", [
+        "Does it hold on other photos? Each second test set is scored by the same tuned heads (calibrated) and "
+        "baselines as the test split; its class folders carry the dataset's class names. Not used for anything "
+        "but these scores."])
+    for run in runs:
+        prefix = f"{run.name}/" if len(runs) > 1 else ""
+        for name, info in (run.results.get("extra_test") or {}).items():
+            rows: list[list[Cell]] = []
+            for label, r in run.results["models"].items():
+                e = (r.get("extra_test") or {}).get(name)
+                if not e:
+                    continue
+                base = e.get("baseline")
+                rows.append([prefix + label, f"{_pct(e['top1'])} {_ci(e['top1_ci95'])}", _pct(e["top5"]),
+                             f"{e['macro_f1']:.4f}", f"{e['calibration']['ece']:.4f}",
+                             f"{_pct(base['top1'])} {_ci(base['top1_ci95'])}" if base else "-"])
+            section.blocks.append(Table(["model", "top-1 [95% CI]", "top-5", "macro-F1", "ECE", "baseline top-1"],
+                                        rows, f"{name}: {info['n']} images ({info['root']}), {info['skipped']} "
+                                              "unreadable skipped"))
+            section.paragraphs += [f"On {name}: {verdict(c)}" for c in info.get("comparisons") or []]
+    return section
+
+
 def _calibration_section(models: list[ModelRun], assets: _Assets) -> Section | None:
     """ECE, NLL and Brier per model before and after temperature scaling, and the reliability diagrams."""
     calibrated = [m for m in models if (m.result.get("calibration") or {}).get("reliability")]
@@ -484,9 +511,9 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
         sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
     sections.append(_tuning_section(models, assets))
-    calibration = _calibration_section(models, assets)
-    if calibration is not None:
-        sections.append(calibration)
+    for extra in (_extra_test_section(runs), _calibration_section(models, assets)):
+        if extra is not None:
+            sections.append(extra)
     ids = select_examples(models, n=examples, seed=seed)
     if ids:
         sections.append(_examples_section(models, ids, assets))

@@ -547,3 +547,17 @@ def test_a_second_test_set_takes_the_datasets_labels_by_name(tmp_path: Path) -> 
     assert by_folder == {"Golden-Retriever": 1, "pug": 2}
     with pytest.raises(DatasetLayoutError, match="has classes the dataset does not: Golden-Retriever"):
         relabel_to(extra, ("Chihuahua", "pug"))
+
+
+def test_the_shots_sampler_takes_exactly_k_per_class_and_is_seeded() -> None:
+    from dogbench.data import sample_shots
+
+    labels = np.repeat(np.arange(5), [10, 7, 3, 12, 1])
+    rows = sample_shots(labels, k=3, seed=0)
+    assert np.bincount(labels[rows]).tolist() == [3, 3, 3, 3, 1]  # a class with fewer gives all it has
+    assert np.array_equal(rows, np.sort(rows)) and len(set(rows.tolist())) == len(rows)
+    assert np.array_equal(rows, sample_shots(labels, k=3, seed=0))
+    assert not np.array_equal(rows, sample_shots(labels, k=3, seed=1))
+    assert set(sample_shots(labels, k=3, seed=0)) <= set(sample_shots(labels, k=100, seed=5))
+    with pytest.raises(ValueError, match="k must be >= 1"):
+        sample_shots(labels, k=0, seed=0)

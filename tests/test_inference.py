@@ -17,7 +17,7 @@ from PIL import Image
 
 import dogbench
 from dogbench.cli import main
-from dogbench.config import RunConfig, resolve
+from dogbench.config import ConfigError, RunConfig, resolve
 from dogbench.heads import HeadIdentityError
 from dogbench.rundir import RunDir, new_run_dir
 
@@ -365,3 +365,26 @@ def test_a_second_test_set_is_scored_by_the_same_heads(tiny: tuple[Path, Path, P
     assert main(["run", "--data", str(data), "--out", str(tmp_path / "bad"), "--cache-dir", str(cache), *TINY,
                  *FAST, "--set", f'data.extra_test=["{zebras}"]']) == 2
     assert "has classes the dataset does not: zebra" in capsys.readouterr().err
+
+
+def test_data_efficiency_curves_from_the_cached_features(tiny: tuple[Path, Path, Path], tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    _, data, cache = tiny
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), *TINY, *FAST,
+                 "--shots", "1,3,all", "--set", "shots.seeds=2", "--set", "shots.trials=2"]) == 0
+    assert "data efficiency: test top-1 with k training images per class" in capsys.readouterr().out
+    results = RunDir(out).read_results()
+    curves = results.data_efficiency
+    n_train = results.dataset.n_train // 4  # images per class in the training split (4 balanced classes)
+    assert curves["shots"] == [1, 3, n_train] and curves["seeds"] == 2
+    for label in ("cnn", "vit"):
+        for k in curves["shots"]:
+            point = curves["models"][label][str(k)]
+            for method in ("tuned", "baseline"):
+                runs = point[method]["runs"]
+                assert [r["seed"] for r in runs] == [0, 1] and all(r["n_train"] == 4 * k for r in runs)
+                assert point[method]["min"] <= point[method]["mean"] <= point[method]["max"]
+    assert results.timing_s["shots"] > 0
+    with pytest.raises(ConfigError, match="neither a number of images per class"):
+        resolve({}, overrides=['shots.shots=["0"]'])

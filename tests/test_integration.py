@@ -53,6 +53,7 @@ def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--backbone", f"vit=vit_small_patch14_dinov2@{VIT},img_size=224,crop_pct=0.875",
         "--trials", "8", "--set", "evaluate.n_bootstrap=500",
         "--set", f'data.extra_test=["{ORIGINALS}"]',  # the originals' four breeds are among the slice's
+        "--shots", "1,5,all", "--set", "shots.seeds=2", "--set", "shots.trials=3",
     ]
     assert main(args) == 0
     return base / "run"
@@ -79,6 +80,14 @@ def test_real_features_separate_real_breeds(real_run: dict) -> None:
         assert cal["val"]["after"]["nll"] <= cal["val"]["before"]["nll"] + 1e-9 and cal["temperature"] > 0
     assert real_run["models"]["vit"]["preprocess"]["input_size"] == [3, 224, 224]
     assert real_run["comparison"]["n"] == 20 * len(BREEDS)
+
+
+def test_data_efficiency_grows_with_the_images_per_class(real_run: dict) -> None:
+    curves = real_run["data_efficiency"]
+    assert curves["shots"] == [1, 5, 32] and curves["seeds"] == 2
+    cnn = curves["models"]["cnn"]
+    # real ImageNet features: one photo per breed is far above chance (1/6), 32 beat 1
+    assert cnn["1"]["baseline"]["mean"] > 0.4 and cnn["32"]["baseline"]["mean"] > cnn["1"]["baseline"]["mean"]
 
 
 def test_the_originals_are_scored_as_a_second_test_set(real_run: dict) -> None:
@@ -115,6 +124,7 @@ def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Pat
     assert "Where the models look" in page.text
     assert "Calibration" in page.text and "ECE before" in page.text  # the reliability diagrams' section
     assert "Second test sets" in page.text and "stanford-dogs-originals: 80 images" in page.text
+    assert "Data efficiency" in page.text and "training images per class" in page.text
     records = json.loads((real_run_dir / "explanations" / "explanations.json").read_text())
     assert {(r["label"], r["method"]) for r in records} == {("cnn", "grad-cam"), ("vit", "attention rollout")}
 

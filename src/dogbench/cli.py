@@ -59,6 +59,7 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
     p.add_argument("--download", action=argparse.BooleanOptionalAction,
                    help="download Stanford Dogs when it is not found (data.download; default on)")
     p.add_argument("--data-url", help="mirror URL for the Stanford Dogs archives")
+    p.add_argument("--shots", help="data efficiency: images per class, e.g. 1,2,5,10,20,all (shots.shots)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set tune.timeout_s=60 or --set backbones.vit.img_size=224 "
                    "(applied after --config and --backbone; repeatable)")
@@ -167,6 +168,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if getattr(args, "shots", None) is not None:
+        overrides.append(f"shots.shots={json.dumps(args.shots.split(','))}")
     if args.command == "evaluate":
         overrides.append(f"out={json.dumps(str(args.run_dir))}")
     cfg = resolve(doc, overrides=overrides, backbone_specs=args.backbone)

@@ -127,6 +127,16 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ShotsConfig:
+    """Data efficiency on the cached features: test top-1 with k training images per class (the few-shot
+    curves of the CLIP and DINOv2 papers). Off while ``shots`` is empty; ``--shots 1,2,5,10,20,all``."""
+
+    shots: tuple[int | str, ...] = ()  # images per class; "all" = the whole training split
+    seeds: int = 3  # draws of the k images per point (seeds 0..N-1)
+    trials: int = 10  # Optuna trials of the tuned head per point (the full study's budget would cost 100x)
+
+
+@dataclass(frozen=True)
 class BenchConfig:
     """``dogbench bench``: rounds of (matmul peak, model alone, decode alone, end to end, hand-written recipe)."""
 
@@ -156,6 +166,7 @@ class RunConfig:
     features: FeatureConfig = FeatureConfig()
     tune: TuneConfig = TuneConfig()
     evaluate: EvalConfig = EvalConfig()
+    shots: ShotsConfig = ShotsConfig()
     bench: BenchConfig = BenchConfig()
     report: ReportConfig = ReportConfig()
     out: str | None = None  # run folder; default runs/<timestamp>
@@ -172,6 +183,7 @@ SECTIONS: dict[str, type] = {
     "features": FeatureConfig,
     "tune": TuneConfig,
     "evaluate": EvalConfig,
+    "shots": ShotsConfig,
     "bench": BenchConfig,
     "report": ReportConfig,
 }
@@ -249,6 +261,8 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
             raise ConfigError(f"features.precision '{kwargs['precision']}' is not one of: {choices}") from None
     if cls is TuneConfig and "heads" in kwargs:
         kwargs["heads"] = tuple(kwargs["heads"])
+    if cls is ShotsConfig and "shots" in kwargs:
+        kwargs["shots"] = parse_shots(kwargs["shots"])
     if cls is DataConfig and "extra_test" in kwargs:
         kwargs["extra_test"] = tuple(str(p) for p in kwargs["extra_test"])
     return cls(**kwargs)
@@ -257,6 +271,21 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
 def absolute_path(path: str) -> str:
     """``~`` expanded, made absolute, ``..`` collapsed (symlinks kept: the path stays the one the user gave)."""
     return os.path.abspath(os.path.expanduser(path))
+
+
+def parse_shots(value: Any) -> tuple[int | str, ...]:
+    """``[1, 2, "all"]`` or ``"1,2,5,all"`` -> (1, 2, 5, "all"); ConfigError for anything else."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out: list[int | str] = []
+    for item in items:
+        text = str(item).strip()
+        if text == "all":
+            out.append("all")
+        elif text.isdigit() and int(text) >= 1:
+            out.append(int(text))
+        else:
+            raise ConfigError(f"shots.shots: {item!r} is neither a number of images per class >= 1 nor 'all'")
+    return tuple(out)
 
 
 def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig:
@@ -439,6 +468,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("features.num_workers must be >= 0 (omit it: auto) and features.prefetch >= 1")
     if min(cfg.bench.images, cfg.bench.repeats, cfg.bench.model_batches) < 1:
         raise ConfigError("bench.images, bench.repeats and bench.model_batches must be at least 1")
+    if cfg.shots.seeds < 1 or cfg.shots.trials < 1:
+        raise ConfigError(f"shots.seeds and shots.trials must be >= 1, got {cfg.shots.seeds}, {cfg.shots.trials}")
     if cfg.tune.trials < 1:
         raise ConfigError(f"tune.trials must be >= 1, got {cfg.tune.trials}")
     r = cfg.report

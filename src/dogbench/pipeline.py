@@ -17,6 +17,7 @@ from dogbench.config import ReportConfig, RunConfig
 from dogbench.data import Dataset
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
+from dogbench.protocols.efficiency import add_data_efficiency
 from dogbench.protocols.frozen import Tuning, evaluate_stage, extract_stage, load_tuning, tune_backbone
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir, new_run_dir
@@ -68,6 +69,8 @@ def evaluate(
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: load_tuning(cfg, run, label, bf) for label, bf in extracted.items()}
         results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
+        if cfg.shots.shots:
+            results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
         _report_after(cfg, run.path, progress=progress)
     return results, run.path
 
@@ -88,6 +91,8 @@ def run(
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
         results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
+        if cfg.shots.shots:
+            results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
         _report_after(cfg, run.path, progress=progress)
     return results, run.path
 

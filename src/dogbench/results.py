@@ -98,6 +98,7 @@ class RunResults:
     config: dict[str, Any]
     timing_s: dict[str, float]  # whole-run stages: data, features, tune, evaluate, total
     extra_test: dict[str, Any] = field(default_factory=dict)  # set -> {root, n, skipped, comparisons}
+    data_efficiency: dict[str, Any] = field(default_factory=dict)  # protocols.efficiency.data_efficiency
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema_version: int = RESULTS_SCHEMA_VERSION
 
@@ -184,6 +185,14 @@ class RunResults:
             lines.append(f"second test set {name} ({info['n']} images, {info['skipped']} skipped): test top-1 {scored}")
             if info["comparisons"]:
                 lines.append(f"  on {name}: {verdict(info['comparisons'][0])}")
+        curves = self.data_efficiency
+        if curves.get("shots"):
+            lines.append(f"data efficiency: test top-1 with k training images per class, mean +- sd over "
+                         f"{curves['seeds']} seeds (tuned head with {curves['trials']} trials / baseline)")
+            for label, per_k in curves["models"].items():
+                lines.append(f"  {label}: " + "  ".join(
+                    f"k={k} {p['tuned']['mean']:.3f}+-{p['tuned']['std']:.3f} / {p['baseline']['mean']:.3f}"
+                    for k, p in per_k.items()))
         shown = self.dataset.skipped_files[:SKIPPED_SHOWN]
         lines += [f"skipped {f['id']}: {f['reason']}" for f in shown]
         if self.dataset.skipped > len(shown):

@@ -108,9 +108,9 @@ def make_objective(
     return objective
 
 
-def search_in_memory(storage: str) -> bool:
+def search_in_memory(storage: str | None) -> bool:
     """Local storages (SQLite files) are searched on an in-memory copy; database servers directly."""
-    return storage.startswith("sqlite") or not storage
+    return not storage or storage.startswith("sqlite")
 
 
 def make_pruner() -> optuna.pruners.BasePruner:

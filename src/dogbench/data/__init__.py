@@ -13,6 +13,7 @@ from dogbench.data.datasets import (
     display_names,
     open_dataset,
     relabel_to,
+    sample_shots,
     stratified_split,
 )
 from dogbench.data.images import ImageError, clamp_box, load_image, read_image
@@ -34,5 +35,6 @@ __all__ = [
     "open_dataset",
     "read_image",
     "relabel_to",
+    "sample_shots",
     "stratified_split",
 ]

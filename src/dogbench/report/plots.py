@@ -234,3 +234,24 @@ def reliability_diagram(before: dict, after: dict, key: str, temperature: float)
     ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (top-1 probability)", ylabel="accuracy", title=key)
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
+
+
+def data_efficiency(curves: dict, colours: dict[str, str]) -> bytes:
+    """Test top-1 against training images per class (log x): one line per model (solid: tuned head, dashed:
+    the baseline), the band spanning the seeds' lowest and highest."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, per_k in curves.items():
+        ks = np.array([int(k) for k in per_k], dtype=float)
+        for method, style in (("tuned", "-"), ("baseline", "--")):
+            mean = np.array([p[method]["mean"] for p in per_k.values()])
+            lo = np.array([p[method]["min"] for p in per_k.values()])
+            hi = np.array([p[method]["max"] for p in per_k.values()])
+            colour = colours.get(key, "#333333")
+            name = "tuned head" if method == "tuned" else "baseline"
+            ax.plot(ks, mean, style, marker="o", color=colour, label=f"{key} ({name})")
+            ax.fill_between(ks, lo, hi, color=colour, alpha=0.15 if method == "tuned" else 0.08, linewidth=0)
+    ax.set_xscale("log")
+    ax.set(xlabel="training images per class", ylabel="test top-1", ylim=(0, 1))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    return _png(fig)

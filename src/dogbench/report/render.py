@@ -293,6 +293,31 @@ def _tuning_section(models: list[ModelRun], assets: _Assets) -> Section:
     return section
 
 
+def _efficiency_section(runs: list[RunFolder], assets: _Assets, colours: dict[str, str]) -> Section | None:
+    """The data-efficiency curves of every run that has them, in one figure, and their table."""
+    curves: dict[str, Any] = {}
+    rows: list[list[Cell]] = []
+    for run in runs:
+        d = run.results.get("data_efficiency") or {}
+        for label, per_k in (d.get("models") or {}).items():
+            key = f"{run.name}/{label}" if len(runs) > 1 else label
+            curves[key] = per_k
+            rows += [[key, k, f"{_pct(p['tuned']['mean'])} +- {p['tuned']['std'] * 100:.2f}",
+                      f"{_pct(p['baseline']['mean'])} +- {p['baseline']['std'] * 100:.2f}",
+                      str(len(p["tuned"]["runs"]))] for k, p in per_k.items()]
+    if not curves:
+        return None
+    d = next(r.results["data_efficiency"] for r in runs if r.results.get("data_efficiency", {}).get("models"))
+    png = plots.data_efficiency(curves, colours)
+    return Section("efficiency", "Data efficiency", [
+        f"How many labelled photos per breed does each backbone need? Test top-1 with k training images per class "
+        f"(drawn from the training split with {d['seeds']} seeds; the validation split stays whole for choosing C "
+        f"and tuning), for a head tuned with {d['trials']} trials and for the logistic-regression baseline, on the "
+        "cached features. Bands span the seeds."],
+        [Figure(assets.add("data-efficiency.png", png, "data efficiency curves"), "Accuracy against images per class"),
+         Table(["model", "images per class", "tuned head (mean +- sd, points)", "baseline", "seeds"], rows)])
+
+
 def _extra_test_section(runs: list[RunFolder]) -> Section | None:
     """Each second test set (data.extra_test): every model's scores on it and the paired comparisons there."""
     if not any(r.results.get("extra_test") for r in runs):
@@ -511,7 +536,8 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
         sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
     sections.append(_tuning_section(models, assets))
-    for extra in (_extra_test_section(runs), _calibration_section(models, assets)):
+    for extra in (_efficiency_section(runs, assets, colours), _extra_test_section(runs),
+                  _calibration_section(models, assets)):
         if extra is not None:
             sections.append(extra)
     ids = select_examples(models, n=examples, seed=seed)

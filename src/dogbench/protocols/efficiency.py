@@ -1,0 +1,98 @@
+"""Data efficiency on the cached features: how many labelled photos per class each backbone needs.
+
+For every k of ``shots.shots`` and every seed: k training images per class are drawn from the training split
+(``data.sample_shots``; the validation split stays whole), the logistic-regression baseline sweeps C on
+validation and is fitted on the k shots, a head is tuned with ``shots.trials`` Optuna trials (in memory) and
+refit on the k shots, and both score the whole test split. Features come from the extraction already done:
+every point costs seconds, not a pass over the images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dogbench.config import RunConfig
+from dogbench.data import sample_shots
+from dogbench.evaluate import bootstrap_ci
+from dogbench.protocols.frozen import BackboneFeatures, head_device
+from dogbench.protocols.scoring import full_proba
+from dogbench.results import RunResults, StageTimes
+from dogbench.rundir import RunDir
+from dogbench.tune import build_head, make_logistic, sweep_logistic_C, tune_head
+
+
+def shot_counts(shots: tuple[int | str, ...], n_per_class: int) -> list[int]:
+    """The k values, "all" as the largest class's count, sorted, without duplicates."""
+    return sorted({n_per_class if k == "all" else int(k) for k in shots})
+
+
+def _point(scores: list[float]) -> dict[str, Any]:
+    return {"mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+            "min": min(scores), "max": max(scores)}
+
+
+def data_efficiency(cfg: RunConfig, extracted: dict[str, BackboneFeatures], *, progress: bool = True) -> dict:
+    """``{shots, seeds, trials, models: {label: {k: {baseline, tuned}: {mean, std, min, max, runs}}}}``; each
+    run is ``{seed, n_train, top1, top1_ci95}``."""
+    sc = cfg.shots
+    out: dict[str, Any] = {"shots": [], "seeds": sc.seeds, "trials": sc.trials, "models": {}}
+    if not sc.shots:
+        return out
+    reference = next(iter(extracted.values()))
+    train_labels = reference.features.labels[reference.splits.train]
+    n_per_class = int(np.bincount(train_labels).max())
+    ks = shot_counts(sc.shots, n_per_class)
+    out["shots"] = ks
+    total = len(extracted) * len(ks) * sc.seeds
+    with tqdm(total=total, desc="data efficiency", unit="point", disable=not progress) as bar:
+        for label, bf in extracted.items():
+            X, y, splits = bf.features.features, bf.features.labels, bf.splits
+            per_k: dict[str, Any] = {}
+            for k in ks:
+                runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "tuned": []}
+                for seed in range(sc.seeds):
+                    rows = splits.train[sample_shots(y[splits.train], k=k, seed=seed)]
+                    for method, proba in _fit_and_score(cfg, X, y, rows, splits.val, splits.test, seed=seed).items():
+                        correct = proba.argmax(axis=1) == y[splits.test]
+                        ci = bootstrap_ci(correct, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
+                        runs[method].append({"seed": seed, "n_train": len(rows), "top1": float(correct.mean()),
+                                             "top1_ci95": list(ci)})
+                    bar.update(1)
+                per_k[str(k)] = {m: {**_point([r["top1"] for r in rs]), "runs": rs} for m, rs in runs.items()}
+            out["models"][label] = per_k
+    return out
+
+
+def _fit_and_score(
+    cfg: RunConfig, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray, *, seed: int
+) -> dict[str, np.ndarray]:
+    """Test probabilities (columns: every class) of the C-swept baseline and of a head tuned on validation, both
+    fitted on ``train`` rows only."""
+    n_classes = int(y.max()) + 1
+    sweep = sweep_logistic_C(X[train], y[train], X[val], y[val])
+    probe = make_logistic(sweep.C).fit(X[train], y[train])
+    tuned_cfg = dataclasses.replace(cfg.tune, trials=cfg.shots.trials, seed=seed)
+    result = tune_head(X[train], y[train], X[val], y[val], cfg=tuned_cfg, storage=None,
+                       study_name=f"shots-{len(train)}-{seed}", device=head_device(cfg), progress=False)
+    head = build_head(result.best_params, max_epochs=result.best_epoch, seed=seed, device=head_device(cfg))
+    head.fit(X[train], y[train])
+    return {"baseline": full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes),
+            "tuned": full_proba(head.predict_proba(X[test]), head.classes_, n_classes)}
+
+
+def add_data_efficiency(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures],
+                        *, progress: bool = True) -> RunResults:
+    """``results`` with the data-efficiency curves (and their cost in ``timing_s.shots``), written to ``run``."""
+    times = StageTimes()
+    with times.measure("shots"):
+        curves = data_efficiency(cfg, extracted, progress=progress)
+    timing = {**results.timing_s, "shots": round(times.wall["shots"], 4)}
+    timing["total"] = round(timing.get("total", 0.0) + timing["shots"], 4)
+    results = dataclasses.replace(results, data_efficiency=curves, timing_s=timing)
+    run.write_results(results)
+    return results

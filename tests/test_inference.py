@@ -388,3 +388,26 @@ def test_data_efficiency_curves_from_the_cached_features(tiny: tuple[Path, Path,
     assert results.timing_s["shots"] > 0
     with pytest.raises(ConfigError, match="neither a number of images per class"):
         resolve({}, overrides=['shots.shots=["0"]'])
+
+
+def test_seeds_repeat_split_search_and_scoring(tiny: tuple[Path, Path, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _, data, cache = tiny
+    out = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--out", str(out), "--cache-dir", str(cache), *TINY, *FAST,
+                 "--seeds", "3"]) == 0
+    assert "over 3 seeds (split, search, refit): test top-1 mean +- sd cnn " in capsys.readouterr().out
+    results = RunDir(out).read_results()
+    s = results.seeds
+    assert s["n"] == 3
+    for label, m in results.models.items():
+        tuned = s["models"][label]["tuned"]
+        assert len(tuned["values"]) == 3 and tuned["values"][0] == m.test["top1"]  # seed 0 is the run itself
+        assert tuned["min"] <= tuned["mean"] <= tuned["max"] and len(s["models"][label]["baseline"]["values"]) == 3
+    (c,) = s["comparisons"]
+    cnn, vit = s["models"]["cnn"]["tuned"]["values"], s["models"]["vit"]["tuned"]["values"]
+    assert c["delta"]["values"] == pytest.approx([a - b for a, b in zip(cnn, vit, strict=True)])
+    assert results.timing_s["seeds"] > 0
+    from dogbench.report import build_report, load_runs
+
+    assert "seeds" in [sec.id for sec in build_report(load_runs([out]), examples=2).sections]

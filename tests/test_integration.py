@@ -53,7 +53,7 @@ def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--backbone", f"vit=vit_small_patch14_dinov2@{VIT},img_size=224,crop_pct=0.875",
         "--trials", "8", "--set", "evaluate.n_bootstrap=500",
         "--set", f'data.extra_test=["{ORIGINALS}"]',  # the originals' four breeds are among the slice's
-        "--shots", "1,5,all", "--set", "shots.seeds=2", "--set", "shots.trials=3",
+        "--shots", "1,5,all", "--set", "shots.seeds=2", "--set", "shots.trials=3", "--seeds", "2",
     ]
     assert main(args) == 0
     return base / "run"
@@ -125,6 +125,7 @@ def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Pat
     assert "Calibration" in page.text and "ECE before" in page.text  # the reliability diagrams' section
     assert "Second test sets" in page.text and "stanford-dogs-originals: 80 images" in page.text
     assert "Data efficiency" in page.text and "training images per class" in page.text
+    assert "Does the verdict survive another seed?" in page.text  # the seed spread
     records = json.loads((real_run_dir / "explanations" / "explanations.json").read_text())
     assert {(r["label"], r["method"]) for r in records} == {("cnn", "grad-cam"), ("vit", "attention rollout")}
 

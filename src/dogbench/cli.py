@@ -59,6 +59,7 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
     p.add_argument("--download", action=argparse.BooleanOptionalAction,
                    help="download Stanford Dogs when it is not found (data.download; default on)")
     p.add_argument("--data-url", help="mirror URL for the Stanford Dogs archives")
+    p.add_argument("--seeds", type=int, help="repeat split, tuning and evaluation with N seeds (evaluate.seeds)")
     p.add_argument("--shots", help="data efficiency: images per class, e.g. 1,2,5,10,20,all (shots.shots)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set tune.timeout_s=60 or --set backbones.vit.img_size=224 "
@@ -163,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "data_url": "data.data_url", "images": "bench.images", "repeats": "bench.repeats",
         "batch_size": "features.batch_size", "strict": "data.strict", "crop_to_box": "data.crop_to_box",
         "download": "data.download", "compile": "bench.compare_compile", "recipe": "bench.recipe",
+        "seeds": "evaluate.seeds",
     }
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)

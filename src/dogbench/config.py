@@ -124,6 +124,9 @@ class TuneConfig:
 class EvalConfig:
     n_bootstrap: int = 2000
     seed: int = 0
+    # repeat the validation split, the head search, the refit and the test scoring with seeds 0..N-1 on the
+    # cached features (seed 0 is the run itself): mean and spread per model and per comparison
+    seeds: int = 1
 
 
 @dataclass(frozen=True)
@@ -468,6 +471,8 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("features.num_workers must be >= 0 (omit it: auto) and features.prefetch >= 1")
     if min(cfg.bench.images, cfg.bench.repeats, cfg.bench.model_batches) < 1:
         raise ConfigError("bench.images, bench.repeats and bench.model_batches must be at least 1")
+    if cfg.evaluate.seeds < 1:
+        raise ConfigError(f"evaluate.seeds must be >= 1, got {cfg.evaluate.seeds}")
     if cfg.shots.seeds < 1 or cfg.shots.trials < 1:
         raise ConfigError(f"shots.seeds and shots.trials must be >= 1, got {cfg.shots.seeds}, {cfg.shots.trials}")
     if cfg.tune.trials < 1:

@@ -19,6 +19,7 @@ from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
 from dogbench.protocols.efficiency import add_data_efficiency
 from dogbench.protocols.frozen import Tuning, evaluate_stage, extract_stage, load_tuning, tune_backbone
+from dogbench.protocols.seeds import add_seeds
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir, new_run_dir
 
@@ -69,6 +70,8 @@ def evaluate(
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: load_tuning(cfg, run, label, bf) for label, bf in extracted.items()}
         results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
+        if cfg.evaluate.seeds > 1:
+            results = add_seeds(cfg, run, results, extracted, progress=progress)
         if cfg.shots.shots:
             results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
         _report_after(cfg, run.path, progress=progress)
@@ -91,6 +94,8 @@ def run(
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
         results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
+        if cfg.evaluate.seeds > 1:
+            results = add_seeds(cfg, run, results, extracted, progress=progress)
         if cfg.shots.shots:
             results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
         _report_after(cfg, run.path, progress=progress)

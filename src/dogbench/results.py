@@ -99,6 +99,7 @@ class RunResults:
     timing_s: dict[str, float]  # whole-run stages: data, features, tune, evaluate, total
     extra_test: dict[str, Any] = field(default_factory=dict)  # set -> {root, n, skipped, comparisons}
     data_efficiency: dict[str, Any] = field(default_factory=dict)  # protocols.efficiency.data_efficiency
+    seeds: dict[str, Any] = field(default_factory=dict)  # protocols.seeds.repeat_over_seeds (evaluate.seeds > 1)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema_version: int = RESULTS_SCHEMA_VERSION
 
@@ -185,6 +186,15 @@ class RunResults:
             lines.append(f"second test set {name} ({info['n']} images, {info['skipped']} skipped): test top-1 {scored}")
             if info["comparisons"]:
                 lines.append(f"  on {name}: {verdict(info['comparisons'][0])}")
+        if self.seeds.get("n", 1) > 1:
+            per_model = ", ".join(f"{label} {t['tuned']['mean']:.4f}+-{t['tuned']['std']:.4f}"
+                                  for label, t in self.seeds["models"].items())
+            lines.append(f"over {self.seeds['n']} seeds (split, search, refit): test top-1 mean +- sd {per_model}")
+            for c in self.seeds["comparisons"]:
+                d = c["delta"]
+                lines.append(f"  {c['a']} - {c['b']}: {d['mean'] * 100:+.2f} +- {d['std'] * 100:.2f} points "
+                             f"(range {d['min'] * 100:+.2f} .. {d['max'] * 100:+.2f}; {c['a']} better in "
+                             f"{c['a_better_in']} of {self.seeds['n']} seeds)")
         curves = self.data_efficiency
         if curves.get("shots"):
             lines.append(f"data efficiency: test top-1 with k training images per class, mean +- sd over "

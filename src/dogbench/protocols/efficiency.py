@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
+import warnings
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,10 @@ def data_efficiency(cfg: RunConfig, extracted: dict[str, BackboneFeatures], *, p
                 runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "tuned": []}
                 for seed in range(sc.seeds):
                     rows = splits.train[sample_shots(y[splits.train], k=k, seed=seed)]
-                    for method, proba in _fit_and_score(cfg, X, y, rows, splits.val, splits.test, seed=seed).items():
+                    with warnings.catch_warnings():  # 1 image per class: sklearn suspects a regression target
+                        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
+                        scored = _fit_and_score(cfg, X, y, rows, splits.val, splits.test, seed=seed)
+                    for method, proba in scored.items():
                         correct = proba.argmax(axis=1) == y[splits.test]
                         ci = bootstrap_ci(correct, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
                         runs[method].append({"seed": seed, "n_train": len(rows), "top1": float(correct.mean()),

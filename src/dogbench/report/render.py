@@ -318,6 +318,36 @@ def _efficiency_section(runs: list[RunFolder], assets: _Assets, colours: dict[st
          Table(["model", "images per class", "tuned head (mean +- sd, points)", "baseline", "seeds"], rows)])
 
 
+def _seeds_section(runs: list[RunFolder]) -> Section | None:
+    """Each run's repetition over seeds: every model's spread, and every comparison's per-seed difference."""
+    repeated = [(r, r.results["seeds"]) for r in runs if (r.results.get("seeds") or {}).get("n", 1) > 1]
+    if not repeated:
+        return None
+    section = Section("seeds", "Seeds", [
+        "Does the verdict survive another seed? The validation split, the head search, the refit and the test "
+        "scoring were repeated with other seeds on the cached features (seed 0 is the run above); the test images "
+        "are the same in every repetition."])
+    for run, s in repeated:
+        prefix = f"{run.name}/" if len(runs) > 1 else ""
+        rows: list[list[Cell]] = []
+        for label, t in s["models"].items():
+            for method, name in (("tuned", "tuned head"), ("baseline", "baseline")):
+                if method in t:
+                    v = t[method]
+                    per_seed = " ".join(f"{x * 100:.2f}" for x in v["values"])
+                    rows.append([prefix + label, name, _pct(v["mean"]), f"{v['std'] * 100:.2f}",
+                                 f"{_pct(v['min'])} .. {_pct(v['max'])}", per_seed])
+        section.blocks.append(Table(["model", "method", "mean test top-1", "sd (points)", "range", "per seed"], rows,
+                                    f"{s['n']} seeds"))
+        for c in s["comparisons"]:
+            d = c["delta"]
+            section.paragraphs.append(
+                f"{prefix}{c['a']} - {prefix}{c['b']}: {d['mean'] * 100:+.2f} points on average over {s['n']} seeds "
+                f"(sd {d['std'] * 100:.2f}, range {d['min'] * 100:+.2f} to {d['max'] * 100:+.2f}); {c['a']} is "
+                f"ahead in {c['a_better_in']} of them, {c['b']} in {c['b_better_in']}.")
+    return section
+
+
 def _extra_test_section(runs: list[RunFolder]) -> Section | None:
     """Each second test set (data.extra_test): every model's scores on it and the paired comparisons there."""
     if not any(r.results.get("extra_test") for r in runs):
@@ -536,7 +566,7 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
         sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
     sections.append(_tuning_section(models, assets))
-    for extra in (_efficiency_section(runs, assets, colours), _extra_test_section(runs),
+    for extra in (_seeds_section(runs), _efficiency_section(runs, assets, colours), _extra_test_section(runs),
                   _calibration_section(models, assets)):
         if extra is not None:
             sections.append(extra)

@@ -1,0 +1,80 @@
+"""Seeds: does the verdict survive another split and another search? ``seeds = N`` repeats the validation split,
+the head search, the refit and the test scoring with seeds 0..N-1 (seed 0 is the run's own, from its results)
+on the cached features, and reports each model's mean and spread, and the paired difference of every two models
+per seed and its spread, beside the single-seed verdict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from itertools import combinations
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dogbench.config import RunConfig
+from dogbench.protocols.frozen import BackboneFeatures, head_device, make_splits
+from dogbench.protocols.scoring import full_proba
+from dogbench.results import RunResults, StageTimes
+from dogbench.rundir import RunDir
+from dogbench.tune import build_head, make_logistic, sweep_logistic_C, tune_head
+
+
+def _spread(values: list[float]) -> dict[str, Any]:
+    return {"values": values, "mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
+
+
+def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures],
+                      *, progress: bool = True) -> dict[str, Any]:
+    """``{n, models: {label: {tuned, baseline}: spread}, comparisons: [{a, b, delta: spread}]}``; a spread is
+    ``{values (one per seed), mean, std, min, max}`` of test top-1 (of a - b for comparisons)."""
+    n = cfg.evaluate.seeds
+    top1: dict[str, dict[str, list[float]]] = {}
+    correct: dict[str, list[np.ndarray]] = {}
+    with tqdm(total=len(extracted) * (n - 1), desc="seeds", unit="seed", disable=not progress) as bar:
+        for label, bf in extracted.items():
+            m = results.models[label]
+            top1[label] = {"tuned": [m.test["top1"]], "baseline": [m.baseline["test"]["top1"]] if m.baseline else []}
+            X, y = bf.features.features, bf.features.labels
+            saved = run.read_predictions(label)  # seed 0: the run's own evaluation (test rows are every seed's)
+            correct[label] = [saved.proba.argmax(axis=1) == saved.y_true]
+            for seed in range(1, n):
+                splits = make_splits(bf.features, val_fraction=cfg.data.val_fraction, seed=seed)
+                tuned = tune_head(X[splits.train], y[splits.train], X[splits.val], y[splits.val],
+                                  cfg=dataclasses.replace(cfg.tune, seed=seed), storage=None,
+                                  study_name=f"{label}-seed{seed}", device=head_device(cfg), progress=False)
+                fit = np.concatenate([splits.train, splits.val])
+                head = build_head(tuned.best_params, max_epochs=tuned.best_epoch, seed=seed, device=head_device(cfg))
+                head.fit(X[fit], y[fit])
+                proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, int(y.max()) + 1)
+                hit = proba.argmax(axis=1) == y[splits.test]
+                top1[label]["tuned"].append(float(hit.mean()))
+                correct[label].append(hit)
+                if m.baseline:
+                    sweep = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val])
+                    probe = make_logistic(sweep.C).fit(X[fit], y[fit])
+                    top1[label]["baseline"].append(float(np.mean(probe.predict(X[splits.test]) == y[splits.test])))
+                bar.update(1)
+    comparisons = []
+    for a, b in combinations(top1, 2):
+        deltas = [float(ca.mean() - cb.mean()) for ca, cb in zip(correct[a], correct[b], strict=True)]
+        comparisons.append({"a": a, "b": b, "delta": _spread(deltas),
+                            "a_better_in": sum(d > 0 for d in deltas), "b_better_in": sum(d < 0 for d in deltas)})
+    return {"n": n, "models": {label: {k: _spread(v) for k, v in t.items() if v} for label, t in top1.items()},
+            "comparisons": comparisons}
+
+
+def add_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures], *,
+              progress: bool = True) -> RunResults:
+    """``results`` with the seed repetition (and its cost in ``timing_s.seeds``), written to ``run``."""
+    times = StageTimes()
+    with times.measure("seeds"):
+        repeated = repeat_over_seeds(cfg, run, results, extracted, progress=progress)
+    timing = {**results.timing_s, "seeds": round(times.wall["seeds"], 4)}
+    timing["total"] = round(timing.get("total", 0.0) + timing["seeds"], 4)
+    results = dataclasses.replace(results, seeds=repeated, timing_s=timing)
+    run.write_results(results)
+    return results

@@ -18,7 +18,14 @@ from dogbench.data import Dataset
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
 from dogbench.protocols.efficiency import add_data_efficiency
-from dogbench.protocols.frozen import Tuning, evaluate_stage, extract_stage, load_tuning, tune_backbone
+from dogbench.protocols.frozen import (
+    BackboneFeatures,
+    Tuning,
+    evaluate_stage,
+    extract_stage,
+    load_tuning,
+    tune_backbone,
+)
 from dogbench.protocols.seeds import add_seeds
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir, new_run_dir
@@ -69,12 +76,8 @@ def evaluate(
                                 f"`{run.rebuild('tuning')}` first")
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: load_tuning(cfg, run, label, bf) for label, bf in extracted.items()}
-        results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
-        if cfg.evaluate.seeds > 1:
-            results = add_seeds(cfg, run, results, extracted, progress=progress)
-        if cfg.shots.shots:
-            results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
-        _report_after(cfg, run.path, progress=progress)
+        results = _evaluate_and_report(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start,
+                                       progress=progress)
     return results, run.path
 
 
@@ -93,13 +96,23 @@ def run(
         cfg = run.settle_config(cfg, force=force)
         extracted = extract_stage(cfg, dataset, progress=progress)
         tuning = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
-        results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
-        if cfg.evaluate.seeds > 1:
-            results = add_seeds(cfg, run, results, extracted, progress=progress)
-        if cfg.shots.shots:
-            results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
-        _report_after(cfg, run.path, progress=progress)
+        results = _evaluate_and_report(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start,
+                                       progress=progress)
     return results, run.path
+
+
+def _evaluate_and_report(
+    cfg: RunConfig, run: RunDir, dataset: Dataset, extracted: dict[str, BackboneFeatures], tuning: dict[str, Tuning],
+    *, data_s: float, start: float, progress: bool,
+) -> RunResults:
+    """Evaluation, then the repetitions over seeds and the data-efficiency curves when asked, then the report."""
+    results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
+    if cfg.evaluate.seeds > 1:
+        results = add_seeds(cfg, run, results, extracted, progress=progress)
+    if cfg.shots.shots:
+        results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
+    _report_after(cfg, run.path, progress=progress)
+    return results
 
 
 def _report_after(cfg: RunConfig, run_dir: Path, *, progress: bool) -> None:

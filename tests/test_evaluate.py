@@ -297,3 +297,5 @@ def test_temperature_scaling_recovers_a_known_temperature() -> None:
     assert expected_calibration_error(y, scaled) < 0.3 * expected_calibration_error(y, overconfident)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         apply_temperature(overconfident, 0.0)
+    # a class the head never predicts stays impossible at any temperature
+    assert apply_temperature(np.array([[0.5, 0.5, 0.0]]), 20.0)[0, 2] == 0.0

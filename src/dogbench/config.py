@@ -254,6 +254,8 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         values = {**values, "heads": [values["heads"]]}
     if cls is DataConfig and isinstance(values.get("extra_test"), str):
         values = {**values, "extra_test": [values["extra_test"]]}
+    if cls is ShotsConfig and isinstance(values.get("shots"), str | int):
+        values = {**values, "shots": str(values["shots"]).split(",")}
     _check_types(cls, section, values)
     kwargs = dict(values)
     if cls is FeatureConfig and "precision" in kwargs:
@@ -497,6 +499,8 @@ EXECUTION_KEYS = (
     "out", "data.strict", "data.download", "data.data_url", "features.device", "features.batch_size",
     "features.num_workers", "features.prefetch", "features.cache_dir", "features.reuse_host_memory", "tune.device",
     "bench", "report",
+    # analyses that add to the results without changing the rest: `dogbench evaluate R --seeds 3` adds them
+    "evaluate.seeds", "shots", "data.extra_test",
 )
 
 

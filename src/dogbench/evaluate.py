@@ -116,6 +116,15 @@ def classification_metrics(
     )
 
 
+def spread(values: Sequence[float]) -> dict[str, Any]:
+    """{values, mean, std (sample), min, max} of a few repeated measurements (seeds)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("no values")
+    std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+    return {"values": values, "mean": float(np.mean(values)), "std": std, "min": min(values), "max": max(values)}
+
+
 # ---------------------------------------------------------------- calibration
 
 ECE_BINS = 15  # equal-width confidence bins (Guo et al. 2017)
@@ -188,7 +197,9 @@ def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     per-row constant, which softmax ignores). T > 1 softens, T < 1 sharpens; the argmax never changes."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logits = np.log(np.maximum(np.asarray(proba, dtype=np.float64), _LOG_FLOOR)) / temperature
+    proba = np.asarray(proba, dtype=np.float64)
+    with np.errstate(divide="ignore"):  # a class the head never predicts keeps probability 0
+        logits = np.where(proba > 0, np.log(proba), -np.inf) / temperature
     logits -= logits.max(axis=1, keepdims=True)
     out = np.exp(logits)
     return out / out.sum(axis=1, keepdims=True)

@@ -18,7 +18,7 @@ from typing import Any
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 
-RESULTS_SCHEMA_VERSION = 1
+RESULTS_SCHEMA_VERSION = 2  # 2: calibration, extra_test, seeds, data_efficiency (1 still reads)
 SKIPPED_SHOWN = 10  # unreadable files named in the printed summary
 
 
@@ -111,8 +111,8 @@ class RunResults:
         """``results.json`` back into records; KeyError/TypeError/ValueError when it does not fit the schema."""
         if not isinstance(d, dict):
             raise TypeError(f"expected a JSON object, got {type(d).__name__}")
-        if d.get("schema_version") != RESULTS_SCHEMA_VERSION:
-            raise ValueError(f"schema_version {d.get('schema_version')!r}, expected {RESULTS_SCHEMA_VERSION}")
+        if d.get("schema_version") not in (1, RESULTS_SCHEMA_VERSION):
+            raise ValueError(f"schema_version {d.get('schema_version')!r}, expected 1 or {RESULTS_SCHEMA_VERSION}")
         models = {label: ModelResult(**m) for label, m in d["models"].items()}
         return cls(**{**d, "models": models, "dataset": DatasetInfo(**d["dataset"])})
 
@@ -201,8 +201,8 @@ class RunResults:
                          f"{curves['seeds']} seeds (tuned head with {curves['trials']} trials / baseline)")
             for label, per_k in curves["models"].items():
                 lines.append(f"  {label}: " + "  ".join(
-                    f"k={k} {p['tuned']['mean']:.3f}+-{p['tuned']['std']:.3f} / {p['baseline']['mean']:.3f}"
-                    for k, p in per_k.items()))
+                    f"k={k} {p['tuned']['mean']:.3f}+-{p['tuned']['std']:.3f}"
+                    + (f" / {p['baseline']['mean']:.3f}" if "baseline" in p else "") for k, p in per_k.items()))
         shown = self.dataset.skipped_files[:SKIPPED_SHOWN]
         lines += [f"skipped {f['id']}: {f['reason']}" for f in shown]
         if self.dataset.skipped > len(shown):

@@ -150,10 +150,7 @@ def sample_shots(labels: np.ndarray, *, k: int, seed: int) -> np.ndarray:
     """Sorted indices of exactly ``k`` rows of every class (all of a class that has fewer), drawn with ``seed``."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    labels = np.asarray(labels).ravel()
-    rng = np.random.default_rng(seed)
-    parts = [rng.permutation(np.flatnonzero(labels == c))[:k] for c in np.unique(labels)]
-    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.empty(0, dtype=np.int64)
+    return _split_per_class(labels, lambda n: min(k, n), seed=seed)[1]
 
 
 def _stanford_held(n: int) -> int:

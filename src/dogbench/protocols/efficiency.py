@@ -10,7 +10,6 @@ every point costs seconds, not a pass over the images.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 import warnings
 from typing import Any
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from dogbench.config import RunConfig
 from dogbench.data import sample_shots
-from dogbench.evaluate import bootstrap_ci
+from dogbench.evaluate import bootstrap_ci, spread
 from dogbench.protocols.frozen import BackboneFeatures, head_device
 from dogbench.protocols.scoring import full_proba
 from dogbench.results import RunResults, StageTimes
@@ -32,12 +31,9 @@ def shot_counts(shots: tuple[int | str, ...], n_per_class: int) -> list[int]:
     return sorted({n_per_class if k == "all" else int(k) for k in shots})
 
 
-def _point(scores: list[float]) -> dict[str, Any]:
-    return {"mean": statistics.fmean(scores), "std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
-            "min": min(scores), "max": max(scores)}
-
-
-def data_efficiency(cfg: RunConfig, extracted: dict[str, BackboneFeatures], *, progress: bool = True) -> dict:
+def data_efficiency(
+    cfg: RunConfig, extracted: dict[str, BackboneFeatures], *, n_classes: int, progress: bool = True
+) -> dict:
     """``{shots, seeds, trials, models: {label: {k: {baseline, tuned}: {mean, std, min, max, runs}}}}``; each
     run is ``{seed, n_train, top1, top1_ci95}``."""
     sc = cfg.shots
@@ -55,38 +51,42 @@ def data_efficiency(cfg: RunConfig, extracted: dict[str, BackboneFeatures], *, p
             X, y, splits = bf.features.features, bf.features.labels, bf.splits
             per_k: dict[str, Any] = {}
             for k in ks:
-                runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "tuned": []}
+                runs: dict[str, list[dict[str, Any]]] = {"tuned": [], "baseline": []}
                 for seed in range(sc.seeds):
                     rows = splits.train[sample_shots(y[splits.train], k=k, seed=seed)]
                     with warnings.catch_warnings():  # 1 image per class: sklearn suspects a regression target
                         warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-                        scored = _fit_and_score(cfg, X, y, rows, splits.val, splits.test, seed=seed)
+                        scored = _fit_and_score(cfg, X, y, rows, splits.val, splits.test, seed=seed,
+                                                n_classes=n_classes)
                     for method, proba in scored.items():
                         correct = proba.argmax(axis=1) == y[splits.test]
                         ci = bootstrap_ci(correct, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
                         runs[method].append({"seed": seed, "n_train": len(rows), "top1": float(correct.mean()),
                                              "top1_ci95": list(ci)})
                     bar.update(1)
-                per_k[str(k)] = {m: {**_point([r["top1"] for r in rs]), "runs": rs} for m, rs in runs.items()}
+                per_k[str(k)] = {m: {**spread([r["top1"] for r in rs]), "runs": rs} for m, rs in runs.items() if rs}
             out["models"][label] = per_k
     return out
 
 
 def _fit_and_score(
-    cfg: RunConfig, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray, *, seed: int
+    cfg: RunConfig, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray, *, seed: int,
+    n_classes: int,
 ) -> dict[str, np.ndarray]:
-    """Test probabilities (columns: every class) of the C-swept baseline and of a head tuned on validation, both
-    fitted on ``train`` rows only."""
-    n_classes = int(y.max()) + 1
-    sweep = sweep_logistic_C(X[train], y[train], X[val], y[val])
-    probe = make_logistic(sweep.C).fit(X[train], y[train])
+    """Test probabilities (columns: every class) of a head tuned on validation and, with ``tune.baseline``, of the
+    C-swept baseline, both fitted on ``train`` rows only."""
+    out = {}
+    if cfg.tune.baseline:
+        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val])
+        probe = make_logistic(sweep.C).fit(X[train], y[train])
+        out["baseline"] = full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes)
     tuned_cfg = dataclasses.replace(cfg.tune, trials=cfg.shots.trials, seed=seed)
     result = tune_head(X[train], y[train], X[val], y[val], cfg=tuned_cfg, storage=None,
                        study_name=f"shots-{len(train)}-{seed}", device=head_device(cfg), progress=False)
     head = build_head(result.best_params, max_epochs=result.best_epoch, seed=seed, device=head_device(cfg))
     head.fit(X[train], y[train])
-    return {"baseline": full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes),
-            "tuned": full_proba(head.predict_proba(X[test]), head.classes_, n_classes)}
+    out["tuned"] = full_proba(head.predict_proba(X[test]), head.classes_, n_classes)
+    return out
 
 
 def add_data_efficiency(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures],
@@ -94,7 +94,7 @@ def add_data_efficiency(cfg: RunConfig, run: RunDir, results: RunResults, extrac
     """``results`` with the data-efficiency curves (and their cost in ``timing_s.shots``), written to ``run``."""
     times = StageTimes()
     with times.measure("shots"):
-        curves = data_efficiency(cfg, extracted, progress=progress)
+        curves = data_efficiency(cfg, extracted, n_classes=results.dataset.n_classes, progress=progress)
     timing = {**results.timing_s, "shots": round(times.wall["shots"], 4)}
     timing["total"] = round(timing.get("total", 0.0) + timing["shots"], 4)
     results = dataclasses.replace(results, data_efficiency=curves, timing_s=timing)

@@ -107,6 +107,11 @@ def extra_test_sets(cfg: RunConfig, dataset: Dataset) -> dict[str, Dataset]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "no official lists": every image of a second test set is a test image
             sets[name] = relabel_to(open_dataset(root, seed=cfg.data.split_seed), dataset.classes)
+        trained_on = {s.path.resolve() for s in dataset.split("train")}
+        seen = [s.sample_id for s in sets[name].samples if s.path.resolve() in trained_on]
+        if seen:
+            raise DogbenchError(f"Second test set {root} holds {len(seen)} of the dataset's training images (e.g. "
+                                f"{seen[0]}): a test set must be photos the heads were not trained on")
     return sets
 
 
@@ -130,6 +135,9 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
             extra = {name: extract_features(backbone, ds, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box,
                                             strict=cfg.data.strict, progress=progress)
                      for name, ds in extra_sets.items()}
+        for name, ef in extra.items():
+            if not ef.sample_ids:
+                raise DogbenchError(f"Second test set {name} ({extra_sets[name].root}) has no readable image")
         splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
         arch = describe_model(backbone.model, name=bcfg.model, tag=backbone.tag).to_dict()
         out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch, extra)
@@ -211,7 +219,7 @@ def load_tuning(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures) -
 
 def evaluate_backbone(
     cfg: RunConfig, run: RunDir, dataset: Dataset, label: str, bf: BackboneFeatures, tuning: Tuning
-) -> tuple[ModelResult, dict[str, bool]]:
+) -> tuple[ModelResult, dict[str, bool], dict[str, dict[str, bool]]]:
     """Refit the best head (and the baseline) on train+val, score the test split once; save head and predictions."""
     feats, splits, times, n_classes = bf.features, bf.splits, bf.times, len(dataset.classes)
     fit_rows = np.concatenate([splits.train, splits.val])
@@ -295,6 +303,9 @@ def evaluate_backbone(
     return result, dict(zip(test_ids, correct.tolist(), strict=True)), extra_correct
 
 
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+
+
 def calibrate(
     cfg: RunConfig, params: dict[str, Any], epochs: int, X: np.ndarray, y: np.ndarray, splits: Splits, n_classes: int,
 ) -> tuple[float, dict[str, float], dict[str, float]]:
@@ -305,7 +316,13 @@ def calibrate(
     val_head = build_head(params, max_epochs=epochs, seed=cfg.tune.seed, device=head_device(cfg))
     val_head.fit(X[splits.train], y[splits.train])
     val_proba = full_proba(val_head.predict_proba(X[splits.val]), val_head.classes_, n_classes)
-    temperature = fit_temperature(y[splits.val], val_proba)
+    temperature = fit_temperature(y[splits.val], val_proba, bounds=TEMPERATURE_BOUNDS)
+    at_bound = not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01
+    if at_bound or bool(np.all(val_proba.argmax(axis=1) == y[splits.val])):
+        # no mistake on validation (or a degenerate fit): NLL falls without end as T -> 0; keep the head as it is
+        warnings.warn(f"temperature scaling skipped: the validation fit ran to its bound ({temperature:.3g}) or "
+                      "validation has no mistake to calibrate against; T = 1", stacklevel=2)
+        temperature = 1.0
     return (temperature, calibration_metrics(y[splits.val], val_proba),
             calibration_metrics(y[splits.val], apply_temperature(val_proba, temperature)))
 

@@ -1,5 +1,5 @@
 """Seeds: does the verdict survive another split and another search? ``seeds = N`` repeats the validation split,
-the head search, the refit and the test scoring with seeds 0..N-1 (seed 0 is the run's own, from its results)
+the head search, the refit and the test scoring with the run's seeds + 1..N-1 (offset 0 is the run itself)
 on the cached features, and reports each model's mean and spread, and the paired difference of every two models
 per seed and its spread, beside the single-seed verdict.
 """
@@ -7,7 +7,6 @@ per seed and its spread, beside the single-seed verdict.
 from __future__ import annotations
 
 import dataclasses
-import statistics
 from itertools import combinations
 from typing import Any
 
@@ -15,16 +14,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dogbench.config import RunConfig
+from dogbench.evaluate import spread
 from dogbench.protocols.frozen import BackboneFeatures, head_device, make_splits
 from dogbench.protocols.scoring import full_proba
 from dogbench.results import RunResults, StageTimes
-from dogbench.rundir import RunDir
+from dogbench.rundir import RunDir, RunFolderError
 from dogbench.tune import build_head, make_logistic, sweep_logistic_C, tune_head
-
-
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"values": values, "mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0, "min": min(values), "max": max(values)}
 
 
 def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures],
@@ -40,16 +35,21 @@ def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracte
             top1[label] = {"tuned": [m.test["top1"]], "baseline": [m.baseline["test"]["top1"]] if m.baseline else []}
             X, y = bf.features.features, bf.features.labels
             saved = run.read_predictions(label)  # seed 0: the run's own evaluation (test rows are every seed's)
+            test_ids = [bf.features.sample_ids[i] for i in bf.splits.test]
+            if saved.sample_ids.tolist() != test_ids:
+                raise RunFolderError(f"{run.predictions_path(label)} holds other test images than these features; "
+                                     f"rebuild it with `{run.rebuild('predictions')}`")
             correct[label] = [saved.proba.argmax(axis=1) == saved.y_true]
-            for seed in range(1, n):
-                splits = make_splits(bf.features, val_fraction=cfg.data.val_fraction, seed=seed)
+            for offset in range(1, n):  # the run's own seeds are offset 0
+                seed = cfg.tune.seed + offset
+                splits = make_splits(bf.features, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed + offset)
                 tuned = tune_head(X[splits.train], y[splits.train], X[splits.val], y[splits.val],
                                   cfg=dataclasses.replace(cfg.tune, seed=seed), storage=None,
                                   study_name=f"{label}-seed{seed}", device=head_device(cfg), progress=False)
                 fit = np.concatenate([splits.train, splits.val])
                 head = build_head(tuned.best_params, max_epochs=tuned.best_epoch, seed=seed, device=head_device(cfg))
                 head.fit(X[fit], y[fit])
-                proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, int(y.max()) + 1)
+                proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, results.dataset.n_classes)
                 hit = proba.argmax(axis=1) == y[splits.test]
                 top1[label]["tuned"].append(float(hit.mean()))
                 correct[label].append(hit)
@@ -61,9 +61,9 @@ def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracte
     comparisons = []
     for a, b in combinations(top1, 2):
         deltas = [float(ca.mean() - cb.mean()) for ca, cb in zip(correct[a], correct[b], strict=True)]
-        comparisons.append({"a": a, "b": b, "delta": _spread(deltas),
+        comparisons.append({"a": a, "b": b, "delta": spread(deltas),
                             "a_better_in": sum(d > 0 for d in deltas), "b_better_in": sum(d < 0 for d in deltas)})
-    return {"n": n, "models": {label: {k: _spread(v) for k, v in t.items() if v} for label, t in top1.items()},
+    return {"n": n, "models": {label: {k: spread(v) for k, v in t.items() if v} for label, t in top1.items()},
             "comparisons": comparisons}
 
 

@@ -243,6 +243,8 @@ def data_efficiency(curves: dict, colours: dict[str, str]) -> bytes:
     for key, per_k in curves.items():
         ks = np.array([int(k) for k in per_k], dtype=float)
         for method, style in (("tuned", "-"), ("baseline", "--")):
+            if not all(method in p for p in per_k.values()):
+                continue
             mean = np.array([p[method]["mean"] for p in per_k.values()])
             lo = np.array([p[method]["min"] for p in per_k.values()])
             hi = np.array([p[method]["max"] for p in per_k.values()])

@@ -303,7 +303,7 @@ def _efficiency_section(runs: list[RunFolder], assets: _Assets, colours: dict[st
             key = f"{run.name}/{label}" if len(runs) > 1 else label
             curves[key] = per_k
             rows += [[key, k, f"{_pct(p['tuned']['mean'])} +- {p['tuned']['std'] * 100:.2f}",
-                      f"{_pct(p['baseline']['mean'])} +- {p['baseline']['std'] * 100:.2f}",
+                      f"{_pct(p['baseline']['mean'])} +- {p['baseline']['std'] * 100:.2f}" if "baseline" in p else "-",
                       str(len(p["tuned"]["runs"]))] for k, p in per_k.items()]
     if not curves:
         return None

@@ -9,7 +9,6 @@ every point costs seconds, not a pass over the images.
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from typing import Any
 
@@ -19,11 +18,9 @@ from tqdm.auto import tqdm
 from dogbench.config import RunConfig
 from dogbench.data import sample_shots
 from dogbench.evaluate import bootstrap_ci, spread
-from dogbench.protocols.frozen import BackboneFeatures, head_device
-from dogbench.protocols.scoring import full_proba
-from dogbench.results import RunResults, StageTimes
+from dogbench.protocols.frozen import BackboneFeatures, add_analysis, refit_and_score
+from dogbench.results import RunResults
 from dogbench.rundir import RunDir
-from dogbench.tune import build_head, make_logistic, sweep_logistic_C, tune_head
 
 
 def shot_counts(shots: tuple[int | str, ...], n_per_class: int) -> list[int]:
@@ -56,8 +53,9 @@ def data_efficiency(
                     rows = splits.train[sample_shots(y[splits.train], k=k, seed=seed)]
                     with warnings.catch_warnings():  # 1 image per class: sklearn suspects a regression target
                         warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
-                        scored = _fit_and_score(cfg, X, y, rows, splits.val, splits.test, seed=seed,
-                                                n_classes=n_classes)
+                        scored = refit_and_score(cfg, X, y, train=rows, val=splits.val, fit=rows,
+                                                 test=splits.test, seed=seed, trials=sc.trials,
+                                                 study_name=f"shots-{len(rows)}-{seed}", n_classes=n_classes)
                     for method, proba in scored.items():
                         correct = proba.argmax(axis=1) == y[splits.test]
                         ci = bootstrap_ci(correct, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
@@ -69,34 +67,8 @@ def data_efficiency(
     return out
 
 
-def _fit_and_score(
-    cfg: RunConfig, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, test: np.ndarray, *, seed: int,
-    n_classes: int,
-) -> dict[str, np.ndarray]:
-    """Test probabilities (columns: every class) of a head tuned on validation and, with ``tune.baseline``, of the
-    C-swept baseline, both fitted on ``train`` rows only."""
-    out = {}
-    if cfg.tune.baseline:
-        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val])
-        probe = make_logistic(sweep.C).fit(X[train], y[train])
-        out["baseline"] = full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes)
-    tuned_cfg = dataclasses.replace(cfg.tune, trials=cfg.shots.trials, seed=seed)
-    result = tune_head(X[train], y[train], X[val], y[val], cfg=tuned_cfg, storage=None,
-                       study_name=f"shots-{len(train)}-{seed}", device=head_device(cfg), progress=False)
-    head = build_head(result.best_params, max_epochs=result.best_epoch, seed=seed, device=head_device(cfg))
-    head.fit(X[train], y[train])
-    out["tuned"] = full_proba(head.predict_proba(X[test]), head.classes_, n_classes)
-    return out
-
-
 def add_data_efficiency(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures],
                         *, progress: bool = True) -> RunResults:
     """``results`` with the data-efficiency curves (and their cost in ``timing_s.shots``), written to ``run``."""
-    times = StageTimes()
-    with times.measure("shots"):
-        curves = data_efficiency(cfg, extracted, n_classes=results.dataset.n_classes, progress=progress)
-    timing = {**results.timing_s, "shots": round(times.wall["shots"], 4)}
-    timing["total"] = round(timing.get("total", 0.0) + timing["shots"], 4)
-    results = dataclasses.replace(results, data_efficiency=curves, timing_s=timing)
-    run.write_results(results)
-    return results
+    return add_analysis(run, results, stage="shots", field_name="data_efficiency", compute=lambda: data_efficiency(
+        cfg, extracted, n_classes=results.dataset.n_classes, progress=progress))

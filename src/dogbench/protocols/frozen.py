@@ -6,8 +6,10 @@ can run in separate processes and give the same ``results.json`` as one ``dogben
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +219,21 @@ def load_tuning(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures) -
     return tuning
 
 
+def _head_proba(head: Any, X: np.ndarray, temperature: float, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A head's probabilities over every class, before and after its temperature (what predict gives; the
+    argmax and every rank are the raw ones)."""
+    raw = full_proba(head.predict_proba(X), head.classes_, n_classes)
+    return raw, apply_temperature(raw, temperature)
+
+
+def _probe_scores(probe: Any, X: np.ndarray, y: np.ndarray, dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
+    """The baseline probe's headline test scores (no per-class recall) on (X, y)."""
+    scores, _, _ = test_scores(y, full_proba(probe.predict_proba(X), probe.classes_, len(dataset.classes)),
+                               dataset, cfg)
+    scores.pop("per_class")
+    return scores
+
+
 def evaluate_backbone(
     cfg: RunConfig, run: RunDir, dataset: Dataset, label: str, bf: BackboneFeatures, tuning: Tuning
 ) -> tuple[ModelResult, dict[str, bool], dict[str, dict[str, bool]]]:
@@ -241,8 +258,7 @@ def evaluate_backbone(
                                  preprocess=info.preprocess.to_dict(), features=settings, feature_key=feats.key)
         head.save(run.head_dir(label), identity=identity, class_names=dataset.classes, temperature=temperature)
     with times.measure("evaluate"):
-        raw = full_proba(head.predict_proba(X[splits.test]), head.classes_, n_classes)
-        proba = apply_temperature(raw, temperature)  # what predict gives; the argmax and every rank are raw's
+        raw, proba = _head_proba(head, X[splits.test], temperature, n_classes)
         scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
         run.write_predictions(label, Predictions(
             sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32),
@@ -261,24 +277,18 @@ def evaluate_backbone(
     if tuning.baseline is not None:
         with times.measure("baseline"):
             probe = make_logistic(tuning.baseline.C).fit(X[fit_rows], y[fit_rows])
-            probe_proba = full_proba(probe.predict_proba(X[splits.test]), probe.classes_, n_classes)
-            probe_scores, _, _ = test_scores(y_test, probe_proba, dataset, cfg)
-        probe_scores.pop("per_class")
+            probe_scores = _probe_scores(probe, X[splits.test], y_test, dataset, cfg)
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
     extra_scores, extra_correct = {}, {}
     with times.measure("extra_test"):
         for name, ef in bf.extra.items():  # the same head, calibration and baseline on each second test set
-            e_proba = apply_temperature(full_proba(head.predict_proba(ef.features), head.classes_, n_classes),
-                                        temperature)
+            _, e_proba = _head_proba(head, ef.features, temperature, n_classes)
             e_scores, _, e_correct = test_scores(ef.labels, e_proba, dataset, cfg)
             e_scores["calibration"] = calibration_metrics(ef.labels, e_proba)
             e_scores["skipped"] = len(ef.skipped)
             if tuning.baseline is not None:
-                e_probe = full_proba(probe.predict_proba(ef.features), probe.classes_, n_classes)
-                e_base, _, _ = test_scores(ef.labels, e_probe, dataset, cfg)
-                e_base.pop("per_class")
-                e_scores["baseline"] = e_base
+                e_scores["baseline"] = _probe_scores(probe, ef.features, ef.labels, dataset, cfg)
             extra_scores[name] = e_scores
             extra_correct[name] = dict(zip(ef.sample_ids, e_correct.tolist(), strict=True))
     pretraining = pretraining_of(info.tag, info.weights)
@@ -384,3 +394,38 @@ def _study_lock(storage: str) -> Any:
         return contextlib.nullcontext()
     db = Path(storage.removeprefix("sqlite:///"))
     return locked(db.with_name(db.name + ".lock"), what=f"the Optuna study file {db}")
+
+
+def refit_and_score(
+    cfg: RunConfig, X: np.ndarray, y: np.ndarray, *, train: np.ndarray, val: np.ndarray, fit: np.ndarray,
+    test: np.ndarray, seed: int, trials: int, study_name: str, n_classes: int,
+) -> dict[str, np.ndarray]:
+    """Test probabilities (columns: every class) of a head tuned in memory with ``trials`` trials on (train, val)
+    and refit on the ``fit`` rows, and with ``tune.baseline`` of the C-swept logistic probe fitted on them: the
+    repeated analyses (seeds, data efficiency) on cached features."""
+    out = {}
+    if cfg.tune.baseline:
+        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val])
+        probe = make_logistic(sweep.C).fit(X[fit], y[fit])
+        out["baseline"] = full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes)
+    tuned = tune_head(X[train], y[train], X[val], y[val], cfg=dataclasses.replace(cfg.tune, trials=trials, seed=seed),
+                      storage=None, study_name=study_name, device=head_device(cfg), progress=False)
+    head = build_head(tuned.best_params, max_epochs=tuned.best_epoch, seed=seed, device=head_device(cfg))
+    head.fit(X[fit], y[fit])
+    out["tuned"] = full_proba(head.predict_proba(X[test]), head.classes_, n_classes)
+    return out
+
+
+def add_analysis(
+    run: RunDir, results: RunResults, *, stage: str, field_name: str, compute: Callable[[], dict[str, Any]]
+) -> RunResults:
+    """``results`` with ``compute()`` stored under ``field_name`` and its wall time in ``timing_s[stage]`` (added
+    to the total), written to the run folder."""
+    times = StageTimes()
+    with times.measure(stage):
+        value = compute()
+    timing = {**results.timing_s, stage: round(times.wall[stage], 4)}
+    timing["total"] = round(timing.get("total", 0.0) + timing[stage], 4)
+    results = dataclasses.replace(results, **{field_name: value}, timing_s=timing)
+    run.write_results(results)
+    return results

@@ -6,7 +6,6 @@ per seed and its spread, beside the single-seed verdict.
 
 from __future__ import annotations
 
-import dataclasses
 from itertools import combinations
 from typing import Any
 
@@ -15,11 +14,9 @@ from tqdm.auto import tqdm
 
 from dogbench.config import RunConfig
 from dogbench.evaluate import spread
-from dogbench.protocols.frozen import BackboneFeatures, head_device, make_splits
-from dogbench.protocols.scoring import full_proba
-from dogbench.results import RunResults, StageTimes
+from dogbench.protocols.frozen import BackboneFeatures, add_analysis, make_splits, refit_and_score
+from dogbench.results import RunResults
 from dogbench.rundir import RunDir, RunFolderError
-from dogbench.tune import build_head, make_logistic, sweep_logistic_C, tune_head
 
 
 def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures],
@@ -43,20 +40,15 @@ def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracte
             for offset in range(1, n):  # the run's own seeds are offset 0
                 seed = cfg.tune.seed + offset
                 splits = make_splits(bf.features, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed + offset)
-                tuned = tune_head(X[splits.train], y[splits.train], X[splits.val], y[splits.val],
-                                  cfg=dataclasses.replace(cfg.tune, seed=seed), storage=None,
-                                  study_name=f"{label}-seed{seed}", device=head_device(cfg), progress=False)
                 fit = np.concatenate([splits.train, splits.val])
-                head = build_head(tuned.best_params, max_epochs=tuned.best_epoch, seed=seed, device=head_device(cfg))
-                head.fit(X[fit], y[fit])
-                proba = full_proba(head.predict_proba(X[splits.test]), head.classes_, results.dataset.n_classes)
-                hit = proba.argmax(axis=1) == y[splits.test]
-                top1[label]["tuned"].append(float(hit.mean()))
-                correct[label].append(hit)
-                if m.baseline:
-                    sweep = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val])
-                    probe = make_logistic(sweep.C).fit(X[fit], y[fit])
-                    top1[label]["baseline"].append(float(np.mean(probe.predict(X[splits.test]) == y[splits.test])))
+                scored = refit_and_score(cfg, X, y, train=splits.train, val=splits.val, fit=fit, test=splits.test,
+                                         seed=seed, trials=cfg.tune.trials, study_name=f"{label}-seed{seed}",
+                                         n_classes=results.dataset.n_classes)
+                for method, proba in scored.items():
+                    hit = proba.argmax(axis=1) == y[splits.test]
+                    top1[label][method].append(float(hit.mean()))
+                    if method == "tuned":
+                        correct[label].append(hit)
                 bar.update(1)
     comparisons = []
     for a, b in combinations(top1, 2):
@@ -70,11 +62,5 @@ def repeat_over_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracte
 def add_seeds(cfg: RunConfig, run: RunDir, results: RunResults, extracted: dict[str, BackboneFeatures], *,
               progress: bool = True) -> RunResults:
     """``results`` with the seed repetition (and its cost in ``timing_s.seeds``), written to ``run``."""
-    times = StageTimes()
-    with times.measure("seeds"):
-        repeated = repeat_over_seeds(cfg, run, results, extracted, progress=progress)
-    timing = {**results.timing_s, "seeds": round(times.wall["seeds"], 4)}
-    timing["total"] = round(timing.get("total", 0.0) + timing["seeds"], 4)
-    results = dataclasses.replace(results, seeds=repeated, timing_s=timing)
-    run.write_results(results)
-    return results
+    return add_analysis(run, results, stage="seeds", field_name="seeds",
+                        compute=lambda: repeat_over_seeds(cfg, run, results, extracted, progress=progress))

@@ -221,6 +221,44 @@ def test_run_on_the_official_layout_with_box_crops(official_root: Path, tmp_path
     assert full["models"]["cnn"]["feature_key"] != cropped["models"]["cnn"]["feature_key"]
 
 
+def test_box_ablation_gives_box_and_whole_rows_of_one_run(official_root: Path, tmp_path: Path) -> None:
+    """data.box_ablation: every backbone as a box-cropped and a whole-image row, compared on the same test images;
+    each head records its own crop setting and predicts with it."""
+    import dogbench
+
+    out = tmp_path / "r"
+    args = ["--data", str(official_root), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
+            "--crop-to-box", "--box-ablation"]
+    assert _run(args, tmp_path) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["models"]) == ["cnn", "cnn-whole"]
+    saved = {b["label"]: b["crop_to_box"] for b in results["config"]["backbones"]}
+    assert saved == {"cnn": True, "cnn-whole": False}
+    cnn, whole = results["models"]["cnn"], results["models"]["cnn-whole"]
+    assert cnn["feature_key"] != whole["feature_key"]
+    assert cnn["test"]["n"] == whole["test"]["n"] > 0
+    assert [(c["a"], c["b"]) for c in results["comparisons"]] == [("cnn", "cnn-whole")]
+    for label, crop in saved.items():
+        head = json.loads((out / label / "head" / "head.json").read_text())
+        assert head["identity"]["features"]["crop_to_box"] is crop
+    # the saved config does not expand twice, and both heads load and predict with their own crop setting
+    assert _run(["--data", str(official_root), "--out", str(out), "--backbone",
+                 "cnn=test_resnet@random,input_size=32", "--crop-to-box", "--box-ablation"], tmp_path) == 0
+    run = dogbench.load_run(out)
+    assert list(run.models) == ["cnn", "cnn-whole"]
+    image = next((official_root / "Images").rglob("*.jpg"))
+    assert (run.models["cnn"].crop_to_box, run.models["cnn-whole"].crop_to_box) == (True, False)
+    assert set(run.predict([image])[0].top) == {"cnn", "cnn-whole"}
+
+
+def test_box_ablation_without_boxes_is_one_clear_error(class_folder_root: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    code = main(["run", "--data", str(class_folder_root), "--out", str(tmp_path / "r"), "--box-ablation",
+                 "--cache-dir", str(tmp_path / "cache"), *TINY, *FAST])
+    err = capsys.readouterr().err
+    assert code == 2 and "no annotated boxes" in err and "Traceback" not in err
+
+
 def test_a_dataset_without_test_images_fails_before_any_model_is_loaded(tmp_path: Path,
                                                                      capsys: pytest.CaptureFixture) -> None:
     from conftest import make_class_folder_layout

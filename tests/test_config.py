@@ -281,3 +281,25 @@ def test_save_failure_keeps_the_previous_file(tmp_path: Path, monkeypatch: pytes
         resolve({}).save(path)
     assert path.read_text() == "previous"
     assert [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_box_ablation_twins_every_backbone_once() -> None:
+    from dogbench.config import crops_to_box, with_box_ablation
+
+    cfg = resolve({"data": {"crop_to_box": True, "box_ablation": True}},
+                  backbone_specs=["cnn=resnet18@random", "vit=vit_s16@random"])
+    assert [(b.label, b.crop_to_box) for b in cfg.backbones] == [
+        ("cnn", True), ("cnn-whole", False), ("vit", True), ("vit-whole", False)]
+    assert [crops_to_box(cfg, b) for b in cfg.backbones] == [True, False, True, False]
+    assert with_box_ablation(cfg) == cfg  # idempotent: the saved config resolves to itself
+    again = resolve(saved_to_doc(cfg.to_dict()))
+    assert again.backbones == cfg.backbones
+    plain = resolve({"data": {"box_ablation": True}}, backbone_specs=["cnn=resnet18@random"])
+    assert [(b.label, b.crop_to_box) for b in plain.backbones] == [("cnn", False), ("cnn-box", True)]
+    off = resolve({}, backbone_specs=["cnn=resnet18@random"])
+    assert [b.crop_to_box for b in off.backbones] == [None] and not crops_to_box(off, off.backbones[0])
+
+
+def test_an_unknown_pruner_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="Unknown tune.pruner 'asha'. Valid pruners: halving, hyperband"):
+        resolve({"tune": {"pruner": "asha"}})

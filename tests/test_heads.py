@@ -22,6 +22,7 @@ from dogbench.heads import (
     TENSORS_FILE,
     HeadKind,
     LinearHead,
+    LogisticHead,
     MLPHead,
     TrainingData,
     _Dropout,
@@ -32,7 +33,7 @@ from dogbench.heads import (
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@parametrize_with_checks([LinearHead(), MLPHead(hidden_size=64)])
+@parametrize_with_checks([LogisticHead(), LinearHead(), MLPHead(hidden_size=64)])
 def test_sklearn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -50,8 +51,8 @@ def _blobs(*, n: int = 600, d: int = 16, n_classes: int = 5, seed: int = 0) -> t
     return X.astype(np.float32), y
 
 
-def _small_heads() -> list[LinearHead | MLPHead]:
-    return [LinearHead(max_epochs=20), MLPHead(hidden_size=32, max_epochs=20)]
+def _small_heads() -> list[LogisticHead | LinearHead | MLPHead]:
+    return [LogisticHead(C=100.0, tol=1e-6), LinearHead(max_epochs=20), MLPHead(hidden_size=32, max_epochs=20)]
 
 
 def test_linear_head_matches_logistic_regression():
@@ -73,6 +74,62 @@ def test_linear_head_matches_logistic_regression():
     head_acc = float(np.mean(head.predict(X[test]) == y[test]))
     assert ref_acc > 0.5  # the problem is learnable but not trivial
     assert head_acc >= ref_acc - 0.02, (head_acc, ref_acc)
+
+
+def _probe_problem() -> tuple[np.ndarray, ...]:
+    X, y = make_classification(n_samples=3000, n_features=48, n_informative=24, n_redundant=8, n_classes=12,
+                               n_clusters_per_class=2, class_sep=1.0, random_state=3)
+    X = (X * np.linspace(0.1, 10.0, 48) + 5.0).astype(np.float32)  # unequal scales and offsets: standardise
+    return X[:2000], y[:2000], X[2000:], y[2000:]
+
+
+@pytest.mark.parametrize("C", [1e-3, 1e-1, 10.0])
+def test_logistic_head_solves_scikit_learns_objective(C):
+    # Same model, same objective (mean cross-entropy + ||W||^2 / 2Cn, bias free): the same predictions and
+    # nearly the same probabilities as scikit-learn's LogisticRegression fitted to tight tolerance.
+    X, y, X_test, _ = _probe_problem()
+    reference = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000, tol=1e-8)).fit(X, y)
+    head = LogisticHead(C=C, tol=1e-5).fit(X, y)
+    assert 1 <= head.n_iter_ < 1000
+    assert np.mean(head.predict(X_test) == reference.predict(X_test)) >= 0.995
+    assert np.abs(head.predict_proba(X_test) - reference.predict_proba(X_test)).max() < 0.02
+
+
+def test_logistic_head_is_deterministic_and_seed_free():
+    X, y, X_test, _ = _probe_problem()
+    a = LogisticHead(C=0.1, seed=0).fit(X, y).predict_proba(X_test)
+    b = LogisticHead(C=0.1, seed=7).fit(X, y).predict_proba(X_test)
+    assert np.array_equal(a, b)
+
+
+def test_logistic_warm_start_from_its_own_solution_takes_no_step():
+    X, y, X_val, y_val = _probe_problem()
+    data = TrainingData.from_arrays(X, y, eval_set=(X_val, y_val))
+    cold = LogisticHead(C=0.1).fit_prepared(data)
+    again = LogisticHead(C=0.1).fit_prepared(data, init=cold.module_.state_dict())
+    assert again.n_iter_ == 0 and again.best_val_top1_ == cold.best_val_top1_
+    assert np.array_equal(again.predict_proba(X_val), cold.predict_proba(X_val))
+    # from a nearby C's solution it converges in fewer iterations than from zero, to the same model
+    near = LogisticHead(C=0.15).fit_prepared(data, init=cold.module_.state_dict())
+    far = LogisticHead(C=0.15).fit_prepared(data)
+    assert near.n_iter_ < far.n_iter_
+    assert np.mean(near.predict(X_val) == far.predict(X_val)) >= 0.995
+
+
+def test_logistic_head_reports_its_solve_once_and_stops_at_max_iter():
+    X, y, X_val, y_val = _probe_problem()
+    seen: list[tuple[int, float]] = []
+    head = LogisticHead(C=10.0, max_iter=5, tol=1e-9).fit(X, y, eval_set=(X_val, y_val),
+                                                           on_epoch=lambda e, v: seen.append((e, v)))
+    assert head.n_iter_ == 5 and head.n_epochs_ == 1 and [e for e, _ in seen] == [1]
+    assert [h["iterations"] for h in head.history_] == [5]
+    assert head.best_val_top1_ == seen[0][1] == pytest.approx(np.mean(head.predict(X_val) == y_val))
+
+    def stop(epoch: int, value: float) -> None:
+        raise RuntimeError("pruned")
+
+    with pytest.raises(RuntimeError, match="pruned"):
+        LogisticHead().fit(X, y, eval_set=(X_val, y_val), on_epoch=stop)
 
 
 def test_mlp_learns_xor_that_a_linear_head_cannot():
@@ -104,7 +161,7 @@ def test_early_stopping_stops_and_restores_best_epoch():
     assert np.mean(head.predict(X_val) == y_val) == pytest.approx(head.best_val_top1_, abs=1 / len(y_val))
 
 
-@pytest.mark.parametrize("head", _small_heads(), ids=HEAD_KINDS)
+@pytest.mark.parametrize("head", _small_heads()[1:], ids=HEAD_KINDS[1:])
 def test_on_epoch_sees_each_epoch_and_its_exception_propagates(head):
     class Stop(Exception):
         pass
@@ -132,7 +189,7 @@ def test_on_epoch_values_match_history():
     assert seen == [(h["epoch"], h["val_top1"]) for h in head.history_]
 
 
-@pytest.mark.parametrize("head", _small_heads(), ids=HEAD_KINDS)
+@pytest.mark.parametrize("head", _small_heads()[1:], ids=HEAD_KINDS[1:])
 def test_seed_determines_predictions(head):
     X, y = _blobs()
     a = head.set_params(seed=1).fit(X, y).predict_proba(X)
@@ -286,11 +343,12 @@ def test_make_head():
     head = make_head("mlp", hidden_size=8, dropout=0.1)
     assert isinstance(head, MLPHead) and head.hidden_size == 8 and head.dropout == 0.1
     assert isinstance(make_head(HeadKind.LINEAR), LinearHead)
-    assert HEAD_KINDS == ("linear", "mlp")
+    assert isinstance(make_head("logistic", C=0.5), LogisticHead)
+    assert HEAD_KINDS == ("logistic", "linear", "mlp")
     assert HeadKind is config.HeadKind and HEAD_KINDS is config.HEAD_KINDS  # re-exported, not redefined
-    with pytest.raises(ValueError, match=r"Unknown head kind 'lineaer'\. Did you mean 'linear'\? Known: linear, mlp"):
+    with pytest.raises(ValueError, match=r"Unknown head kind 'lineaer'\. Did you mean 'linear'\? Known: logistic, linear, mlp"):
         make_head("lineaer")
-    with pytest.raises(ValueError, match="Known: linear, mlp"):
+    with pytest.raises(ValueError, match="Known: logistic, linear, mlp"):
         make_head("svm")
 
 

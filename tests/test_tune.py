@@ -11,7 +11,7 @@ from sklearn.datasets import make_blobs
 from dogbench import tune
 from dogbench.config import TuneConfig
 from dogbench.errors import DogbenchError
-from dogbench.heads import LinearHead, MLPHead
+from dogbench.heads import LinearHead, LogisticHead, MLPHead
 from dogbench.tune import (
     BASELINE_CS,
     TRIAL_PATIENCE,
@@ -24,7 +24,7 @@ from dogbench.tune import (
     tune_head,
 )
 
-COMMON = {"lr": 3e-3, "weight_decay": 1e-4, "label_smoothing": 0.1, "batch_size": 128}
+COMMON = {"lr": 3e-3, "weight_decay": 1e-4, "label_smoothing": 0.1, "batch_size": 256}
 MLP_ONLY = {"hidden_size", "n_layers", "dropout"}
 
 
@@ -129,8 +129,11 @@ def test_every_finished_trial_is_stored_with_its_epochs(tmp_path: Path) -> None:
     assert [t.number for t in stored] == [h["number"] for h in result.history] == list(range(12))
     assert {t.state.name for t in stored} <= {"COMPLETE", "PRUNED"} and result.n_pruned > 0
     for t, h in zip(stored, result.history, strict=True):
-        assert h["n_epochs"] == len(t.intermediate_values) == max(t.intermediate_values) >= 1
         assert h["params"] == t.params and h["value"] == t.value
+        if t.params["head"] == "logistic":  # a convex solve, scored once and never pruned
+            assert t.state.name == "COMPLETE" and not t.intermediate_values and h["n_epochs"] == 0
+            continue
+        assert h["n_epochs"] == len(t.intermediate_values) == max(t.intermediate_values) >= 1
         if t.state.name == "COMPLETE":
             # Early stopping ends a completed trial TRIAL_PATIENCE epochs after its best, or at max_epochs.
             assert t.user_attrs["best_epoch"] == max(t.intermediate_values, key=t.intermediate_values.get)
@@ -153,7 +156,7 @@ def test_pruned_trials_are_counted(tmp_path: Path, blobs: tuple[np.ndarray, ...]
 
     result = tune_head(
         *blobs,
-        cfg=TuneConfig(trials=4, max_epochs=5, heads=("linear",)),
+        cfg=TuneConfig(trials=4, max_epochs=5, heads=("linear",), pruner="none"),
         storage=storage,
         study_name="s",
         progress=False,
@@ -205,3 +208,61 @@ def test_search_on_a_database_server_uses_the_shared_study(monkeypatch: pytest.M
     assert result.n_trials == 4 and result.best_val_top1 > 0.5
     stored = optuna.load_study(study_name="s", storage=storage)
     assert len(stored.trials) == 4 and all(t.intermediate_values for t in stored.trials)
+
+
+def test_suggest_logistic_has_only_its_own_keys() -> None:
+    params = suggest_head_params(optuna.trial.FixedTrial({"head": "logistic", "C": 0.1, "label_smoothing": 0.0}),
+                                 heads=["logistic", "mlp"])
+    assert params == {"head": "logistic", "C": 0.1, "label_smoothing": 0.0} == tune.baseline_params(0.1)
+    head = build_head(params, max_epochs=7, seed=0)
+    assert isinstance(head, LogisticHead) and head.C == 0.1  # no max_epochs: it runs to convergence
+
+
+def test_the_search_starts_from_the_baseline_and_never_falls_below_it(tmp_path: Path) -> None:
+    # Overlapping classes where the C-swept probe is hard to beat: the baseline's configuration is trial 0,
+    # scored by the sweep's own head (its exact validation top-1), so the best trial is at least as good.
+    X_train, y_train, X_val, y_val = _blobs(n=600, spread=5.0, seed=2)
+    sweep = sweep_logistic_C(X_train, y_train, X_val, y_val)
+    cfg = TuneConfig(trials=6, max_epochs=10, seed=0)
+    result = tune_head(X_train, y_train, X_val, y_val, cfg=cfg, storage=_storage(tmp_path), study_name="s",
+                       progress=False, baseline=sweep)
+    first = result.history[0]
+    assert first["params"] == tune.baseline_params(sweep.C) and first["value"] == sweep.val_top1
+    assert result.best_val_top1 >= sweep.val_top1
+    # without the sweep's heads (a resumed run reading tuning.json) the enqueued trial is fitted afresh, to the
+    # same model: the same validation top-1
+    again = tune_head(X_train, y_train, X_val, y_val, cfg=TuneConfig(trials=1, max_epochs=10, seed=0), storage=None,
+                      study_name="t", progress=False, baseline=tune.BaselineResult.from_dict(sweep.to_dict()))
+    assert again.history[0]["params"] == first["params"] and again.best_val_top1 == sweep.val_top1
+
+
+def test_logistic_trials_reuse_and_warm_start_solved_heads(blobs: tuple[np.ndarray, ...]) -> None:
+    sweep = sweep_logistic_C(*blobs, Cs=(0.01, 1.0))
+    assert len(sweep.heads) == len(sweep.curve) and all(smoothing == 0.0 for _, smoothing in sweep.heads)
+    solved = sweep.heads[(sweep.C, 0.0)]
+    objective = make_objective(*blobs, heads=["logistic"], max_epochs=10, seed=0, solved=sweep.heads)
+    same = optuna.trial.FixedTrial({"head": "logistic", "C": sweep.C, "label_smoothing": 0.0})
+    assert objective(same) == solved.best_val_top1_ and same.user_attrs["best_epoch"] == solved.n_iter_
+    near = optuna.trial.FixedTrial({"head": "logistic", "C": sweep.C * 1.2, "label_smoothing": 0.0})
+    assert 0.0 < objective(near) <= 1.0 and near.user_attrs["best_epoch"] < solved.n_iter_
+
+
+@pytest.mark.parametrize(("kind", "cls"), [("halving", optuna.pruners.SuccessiveHalvingPruner),
+                                          ("hyperband", optuna.pruners.HyperbandPruner),
+                                          ("median", optuna.pruners.MedianPruner), ("none", optuna.pruners.NopPruner)])
+def test_pruners(kind: str, cls: type) -> None:
+    assert isinstance(tune.make_pruner(kind, max_epochs=50), cls)
+
+
+def test_an_unknown_pruner_names_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="halving, hyperband, median, none"):
+        tune.make_pruner("asha")
+
+
+def test_successive_halving_judges_no_trial_before_its_first_rung(tmp_path: Path) -> None:
+    X_train, y_train, X_val, y_val = _blobs(spread=4.0)
+    cfg = TuneConfig(trials=12, max_epochs=20, seed=0, heads=("linear", "mlp"))
+    result = tune_head(X_train, y_train, X_val, y_val, cfg=cfg, storage=_storage(tmp_path), study_name="s",
+                       progress=False)
+    pruned = [h for h in result.history if h["state"] == "PRUNED"]
+    assert pruned and all(h["n_epochs"] >= tune.PRUNE_MIN_EPOCHS for h in pruned)

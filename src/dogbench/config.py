@@ -30,11 +30,13 @@ DEFAULT_BACKBONES: tuple[tuple[str, str], ...] = (("vit", "vit_s16"), ("resnet",
 class HeadKind(StrEnum):
     """Classifier heads the tuner can pick (dogbench.heads implements them)."""
 
+    LOGISTIC = "logistic"  # multinomial L2 logistic regression solved by full-batch L-BFGS (the probe's model)
     LINEAR = "linear"
     MLP = "mlp"
 
 
 HEAD_KINDS: tuple[str, ...] = tuple(kind.value for kind in HeadKind)
+PRUNERS: tuple[str, ...] = ("halving", "hyperband", "median", "none")  # dogbench.tune.make_pruner
 
 
 class Precision(StrEnum):
@@ -54,6 +56,9 @@ class ConfigError(DogbenchError, ValueError):
 class DataConfig:
     root: str | None = None  # official Stanford Dogs layout, Kaggle copy, archives, or class-per-folder
     crop_to_box: bool = False  # crop each image to its first annotated box (Stanford Dogs Annotation/)
+    # the box-crop ablation: every backbone twice, with crop_to_box as set and flipped ("<label>-whole" or
+    # "<label>-box"), as comparable rows of one run (same split, same test images, paired tests)
+    box_ablation: bool = False
     val_fraction: float = 0.2  # validation carved from train, stratified and seeded; tuning never sees test
     test_fraction: float = 0.2  # only for a flat class-per-folder dataset without train/ and test/
     split_seed: int = 0
@@ -78,6 +83,29 @@ class BackboneConfig:
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
     seed: int = 0  # initialisation seed for weights = "random"
+    crop_to_box: bool | None = None  # None: data.crop_to_box; set per backbone by data.box_ablation
+
+
+def crops_to_box(cfg: RunConfig, backbone: BackboneConfig) -> bool:
+    """Whether ``backbone``'s images are cropped to their annotated box: its own setting, else ``data.crop_to_box``."""
+    return cfg.data.crop_to_box if backbone.crop_to_box is None else backbone.crop_to_box
+
+
+def with_box_ablation(cfg: RunConfig) -> RunConfig:
+    """With ``data.box_ablation``, every backbone without its own crop setting twice: as configured (crop set to
+    ``data.crop_to_box``) and flipped, labelled ``<label>-whole`` or ``<label>-box``. Idempotent."""
+    if not cfg.data.box_ablation:
+        return cfg
+    crop = cfg.data.crop_to_box
+    backbones: list[BackboneConfig] = []
+    for b in cfg.backbones:
+        if b.crop_to_box is not None:
+            backbones.append(b)
+            continue
+        twin = f"{b.label}-{'whole' if crop else 'box'}"
+        backbones += [dataclasses.replace(b, crop_to_box=crop),
+                      dataclasses.replace(b, label=twin, crop_to_box=not crop)]
+    return dataclasses.replace(cfg, backbones=tuple(backbones))
 
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
@@ -112,11 +140,12 @@ class FeatureConfig:
 class TuneConfig:
     trials: int = 100  # 100 trials take well under a minute on cached features (docs/BENCHMARKS.md)
     timeout_s: float = 900.0
-    heads: tuple[str, ...] = ("linear", "mlp")
+    heads: tuple[str, ...] = ("logistic", "linear", "mlp")
     max_epochs: int = 150
     storage: str | None = None  # any Optuna storage URL; default: SQLite in the run folder
     seed: int = 0
-    baseline: bool = True  # scikit-learn LogisticRegression probe with C swept on validation
+    baseline: bool = True  # the logistic-regression probe with C swept on validation; the search's first trial
+    pruner: str = "halving"  # multi-fidelity pruning of epoch-trained trials: one of PRUNERS (docs/BENCHMARKS.md)
     device: str = "auto"  # where heads train; auto = the features' device
 
 
@@ -300,13 +329,14 @@ def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig
     kwargs: dict[str, Any] = {}
     pre: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("model", "weights", "seed"):
+        if key in ("model", "weights", "seed", "crop_to_box"):
             continue
         if key in PREPROCESS_KEYS:
             pre[key] = tuple(value) if isinstance(value, list) else value
         else:
             kwargs[key] = value
-    fixed = {"model": table["model"], "weights": table.get("weights", "hub"), "seed": table.get("seed", 0)}
+    fixed = {"model": table["model"], "weights": table.get("weights", "hub"), "seed": table.get("seed", 0),
+             "crop_to_box": table.get("crop_to_box")}
     _check_types(BackboneConfig, f"backbones.{label}", {**fixed, **pre})
     if fixed["weights"] not in ("hub", "random"):  # stored absolute: report, explain, predict run from anywhere
         fixed["weights"] = absolute_path(fixed["weights"])
@@ -374,6 +404,8 @@ def saved_to_doc(saved: Mapping[str, Any]) -> dict[str, Any]:
     doc["backbones"] = {}
     for b in saved.get("backbones", []):
         table = {"model": b["model"], "weights": b["weights"], "seed": b.get("seed", 0), **b.get("model_kwargs", {})}
+        if b.get("crop_to_box") is not None:
+            table["crop_to_box"] = b["crop_to_box"]
         table.update({k: b[k] for k in PREPROCESS_KEYS if b.get(k) is not None})
         doc["backbones"][b["label"]] = table
     if saved.get("out") is not None:
@@ -455,6 +487,7 @@ def resolve(
         cfg = dataclasses.replace(
             cfg, backbones=tuple(BackboneConfig(label=label, model=model) for label, model in DEFAULT_BACKBONES)
         )
+    cfg = with_box_ablation(cfg)
     labels = [b.label for b in cfg.backbones]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"Backbone labels must be unique, got {labels}")
@@ -491,6 +524,8 @@ def _validate(cfg: RunConfig) -> None:
     for head in cfg.tune.heads:
         if head not in HEAD_KINDS:
             raise ConfigError(f"Unknown head '{head}' in tune.heads. Valid heads: {', '.join(HEAD_KINDS)}")
+    if cfg.tune.pruner not in PRUNERS:
+        raise ConfigError(f"Unknown tune.pruner '{cfg.tune.pruner}'. Valid pruners: {', '.join(PRUNERS)}")
 
 
 # Keys that say how a run is executed, not what it computes: they may differ between the commands that work on

@@ -28,7 +28,7 @@ from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Preprocess
 from dogbench.data import ImageError, display_names, load_image
 from dogbench.errors import DogbenchError
-from dogbench.heads import LinearHead, MLPHead
+from dogbench.heads import Head
 from dogbench.inference import LoadedRun, Model, top_classes
 from dogbench.protocols.scoring import full_proba
 
@@ -207,7 +207,7 @@ class _Explained(nn.Module):
     Without a head the output is the pooled feature norm (B, 1), so Grad-CAM shows what makes the features large.
     """
 
-    def __init__(self, model: nn.Module, classifier: LinearHead | MLPHead | None) -> None:
+    def __init__(self, model: nn.Module, classifier: Head | None) -> None:
         super().__init__()
         self.trunk = _FeatureMap(model)
         self.model = model
@@ -249,7 +249,7 @@ def _target_layer(wrapper: _Explained, name: str | None) -> nn.Module:
 
 def grad_cam(
     model: nn.Module,
-    classifier: LinearHead | MLPHead | None,
+    classifier: Head | None,
     x: torch.Tensor,
     *,
     target: int | None = None,

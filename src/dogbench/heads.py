@@ -1,9 +1,11 @@
 """Classifier heads trained with torch on cached features, behind the scikit-learn contract.
 
-``LinearHead`` is multinomial logistic regression; ``MLPHead`` is the reference's dense head
-(``Linear -> activation -> Dropout`` repeated ``n_layers`` times, then ``Linear``). Both train with
-AdamW at a constant learning rate, stop early on validation top-1 when given an
-``eval_set``, and save to a directory as ``head.json`` + ``head.safetensors`` (no pickle).
+``LogisticHead`` is multinomial L2 logistic regression solved to convergence by full-batch L-BFGS (the
+objective of scikit-learn's ``LogisticRegression(C=...)``, so the C-swept probe and the search share one model);
+``LinearHead`` is the same model trained by mini-batch AdamW with early stopping; ``MLPHead`` is the reference's
+dense head (``Linear -> activation -> Dropout`` repeated ``n_layers`` times, then ``Linear``). The AdamW heads
+train at a constant learning rate and stop early on validation top-1 when given an ``eval_set``. Every head
+saves to a directory as ``head.json`` + ``head.safetensors`` (no pickle).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
 from dogbench.config import HEAD_KINDS, HeadKind
+from dogbench.device import fast_bf16_matmul
 from dogbench.errors import DogbenchError
 
 __all__ = [
@@ -37,13 +40,16 @@ __all__ = [
     "META_FILE",
     "TENSORS_FILE",
     "Activation",
+    "Head",
     "HeadKind",
     "HeadFileError",
     "HeadIdentityError",
     "LinearHead",
+    "LogisticHead",
     "MLPHead",
     "TrainingData",
     "check_identity",
+    "head_class",
     "head_identity",
     "load_head",
     "read_head_meta",
@@ -111,8 +117,10 @@ def _train(
     patience: int,
     seed: int,
     on_epoch: Callable[[int, float], None] | None,
+    bf16: bool = False,
 ) -> _TrainResult:
-    """Mini-batch AdamW; with ``val``, early stopping that restores the best epoch's weights.
+    """Mini-batch AdamW; with ``val``, early stopping that restores the best epoch's weights. With ``bf16`` the
+    forward and backward passes run under bf16 autocast (weights, optimiser and validation stay fp32).
 
     The learning rate is constant, so a refit for ``best_epoch`` epochs on train+val follows the
     trajectory that tuning validated (a cosine schedule would be compressed into the shorter run).
@@ -130,7 +138,8 @@ def _train(
         loss_sum = torch.zeros((), device=X.device)
         for start in range(0, n, batch_size):
             xb, yb = X_epoch[start : start + batch_size], y_epoch[start : start + batch_size]
-            loss = F.cross_entropy(module(xb), yb, label_smoothing=label_smoothing)
+            with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = F.cross_entropy(module(xb), yb, label_smoothing=label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -266,16 +275,10 @@ def _rng_devices(device: torch.device) -> list[int]:
 
 
 class _TorchHead(ClassifierMixin, BaseEstimator):
-    """Shared fit / predict / save logic; subclasses define ``__init__`` and ``_build_module``."""
+    """Shared fit / predict / save logic; subclasses define ``__init__``, ``_build_module`` and ``_train_module``."""
 
     _kind: ClassVar[HeadKind]
 
-    lr: float
-    weight_decay: float
-    label_smoothing: float
-    max_epochs: int
-    patience: int
-    batch_size: int
     standardize: bool
     seed: int
     device: str
@@ -283,16 +286,13 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     def _build_module(self, n_features: int, n_classes: int) -> nn.Module:
         raise NotImplementedError
 
+    def _train_module(
+        self, module: nn.Module, data: TrainingData, on_epoch: Callable[[int, float], None] | None
+    ) -> _TrainResult:
+        raise NotImplementedError
+
     def _param_problems(self) -> list[str]:
-        checks = [
-            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
-            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
-            (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
-            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
-            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
-        ]
-        return [message for ok, message in checks if not ok]
+        return []
 
     def _check_params(self) -> None:
         problems = self._param_problems()
@@ -307,11 +307,13 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         eval_set: tuple[np.ndarray, np.ndarray] | None = None,
         on_epoch: Callable[[int, float], None] | None = None,
     ) -> Self:
-        """Train on (X, y). With ``eval_set``, stop early on its top-1 and keep the best epoch.
+        """Train on (X, y). With ``eval_set``, the epoch-trained heads stop early on its top-1 and keep the best
+        epoch; the logistic head records its top-1 as it converges.
 
-        ``on_epoch(epoch, val_top1)`` runs after each epoch when ``eval_set`` is given; whatever it
-        raises (e.g. ``optuna.TrialPruned``) propagates. To train for a fixed number of epochs
-        (e.g. a refit for a tuned ``best_epoch``), set ``max_epochs`` with ``set_params``.
+        ``on_epoch(epoch, val_top1)`` runs after each epoch (for the logistic head: each block of L-BFGS
+        iterations) when ``eval_set`` is given; whatever it raises (e.g. ``optuna.TrialPruned``) propagates.
+        To train for a fixed number of epochs (e.g. a refit for a tuned ``best_epoch``), set ``max_epochs``
+        with ``set_params``.
         """
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
@@ -320,11 +322,15 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         data = TrainingData.from_arrays(X, y, eval_set=eval_set, standardize=self.standardize, device=self.device)
         return self._fit_data(data, on_epoch=on_epoch)
 
-    def fit_prepared(self, data: TrainingData, *, on_epoch: Callable[[int, float], None] | None = None) -> Self:
+    def fit_prepared(
+        self, data: TrainingData, *, on_epoch: Callable[[int, float], None] | None = None,
+        init: Mapping[str, torch.Tensor] | None = None,
+    ) -> Self:
         """``fit`` on data already checked and standardised by ``TrainingData.from_arrays``.
 
         The data's ``standardize`` must be this head's. Training is the same as ``fit`` on the arrays the data
-        was built from, to the bit; only the per-call conversion is skipped.
+        was built from, to the bit; only the per-call conversion is skipped. ``init`` (the ``module_.state_dict()``
+        of a head of this kind fitted on the same data) starts training from those weights: a warm start.
         """
         self._check_params()
         if data.standardize != self.standardize:
@@ -334,28 +340,20 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         self.n_features_in_ = data.n_features
         if hasattr(self, "feature_names_in_"):  # left by an earlier fit on a DataFrame
             del self.feature_names_in_
-        return self._fit_data(data.to(self.device), on_epoch=on_epoch)
+        return self._fit_data(data.to(self.device), on_epoch=on_epoch, init=init)
 
-    def _fit_data(self, data: TrainingData, *, on_epoch: Callable[[int, float], None] | None) -> Self:
+    def _fit_data(
+        self, data: TrainingData, *, on_epoch: Callable[[int, float], None] | None,
+        init: Mapping[str, torch.Tensor] | None = None,
+    ) -> Self:
         device = torch.device(self.device)
         # Init and dropout draw from torch's global RNG: seed it locally, leave the caller's state alone.
         with torch.random.fork_rng(devices=_rng_devices(device), device_type=device.type):
             torch.manual_seed(self.seed)
             module = self._build_module(data.n_features, len(data.classes)).to(device)
-            result = _train(
-                module,
-                data.X,
-                data.y,
-                val=data.val,
-                lr=self.lr,
-                weight_decay=self.weight_decay,
-                label_smoothing=self.label_smoothing,
-                batch_size=self.batch_size,
-                max_epochs=self.max_epochs,
-                patience=self.patience,
-                seed=self.seed,
-                on_epoch=on_epoch,
-            )
+            if init is not None:
+                module.load_state_dict(init)
+            result = self._train_module(module, data, on_epoch)
         # Learned state is set only once training has finished (on_epoch may abort it).
         self.classes_, self.mean_, self.scale_, self.module_ = data.classes, data.mean, data.scale, module
         self.n_epochs_ = result.n_epochs
@@ -447,8 +445,152 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         self.history_ = meta["history"]
 
 
-class LinearHead(_TorchHead):
-    """Multinomial logistic regression on (optionally standardised) features."""
+TRAIN_PRECISIONS = ("auto", "fp32", "bf16")  # auto: bf16 autocast where bf16 matmuls are fast, else fp32
+
+
+class _EpochHead(_TorchHead):
+    """A head trained by mini-batch AdamW for up to ``max_epochs``, stopping early on validation top-1."""
+
+    lr: float
+    weight_decay: float
+    label_smoothing: float
+    max_epochs: int
+    patience: int
+    batch_size: int
+    precision: str
+
+    def _param_problems(self) -> list[str]:
+        checks = [
+            (self.precision in TRAIN_PRECISIONS,
+             f"precision must be one of {', '.join(TRAIN_PRECISIONS)}, got {self.precision!r}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.max_epochs >= 1, f"max_epochs must be >= 1, got {self.max_epochs}"),
+            (self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    def _train_module(
+        self, module: nn.Module, data: TrainingData, on_epoch: Callable[[int, float], None] | None
+    ) -> _TrainResult:
+        return _train(
+            module, data.X, data.y, val=data.val, lr=self.lr, weight_decay=self.weight_decay,
+            label_smoothing=self.label_smoothing, batch_size=self.batch_size, max_epochs=self.max_epochs,
+            patience=self.patience, seed=self.seed, on_epoch=on_epoch, bf16=self._bf16(data.X.device),
+        )
+
+    def _bf16(self, device: torch.device) -> bool:
+        return self.precision == "bf16" or (self.precision == "auto" and fast_bf16_matmul(device))
+
+
+def _lbfgs(
+    module: nn.Linear,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    val: tuple[torch.Tensor, torch.Tensor] | None,
+    C: float,
+    label_smoothing: float,
+    max_iter: int,
+    tol: float,
+    on_epoch: Callable[[int, float], None] | None,
+) -> _TrainResult:
+    """Minimise mean cross-entropy + ||W||^2 / (2 C n) (bias unpenalised; scikit-learn's LogisticRegression
+    objective divided by C n) by full-batch L-BFGS with a strong-Wolfe line search, until the largest gradient
+    entry is at most ``tol``, progress stalls, or ``max_iter`` iterations have run. A start that already meets
+    ``tol`` (a warm start from this objective's solution) is returned unchanged. One "epoch": the solve."""
+    l2 = 1.0 / (C * X.shape[0])
+    optimizer = torch.optim.LBFGS(
+        module.parameters(), lr=1.0, max_iter=max_iter, max_eval=25 * max_iter, tolerance_grad=tol,
+        tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(module(X), y, label_smoothing=label_smoothing)
+        loss = loss + 0.5 * l2 * module.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    module.train()
+    loss = float(optimizer.step(closure).detach())
+    iterations = int(optimizer.state[module.weight].get("n_iter", 0))
+    module.eval()
+    record = {"epoch": 1, "train_loss": loss, "iterations": iterations}
+    if val is not None:
+        record["val_top1"] = _top1(module, *val)
+        if on_epoch is not None:
+            on_epoch(1, record["val_top1"])
+    return _TrainResult(1, iterations, record.get("val_top1"), [record])
+
+
+class LogisticHead(_TorchHead):
+    """Multinomial L2 logistic regression on (optionally standardised) features, solved by full-batch L-BFGS.
+
+    The objective is scikit-learn's ``LogisticRegression(C=C)`` (L2 on the weights, not the bias), plus optional
+    label smoothing; the fit is deterministic and runs to convergence, so ``seed`` only exists for a uniform
+    interface. ``best_epoch_`` is the number of L-BFGS iterations, ``best_val_top1_`` the converged model's
+    top-1 on ``eval_set``.
+    """
+
+    _kind = HeadKind.LOGISTIC
+
+    def __init__(
+        self,
+        *,
+        C: float = 1.0,
+        label_smoothing: float = 0.0,
+        max_iter: int = 1000,
+        tol: float = 1e-4,
+        standardize: bool = True,
+        seed: int = 0,
+        device: str = "cpu",
+    ) -> None:
+        self.C = C
+        self.label_smoothing = label_smoothing
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+        self.seed = seed
+        self.device = device
+
+    def _param_problems(self) -> list[str]:
+        checks = [
+            (self.C > 0, f"C must be > 0, got {self.C}"),
+            (0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}"),
+            (self.max_iter >= 1, f"max_iter must be >= 1, got {self.max_iter}"),
+            (self.tol > 0, f"tol must be > 0, got {self.tol}"),
+        ]
+        return [message for ok, message in checks if not ok]
+
+    def _build_module(self, n_features: int, n_classes: int) -> nn.Module:
+        layer = nn.Linear(n_features, n_classes)
+        nn.init.zeros_(layer.weight)  # the solver's start (scikit-learn's too): uniform probabilities
+        nn.init.zeros_(layer.bias)
+        return layer
+
+    def _fit_data(self, data: TrainingData, **kwargs: Any) -> Self:
+        super()._fit_data(data, **kwargs)
+        self.n_iter_ = self.best_epoch_  # L-BFGS iterations run (scikit-learn's name)
+        return self
+
+    def _restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        super()._restore(meta, tensors)
+        self.n_iter_ = self.best_epoch_
+
+    def _train_module(
+        self, module: nn.Module, data: TrainingData, on_epoch: Callable[[int, float], None] | None
+    ) -> _TrainResult:
+        return _lbfgs(
+            module, data.X, data.y, val=data.val, C=self.C, label_smoothing=self.label_smoothing,
+            max_iter=self.max_iter, tol=self.tol, on_epoch=on_epoch,
+        )
+
+
+class LinearHead(_EpochHead):
+    """Multinomial logistic regression on (optionally standardised) features, trained by mini-batch AdamW."""
 
     _kind = HeadKind.LINEAR
 
@@ -461,6 +603,7 @@ class LinearHead(_TorchHead):
         max_epochs: int = 100,
         patience: int = 10,
         batch_size: int = 256,
+        precision: str = "auto",
         standardize: bool = True,
         seed: int = 0,
         device: str = "cpu",
@@ -471,6 +614,7 @@ class LinearHead(_TorchHead):
         self.max_epochs = max_epochs
         self.patience = patience
         self.batch_size = batch_size
+        self.precision = precision
         self.standardize = standardize
         self.seed = seed
         self.device = device
@@ -479,7 +623,7 @@ class LinearHead(_TorchHead):
         return _classifier_layer(n_features, n_classes)
 
 
-class MLPHead(_TorchHead):
+class MLPHead(_EpochHead):
     """``(Linear -> activation -> Dropout) x n_layers -> Linear``; hidden layers use torch's default init."""
 
     _kind = HeadKind.MLP
@@ -497,6 +641,7 @@ class MLPHead(_TorchHead):
         max_epochs: int = 100,
         patience: int = 10,
         batch_size: int = 256,
+        precision: str = "auto",
         standardize: bool = True,
         seed: int = 0,
         device: str = "cpu",
@@ -511,6 +656,7 @@ class MLPHead(_TorchHead):
         self.max_epochs = max_epochs
         self.patience = patience
         self.batch_size = batch_size
+        self.precision = precision
         self.standardize = standardize
         self.seed = seed
         self.device = device
@@ -538,15 +684,24 @@ class MLPHead(_TorchHead):
         return nn.Sequential(*layers)
 
 
-_HEAD_CLASSES: dict[HeadKind, type[LinearHead | MLPHead]] = {
+_HEAD_CLASSES: dict[HeadKind, type[LogisticHead | LinearHead | MLPHead]] = {
+    HeadKind.LOGISTIC: LogisticHead,
     HeadKind.LINEAR: LinearHead,
     HeadKind.MLP: MLPHead,
 }
 
 
-def make_head(kind: str, **params: Any) -> LinearHead | MLPHead:
+Head = LogisticHead | LinearHead | MLPHead
+
+
+def head_class(kind: str) -> type[Head]:
+    """The class of a head kind (one of ``HEAD_KINDS``); a ValueError names the valid kinds."""
+    return _HEAD_CLASSES[_parse_choice(HeadKind, kind, "head kind")]
+
+
+def make_head(kind: str, **params: Any) -> Head:
     """Construct a head by kind name (one of ``HEAD_KINDS``) with the given hyper-parameters."""
-    return _HEAD_CLASSES[_parse_choice(HeadKind, kind, "head kind")](**params)
+    return head_class(kind)(**params)
 
 
 class HeadFileError(DogbenchError, ValueError):
@@ -604,7 +759,7 @@ def read_head_meta(path: Path) -> dict[str, Any]:
 
 def load_head(
     path: Path, *, device: str = "cpu", expect_identity: Mapping[str, Any] | None = None
-) -> LinearHead | MLPHead:
+) -> Head:
     """Load the head saved in directory ``path``, of whichever kind, onto ``device`` (the CPU unless asked).
 
     With ``expect_identity`` (``head_identity`` of the backbone it is loaded for), a head saved for another

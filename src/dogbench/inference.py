@@ -25,13 +25,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone, load_backbone
-from dogbench.config import FeatureConfig, Precision, RunConfig
+from dogbench.config import FeatureConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import IMAGE_EXTENSIONS, ImageError, Sample, display_names
 from dogbench.device import resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import apply_temperature
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, feature_settings, iter_batches
-from dogbench.heads import META_FILE, LinearHead, MLPHead, check_identity, head_identity, load_head
+from dogbench.heads import META_FILE, Head, check_identity, head_identity, load_head
 from dogbench.protocols.scoring import full_proba
 from dogbench.rundir import RunDir, RunFolderError
 
@@ -63,7 +63,7 @@ class Model:
     """One backbone + its preprocessing + its tuned head, on one device, as the run extracted features."""
 
     def __init__(
-        self, label: str, backbone: Backbone, head: LinearHead | MLPHead | None, *, classes: Sequence[str],
+        self, label: str, backbone: Backbone, head: Head | None, *, classes: Sequence[str],
         features: FeatureConfig | None = None, crop_to_box: bool = False, device: str = "cpu",
         precision: Precision | None = None,
     ) -> None:
@@ -277,7 +277,7 @@ def load_run(
         if (head_dir / META_FILE).is_file() or require_heads:
             with run.reading(head_dir / META_FILE, "head"):
                 head = load_head(head_dir, device=str(torch_device))
-            settings = feature_settings(features, crop_to_box=cfg.data.crop_to_box, precision=precision,
+            settings = feature_settings(features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
                                         preprocess=backbone.preprocess)
             check_identity(head.identity_ or {}, head_identity(
                 timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
@@ -285,7 +285,7 @@ def load_run(
                 feature_key=recorded.feature_key if recorded else None,
             ), head_dir)
         models[bcfg.label] = Model(bcfg.label, backbone, head, classes=classes, features=features,
-                                   crop_to_box=cfg.data.crop_to_box, device=str(torch_device), precision=precision)
+                                   crop_to_box=crops_to_box(cfg, bcfg), device=str(torch_device), precision=precision)
     return LoadedRun(run.path, cfg, display_names(classes), models)
 
 

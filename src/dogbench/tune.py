@@ -1,5 +1,11 @@
-"""Hyper-parameter search for heads on cached features (Optuna TPE + median pruning), and the
+"""Hyper-parameter search for heads on cached features (Optuna TPE, multi-fidelity pruning), and the
 logistic-regression baseline with C swept on validation (the CLIP linear-probe protocol).
+
+The search contains the baseline and starts from it: the baseline's configuration (a ``logistic`` head with
+its C) is the study's first trial, scored by the very model the sweep fitted, so the best trial's validation
+top-1 is never below the baseline's. Other logistic trials warm-start L-BFGS from the nearest solved C.
+Epoch-trained heads (``linear``, ``mlp``) report validation top-1 per epoch to a successive-halving or
+Hyperband pruner whose first rung is ``PRUNE_MIN_EPOCHS``, so slow starters are not judged on epoch one.
 
 The objective is small and pure: suggest, fit on train, score on validation, report per epoch, prune.
 Features come in through a closure and are never reloaded per trial. Test data never enters this module.
@@ -9,21 +15,24 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import optuna
-from sklearn.pipeline import Pipeline, make_pipeline
+import torch
 
-from dogbench.config import TuneConfig
+from dogbench.config import PRUNERS, TuneConfig
 from dogbench.errors import DogbenchError
-from dogbench.heads import LinearHead, MLPHead, TrainingData, make_head
+from dogbench.heads import Head, LogisticHead, TrainingData, head_class
 
 BASELINE_CS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
-SEARCH_SPACE_VERSION = 2  # bump when suggest_head_params changes: studies and tunings are keyed on it
+SEARCH_SPACE_VERSION = 3  # bump when suggest_head_params changes: studies and tunings are keyed on it
 TRIAL_PATIENCE = 5  # epochs without a better validation top-1 before a trial stops
+PRUNE_MIN_EPOCHS = 5  # the pruner's first rung: no trial is judged before this many epochs
+LOGISTIC_C_RANGE = (1e-5, 1e3)  # contains the baseline's grid and its refinement (1e-4.5 .. 1e2.5)
+WARM_STARTS_KEPT = 32  # solved logistic heads kept to warm-start later trials (each is d x classes floats)
 
 
 @dataclass(frozen=True)
@@ -57,25 +66,67 @@ class TuneResult:
 
 
 def suggest_head_params(trial: optuna.Trial, *, heads: Sequence[str]) -> dict[str, Any]:
-    """The search space: head type, then its hyper-parameters (MLP ones only for the MLP)."""
-    params: dict[str, Any] = {
-        "head": trial.suggest_categorical("head", list(heads)),
+    """The search space: head kind, then its hyper-parameters (the logistic head's C and label smoothing; the
+    AdamW heads' optimiser settings, and the MLP's shape only for the MLP)."""
+    params: dict[str, Any] = {"head": trial.suggest_categorical("head", list(heads))}
+    if params["head"] == "logistic":
+        params["C"] = trial.suggest_float("C", *LOGISTIC_C_RANGE, log=True)
+        params["label_smoothing"] = trial.suggest_float("label_smoothing", 0.0, 0.3)
+        return params
+    params.update({
         "lr": trial.suggest_float("lr", 1e-4, 3e-2, log=True),
         "weight_decay": trial.suggest_float("weight_decay", 1e-6, 1e-1, log=True),
         "label_smoothing": trial.suggest_float("label_smoothing", 0.0, 0.3),
-        "batch_size": trial.suggest_categorical("batch_size", [128, 256, 512]),
-    }
+        "batch_size": trial.suggest_categorical("batch_size", [256, 512, 1024]),
+    })
     if params["head"] == "mlp":
-        params["hidden_size"] = trial.suggest_categorical("hidden_size", [256, 512, 1024])
+        params["hidden_size"] = trial.suggest_categorical("hidden_size", [128, 256, 512])
         params["n_layers"] = trial.suggest_int("n_layers", 1, 2)
         params["dropout"] = trial.suggest_float("dropout", 0.0, 0.7)
     return params
 
 
-def build_head(params: dict[str, Any], *, max_epochs: int, seed: int, device: str = "cpu") -> LinearHead | MLPHead:
-    """A head from a parameter dict as produced by ``suggest_head_params`` (the "head" key picks the kind)."""
+def baseline_params(C: float) -> dict[str, Any]:
+    """The baseline probe as a point of the search space: a logistic head with the swept C, no smoothing."""
+    return {"head": "logistic", "C": float(C), "label_smoothing": 0.0}
+
+
+def build_head(params: dict[str, Any], *, max_epochs: int, seed: int, device: str = "cpu") -> Head:
+    """A head from a parameter dict as produced by ``suggest_head_params`` (the "head" key picks the kind).
+
+    ``max_epochs`` applies to the epoch-trained kinds; the logistic head always runs to convergence."""
+    cls = head_class(params["head"])
     rest = {k: v for k, v in params.items() if k != "head"}
-    return make_head(params["head"], max_epochs=max_epochs, seed=seed, device=device, **rest)
+    if "max_epochs" in cls._get_param_names():
+        rest["max_epochs"] = max_epochs
+    return cls(seed=seed, device=device, **rest)
+
+
+def _logistic_key(params: Mapping[str, Any]) -> tuple[float, float]:
+    return float(params["C"]), float(params["label_smoothing"])
+
+
+class _LogisticSolutions:
+    """Solved logistic heads of one study, by (C, label smoothing): an exact configuration is reused, any other
+    warm-starts from the nearest one (in log10 C, then smoothing). The baseline's sweep seeds it."""
+
+    def __init__(self, heads: Mapping[tuple[float, float], LogisticHead] = ()) -> None:
+        self.heads: dict[tuple[float, float], LogisticHead] = dict(heads)
+
+    def get(self, key: tuple[float, float]) -> LogisticHead | None:
+        return self.heads.get(key)
+
+    def nearest(self, key: tuple[float, float]) -> dict[str, torch.Tensor] | None:
+        if not self.heads:
+            return None
+        C, smoothing = key
+        best = min(self.heads, key=lambda k: abs(math.log10(k[0] / C)) + 10.0 * abs(k[1] - smoothing))
+        return self.heads[best].module_.state_dict()
+
+    def add(self, key: tuple[float, float], head: LogisticHead) -> None:
+        self.heads[key] = head
+        while len(self.heads) > WARM_STARTS_KEPT:
+            del self.heads[next(iter(self.heads))]
 
 
 def make_objective(
@@ -88,12 +139,27 @@ def make_objective(
     max_epochs: int,
     seed: int,
     device: str = "cpu",
+    solved: Mapping[tuple[float, float], LogisticHead] = (),
 ) -> Callable[[optuna.Trial], float]:
-    """objective(trial) -> validation top-1 of the best epoch; reports every epoch so the pruner can stop it."""
+    """objective(trial) -> validation top-1 of the trial's head: the best epoch's for the epoch-trained kinds
+    (reported every epoch so the pruner can stop them), the converged model's for the logistic kind.
+
+    ``solved``: logistic heads already fitted on these rows (the baseline sweep's), reused for their own
+    configuration and as warm starts."""
     data = TrainingData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device)  # once per study
+    logistic = _LogisticSolutions(solved)
 
     def objective(trial: optuna.Trial) -> float:
         params = suggest_head_params(trial, heads=heads)
+        if params["head"] == "logistic":
+            key = _logistic_key(params)
+            head = logistic.get(key)
+            if head is None:
+                head = build_head(params, max_epochs=max_epochs, seed=seed, device=device)
+                head.fit_prepared(data, init=logistic.nearest(key))
+                logistic.add(key, head)
+            trial.set_user_attr("best_epoch", int(head.best_epoch_))  # L-BFGS iterations, for the record
+            return float(head.best_val_top1_)
         head = build_head(params, max_epochs=max_epochs, seed=seed, device=device).set_params(patience=TRIAL_PATIENCE)
 
         def report(epoch: int, val_top1: float) -> None:
@@ -113,9 +179,21 @@ def search_in_memory(storage: str | None) -> bool:
     return not storage or storage.startswith("sqlite")
 
 
-def make_pruner() -> optuna.pruners.BasePruner:
-    """Median pruning from the second epoch on, once five trials have completed."""
-    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+def make_pruner(kind: str = "halving", *, max_epochs: int = 150) -> optuna.pruners.BasePruner:
+    """The multi-fidelity schedule for epoch-trained trials (one of ``PRUNERS``): successive halving (rungs at
+    5, 15, 45... epochs, the top third going on) or Hyperband (brackets of successive halving from 5 epochs
+    to ``max_epochs``); median pruning from the second epoch once five trials completed (the earlier default,
+    kept for comparison); or none."""
+    if kind == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=PRUNE_MIN_EPOCHS, reduction_factor=3)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=PRUNE_MIN_EPOCHS, max_resource=max_epochs,
+                                              reduction_factor=3)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)
+    if kind == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"Unknown pruner {kind!r}; choose one of {', '.join(PRUNERS)}")
 
 
 def tune_head(
@@ -125,16 +203,20 @@ def tune_head(
     y_val: np.ndarray,
     *,
     cfg: TuneConfig,
-    storage: str,
+    storage: str | None,
     study_name: str,
     device: str = "cpu",
     progress: bool = True,
+    baseline: BaselineResult | None = None,
 ) -> TuneResult:
     """Run (or resume) the study until it holds ``cfg.trials`` finished trials or ``cfg.timeout_s`` passes.
 
-    The search runs on an in-memory copy of the stored study and writes each finished trial back to
-    ``storage`` as it ends: a stored report and pruning check per epoch cost more than a linear head's
+    With ``baseline`` (and ``logistic`` among ``cfg.heads``) its configuration is the first trial, scored by
+    the baseline's own fitted head when the sweep ran in this process; its other fitted heads warm-start the
+    logistic trials. The search runs on an in-memory copy of the stored study and writes each finished trial
+    back to ``storage`` as it ends: a stored report and pruning check per epoch cost more than a linear head's
     epoch on SQLite. A resumed study starts from the stored trials; a trial cut off by a crash is lost.
+    ``storage=None`` searches in memory only.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
@@ -143,17 +225,25 @@ def tune_head(
     remaining = cfg.trials - len(done)
     if remaining > 0:
         sampler = optuna.samplers.TPESampler(seed=cfg.seed, n_startup_trials=min(10, max(1, cfg.trials // 3)))
+        solved = baseline.heads if baseline is not None else {}
         objective = make_objective(
-            X_train, y_train, X_val, y_val, heads=cfg.heads, max_epochs=cfg.max_epochs, seed=cfg.seed, device=device
+            X_train, y_train, X_val, y_val, heads=cfg.heads, max_epochs=cfg.max_epochs, seed=cfg.seed, device=device,
+            solved=solved,
         )
+        pruner = make_pruner(cfg.pruner, max_epochs=cfg.max_epochs)
+        start = baseline_params(baseline.C) if baseline is not None and "logistic" in cfg.heads else None
         if not search_in_memory(storage):
             # A database server (PostgreSQL, MySQL) is shared by workers on several machines: search on it
             # directly, so each worker's sampler and pruner see the others' running and finished trials.
-            shared = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=make_pruner())
+            shared = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+            if start is not None:
+                shared.enqueue_trial(start, skip_if_exists=True)
             shared.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, show_progress_bar=progress)
         else:
-            search = optuna.create_study(direction="maximize", sampler=sampler, pruner=make_pruner())
+            search = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
             search.add_trials(done)
+            if start is not None:
+                search.enqueue_trial(start, skip_if_exists=True)
 
             def store(_: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
                 if trial.state in finished:
@@ -191,6 +281,8 @@ class BaselineResult:
     val_top1: float
     curve: dict[str, float]  # str(C) -> validation top-1
     seconds: float
+    # the sweep's fitted heads by (C, label smoothing 0): they seed the search in this process; not saved
+    heads: dict[tuple[float, float], LogisticHead] = field(default_factory=dict, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"C": self.C, "val_top1": self.val_top1, "curve": self.curve, "seconds": self.seconds}
@@ -200,12 +292,10 @@ class BaselineResult:
         return cls(C=d["C"], val_top1=d["val_top1"], curve=d["curve"], seconds=d["seconds"])
 
 
-def make_logistic(C: float, *, max_iter: int = 1000) -> Pipeline:
-    """Standardise, then multinomial L2 logistic regression (lbfgs): the baseline probe."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    return make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter, tol=1e-4))
+def make_logistic(C: float, *, device: str = "cpu") -> LogisticHead:
+    """The baseline probe: standardise, then multinomial L2 logistic regression (scikit-learn's objective),
+    solved by full-batch L-BFGS."""
+    return LogisticHead(C=C, device=device)
 
 
 def sweep_logistic_C(
@@ -215,18 +305,24 @@ def sweep_logistic_C(
     y_val: np.ndarray,
     *,
     Cs: Sequence[float] = BASELINE_CS,
+    device: str = "cpu",
 ) -> BaselineResult:
-    """Coarse decade sweep of C, then one refinement step at half decades around the best."""
+    """Coarse decade sweep of C, then one refinement step at half decades around the best. Each fit
+    warm-starts from the nearest C already solved (a regularisation path); the rows are prepared once."""
     start = time.perf_counter()
+    data = TrainingData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device)
+    solved = _LogisticSolutions()
     curve: dict[float, float] = {}
 
     def score(C: float) -> float:
         if C not in curve:
-            model = make_logistic(C).fit(X_train, y_train)
-            curve[C] = float(np.mean(model.predict(X_val) == y_val))
+            key = _logistic_key(baseline_params(C))
+            head = make_logistic(C, device=device).fit_prepared(data, init=solved.nearest(key))
+            solved.add(key, head)
+            curve[C] = float(head.best_val_top1_)
         return curve[C]
 
-    for C in Cs:
+    for C in sorted(Cs):
         score(C)
     best = max(curve, key=lambda c: (curve[c], -c))
     for C in (best / math.sqrt(10.0), best * math.sqrt(10.0)):
@@ -237,4 +333,5 @@ def sweep_logistic_C(
         val_top1=curve[best],
         curve={f"{c:.3g}": v for c, v in sorted(curve.items())},
         seconds=time.perf_counter() - start,
+        heads=dict(solved.heads),
     )

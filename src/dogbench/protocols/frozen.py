@@ -18,7 +18,7 @@ import numpy as np
 
 from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
-from dogbench.config import Precision, RunConfig
+from dogbench.config import Precision, RunConfig, crops_to_box
 from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
@@ -61,6 +61,7 @@ class BackboneFeatures:
     times: StageTimes
     architecture: dict[str, Any]  # architecture.describe_model of the loaded model (layers, D, MLP, heads...)
     extra: dict[str, FeatureSet] = field(default_factory=dict)  # second test sets (data.extra_test) by name
+    crop_to_box: bool = False  # whether its images were cropped to their boxes (config.crops_to_box)
 
 
 @dataclass(frozen=True)
@@ -121,20 +122,23 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
     """Load each backbone and get its features from the cache (the dataset's and each second test set's),
     computing what is missing."""
     check_dataset(dataset)
+    if cfg.data.box_ablation and not any(s.box for s in dataset.samples):
+        raise DogbenchError(f"data.box_ablation compares box-cropped and whole images, but {dataset.root} has no "
+                            "annotated boxes (Stanford Dogs' Annotation/ folder); turn it off or add the annotations")
     extra_sets = extra_test_sets(cfg, dataset)  # before any model is loaded: a bad folder fails in a second
     out: dict[str, BackboneFeatures] = {}
     for bcfg in cfg.backbones:
+        crop = crops_to_box(cfg, bcfg)
         times = StageTimes()
         with times.measure("load"):
             backbone = load_backbone(bcfg)
             gflops = measure_gflops(backbone)
         with times.measure("extract"):
             feats = extract_features(
-                backbone, dataset, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box, strict=cfg.data.strict,
-                progress=progress,
+                backbone, dataset, cfg=cfg.features, crop_to_box=crop, strict=cfg.data.strict, progress=progress,
             )
         with times.measure("extra_test"):
-            extra = {name: extract_features(backbone, ds, cfg=cfg.features, crop_to_box=cfg.data.crop_to_box,
+            extra = {name: extract_features(backbone, ds, cfg=cfg.features, crop_to_box=crop,
                                             strict=cfg.data.strict, progress=progress)
                      for name, ds in extra_sets.items()}
         for name, ef in extra.items():
@@ -142,7 +146,7 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
                 raise DogbenchError(f"Second test set {name} ({extra_sets[name].root}) has no readable image")
         splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
         arch = describe_model(backbone.model, name=bcfg.model, tag=backbone.tag).to_dict()
-        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch, extra)
+        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch, extra, crop)
         del backbone  # frees the model (and its device memory) before the next one is loaded
     return out
 
@@ -165,6 +169,7 @@ def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
     return cache_key({
         "features": feature_key, "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed,
         "heads": list(t.heads), "max_epochs": t.max_epochs, "seed": t.seed, "search_space": SEARCH_SPACE_VERSION,
+        "pruner": t.pruner, "baseline": t.baseline,
     })
 
 
@@ -186,15 +191,17 @@ def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures,
     saved = saved if saved and saved.digest == digest else None
     storage = cfg.tune.storage or run.default_storage()
     times = StageTimes()
+    baseline = saved.baseline if saved else None
+    if cfg.tune.baseline and baseline is None:  # first: the search starts from the baseline's solution
+        with times.measure("baseline"):
+            baseline = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val],
+                                        device=head_device(cfg))
     with times.measure("tune"), _study_lock(storage):
         tuned = tune_head(
             X[splits.train], y[splits.train], X[splits.val], y[splits.val], cfg=cfg.tune, storage=storage,
             study_name=f"{label}-{digest[:16]}", device=head_device(cfg), progress=progress,
+            baseline=baseline if cfg.tune.baseline else None,
         )
-    baseline = saved.baseline if saved else None
-    if cfg.tune.baseline and baseline is None:
-        with times.measure("baseline"):
-            baseline = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val])
     tuning = Tuning(digest, tuned, baseline if cfg.tune.baseline else None, times.wall, times.cpu)
     run.write_tuning(label, tuning.to_dict())
     bf.times.wall.update(times.wall)
@@ -252,7 +259,7 @@ def evaluate_backbone(
         head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
         head.fit(X[fit_rows], y[fit_rows])  # no validation left: train the tuned number of epochs
         info = bf.info
-        settings = feature_settings(cfg.features, crop_to_box=cfg.data.crop_to_box,
+        settings = feature_settings(cfg.features, crop_to_box=bf.crop_to_box,
                                     precision=Precision(feats.precision), preprocess=info.preprocess)
         identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256,
                                  preprocess=info.preprocess.to_dict(), features=settings, feature_key=feats.key)
@@ -276,7 +283,7 @@ def evaluate_backbone(
     baseline: dict[str, Any] = {}
     if tuning.baseline is not None:
         with times.measure("baseline"):
-            probe = make_logistic(tuning.baseline.C).fit(X[fit_rows], y[fit_rows])
+            probe = make_logistic(tuning.baseline.C, device=head_device(cfg)).fit(X[fit_rows], y[fit_rows])
             probe_scores = _probe_scores(probe, X[splits.test], y_test, dataset, cfg)
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
@@ -403,13 +410,13 @@ def refit_and_score(
     """Test probabilities (columns: every class) of a head tuned in memory with ``trials`` trials on (train, val)
     and refit on the ``fit`` rows, and with ``tune.baseline`` of the C-swept logistic probe fitted on them: the
     repeated analyses (seeds, data efficiency) on cached features."""
-    out = {}
+    out, sweep = {}, None
     if cfg.tune.baseline:
-        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val])
-        probe = make_logistic(sweep.C).fit(X[fit], y[fit])
+        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val], device=head_device(cfg))
+        probe = make_logistic(sweep.C, device=head_device(cfg)).fit(X[fit], y[fit])
         out["baseline"] = full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes)
     tuned = tune_head(X[train], y[train], X[val], y[val], cfg=dataclasses.replace(cfg.tune, trials=trials, seed=seed),
-                      storage=None, study_name=study_name, device=head_device(cfg), progress=False)
+                      storage=None, study_name=study_name, device=head_device(cfg), progress=False, baseline=sweep)
     head = build_head(tuned.best_params, max_epochs=tuned.best_epoch, seed=seed, device=head_device(cfg))
     head.fit(X[fit], y[fit])
     out["tuned"] = full_proba(head.predict_proba(X[test]), head.classes_, n_classes)

@@ -1,0 +1,86 @@
+"""Choices the head search was measured with and left out: feature normalisation before the probe, and averaging
+the probabilities of the best trials instead of taking the best one.
+
+    .venv/bin/python benchmarks/head_choices.py --config benchmarks/shared-dev.toml --out choices.json
+
+For every backbone of the config (cached features; run ``dogbench run`` on it first), split as ``dogbench run``
+splits: (1) the C-swept logistic probe on standardised features, on L2-normalised then standardised features, and
+on signed-square-root ("power") then standardised features, each swept on validation and scored on test after
+training on train; (2) a 100-trial study started from the probe (as ``dogbench run`` tunes), then the average of
+the probabilities of its k best completed trials, each trained on train, for k = 1, 3, 5, 10. Validation top-1
+picks; test top-1 is reported beside it so a choice that only wins on validation shows as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dogbench.config import TuneConfig, load_config, resolve
+from dogbench.data import open_dataset
+from dogbench.protocols.frozen import extract_stage
+from dogbench.tune import build_head, sweep_logistic_C, tune_head
+
+NORMALISATIONS = {
+    "standardise": lambda X: X,
+    "l2 + standardise": lambda X: X / np.linalg.norm(X, axis=1, keepdims=True).clip(min=1e-12),
+    "power + standardise": lambda X: np.sign(X) * np.sqrt(np.abs(X)),
+}
+
+
+def top1(proba: np.ndarray, classes: np.ndarray, y: np.ndarray) -> float:
+    return float(np.mean(classes[proba.argmax(axis=1)] == y))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--trials", type=int, default=100)
+    args = parser.parse_args(argv)
+    cfg = resolve(load_config(args.config))
+    extracted = extract_stage(cfg, open_dataset(cfg.data.root, seed=cfg.data.split_seed), progress=False)
+    report: dict[str, dict] = {}
+    for label, bf in extracted.items():
+        X, y, s = bf.features.features, bf.features.labels, bf.splits
+        rows: dict[str, dict] = {}
+        for name, norm in NORMALISATIONS.items():
+            Xn = norm(X.astype(np.float32))
+            sweep = sweep_logistic_C(Xn[s.train], y[s.train], Xn[s.val], y[s.val])
+            head = sweep.heads[(sweep.C, 0.0)]
+            rows[f"probe, {name}"] = {"C": sweep.C, "val_top1": sweep.val_top1,
+                                      "test_top1": float(np.mean(head.predict(Xn[s.test]) == y[s.test]))}
+            print(f"{label:6s} probe, {name:22s} C={sweep.C:<8.3g} val {sweep.val_top1:.4f}  "
+                  f"test {rows[f'probe, {name}']['test_top1']:.4f}", flush=True)
+            if name == "standardise":
+                baseline = sweep
+        tuned = tune_head(X[s.train], y[s.train], X[s.val], y[s.val], cfg=TuneConfig(trials=args.trials),
+                          storage=None, study_name=label, progress=False, baseline=baseline)
+        best = sorted((h for h in tuned.history if h["state"] == "COMPLETE"), key=lambda h: -h["value"])[:10]
+        probas_val, probas_test = [], []
+        for h in best:
+            head = build_head(h["params"], max_epochs=h["best_epoch"], seed=0)
+            head.fit(X[s.train], y[s.train])
+            probas_val.append(head.predict_proba(X[s.val]))
+            probas_test.append(head.predict_proba(X[s.test]))
+            classes = head.classes_
+        for k in (1, 3, 5, 10):
+            rows[f"average of the {k} best trials"] = {
+                "val_top1": top1(np.mean(probas_val[:k], axis=0), classes, y[s.val]),
+                "test_top1": top1(np.mean(probas_test[:k], axis=0), classes, y[s.test]),
+                "trials": [h["number"] for h in best[:k]], "kinds": [h["params"]["head"] for h in best[:k]],
+            }
+            r = rows[f"average of the {k} best trials"]
+            print(f"{label:6s} average of the {k:2d} best trials ({'+'.join(sorted(set(r['kinds'])))}): "
+                  f"val {r['val_top1']:.4f}  test {r['test_top1']:.4f}", flush=True)
+        report[label] = rows
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

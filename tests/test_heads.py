@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.base import clone
 from sklearn.datasets import make_classification
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -132,6 +133,35 @@ def test_logistic_head_reports_its_solve_once_and_stops_at_max_iter():
         LogisticHead().fit(X, y, eval_set=(X_val, y_val), on_epoch=stop)
 
 
+def test_logistic_head_records_its_final_loss_and_warns_when_it_stops_short():
+    X, y, X_val, y_val = _probe_problem()
+    head = LogisticHead(C=1.0).fit(X, y)
+    record = head.history_[0]
+    assert record["converged"] and record["train_loss"] < np.log(12)  # the solved loss, not the start's ln(12)
+    with pytest.warns(ConvergenceWarning, match="stopped after 3 iterations"):
+        short = LogisticHead(C=1.0, max_iter=3).fit(X, y)
+    assert not short.history_[0]["converged"] and short.history_[0]["train_loss"] > record["train_loss"]
+
+
+def test_epoch_heads_train_in_either_precision_and_record_it():
+    X, y, X_val, y_val = _probe_problem()
+    heads = {p: MLPHead(hidden_size=64, max_epochs=15, precision=p).fit(X, y, eval_set=(X_val, y_val))
+             for p in ("fp32", "bf16")}
+    for precision, head in heads.items():
+        assert {h["precision"] for h in head.history_} == {precision}
+        assert head.predict_proba(X_val).dtype == np.float64  # inference stays float64
+    assert heads["fp32"].best_val_top1_ > 3 / 12  # three times chance
+    assert abs(heads["bf16"].best_val_top1_ - heads["fp32"].best_val_top1_) <= 0.03
+
+
+def test_auto_precision_follows_the_device():
+    from dogbench.device import fast_bf16_matmul
+
+    head = LinearHead(max_epochs=2).fit(*_blobs())
+    expected = "bf16" if fast_bf16_matmul(torch.device("cpu")) else "fp32"
+    assert {h["precision"] for h in head.history_} == {expected}
+
+
 def test_mlp_learns_xor_that_a_linear_head_cannot():
     rng = np.random.default_rng(0)
     X = rng.uniform(-1, 1, size=(2000, 2)).astype(np.float32)
@@ -247,7 +277,7 @@ def test_refit_for_fixed_epochs_via_set_params_without_eval_set():
     assert head.n_epochs_ == head.best_epoch_ == 7
     assert head.best_val_top1_ is None
     assert [h["epoch"] for h in head.history_] == list(range(1, 8))
-    assert all(set(h) == {"epoch", "train_loss"} for h in head.history_)
+    assert all(set(h) == {"epoch", "train_loss", "precision"} for h in head.history_)
     assert head.history_[-1]["train_loss"] < head.history_[0]["train_loss"]
     assert tuned.max_epochs == 50
 
@@ -290,6 +320,9 @@ def test_eval_set_with_unseen_label_is_rejected():
     ("head", "message"),
     [
         (LinearHead(lr=0), "lr must be > 0"),
+        (MLPHead(precision="fp8"), "precision must be one of auto, fp32, bf16"),
+        (LogisticHead(C=0), "C must be > 0"),
+        (LogisticHead(tol=0), "tol must be > 0"),
         (LinearHead(label_smoothing=1.0), "label_smoothing"),
         (LinearHead().set_params(max_epochs=0), "max_epochs must be >= 1, got 0"),
         (MLPHead(n_layers=0, dropout=1.0), "n_layers.*dropout"),
@@ -346,7 +379,8 @@ def test_make_head():
     assert isinstance(make_head("logistic", C=0.5), LogisticHead)
     assert HEAD_KINDS == ("logistic", "linear", "mlp")
     assert HeadKind is config.HeadKind and HEAD_KINDS is config.HEAD_KINDS  # re-exported, not redefined
-    with pytest.raises(ValueError, match=r"Unknown head kind 'lineaer'\. Did you mean 'linear'\? Known: logistic, linear, mlp"):
+    with pytest.raises(ValueError,
+                       match=r"Unknown head kind 'lineaer'\. Did you mean 'linear'\? Known: logistic, linear, mlp"):
         make_head("lineaer")
     with pytest.raises(ValueError, match="Known: logistic, linear, mlp"):
         make_head("svm")

@@ -266,3 +266,21 @@ def test_successive_halving_judges_no_trial_before_its_first_rung(tmp_path: Path
                        progress=False)
     pruned = [h for h in result.history if h["state"] == "PRUNED"]
     assert pruned and all(h["n_epochs"] >= tune.PRUNE_MIN_EPOCHS for h in pruned)
+
+
+def test_a_resumed_study_does_not_run_the_baseline_trial_twice(tmp_path: Path) -> None:
+    X_train, y_train, X_val, y_val = _blobs(n=300, spread=4.0, seed=3)
+    sweep = sweep_logistic_C(X_train, y_train, X_val, y_val)
+    storage = _storage(tmp_path)
+    for trials in (3, 5):
+        result = tune_head(X_train, y_train, X_val, y_val, cfg=TuneConfig(trials=trials, max_epochs=8), storage=storage,
+                           study_name="s", progress=False, baseline=sweep)
+    starts = [h for h in result.history if h["params"] == tune.baseline_params(sweep.C)]
+    assert result.n_trials == 5 and [h["number"] for h in starts] == [0]
+
+
+def test_without_logistic_heads_nothing_is_enqueued(tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
+    sweep = sweep_logistic_C(*blobs, Cs=(0.1,))
+    result = tune_head(*blobs, cfg=TuneConfig(trials=2, max_epochs=5, heads=("linear",)), storage=None,
+                       study_name="s", progress=False, baseline=sweep)
+    assert {h["params"]["head"] for h in result.history} == {"linear"}

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 from dogbench.backbones import Backbone, load_backbone, measure_gflops
-from dogbench.config import BackboneConfig, Precision, RunConfig
+from dogbench.config import BackboneConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import DTYPES, cpu_cores, device_name, resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
@@ -222,7 +222,7 @@ def bench_backbone(
     samples = tuple(sorted(subset.samples, key=lambda s: s.sample_id))
     pre = backbone.preprocess
     images = ImageDataset.for_preprocess(
-        samples, pre, crop_to_box=cfg.data.crop_to_box, reduced_decode=fcfg.reduced_decode,
+        samples, pre, crop_to_box=crops_to_box(cfg, backbone_cfg), reduced_decode=fcfg.reduced_decode,
         decoder=effective_decoder(fcfg.decoder, pre),
     )
     compiled, compile_s = None, None
@@ -245,7 +245,8 @@ def bench_backbone(
             run_cfg = dataclasses.replace(fcfg, cache_dir=cache, batch_size=batch_size, compile=False)
             start = time.perf_counter()
             feats = extract_features(
-                backbone, subset, cfg=run_cfg, crop_to_box=cfg.data.crop_to_box, progress=False, runner=runner,
+                backbone, subset, cfg=run_cfg, crop_to_box=crops_to_box(cfg, backbone_cfg), progress=False,
+                runner=runner,
             )
             got["e2e_samples_per_sec"] = len(samples) / (time.perf_counter() - start)
         if bcfg.recipe:

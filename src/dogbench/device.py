@@ -62,8 +62,8 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
 def fast_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matrix products beat fp32 on ``device``: a GPU with bf16 support, or a CPU with AVX-512 BF16
     or AMX instructions (measured 2.5-3x for a head's linear layers on AVX-512 BF16; docs/BENCHMARKS.md)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # native bf16 from Ampere (compute capability 8) on; older cards emulate it
+        return torch.cuda.get_device_properties(device).major >= 8
     if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -26,6 +27,7 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y, column_or_1d, validate_data
 from torch import nn
@@ -144,7 +146,7 @@ def _train(
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * yb.shape[0]
-        record = {"epoch": epoch, "train_loss": float(loss_sum) / n}
+        record = {"epoch": epoch, "train_loss": float(loss_sum) / n, "precision": "bf16" if bf16 else "fp32"}
         history.append(record)
         if val is None:
             continue
@@ -310,8 +312,8 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         """Train on (X, y). With ``eval_set``, the epoch-trained heads stop early on its top-1 and keep the best
         epoch; the logistic head records its top-1 as it converges.
 
-        ``on_epoch(epoch, val_top1)`` runs after each epoch (for the logistic head: each block of L-BFGS
-        iterations) when ``eval_set`` is given; whatever it raises (e.g. ``optuna.TrialPruned``) propagates.
+        ``on_epoch(epoch, val_top1)`` runs after each epoch (for the logistic head: once, after the solve) when
+        ``eval_set`` is given; whatever it raises (e.g. ``optuna.TrialPruned``) propagates.
         To train for a fixed number of epochs (e.g. a refit for a tuned ``best_epoch``), set ``max_epochs``
         with ``set_params``.
         """
@@ -499,8 +501,9 @@ def _lbfgs(
 ) -> _TrainResult:
     """Minimise mean cross-entropy + ||W||^2 / (2 C n) (bias unpenalised; scikit-learn's LogisticRegression
     objective divided by C n) by full-batch L-BFGS with a strong-Wolfe line search, until the largest gradient
-    entry is at most ``tol``, progress stalls, or ``max_iter`` iterations have run. A start that already meets
-    ``tol`` (a warm start from this objective's solution) is returned unchanged. One "epoch": the solve."""
+    entry is at most ``tol``, progress stalls, or ``max_iter`` iterations have run (then a ConvergenceWarning,
+    as scikit-learn gives). A start that already meets ``tol`` (a warm start from this objective's solution) is
+    returned unchanged. One "epoch": the solve; its record holds the final loss, iterations and ``converged``."""
     l2 = 1.0 / (C * X.shape[0])
     optimizer = torch.optim.LBFGS(
         module.parameters(), lr=1.0, max_iter=max_iter, max_eval=25 * max_iter, tolerance_grad=tol,
@@ -515,10 +518,16 @@ def _lbfgs(
         return loss
 
     module.train()
-    loss = float(optimizer.step(closure).detach())
+    optimizer.step(closure)
     iterations = int(optimizer.state[module.weight].get("n_iter", 0))
+    loss = float(closure().detach())  # the objective and its gradient where the solve ended
+    gradient = max(float(p.grad.abs().max()) for p in module.parameters())
     module.eval()
-    record = {"epoch": 1, "train_loss": loss, "iterations": iterations}
+    converged = gradient <= tol
+    if not converged:
+        warnings.warn(f"L-BFGS stopped after {iterations} iterations with largest gradient {gradient:.2g} > tol "
+                      f"{tol:g} (C={C:g}); raise max_iter or tol", ConvergenceWarning, stacklevel=4)
+    record = {"epoch": 1, "train_loss": loss, "iterations": iterations, "converged": converged}
     if val is not None:
         record["val_top1"] = _top1(module, *val)
         if on_epoch is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from sklearn.exceptions import ConvergenceWarning
 
 from dogbench.config import PRUNERS, TuneConfig
 from dogbench.errors import DogbenchError
@@ -156,9 +158,12 @@ def make_objective(
             head = logistic.get(key)
             if head is None:
                 head = build_head(params, max_epochs=max_epochs, seed=seed, device=device)
-                head.fit_prepared(data, init=logistic.nearest(key))
+                with warnings.catch_warnings():  # recorded per trial instead of a warning each
+                    warnings.simplefilter("ignore", ConvergenceWarning)
+                    head.fit_prepared(data, init=logistic.nearest(key))
                 logistic.add(key, head)
             trial.set_user_attr("best_epoch", int(head.best_epoch_))  # L-BFGS iterations, for the record
+            trial.set_user_attr("converged", bool(head.history_[-1]["converged"]))
             return float(head.best_val_top1_)
         head = build_head(params, max_epochs=max_epochs, seed=seed, device=device).set_params(patience=TRIAL_PATIENCE)
 

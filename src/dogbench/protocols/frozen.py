@@ -20,7 +20,7 @@ from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.config import Precision, RunConfig, crops_to_box
 from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
-from dogbench.device import resolve_device
+from dogbench.device import fast_bf16_matmul, resolve_device
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
 from dogbench.features import FeatureSet, extract_features, feature_settings
@@ -170,12 +170,19 @@ def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
         "features": feature_key, "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed,
         "heads": list(t.heads), "max_epochs": t.max_epochs, "seed": t.seed, "search_space": SEARCH_SPACE_VERSION,
         "pruner": t.pruner, "baseline": t.baseline,
+        # bf16 autocast or fp32 for the AdamW heads follows the device: another device may train them otherwise
+        "head_precision": "bf16" if fast_bf16_matmul(torch_device(cfg)) else "fp32",
     })
+
+
+def torch_device(cfg: RunConfig) -> Any:
+    """Where heads train, as a torch device: ``tune.device``, or with "auto" the features' device."""
+    return resolve_device(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device)
 
 
 def head_device(cfg: RunConfig) -> str:
     """Where heads train: ``tune.device``, or with "auto" the features' device."""
-    return str(resolve_device(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device))
+    return str(torch_device(cfg))
 
 
 def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures, *, progress: bool) -> Tuning:
@@ -303,7 +310,9 @@ def evaluate_backbone(
         label=label, backbone=info.tag, weights=info.weights, weights_sha256=info.weights_sha256,
         feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
         feature_key=feats.key, cache_hit=feats.cache_hit, device=feats.device, precision=feats.precision,
-        head={"kind": best.best_params["head"], "params": best.best_params, "epochs": best.best_epoch,
+        head={"kind": best.best_params["head"], "params": best.best_params,
+              **({"iterations": head.n_iter_, "epochs": None} if best.best_params["head"] == "logistic" else
+                 {"epochs": best.best_epoch}),
               "study": best.study_name, "n_trials": best.n_trials, "n_pruned": best.n_pruned},
         val={"top1": best.best_val_top1},
         test=scores,

@@ -501,8 +501,8 @@ def _lbfgs(
 ) -> _TrainResult:
     """Minimise mean cross-entropy + ||W||^2 / (2 C n) (bias unpenalised; scikit-learn's LogisticRegression
     objective divided by C n) by full-batch L-BFGS with a strong-Wolfe line search, until the largest gradient
-    entry is at most ``tol``, progress stalls, or ``max_iter`` iterations have run (then a ConvergenceWarning,
-    as scikit-learn gives). A start that already meets ``tol`` (a warm start from this objective's solution) is
+    entry is at most ``tol``, progress stalls (no change of the loss or the weights above 1e-9), or ``max_iter``
+    iterations have run (then, short of ``tol``, a ConvergenceWarning as scikit-learn gives). A start that already meets ``tol`` (a warm start from this objective's solution) is
     returned unchanged. One "epoch": the solve; its record holds the final loss, iterations and ``converged``."""
     l2 = 1.0 / (C * X.shape[0])
     optimizer = torch.optim.LBFGS(
@@ -523,8 +523,8 @@ def _lbfgs(
     loss = float(closure().detach())  # the objective and its gradient where the solve ended
     gradient = max(float(p.grad.abs().max()) for p in module.parameters())
     module.eval()
-    converged = gradient <= tol
-    if not converged:
+    converged = gradient <= tol  # else max_iter ran out, or progress stalled at float32 resolution
+    if not converged and iterations >= max_iter:
         warnings.warn(f"L-BFGS stopped after {iterations} iterations with largest gradient {gradient:.2g} > tol "
                       f"{tol:g} (C={C:g}); raise max_iter or tol", ConvergenceWarning, stacklevel=4)
     record = {"epoch": 1, "train_loss": loss, "iterations": iterations, "converged": converged}

@@ -502,8 +502,9 @@ def _lbfgs(
     """Minimise mean cross-entropy + ||W||^2 / (2 C n) (bias unpenalised; scikit-learn's LogisticRegression
     objective divided by C n) by full-batch L-BFGS with a strong-Wolfe line search, until the largest gradient
     entry is at most ``tol``, progress stalls (no change of the loss or the weights above 1e-9), or ``max_iter``
-    iterations have run (then, short of ``tol``, a ConvergenceWarning as scikit-learn gives). A start that already meets ``tol`` (a warm start from this objective's solution) is
-    returned unchanged. One "epoch": the solve; its record holds the final loss, iterations and ``converged``."""
+    iterations have run (then, short of ``tol``, a ConvergenceWarning as scikit-learn gives). A start that already
+    meets ``tol`` (a warm start from this objective's solution) is returned unchanged. One "epoch": the solve; its
+    record holds the final loss, iterations and ``converged``."""
     l2 = 1.0 / (C * X.shape[0])
     optimizer = torch.optim.LBFGS(
         module.parameters(), lr=1.0, max_iter=max_iter, max_eval=25 * max_iter, tolerance_grad=tol,

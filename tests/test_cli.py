@@ -251,6 +251,17 @@ def test_box_ablation_gives_box_and_whole_rows_of_one_run(official_root: Path, t
     assert set(run.predict([image])[0].top) == {"cnn", "cnn-whole"}
 
 
+def test_classes_runs_on_a_subset_and_its_heads_know_only_those(class_folder_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    args = ["--data", str(class_folder_root), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
+            "--classes", "2"]
+    assert _run(args, tmp_path) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["dataset"]["n_classes"] == 2 and results["config"]["data"]["classes"] == 2
+    head = json.loads((out / "cnn" / "head" / "head.json").read_text())
+    assert len(head["class_names"]) == 2
+
+
 def test_box_ablation_without_boxes_is_one_clear_error(class_folder_root: Path, tmp_path: Path,
                                                        capsys: pytest.CaptureFixture) -> None:
     code = main(["run", "--data", str(class_folder_root), "--out", str(tmp_path / "r"), "--box-ablation",

@@ -303,3 +303,13 @@ def test_box_ablation_twins_every_backbone_once() -> None:
 def test_an_unknown_pruner_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="Unknown tune.pruner 'asha'. Valid pruners: halving, hyperband"):
         resolve({"tune": {"pruner": "asha"}})
+
+
+def test_data_classes_is_a_count_or_names() -> None:
+    assert resolve({"data": {"classes": 20}}).data.classes == 20
+    assert resolve({"data": {"classes": ["pug", "akita"]}}).data.classes == ("pug", "akita")
+    assert resolve({"data": {"classes": "pug, akita"}}).data.classes == ("pug", "akita")  # --classes pug,akita
+    assert resolve({"data": {"classes": "20"}}).data.classes == 20  # --classes 20
+    assert resolve({}).data.classes is None
+    with pytest.raises(ConfigError, match="data.classes must name at least 2 classes"):
+        resolve({"data": {"classes": 1}})

@@ -549,6 +549,24 @@ def test_a_second_test_set_takes_the_datasets_labels_by_name(tmp_path: Path) -> 
         relabel_to(extra, ("Chihuahua", "pug"))
 
 
+def test_select_classes_keeps_the_first_n_or_the_named_ones_relabelled(tmp_path: Path) -> None:
+    from dogbench.data import select_classes
+
+    ds = open_dataset(make_class_folder_layout(tmp_path / "d", classes=("akita", "beagle", "corgi", "dingo"),
+                                               n_train=3, n_test=2))
+    assert select_classes(ds, None) is ds
+    first = select_classes(ds, 2)
+    assert first.classes == ("akita", "beagle") and len(first.samples) == 10
+    assert {s.label for s in first.samples} == {0, 1} and {s.split for s in first.samples} == {"train", "test"}
+    named = select_classes(ds, ["Dingo", "beagle"])  # matched like second test sets; the dataset's order kept
+    assert named.classes == ("beagle", "dingo")
+    assert {s.sample_id.split("/")[1]: s.label for s in named.samples} == {"beagle": 0, "dingo": 1}
+    with pytest.raises(DatasetLayoutError, match=r"does not have: corgy \(did you mean corgi\?\)"):
+        select_classes(ds, ["corgy", "akita"])
+    with pytest.raises(DatasetLayoutError, match="has 4 classes; choose 2 to that many"):
+        select_classes(ds, 5)
+
+
 def test_the_shots_sampler_takes_exactly_k_per_class_and_is_seeded() -> None:
     from dogbench.data import sample_shots
 

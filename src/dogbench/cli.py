@@ -56,6 +56,8 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
                    "(data.strict; default: skip it with a warning)")
     p.add_argument("--crop-to-box", action=argparse.BooleanOptionalAction,
                    help="crop Stanford Dogs images to their annotated box (data.crop_to_box)")
+    p.add_argument("--classes", help="a subset of the classes for quick trials: the first N, or names a,b,c "
+                   "(data.classes)")
     p.add_argument("--box-ablation", action=argparse.BooleanOptionalAction, help="every backbone twice, box-cropped "
                    "and whole images, as comparable rows of one run (data.box_ablation; needs Annotation/)")
     p.add_argument("--download", action=argparse.BooleanOptionalAction,
@@ -166,6 +168,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "data_url": "data.data_url", "images": "bench.images", "repeats": "bench.repeats",
         "batch_size": "features.batch_size", "strict": "data.strict", "crop_to_box": "data.crop_to_box",
         "box_ablation": "data.box_ablation",
+        "classes": "data.classes",
         "download": "data.download", "compile": "bench.compare_compile", "recipe": "bench.recipe",
         "seeds": "evaluate.seeds",
     }

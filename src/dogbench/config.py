@@ -68,6 +68,9 @@ class DataConfig:
     # second test sets: folders in any layout (every image of each is a test image) whose class names are the
     # dataset's (matched ignoring case, "_", "-" and spaces); scored with the same heads, reported per set
     extra_test: tuple[str, ...] = ()
+    # a subset of the classes for quick trials: the first N (in the dataset's order), or class names (matched like
+    # extra_test's); None = every class. Features of a subset are its own cache entries.
+    classes: int | tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -283,6 +286,10 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         values = {**values, "heads": [values["heads"]]}
     if cls is DataConfig and isinstance(values.get("extra_test"), str):
         values = {**values, "extra_test": [values["extra_test"]]}
+    if cls is DataConfig and isinstance(values.get("classes"), str):  # --classes 20, --classes a,b,c
+        text = values["classes"].strip()
+        values = {**values, "classes": int(text) if text.isdigit() else
+                  [c.strip() for c in text.split(",") if c.strip()]}
     if cls is ShotsConfig and isinstance(values.get("shots"), str | int):
         values = {**values, "shots": str(values["shots"]).split(",")}
     _check_types(cls, section, values)
@@ -299,6 +306,8 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         kwargs["shots"] = parse_shots(kwargs["shots"])
     if cls is DataConfig and "extra_test" in kwargs:
         kwargs["extra_test"] = tuple(str(p) for p in kwargs["extra_test"])
+    if cls is DataConfig and isinstance(kwargs.get("classes"), list | tuple):
+        kwargs["classes"] = tuple(str(c) for c in kwargs["classes"])
     return cls(**kwargs)
 
 
@@ -524,6 +533,9 @@ def _validate(cfg: RunConfig) -> None:
     for head in cfg.tune.heads:
         if head not in HEAD_KINDS:
             raise ConfigError(f"Unknown head '{head}' in tune.heads. Valid heads: {', '.join(HEAD_KINDS)}")
+    classes = cfg.data.classes
+    if (isinstance(classes, int) and classes < 2) or (isinstance(classes, tuple) and len(set(classes)) < 2):
+        raise ConfigError(f"data.classes must name at least 2 classes (a count N >= 2 or a list), got {classes!r}")
     if cfg.tune.pruner not in PRUNERS:
         raise ConfigError(f"Unknown tune.pruner '{cfg.tune.pruner}'. Valid pruners: {', '.join(PRUNERS)}")
 

@@ -14,6 +14,7 @@ from dogbench.data.datasets import (
     open_dataset,
     relabel_to,
     sample_shots,
+    select_classes,
     stratified_split,
 )
 from dogbench.data.images import ImageError, clamp_box, load_image, read_image
@@ -35,6 +36,7 @@ __all__ = [
     "open_dataset",
     "read_image",
     "relabel_to",
+    "select_classes",
     "sample_shots",
     "stratified_split",
 ]

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import os
 import warnings
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +124,34 @@ def relabel_to(extra: Dataset, classes: tuple[str, ...]) -> Dataset:
     mapping = [index[_name_key(c)] for c in extra.classes]
     samples = tuple(Sample(s.path, s.sample_id, mapping[s.label], "test", s.box) for s in extra.samples)
     return Dataset(extra.name, extra.root, extra.layout, "extra-test", classes, samples)
+
+
+def select_classes(dataset: Dataset, classes: int | Sequence[str] | None) -> Dataset:
+    """``dataset`` restricted to some classes (``data.classes``): the first N in its order, or the named ones
+    (matched ignoring case, "_", "-" and spaces), relabelled 0..K-1 in the dataset's order; None: unchanged.
+    DatasetLayoutError names what is wrong and the valid choices."""
+    if classes is None:
+        return dataset
+    if isinstance(classes, int):
+        if not 2 <= classes <= len(dataset.classes):
+            raise DatasetLayoutError(f"data.classes = {classes}, but {dataset.root} has {len(dataset.classes)} "
+                                     "classes; choose 2 to that many")
+        keep = list(range(classes))
+    else:
+        index = {_name_key(c): i for i, c in enumerate(dataset.classes)}
+        unknown = [c for c in classes if _name_key(c) not in index]
+        if unknown:
+            hints = [m for u in unknown for m in difflib.get_close_matches(u, dataset.classes, n=1)]
+            raise DatasetLayoutError(
+                f"data.classes names classes {dataset.root} does not have: {', '.join(unknown[:10])}"
+                + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                + f". Its classes are e.g. {', '.join(dataset.classes[:5])}"
+            )
+        keep = sorted({index[_name_key(c)] for c in classes})
+    new_label = {old: new for new, old in enumerate(keep)}
+    samples = tuple(Sample(s.path, s.sample_id, new_label[s.label], s.split, s.box) for s in dataset.samples
+                    if s.label in new_label)
+    return dataclasses.replace(dataset, classes=tuple(dataset.classes[i] for i in keep), samples=samples)
 
 
 # ---------------------------------------------------------------- splits

@@ -15,7 +15,14 @@ from urllib.request import Request, urlopen
 from tqdm import tqdm
 
 from dogbench.config import DataConfig
-from dogbench.data.datasets import DataNotFoundError, Dataset, DatasetLayoutError, detect_layout, open_dataset
+from dogbench.data.datasets import (
+    DataNotFoundError,
+    Dataset,
+    DatasetLayoutError,
+    detect_layout,
+    open_dataset,
+    select_classes,
+)
 from dogbench.errors import DogbenchError
 from dogbench.locks import locked
 
@@ -369,4 +376,4 @@ def prepare_stanford_dogs(
 def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:
     """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast."""
     root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url, progress=progress)
-    return open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    return select_classes(open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed), cfg.classes)

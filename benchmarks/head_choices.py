@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+from bench_tune import shared_dev_features  # this folder's benchmark: the config's cached features, split
 
-from dogbench.config import TuneConfig, load_config, resolve
-from dogbench.data import open_dataset
-from dogbench.protocols.frozen import extract_stage
+from dogbench.config import TuneConfig
 from dogbench.tune import build_head, sweep_logistic_C, tune_head
 
 NORMALISATIONS = {
@@ -41,39 +40,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--trials", type=int, default=100)
     args = parser.parse_args(argv)
-    cfg = resolve(load_config(args.config))
-    extracted = extract_stage(cfg, open_dataset(cfg.data.root, seed=cfg.data.split_seed), progress=False)
     report: dict[str, dict] = {}
-    for label, bf in extracted.items():
-        X, y, s = bf.features.features, bf.features.labels, bf.splits
+    for f in shared_dev_features(args.config):
+        label = f.name.split()[0]
         rows: dict[str, dict] = {}
         for name, norm in NORMALISATIONS.items():
-            Xn = norm(X.astype(np.float32))
-            sweep = sweep_logistic_C(Xn[s.train], y[s.train], Xn[s.val], y[s.val])
+            Xtr, Xva, Xte = (norm(X.astype(np.float32)) for X in (f.X_train, f.X_val, f.X_test))
+            sweep = sweep_logistic_C(Xtr, f.y_train, Xva, f.y_val)
             head = sweep.heads[(sweep.C, 0.0)]
             rows[f"probe, {name}"] = {"C": sweep.C, "val_top1": sweep.val_top1,
-                                      "test_top1": float(np.mean(head.predict(Xn[s.test]) == y[s.test]))}
+                                      "test_top1": float(np.mean(head.predict(Xte) == f.y_test))}
             print(f"{label:6s} probe, {name:22s} C={sweep.C:<8.3g} val {sweep.val_top1:.4f}  "
                   f"test {rows[f'probe, {name}']['test_top1']:.4f}", flush=True)
             if name == "standardise":
                 baseline = sweep
-        tuned = tune_head(X[s.train], y[s.train], X[s.val], y[s.val], cfg=TuneConfig(trials=args.trials),
+        tuned = tune_head(f.X_train, f.y_train, f.X_val, f.y_val, cfg=TuneConfig(trials=args.trials),
                           storage=None, study_name=label, progress=False, baseline=baseline)
         best = sorted((h for h in tuned.history if h["state"] == "COMPLETE"), key=lambda h: -h["value"])[:10]
         probas_val, probas_test = [], []
         for h in best:
-            head = build_head(h["params"], max_epochs=h["best_epoch"], seed=0)
-            head.fit(X[s.train], y[s.train])
-            probas_val.append(head.predict_proba(X[s.val]))
-            probas_test.append(head.predict_proba(X[s.test]))
+            head = build_head(h["params"], max_epochs=h["best_epoch"], seed=0).fit(f.X_train, f.y_train)
+            probas_val.append(head.predict_proba(f.X_val))
+            probas_test.append(head.predict_proba(f.X_test))
             classes = head.classes_
         for k in (1, 3, 5, 10):
-            rows[f"average of the {k} best trials"] = {
-                "val_top1": top1(np.mean(probas_val[:k], axis=0), classes, y[s.val]),
-                "test_top1": top1(np.mean(probas_test[:k], axis=0), classes, y[s.test]),
+            r = rows[f"average of the {k} best trials"] = {
+                "val_top1": top1(np.mean(probas_val[:k], axis=0), classes, f.y_val),
+                "test_top1": top1(np.mean(probas_test[:k], axis=0), classes, f.y_test),
                 "trials": [h["number"] for h in best[:k]], "kinds": [h["params"]["head"] for h in best[:k]],
             }
-            r = rows[f"average of the {k} best trials"]
             print(f"{label:6s} average of the {k:2d} best trials ({'+'.join(sorted(set(r['kinds'])))}): "
                   f"val {r['val_top1']:.4f}  test {r['test_top1']:.4f}", flush=True)
         report[label] = rows

@@ -100,13 +100,16 @@ def test_the_photos_are_full_size_and_the_preprocessing_is_timms(samples, backbo
     assert backbone.preprocess.to_dict() == {k: list(v) if isinstance(v, tuple) else v for k, v in timm_cfg.items()}
 
 
+def _photos(samples, *, crop_to_box: bool) -> list[Image.Image]:
+    """The photos as PIL opens them (RGB), cropped to their first box when asked: the reference's input."""
+    photos = [Image.open(s.path).convert("RGB") for s in samples]
+    return [im.crop(s.box) for im, s in zip(photos, samples, strict=True)] if crop_to_box else photos
+
+
 @pytest.mark.parametrize("crop_to_box", [False, True], ids=["whole", "box"])
 def test_pil_decoder_without_reduced_decoding_is_timms_pipeline(samples, backbone, runner, reference,
                                                                  crop_to_box: bool) -> None:
-    photos = [Image.open(s.path).convert("RGB") for s in samples]
-    if crop_to_box:
-        photos = [im.crop(s.box) for im, s in zip(photos, samples, strict=True)]
-    ref = timm_features(reference, photos)
+    ref = timm_features(reference, _photos(samples, crop_to_box=crop_to_box))
     ours = dogbench_features(runner, backbone, samples, crop_to_box=crop_to_box, decoder="pil", reduced_decode=False)
     assert relative_l2(ours, ref).max() < 1e-5
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
@@ -115,10 +118,7 @@ def test_pil_decoder_without_reduced_decoding_is_timms_pipeline(samples, backbon
 @pytest.mark.parametrize("crop_to_box", [False, True], ids=["whole", "box"])
 def test_default_decoding_is_within_rounding_of_timms_pipeline(samples, backbone, runner, reference,
                                                                crop_to_box: bool) -> None:
-    photos = [Image.open(s.path).convert("RGB") for s in samples]
-    if crop_to_box:
-        photos = [im.crop(s.box) for im, s in zip(photos, samples, strict=True)]
-    ref = timm_features(reference, photos)
+    ref = timm_features(reference, _photos(samples, crop_to_box=crop_to_box))
     ours = dogbench_features(runner, backbone, samples, crop_to_box=crop_to_box, decoder="auto", reduced_decode=True)
     assert relative_l2(ours, ref).max() < 0.02
     assert cosine(ours, ref).min() > 0.9995

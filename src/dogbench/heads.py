@@ -581,14 +581,10 @@ class LogisticHead(_TorchHead):
         nn.init.zeros_(layer.bias)
         return layer
 
-    def _fit_data(self, data: TrainingData, **kwargs: Any) -> Self:
-        super()._fit_data(data, **kwargs)
-        self.n_iter_ = self.best_epoch_  # L-BFGS iterations run (scikit-learn's name)
-        return self
-
-    def _restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        super()._restore(meta, tensors)
-        self.n_iter_ = self.best_epoch_
+    @property
+    def n_iter_(self) -> int:
+        """L-BFGS iterations run (scikit-learn's name); AttributeError before fit, as for any learned attribute."""
+        return self.best_epoch_
 
     def _train_module(
         self, module: nn.Module, data: TrainingData, on_epoch: Callable[[int, float], None] | None

@@ -52,11 +52,19 @@ def tune(
     """``dogbench tune``: features (cached) and tuning; the run folder gets config.json and the tunings."""
     run = run_folder(cfg)
     with run.lock():
-        check_devices(cfg)  # before the config is written: a refused device must not stick to the folder
-        cfg = run.settle_config(cfg, force=force)
-        extracted = extract_stage(cfg, dataset, progress=progress)
-        tunings = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
+        _, _, tunings = _extract_and_tune(cfg, run, dataset, progress=progress, force=force)
     return tunings, run.path
+
+
+def _extract_and_tune(
+    cfg: RunConfig, run: RunDir, dataset: Dataset, *, progress: bool, force: bool
+) -> tuple[RunConfig, dict[str, BackboneFeatures], dict[str, Tuning]]:
+    """Under the run's lock: devices checked, the folder's config settled, features, tunings (``tune`` and ``run``)."""
+    check_devices(cfg)  # before the config is written: a refused device must not stick to the folder
+    cfg = run.settle_config(cfg, force=force)
+    extracted = extract_stage(cfg, dataset, progress=progress)
+    tunings = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
+    return cfg, extracted, tunings
 
 
 def evaluate(
@@ -92,10 +100,7 @@ def run(
     start = time.perf_counter() if start is None else start
     run = run_folder(cfg)
     with run.lock():
-        check_devices(cfg)  # before the config is written: a refused device must not stick to the folder
-        cfg = run.settle_config(cfg, force=force)
-        extracted = extract_stage(cfg, dataset, progress=progress)
-        tuning = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
+        cfg, extracted, tuning = _extract_and_tune(cfg, run, dataset, progress=progress, force=force)
         results = _evaluate_and_report(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start,
                                        progress=progress)
     return results, run.path

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dogbench import __version__
-from dogbench.config import ConfigError, RunConfig, load_config, resolve, saved_to_doc
+from dogbench.config import FROZEN, METHODS, ConfigError, RunConfig, load_config, resolve, saved_to_doc
 from dogbench.data.download import prepare_dataset
 from dogbench.errors import DogbenchError
 from dogbench.rundir import RunDir, RunFolderError
@@ -82,9 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
         "run": "the main job: extract (cached), tune heads, evaluate, compare",
         "extract": "extract features into the cache (nothing else)",
         "tune": "extract (cached) and tune heads on train/val; writes <out>/<label>/tuning.json",
+        "finetune": "fine-tune every backbone with --methods (default: lora,partial,full,lp-ft) beside the frozen "
+                    "protocol's tuned head, tuned on validation, scored on test once; one results.json and report",
     }
     for name, help_text in commands.items():
-        _add_common(sub.add_parser(name, help=help_text, description=help_text))
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_common(p)
+        if name in ("run", "finetune"):
+            p.add_argument("--methods", help="rows of the ladder, comma-separated: frozen,lora,partial,full,lp-ft "
+                           "(finetune.methods; run's default: frozen)")
+            p.add_argument("--epochs", type=int, help="fine-tuning epochs (finetune.epochs)")
     help_text = "refit the tuned heads of RUN_DIR on train+val, score test once, compare (its config.json rules)"
     _add_common(sub.add_parser("evaluate", help=help_text, description=help_text), run_dir="positional")
     help_text = ("time decode alone, the model alone, end-to-end extraction and the hand-written recipe, against "
@@ -144,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_folder(args: argparse.Namespace) -> RunDir | None:
     """The run folder a config-building command works on: RUN_DIR (evaluate) or --out; None for a new one."""
-    path = getattr(args, "run_dir", None) or (args.out if args.command in ("run", "tune", "extract") else None)
+    path = getattr(args, "run_dir", None) or (args.out if args.command in ("run", "tune", "extract", "finetune")
+                                              else None)
     return RunDir(path) if path else None
 
 
@@ -170,18 +178,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "box_ablation": "data.box_ablation",
         "classes": "data.classes",
         "download": "data.download", "compile": "bench.compare_compile", "recipe": "bench.recipe",
-        "seeds": "evaluate.seeds",
+        "seeds": "evaluate.seeds", "epochs": "finetune.epochs",
     }
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={json.dumps(value)}")
+    if getattr(args, "methods", None) is not None:
+        overrides.append(f"finetune.methods={json.dumps([m.strip() for m in args.methods.split(',') if m.strip()])}")
+    elif args.command == "finetune" and not any(o.startswith("finetune.methods=") for o in overrides) and not any(
+            m != FROZEN for m in doc.get("finetune", {}).get("methods", ())):
+        overrides.append(f"finetune.methods={json.dumps(list(METHODS))}")
     if getattr(args, "shots", None) is not None:
         overrides.append(f"shots.shots={json.dumps(args.shots.split(','))}")
     if args.command == "evaluate":
         overrides.append(f"out={json.dumps(str(args.run_dir))}")
     cfg = resolve(doc, overrides=overrides, backbone_specs=args.backbone)
-    if run is None and cfg.out and args.command in ("run", "tune", "extract"):
+    if args.command == "finetune" and FROZEN not in cfg.finetune.methods:  # the ladder's first rung, always
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
+            cfg.finetune, methods=(FROZEN, *cfg.finetune.methods)))
+    if run is None and cfg.out and args.command in ("run", "tune", "extract", "finetune"):
         run = RunDir(cfg.out)  # `out` named by the config file
     if run is not None:
         run.check_config(cfg, force=force)  # before any data is read or downloaded
@@ -255,7 +271,7 @@ def _dispatch(args: argparse.Namespace) -> int:
                   f"({t.tune.n_complete} complete, {t.tune.n_pruned} pruned){extra}")
         print(f"tuning: {run_dir}")
         return 0
-    if args.command == "run":
+    if args.command in ("run", "finetune"):
         results, run_dir = pipeline.run(cfg, dataset, data_s=data_s, start=start, progress=progress, force=args.force)
     else:
         results, run_dir = pipeline.evaluate(cfg, dataset, data_s=data_s, start=start, progress=progress)

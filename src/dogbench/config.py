@@ -37,6 +37,9 @@ class HeadKind(StrEnum):
 
 HEAD_KINDS: tuple[str, ...] = tuple(kind.value for kind in HeadKind)
 PRUNERS: tuple[str, ...] = ("halving", "hyperband", "median", "none")  # dogbench.tune.make_pruner
+FROZEN = "frozen"  # the method of the frozen protocol (a tuned head on cached features)
+FINETUNE_METHODS: tuple[str, ...] = ("lora", "partial", "full", "lp-ft")  # dogbench.training
+METHODS: tuple[str, ...] = (FROZEN, *FINETUNE_METHODS)
 
 
 class Precision(StrEnum):
@@ -153,6 +156,50 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Fine-tuning (``dogbench finetune``, or ``methods`` beyond "frozen" in ``dogbench run``).
+
+    The recipe follows the published ones: AdamW with a cosine schedule and linear warm-up, layer-wise lr decay
+    for ViTs, label smoothing 0.1, drop-path 0.1, weight decay 0.05 and timm's training transform (random resized
+    crop, flip, colour jitter 0.4 or RandAugment) are timm's ``train.py`` defaults and the BEiT / MAE ViT
+    fine-tuning recipe (Bao et al. 2022, He et al. 2022: AdamW, wd 0.05, layer decay 0.65-0.75, drop-path 0.1,
+    cosine, warm-up 5 of 100 epochs); LoRA (Hu et al. 2022) rank 8, alpha 16 on the attention and MLP
+    projections; LP-FT (Kumar et al. 2022) starts from the linear probe and fine-tunes at a smaller lr. Per-method
+    defaults (``None`` below) are ``dogbench.training.METHOD_DEFAULTS`` (README lists them). VPT's Stanford Dogs
+    configs (Jia et al. 2022) tune lr and weight decay on validation: ``trials`` does the same.
+    """
+
+    methods: tuple[str, ...] = (FROZEN,)  # rows of the ladder: any of METHODS; frozen always runs (lp-ft needs it)
+    epochs: int = 10
+    batch_size: int = 32  # images per forward pass; an optimizer step takes batch_size * grad_accum images
+    grad_accum: int = 1
+    lr: float | None = None  # peak lr at batch_size * grad_accum images; None = the method's default
+    layer_decay: float | None = None  # lr x decay^(depth - layer); None = the method's default (1.0 on CNNs)
+    weight_decay: float | None = None
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
+    label_smoothing: float = 0.1
+    drop_path: float | None = None  # stochastic depth rate for the models that have it; None = 0.1
+    crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop's area range (timm's default)
+    color_jitter: float = 0.4  # timm's default; ignored with randaugment
+    randaugment: str | None = None  # a timm RandAugment spec, e.g. "rand-m9-mstd0.5-inc1" (MAE / DeiT)
+    mixup: float = 0.0  # mixup alpha (0 = off); DeiT uses 0.8
+    cutmix: float = 0.0  # cutmix alpha (0 = off); DeiT uses 1.0
+    ema_decay: float = 0.0  # keep an EMA of the weights and evaluate it (0 = off); timm uses 0.9998
+    lora_rank: int | None = None
+    lora_alpha: float | None = None  # None = 2 x rank
+    lora_dropout: float = 0.0
+    partial_blocks: int = 2  # "partial": the last N blocks (ViT) or stages (CNN) + final norm + head trainable
+    patience: int = 3  # stop after this many epochs without a better validation top-1
+    precision: Precision = Precision.AUTO  # auto = bf16 autocast where bf16 matmuls are fast (AMX CPU, GPU sm80+)
+    grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
+    checkpoint_every: int = 0  # optimizer steps between training-state checkpoints (0 = at each epoch's end only)
+    trials: int = 0  # Optuna trials over lr, layer decay, weight decay (and LoRA rank) on validation; 0 = defaults
+    pruner: str = "hyperband"  # multi-fidelity pruning of trials on per-epoch validation top-1: one of PRUNERS
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     n_bootstrap: int = 2000
     seed: int = 0
@@ -200,6 +247,7 @@ class RunConfig:
     backbones: tuple[BackboneConfig, ...] = ()
     features: FeatureConfig = FeatureConfig()
     tune: TuneConfig = TuneConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     evaluate: EvalConfig = EvalConfig()
     shots: ShotsConfig = ShotsConfig()
     bench: BenchConfig = BenchConfig()
@@ -217,6 +265,7 @@ SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "features": FeatureConfig,
     "tune": TuneConfig,
+    "finetune": FinetuneConfig,
     "evaluate": EvalConfig,
     "shots": ShotsConfig,
     "bench": BenchConfig,
@@ -536,6 +585,17 @@ def _validate(cfg: RunConfig) -> None:
     classes = cfg.data.classes
     if (isinstance(classes, int) and classes < 2) or (isinstance(classes, tuple) and len(set(classes)) < 2):
         raise ConfigError(f"data.classes must name at least 2 classes (a count N >= 2 or a list), got {classes!r}")
+    f = cfg.finetune
+    for method in f.methods:
+        if method not in METHODS:
+            raise ConfigError(f"Unknown method '{method}' in finetune.methods. Valid methods: {', '.join(METHODS)}")
+    if min(f.epochs, f.batch_size, f.grad_accum, f.partial_blocks) < 1 or f.trials < 0 or f.checkpoint_every < 0:
+        raise ConfigError("finetune.epochs, batch_size, grad_accum and partial_blocks must be >= 1, finetune.trials "
+                          "and finetune.checkpoint_every >= 0")
+    if not 0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0 or len(f.crop_scale) != 2:
+        raise ConfigError(f"finetune.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(f.crop_scale)}")
+    if f.pruner not in PRUNERS:
+        raise ConfigError(f"Unknown finetune.pruner '{f.pruner}'. Valid pruners: {', '.join(PRUNERS)}")
     if cfg.tune.pruner not in PRUNERS:
         raise ConfigError(f"Unknown tune.pruner '{cfg.tune.pruner}'. Valid pruners: {', '.join(PRUNERS)}")
 
@@ -548,6 +608,8 @@ EXECUTION_KEYS = (
     "bench", "report",
     # analyses that add to the results without changing the rest: `dogbench evaluate R --seeds 3` adds them
     "evaluate.seeds", "shots", "data.extra_test",
+    # fine-tuning rows are added to a run folder method by method; how often training state is saved changes nothing
+    "finetune.methods", "finetune.checkpoint_every",
 )
 
 

@@ -493,7 +493,7 @@ def explain_run(
             explanation = explain_image(model, path, box=box)
             explanations.append(explanation)
             picture = overlay(explanation.image, explanation.heatmap, box=explanation.box)
-            png = f"{stem}__{label}.png"
+            png = f"{stem}__{label.replace('/', '-')}.png"  # a fine-tuned model's label is <backbone>/<method>
             atomic_write_bytes(out_dir / png, _png(picture))
             tag = model.backbone.tag
             panels.append((f"{label} ({tag.split('.')[0]}): {explanation.method}", picture, explanation.top3))

@@ -629,6 +629,23 @@ class LinearHead(_EpochHead):
         return _classifier_layer(n_features, n_classes)
 
 
+def fitted_linear_head(
+    layer: nn.Linear, *, best_epoch: int, best_val_top1: float, history: list[dict[str, Any]]
+) -> LinearHead:
+    """A LinearHead holding a linear layer trained elsewhere (a fine-tuned model's classifier) on raw features,
+    classes 0..C-1: saved, loaded, identity-checked and used by the inference path like any tuned head."""
+    n_classes, n_features = layer.weight.shape
+    head = LinearHead(standardize=False)
+    head.classes_ = np.arange(n_classes)
+    head.mean_ = np.zeros(n_features, dtype=np.float32)
+    head.scale_ = np.ones(n_features, dtype=np.float32)
+    head.module_ = copy.deepcopy(layer).cpu().float().eval().requires_grad_(False)
+    head.n_features_in_ = n_features
+    head.n_epochs_, head.best_epoch_, head.best_val_top1_, head.history_ = len(history), best_epoch, best_val_top1, \
+        history
+    return head
+
+
 class MLPHead(_EpochHead):
     """``(Linear -> activation -> Dropout) x n_layers -> Linear``; hidden layers use torch's default init."""
 

@@ -25,7 +25,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone, load_backbone
-from dogbench.config import FeatureConfig, Precision, RunConfig, crops_to_box
+from dogbench.config import FROZEN, BackboneConfig, FeatureConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import IMAGE_EXTENSIONS, ImageError, Sample, display_names
 from dogbench.device import resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
@@ -33,7 +33,7 @@ from dogbench.evaluate import apply_temperature
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, feature_settings, iter_batches
 from dogbench.heads import META_FILE, Head, check_identity, head_identity, load_head
 from dogbench.protocols.scoring import full_proba
-from dogbench.rundir import RunDir, RunFolderError
+from dogbench.rundir import FINETUNED_WEIGHTS, RunDir, RunFolderError
 
 __all__ = ["ImageInput", "ImagePrediction", "LoadedRun", "Model", "collect_images", "load_run"]
 
@@ -147,15 +147,17 @@ class Model:
         return proba if self.temperature is None else apply_temperature(proba, self.temperature)
 
     def predict_proba(
-        self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False
+        self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False,
+        boxes: Sequence[Box | None] | None = None,
     ) -> tuple[np.ndarray, list[str]]:
         """(N, n_classes) probabilities (NaN rows for unreadable images) and the error text per image ("" = ok).
-        ``strict``: an unreadable image raises ImageError instead."""
+        ``strict``: an unreadable image raises ImageError instead. ``boxes``: each file's annotated box, used
+        when the run crops to boxes."""
         out = np.full((len(images), len(self.classes)), np.nan)
         errors = [""] * len(images)
         with tqdm(total=len(images), unit="img", desc=f"predict {self.label}",
                   disable=not progress or len(images) < PROGRESS_FROM) as bar:
-            for x, rows, errs in self.pixels(images):
+            for x, rows, errs in self.pixels(images, boxes):
                 bad = [(r, e) for r, e in zip(rows, errs, strict=True) if e]
                 if bad and strict:
                     raise ImageError(f"{bad[0][1]} (--strict stops here)")
@@ -286,7 +288,41 @@ def load_run(
             ), head_dir)
         models[bcfg.label] = Model(bcfg.label, backbone, head, classes=classes, features=features,
                                    crop_to_box=crops_to_box(cfg, bcfg), device=str(torch_device), precision=precision)
+    for method in (m for m in cfg.finetune.methods if m != FROZEN):
+        for bcfg in cfg.backbones:
+            record = run.read_finetuned(bcfg.label, method)
+            if record is not None:
+                label = f"{bcfg.label}/{method}"
+                recorded = results.models.get(label) if results else None
+                models[label] = finetuned_model(run, cfg, bcfg, method, classes=classes, features=features,
+                                                device=torch_device, precision=Precision(recorded.precision)
+                                                if recorded else resolve_precision(features.precision, torch_device))
     return LoadedRun(run.path, cfg, display_names(classes), models)
+
+
+def finetuned_model(
+    run: RunDir, cfg: RunConfig, bcfg: BackboneConfig, method: str, *, classes: Sequence[str],
+    features: FeatureConfig, device: torch.device, precision: Precision,
+) -> Model:
+    """The model ``<label>/<method>`` that ``dogbench finetune`` wrote: its backbone weights (LoRA merged) and
+    its head, checked against each other, through the same Model as a frozen backbone's."""
+    folder = run.finetuned_dir(bcfg.label, method)
+    label = f"{bcfg.label}/{method}"
+    weights = folder / FINETUNED_WEIGHTS
+    if not weights.is_file():
+        raise RunFolderError(f"{weights} is missing; rebuild it with `{run.rebuild('finetune')}`")
+    with run.reading(weights, "finetune"):
+        backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(weights)))
+    with run.reading(run.head_dir(label) / META_FILE, "finetune"):
+        head = load_head(run.head_dir(label), device=str(device))
+    settings = feature_settings(features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
+                                preprocess=backbone.preprocess)
+    check_identity(head.identity_ or {}, head_identity(
+        timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256, preprocess=backbone.preprocess.to_dict(),
+        features=settings,
+    ), run.head_dir(label))
+    return Model(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
+                 device=str(device), precision=precision)
 
 
 def _with_batch(features: FeatureConfig, batch_size: int) -> FeatureConfig:

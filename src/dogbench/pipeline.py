@@ -17,6 +17,7 @@ from dogbench.config import ReportConfig, RunConfig
 from dogbench.data import Dataset
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
+from dogbench.finetune import finetune_stage
 from dogbench.protocols.efficiency import add_data_efficiency
 from dogbench.protocols.frozen import (
     BackboneFeatures,
@@ -110,8 +111,10 @@ def _evaluate_and_report(
     cfg: RunConfig, run: RunDir, dataset: Dataset, extracted: dict[str, BackboneFeatures], tuning: dict[str, Tuning],
     *, data_s: float, start: float, progress: bool,
 ) -> RunResults:
-    """Evaluation, then the repetitions over seeds and the data-efficiency curves when asked, then the report."""
+    """Evaluation, the fine-tuning methods, then the repetitions over seeds and the data-efficiency curves when
+    asked, then the report."""
     results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
+    results = finetune_stage(cfg, run, dataset, extracted, tuning, results, progress=progress)
     if cfg.evaluate.seeds > 1:
         results = add_seeds(cfg, run, results, extracted, progress=progress)
     if cfg.shots.shots:

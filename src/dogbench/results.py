@@ -18,7 +18,8 @@ from typing import Any
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 
-RESULTS_SCHEMA_VERSION = 2  # 2: calibration, extra_test, seeds, data_efficiency (1 still reads)
+RESULTS_SCHEMA_VERSION = 3  # 3: fine-tuned rows (method, training); 2: calibration, extra_test, seeds, data_efficiency
+READABLE_SCHEMAS = (1, 2, RESULTS_SCHEMA_VERSION)
 SKIPPED_SHOWN = 10  # unreadable files named in the printed summary
 
 
@@ -72,6 +73,10 @@ class ModelResult:
     calibration: dict[str, Any] = field(default_factory=dict)
     # per second test set: {top1, top1_ci95, top5, macro_f1, per_class, n, calibration, skipped, baseline}
     extra_test: dict[str, Any] = field(default_factory=dict)
+    method: str = "frozen"  # frozen (a tuned head on cached features) or a fine-tuning method (config.METHODS)
+    # fine-tuned rows: trainable_params, train_wall_s, train_cpu_s, train_img_s, peak_memory_mb, epochs_run,
+    # best_epoch, history, params (the recipe as resolved), trials, base (the frozen row it was compared with)
+    training: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -111,8 +116,8 @@ class RunResults:
         """``results.json`` back into records; KeyError/TypeError/ValueError when it does not fit the schema."""
         if not isinstance(d, dict):
             raise TypeError(f"expected a JSON object, got {type(d).__name__}")
-        if d.get("schema_version") not in (1, RESULTS_SCHEMA_VERSION):
-            raise ValueError(f"schema_version {d.get('schema_version')!r}, expected 1 or {RESULTS_SCHEMA_VERSION}")
+        if d.get("schema_version") not in READABLE_SCHEMAS:
+            raise ValueError(f"schema_version {d.get('schema_version')!r}, expected one of {READABLE_SCHEMAS}")
         models = {label: ModelResult(**m) for label, m in d["models"].items()}
         return cls(**{**d, "models": models, "dataset": DatasetInfo(**d["dataset"])})
 
@@ -130,12 +135,14 @@ class RunResults:
                 "throughput_img_s": round(m.throughput_img_s, 2) if m.throughput_img_s else "",
                 "device": m.device,
             }
+            method = (f"tuned {m.head.get('kind', '')} head" if m.method == "frozen" else
+                      f"{m.method} fine-tuning ({m.training.get('trainable_params', 0) / 1e6:.2f}M trained)")
             rows.append({
-                **common, "method": f"tuned {m.head.get('kind', '')} head", "val_top1": m.val["top1"],
+                **common, "method": method, "val_top1": m.val["top1"],
                 "test_top1": m.test["top1"], "test_top1_ci_lo": m.test["top1_ci95"][0],
                 "test_top1_ci_hi": m.test["top1_ci95"][1], "test_top5": m.test["top5"],
                 "test_macro_f1": m.test["macro_f1"],
-                "fit_s": round(m.timing_s.get("tune", 0) + m.timing_s.get("fit", 0), 3),
+                "fit_s": round(m.timing_s.get("tune", 0) + m.timing_s.get("fit", 0) + m.timing_s.get("train", 0), 3),
             })
             if m.baseline:
                 rows.append({

@@ -9,6 +9,9 @@ Layout (``R`` = the run folder)::
     R/<label>/tuning.json            the tune stage's output for one backbone
     R/<label>/head/                  head.json + head.safetensors (heads.load_head)
     R/<label>/predictions.npz        test ids, labels, probabilities, confusion, paths, boxes, classes
+    R/<label>/<method>/              a fine-tuned model (row "<label>/<method>"): model.json, backbone.safetensors
+                                     (LoRA merged), adapter.safetensors (LoRA), head/, predictions.npz, train/<key>/
+                                     (state.pt, best.safetensors, params.json: one folder per trained configuration)
     R/explanations/                  the report's overlays + explanations.json
     R/explanations/photos/           `dogbench explain`'s overlays (default --out)
     R/report.html, report.md, report.json, report_files/
@@ -47,6 +50,9 @@ EXPLANATIONS_DIR = "explanations"
 EXPLANATIONS_FILE = "explanations.json"
 PHOTO_EXPLANATIONS_DIR = "explanations/photos"
 OPTUNA_FILE = "optuna.db"
+FINETUNED_FILE = "model.json"  # what a fine-tuned model is: base backbone, method, training record
+FINETUNED_WEIGHTS = "backbone.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 NO_BOX = (-1, -1, -1, -1)  # predictions.npz "boxes" row of an image without an annotated box
 PREDICTION_ARRAYS = ("sample_ids", "y_true", "proba", "confusion", "paths", "boxes", "classes")
 
@@ -113,6 +119,26 @@ class RunDir:
     def predictions_path(self, label: str) -> Path:
         return self.path / label / PREDICTIONS_FILE
 
+    def finetuned_dir(self, label: str, method: str) -> Path:
+        """A fine-tuned model's folder; its row, head and predictions are those of label ``<label>/<method>``."""
+        return self.path / label / method
+
+    def read_finetuned(self, label: str, method: str) -> dict[str, Any] | None:
+        """``<label>/<method>/model.json``, or None when that model has not been fine-tuned here."""
+        path = self.finetuned_dir(label, method) / FINETUNED_FILE
+        if not path.is_file():
+            return None
+
+        def record(d: Any) -> dict[str, Any]:
+            if not isinstance(d, dict) or not {"method", "backbone", "weights_sha256"} <= set(d):
+                raise TypeError("expected a fine-tuned model record")
+            return d
+
+        return self._read_json(path, "finetune", record)
+
+    def write_finetuned(self, label: str, method: str, record: Mapping[str, Any]) -> None:
+        atomic_write_json(self.finetuned_dir(label, method) / FINETUNED_FILE, dict(record))
+
     def default_storage(self) -> str:
         return f"sqlite:///{(self.path / OPTUNA_FILE).resolve()}"
 
@@ -126,6 +152,7 @@ class RunDir:
             "config": f"dogbench run --config FILE --out {self.path} --force",
             "tuning": f"dogbench tune --out {self.path}",
             "head": f"dogbench evaluate {self.path}",
+            "finetune": f"dogbench finetune --out {self.path}",
             "predictions": f"dogbench evaluate {self.path}",
             "results": f"dogbench evaluate {self.path}",
             "explanations": f"rm -r {self.explanations_dir} && dogbench report {self.path}",

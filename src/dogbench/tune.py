@@ -184,15 +184,17 @@ def search_in_memory(storage: str | None) -> bool:
     return not storage or storage.startswith("sqlite")
 
 
-def make_pruner(kind: str = "halving", *, max_epochs: int = 150) -> optuna.pruners.BasePruner:
+def make_pruner(
+    kind: str = "halving", *, max_epochs: int = 150, min_epochs: int = PRUNE_MIN_EPOCHS
+) -> optuna.pruners.BasePruner:
     """The multi-fidelity schedule for epoch-trained trials (one of ``PRUNERS``): successive halving (rungs at
     5, 15, 45... epochs, the top third going on) or Hyperband (brackets of successive halving from 5 epochs
     to ``max_epochs``); median pruning from the second epoch once five trials completed (the earlier default,
     kept for comparison); or none."""
     if kind == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=PRUNE_MIN_EPOCHS, reduction_factor=3)
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=min_epochs, reduction_factor=3)
     if kind == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=PRUNE_MIN_EPOCHS, max_resource=max_epochs,
+        return optuna.pruners.HyperbandPruner(min_resource=min_epochs, max_resource=max_epochs,
                                               reduction_factor=3)
     if kind == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1)

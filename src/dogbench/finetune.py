@@ -1,0 +1,302 @@
+"""The fine-tuning protocol: for each backbone and method, train on the frozen protocol's training split (its
+readable images, its validation split), tune the recipe on validation when asked (``finetune.trials``: Optuna
+with Hyperband / successive halving on per-epoch validation top-1), keep the best epoch, calibrate on
+validation, and score the test split once through the inference path (``inference.Model``: the same decoding,
+preprocessing and head as ``predict`` and ``explain``). Rows ``<label>/<method>`` join the frozen rows in
+``results.json`` with paired tests against the frozen head of the same backbone and between backbones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+import optuna
+import safetensors.torch
+import torch
+
+from dogbench.atomic import atomic_write_bytes
+from dogbench.backbones import load_backbone
+from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
+from dogbench.data import Dataset, Sample
+from dogbench.device import resolve_device, resolve_precision
+from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
+from dogbench.features import feature_settings
+from dogbench.features.cache import cache_key
+from dogbench.heads import fitted_linear_head, head_identity
+from dogbench.inference import Model
+from dogbench.protocols.frozen import TEMPERATURE_BOUNDS, BackboneFeatures, Tuning, _study_lock, head_device
+from dogbench.protocols.scoring import compare_all, test_scores
+from dogbench.results import ModelResult, RunResults
+from dogbench.rundir import ADAPTER_FILE, FINETUNED_WEIGHTS, NO_BOX, Predictions, RunDir
+from dogbench.training import (
+    TrainData,
+    TrainOutcome,
+    TrainParams,
+    build_trainable,
+    export,
+    load_best,
+    load_for_training,
+    resolve_params,
+    train,
+)
+from dogbench.tune import make_logistic, make_pruner, sweep_logistic_C
+
+PROBE_ABSENT_BIAS = -30.0  # lp-ft: a class the probe never saw (absent from the training split) starts impossible
+
+
+def finetune_methods(cfg: RunConfig) -> tuple[str, ...]:
+    return tuple(m for m in cfg.finetune.methods if m != FROZEN)
+
+
+def train_data(cfg: RunConfig, dataset: Dataset, bf: BackboneFeatures) -> tuple[TrainData, list[Sample], np.ndarray]:
+    """The frozen protocol's split as images: train and validation samples (readable ones, the same rows its
+    head was tuned on), and the test samples with their labels."""
+    sample_of = {s.sample_id: s for s in dataset.samples}
+    ids, labels = bf.features.sample_ids, bf.features.labels
+
+    def rows(index: np.ndarray) -> tuple[tuple[Sample, ...], np.ndarray]:
+        return tuple(sample_of[ids[i]] for i in index), labels[index].astype(np.int64)
+
+    (train_s, train_y), (val_s, val_y), (test_s, test_y) = (rows(bf.splits.train), rows(bf.splits.val),
+                                                            rows(bf.splits.test))
+    data = TrainData(train_s, train_y, val_s, val_y, len(dataset.classes), crop_to_box=bf.crop_to_box,
+                     reduced_decode=cfg.features.reduced_decode, decoder=cfg.features.decoder)
+    return data, list(test_s), test_y
+
+
+def probe_head(cfg: RunConfig, bf: BackboneFeatures, tuning: Tuning, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """LP-FT's start: the linear probe (the baseline's C, swept on validation) fitted on the training split's
+    cached features, as (weight (C, D), bias (C,)) on raw features (its standardisation folded in)."""
+    X, y = bf.features.features, bf.features.labels
+    train, val = bf.splits.train, bf.splits.val
+    C = tuning.baseline.C if tuning.baseline is not None else sweep_logistic_C(
+        X[train], y[train], X[val], y[val], device=head_device(cfg)).C
+    probe = make_logistic(C, device=head_device(cfg)).fit(X[train], y[train])
+    weight = probe.module_.weight.detach().cpu().double().numpy() / probe.scale_.astype(np.float64)
+    bias = probe.module_.bias.detach().cpu().double().numpy() - weight @ probe.mean_.astype(np.float64)
+    full_w = np.zeros((n_classes, X.shape[1]))
+    full_b = np.full(n_classes, PROBE_ABSENT_BIAS)
+    full_w[probe.classes_] = weight
+    full_b[probe.classes_] = bias
+    return full_w.astype(np.float32), full_b.astype(np.float32)
+
+
+def _suggest(trial: optuna.Trial, method: str, base: TrainParams, *, is_vit: bool) -> dict[str, Any]:
+    """A trial's recipe: lr around the method's default (/10 .. x10), weight decay, layer decay for ViTs (full,
+    lp-ft) and the LoRA rank."""
+    out: dict[str, Any] = {
+        "lr": trial.suggest_float("lr", base.lr / 10, base.lr * 10, log=True),
+        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 0.1, log=True),
+    }
+    if is_vit and method in ("full", "lp-ft"):
+        out["layer_decay"] = trial.suggest_float("layer_decay", 0.5, 1.0)
+    if method == "lora":
+        out["lora_rank"] = trial.suggest_categorical("lora_rank", [4, 8, 16])
+        out["lora_alpha"] = 2.0 * out["lora_rank"]
+    return out
+
+
+def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainData, params: TrainParams, *,
+                probe: tuple[np.ndarray, np.ndarray] | None, device: torch.device, progress: bool,
+                on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
+    """Train (or resume, or find finished) one configuration in ``<label>/<method>/train/<key>/``."""
+    backbone = load_for_training(bcfg, params)
+    trainable = build_trainable(backbone, data.n_classes, params, head_init=probe)
+    key = cache_key({"params": params.to_dict(), "data": data.digest(), "tag": backbone.tag,
+                     "weights": backbone.weights_sha256})[:16]
+    folder = run.finetuned_dir(bcfg.label, params.method) / "train" / key
+    outcome = train(trainable, backbone, data, params, folder, device=device,
+                    checkpoint_every=cfg.finetune.checkpoint_every, progress=progress, on_epoch=on_epoch)
+    return trainable, outcome
+
+
+def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: str, data: TrainData, *,
+                   is_vit: bool, probe: tuple[np.ndarray, np.ndarray] | None, progress: bool
+                   ) -> tuple[Any, TrainParams, TrainOutcome, dict[str, Any]]:
+    """The method's model: its default recipe (``finetune.trials = 0``), or the best of an Optuna study over
+    the recipe on validation (pruned on per-epoch validation top-1; resumable: a trial killed mid-way is
+    re-run with its parameters and continues from its training state)."""
+    f = cfg.finetune
+    device = resolve_device(cfg.features.device)
+    base = resolve_params(f, method, is_vit=is_vit, device=device)
+    if f.trials == 0:
+        trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, device=device, progress=progress)
+        return trainable, base, outcome, {}
+    storage = cfg.tune.storage or run.default_storage()
+    name = f"finetune-{bcfg.label}-{method}-{cache_key({'base': base.to_dict(), 'data': data.digest()})[:12]}"
+    with _study_lock(storage):
+        study = optuna.create_study(
+            study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+            sampler=optuna.samplers.TPESampler(seed=f.seed), pruner=make_pruner(
+                f.pruner, max_epochs=f.epochs, min_epochs=1))
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.enqueue_trial(t.params, skip_if_exists=False)  # killed mid-way: again, resuming its training state
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+    if not study.get_trials(deepcopy=False):
+        study.enqueue_trial({"lr": base.lr, "weight_decay": base.weight_decay,
+                             **({"layer_decay": base.layer_decay} if is_vit and method in ("full", "lp-ft") else {}),
+                             **({"lora_rank": base.lora_rank} if method == "lora" else {})})  # the defaults first
+
+    def objective(trial: optuna.Trial) -> float:
+        params = dataclasses.replace(base, **_suggest(trial, method, base, is_vit=is_vit))
+
+        def report(epoch: int, val_top1: float) -> None:
+            trial.report(val_top1, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+
+        _, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress,
+                                 on_epoch=report)
+        return outcome.best_val_top1
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    left = f.trials - len(study.get_trials(deepcopy=False, states=finished))
+    if left > 0:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.optimize(objective, n_trials=left, catch=())
+    best = study.best_trial
+    params = dataclasses.replace(base, **_suggest(optuna.trial.FixedTrial(best.params), method, base, is_vit=is_vit))
+    trainable, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress)
+    states = [t.state.name for t in study.trials]
+    return trainable, params, outcome, {"study": name, "n_trials": len(study.trials),
+                                        "n_pruned": states.count("PRUNED"), "best_params": best.params,
+                                        "best_val_top1": best.value}
+
+
+def finetune_backbone(
+    cfg: RunConfig, run: RunDir, dataset: Dataset, bcfg: BackboneConfig, method: str, bf: BackboneFeatures,
+    tuning: Tuning, frozen: ModelResult, *, progress: bool,
+) -> tuple[ModelResult, dict[str, bool]]:
+    """Fine-tune one backbone with one method, save the model into ``<label>/<method>/``, score test once."""
+    label = f"{bcfg.label}/{method}"
+    data, test_samples, y_test = train_data(cfg, dataset, bf)
+    n_classes = len(dataset.classes)
+    probe = probe_head(cfg, bf, tuning, n_classes) if method == "lp-ft" else None
+    wall0 = time.perf_counter()
+    trainable, params, outcome, trials = tune_and_train(cfg, run, bcfg, method, data, is_vit=bf.info.is_vit,
+                                                        probe=probe, progress=progress)
+    load_best(trainable, outcome.best_path)
+    backbone_state, layer, adapter = export(trainable)
+    folder = run.finetuned_dir(bcfg.label, method)
+    atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
+    if adapter is not None:
+        atomic_write_bytes(folder / ADAPTER_FILE, safetensors.torch.save(adapter))
+    # ------------------------------------------------------------ the inference path: calibrate, then test once
+    device = resolve_device(cfg.features.device)
+    precision = resolve_precision(cfg.features.precision, device)
+    backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
+    head = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=outcome.best_val_top1,
+                              history=outcome.history)
+    model = Model(label, backbone, head, classes=dataset.classes, features=cfg.features,
+                  crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision)
+    eval0 = time.perf_counter()
+    val_proba = _proba(model, data.val)
+    temperature = fit_temperature(data.val_labels, val_proba, bounds=TEMPERATURE_BOUNDS)
+    if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01 or bool(
+            np.all(val_proba.argmax(1) == data.val_labels)):
+        temperature = 1.0
+    settings = feature_settings(cfg.features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
+                                preprocess=backbone.preprocess)
+    identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
+                             preprocess=backbone.preprocess.to_dict(), features=settings)
+    head.save(run.head_dir(label), identity=identity, class_names=dataset.classes, temperature=temperature)
+    raw = _proba(model, tuple(test_samples))
+    proba = apply_temperature(raw, temperature)
+    scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
+    test_ids = [s.sample_id for s in test_samples]
+    run.write_predictions(label, Predictions(
+        sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32), confusion=metrics.confusion,
+        paths=np.asarray([str(s.path) for s in test_samples]),
+        boxes=np.asarray([s.box or NO_BOX for s in test_samples], dtype=np.int64).reshape(-1, 4),
+        classes=tuple(dataset.classes), proba_uncalibrated=raw.astype(np.float32),
+    ))
+    evaluate_s = time.perf_counter() - eval0
+    training = {
+        "trainable_params": outcome.trainable_params, "total_params": outcome.total_params,
+        "trainable_fraction": outcome.trainable_params / outcome.total_params,
+        "train_wall_s": round(outcome.train_wall_s, 3), "train_cpu_s": round(outcome.train_cpu_s, 3),
+        "train_img_s": round(outcome.images_per_s, 3), "train_images": outcome.train_images,
+        "peak_memory_mb": round(outcome.peak_memory_mb, 1), "epochs_run": outcome.epochs_run,
+        "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early, "history": outcome.history,
+        "precision": outcome.precision, "params": params.to_dict(), "trials": trials,
+        "lora_targets": len(trainable.lora_targets), "base": bcfg.label,
+        "weights_file": str(folder / FINETUNED_WEIGHTS),
+    }
+    run.write_finetuned(bcfg.label, method, {
+        "method": method, "backbone": bcfg.label, "timm_tag": backbone.tag, "weights_sha256": backbone.weights_sha256,
+        "adapter": ADAPTER_FILE if adapter is not None else None, "training": training,
+    })
+    info = bf.info
+    result = ModelResult(
+        label=label, backbone=backbone.tag, weights=info.weights, weights_sha256=backbone.weights_sha256,
+        feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
+        feature_key="", cache_hit=False, device=str(device), precision=precision.value,
+        head={"kind": "linear", "method": method, "epochs": outcome.best_epoch,
+              "params": training["params"]},
+        val={"top1": outcome.best_val_top1}, test=scores, baseline={},
+        timing_s={"train": round(eval0 - wall0, 4), "evaluate": round(evaluate_s, 4)},
+        cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
+        pretraining=frozen.pretraining, leaky=frozen.leaky,
+        architecture=bf.architecture,
+        calibration={
+            "temperature": temperature, "bins": ECE_BINS,
+            "fitted_on": "validation, by the best epoch's model (trained on train only)",
+            "val": {"before": calibration_metrics(data.val_labels, val_proba),
+                    "after": calibration_metrics(data.val_labels, apply_temperature(val_proba, temperature))},
+            "test": {"before": calibration_metrics(y_test, raw), "after": calibration_metrics(y_test, proba)},
+            "reliability": {"before": reliability_bins(y_test, raw).to_dict(),
+                            "after": reliability_bins(y_test, proba).to_dict()},
+        },
+        method=method, training=training,
+    )
+    return result, dict(zip(test_ids, correct.tolist(), strict=True))
+
+
+def _proba(model: Model, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:
+    """Uncalibrated probabilities of ``samples`` through the inference path (boxes when the run crops)."""
+    proba, _ = model.predict_proba([s.path for s in samples], strict=True,
+                                   boxes=[s.box for s in samples] if model.crop_to_box else None)
+    return proba
+
+
+def finetune_stage(
+    cfg: RunConfig, run: RunDir, dataset: Dataset, extracted: dict[str, BackboneFeatures],
+    tunings: dict[str, Tuning], results: RunResults, *, progress: bool = True,
+) -> RunResults:
+    """Every fine-tuning method for every backbone; the rows, comparisons and costs join ``results.json``."""
+    methods = finetune_methods(cfg)
+    if not methods:
+        return results
+    models = dict(results.models)
+    correct: dict[str, dict[str, bool]] = {}
+    for label in extracted:
+        p = run.read_predictions(label)
+        correct[label] = dict(zip(p.sample_ids.tolist(), (p.proba.argmax(1) == p.y_true).tolist(), strict=True))
+    start = time.perf_counter()
+    for method in methods:
+        for bcfg in cfg.backbones:
+            result, right = finetune_backbone(cfg, run, dataset, bcfg, method, extracted[bcfg.label],
+                                              tunings[bcfg.label], results.models[bcfg.label], progress=progress)
+            models[result.label] = result
+            correct[result.label] = right
+            # what is finished is saved: a later method's failure keeps this one's row
+            results = dataclasses.replace(results, models=dict(models))
+            run.write_results(results)
+    comparisons = list(results.comparisons)
+    labels = [b.label for b in cfg.backbones]
+    for method in methods:  # each method against the frozen head of its backbone
+        for label in labels:
+            comparisons += compare_all({f"{label}/{method}": correct[f"{label}/{method}"], label: correct[label]}, cfg)
+    for method in methods:  # the backbones against each other, method by method
+        comparisons += compare_all({f"{label}/{method}": correct[f"{label}/{method}"] for label in labels}, cfg)
+    timing = {**results.timing_s, "finetune": round(time.perf_counter() - start, 4)}
+    timing["total"] = round(timing.get("total", 0.0) + timing["finetune"], 4)
+    results = dataclasses.replace(results, models=models, comparisons=comparisons, timing_s=timing)
+    run.write_results(results)
+    return results
+

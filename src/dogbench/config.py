@@ -339,16 +339,23 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
         text = values["classes"].strip()
         values = {**values, "classes": int(text) if text.isdigit() else
                   [c.strip() for c in text.split(",") if c.strip()]}
+    if cls is FinetuneConfig and isinstance(values.get("methods"), str):  # --set finetune.methods=lora,full
+        values = {**values, "methods": [m.strip() for m in values["methods"].split(",") if m.strip()]}
     if cls is ShotsConfig and isinstance(values.get("shots"), str | int):
         values = {**values, "shots": str(values["shots"]).split(",")}
     _check_types(cls, section, values)
     kwargs = dict(values)
-    if cls is FeatureConfig and "precision" in kwargs:
+    if cls in (FeatureConfig, FinetuneConfig) and "precision" in kwargs:
         try:
             kwargs["precision"] = Precision(kwargs["precision"])
         except ValueError:
             choices = ", ".join(p.value for p in Precision)
-            raise ConfigError(f"features.precision '{kwargs['precision']}' is not one of: {choices}") from None
+            raise ConfigError(f"{section}.precision '{kwargs['precision']}' is not one of: {choices}") from None
+    if cls is FinetuneConfig:
+        if "methods" in kwargs:
+            kwargs["methods"] = tuple(kwargs["methods"])
+        if "crop_scale" in kwargs:
+            kwargs["crop_scale"] = tuple(float(v) for v in kwargs["crop_scale"])
     if cls is TuneConfig and "heads" in kwargs:
         kwargs["heads"] = tuple(kwargs["heads"])
     if cls is ShotsConfig and "shots" in kwargs:
@@ -592,7 +599,7 @@ def _validate(cfg: RunConfig) -> None:
     if min(f.epochs, f.batch_size, f.grad_accum, f.partial_blocks) < 1 or f.trials < 0 or f.checkpoint_every < 0:
         raise ConfigError("finetune.epochs, batch_size, grad_accum and partial_blocks must be >= 1, finetune.trials "
                           "and finetune.checkpoint_every >= 0")
-    if not 0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0 or len(f.crop_scale) != 2:
+    if len(f.crop_scale) != 2 or not 0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0:
         raise ConfigError(f"finetune.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(f.crop_scale)}")
     if f.pruner not in PRUNERS:
         raise ConfigError(f"Unknown finetune.pruner '{f.pruner}'. Valid pruners: {', '.join(PRUNERS)}")

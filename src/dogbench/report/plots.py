@@ -87,6 +87,29 @@ def accuracy_vs_compute(points: Sequence[ModelPoint], colours: dict[str, str]) -
     return _png(fig)
 
 
+def ladder(rungs: dict[str, Sequence[tuple[str, float, tuple[float, float], float]]]) -> bytes:
+    """The fine-tuning ladder: per backbone, test top-1 (95% interval) of each method against its training cost
+    (wall seconds; the frozen rung's are extraction + head search + refit), methods joined in cost order."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colours = palette(list(rungs))
+    for backbone, points in rungs.items():
+        points = sorted(points, key=lambda p: p[3])
+        xs = [max(p[3], 1e-3) for p in points]
+        ys = [p[1] * 100 for p in points]
+        ax.plot(xs, ys, "-", color=colours[backbone], alpha=0.5)
+        for (method, top1, ci, _), x in zip(points, xs, strict=True):
+            ax.errorbar(x, top1 * 100, yerr=[[(top1 - ci[0]) * 100], [(ci[1] - top1) * 100]], fmt="o",
+                        color=colours[backbone], capsize=3, ms=7)
+            ax.annotate(f"{backbone}/{method}", (x, top1 * 100), xytext=(6, 4), textcoords="offset points",
+                        fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("training cost (wall s on this machine)")
+    ax.set_ylabel("test top-1 (%)")
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title("Fine-tuning ladder: accuracy against training cost")
+    return _png(fig)
+
+
 def per_breed_scatter(
     names: Sequence[str], recall_a: np.ndarray, recall_b: np.ndarray, key_a: str, key_b: str, colours: dict[str, str],
     *, annotate: int = 8,

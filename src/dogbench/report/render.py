@@ -146,7 +146,14 @@ def _ci(ci: Sequence[float]) -> str:
 
 def _seconds(result: dict[str, Any]) -> float:
     t = result.get("timing_s", {})
-    return sum(float(t.get(k, 0.0)) for k in ("extract", "tune", "baseline", "fit", "evaluate"))
+    return sum(float(t.get(k, 0.0)) for k in ("extract", "tune", "baseline", "fit", "train", "evaluate"))
+
+
+def _method(result: dict[str, Any]) -> str:
+    method = result.get("method", "frozen")
+    if method == "frozen":
+        return f"tuned {result.get('head', {}).get('kind', '?')} head"
+    return f"{method} fine-tuning"
 
 
 def _summary_table(models: list[ModelRun]) -> Table:
@@ -160,11 +167,10 @@ def _summary_table(models: list[ModelRun]) -> Table:
         img_s = f"{r['throughput_img_s']:.1f}" if r.get("throughput_img_s") else "cached"
         device = f"{r['device']} ({r['precision']})"
         test = r["test"]
-        head = r.get("head", {})
-        rows.append([m.key, f"tuned {head.get('kind', '?')} head", f"{_pct(test['top1'])} {_ci(test['top1_ci95'])}",
+        rows.append([m.key, _method(r), f"{_pct(test['top1'])} {_ci(test['top1_ci95'])}",
                      _pct(test["top5"]), f"{test['macro_f1']:.4f}", _pct(r["val"]["top1"]), *common,
-                     f"{t.get('tune', 0):.1f}", f"{t.get('fit', 0):.1f}", f"{t.get('evaluate', 0):.2f}", img_s,
-                     device])
+                     f"{t.get('tune', 0):.1f}", f"{t.get('fit', 0) + t.get('train', 0):.1f}",
+                     f"{t.get('evaluate', 0):.2f}", img_s, device])
         base = r.get("baseline") or {}
         if base:
             bt = base["test"]
@@ -172,9 +178,49 @@ def _summary_table(models: list[ModelRun]) -> Table:
                          f"{_pct(bt['top1'])} {_ci(bt['top1_ci95'])}", _pct(bt["top5"]), f"{bt['macro_f1']:.4f}",
                          _pct(base["val"]["top1"]), *common, f"{t.get('baseline', 0):.1f}", "", "", img_s, device])
     return Table(header, rows, "Test top-1 with its 95% bootstrap interval; val top-1 is the best trial's (tuned head) "
-                 "or the swept C's (baseline). Seconds are wall time per stage (the baseline's C sweep, refit and "
-                 "scoring together under tune s); img/s is extraction throughput (\"cached\": features came from "
-                 "the cache).")
+                 "or the swept C's (baseline), a fine-tuned model's best epoch's. Seconds are wall time per stage "
+                 "(the baseline's C sweep, refit and scoring together under tune s; fine-tuning under fit s); img/s "
+                 "is extraction throughput (\"cached\": features came from the cache).")
+
+
+def _ladder_section(runs: list[RunFolder], models: list[ModelRun], comps: list[dict[str, Any]],
+                    assets: _Assets) -> Section | None:
+    """Frozen, parameter-efficient and full fine-tuning per backbone: accuracy with intervals against training
+    cost, and each method's paired test against the frozen head of its backbone."""
+    tuned = [m for m in models if m.result.get("method", "frozen") != "frozen"]
+    if not tuned:
+        return None
+    paired = {(c["a"], c["b"]): c for c in comps}
+    rungs: dict[str, list[tuple[str, float, tuple[float, float], float]]] = {}
+    rows: list[list[Cell]] = []
+    prefix = {m.key: m.key[: -len(m.label)] for m in models}  # "<run>/" when several runs are combined
+    for m in models:
+        r = m.result
+        method = r.get("method", "frozen")
+        base_key = m.key if method == "frozen" else prefix[m.key] + r["training"]["base"]
+        if method == "frozen" and not any(prefix[t.key] + t.result["training"]["base"] == m.key for t in tuned):
+            continue
+        t = r.get("training") or {}
+        cost = _seconds(r) if method == "frozen" else float(t.get("train_wall_s", 0.0))
+        rungs.setdefault(base_key, []).append((method, r["test"]["top1"], tuple(r["test"]["top1_ci95"]), cost))
+        c = paired.get((m.key, base_key))
+        delta = (f"{c['delta_top1'] * 100:+.2f} [{c['delta_top1_ci95'][0] * 100:+.2f}, "
+                 f"{c['delta_top1_ci95'][1] * 100:+.2f}], p = {c['mcnemar_p']:.3g}") if c else "-"
+        params = (f"{t['trainable_params'] / 1e6:.3f}M ({t['trainable_params'] / t['total_params']:.1%})" if t else
+                  f"the {r['head'].get('kind', '?')} head on cached features")
+        rows.append([base_key, method, params, f"{_pct(r['test']['top1'])} {_ci(r['test']['top1_ci95'])}", delta,
+                     f"{cost:.0f}", f"{t['train_img_s']:.1f}" if t else "-",
+                     f"{t['peak_memory_mb']:.0f}" if t else "-", f"{t['best_epoch']}/{t['epochs_run']}" if t else "-"])
+    png = plots.ladder(rungs)
+    return Section("ladder", "Fine-tuning ladder", [
+        "How much does fine-tuning add, and at what cost? Every method trained on the same training split, chose "
+        "its best epoch (and its recipe, with finetune.trials) on the same validation split, and was scored once on "
+        "the same test images through the same inference path as the frozen head; differences are paired "
+        "(bootstrap interval and exact McNemar p against the frozen head of the same backbone). Training cost is "
+        "wall time on the machine that ran it (the frozen rung: extraction + head search + refit)."], [
+        Figure(assets.add("ladder.png", png, "fine-tuning ladder"), "Accuracy against training cost"),
+        Table(["backbone", "method", "trained parameters", "test top-1 [95% CI]", "vs frozen (points, 95% CI)",
+               "train wall s", "train img/s", "peak MB", "best/run epochs"], rows)])
 
 
 def _points(models: list[ModelRun]) -> list[plots.ModelPoint]:
@@ -511,9 +557,12 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
             if len(runs) > 1:
                 c = {**c, "a": f"{run.name}/{c['a']}", "b": f"{run.name}/{c['b']}"}
             out.append(prefix + verdict(c))
+    tuned = {m.key: m.result["training"]["base"] for m in models if m.result.get("method", "frozen") != "frozen"}
     for c in comps:
         if c.get("across_runs") and c["a"].split("/", 1)[1] == c["b"].split("/", 1)[1]:
             out.append("Across runs: " + verdict(c))
+        elif c["a"] in tuned and c["b"].endswith(tuned[c["a"]]) and not c.get("across_runs"):
+            out.append("Fine-tuning: " + verdict(c))
     if not out:
         out = ["Only one model: nothing to compare." if len(models) < 2 else
                f"{len(models)} models, but no two of them scored the same test images with the same classes: "
@@ -565,7 +614,10 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
     if pair is not None:
         sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
-    sections.append(_tuning_section(models, assets))
+    ladder = _ladder_section(runs, models, comps, assets)
+    if ladder is not None:
+        sections.append(ladder)
+    sections.append(_tuning_section([m for m in models if m.result.get("method", "frozen") == "frozen"], assets))
     for extra in (_seeds_section(runs), _efficiency_section(runs, assets, colours), _extra_test_section(runs),
                   _calibration_section(models, assets)):
         if extra is not None:

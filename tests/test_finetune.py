@@ -1,0 +1,158 @@
+"""`dogbench finetune` end to end on a tiny dataset with small random timm models: fine-tuned rows join the
+frozen ones in results.json with their costs and paired tests, go through the one inference path (predict and
+explain give what evaluation saved), resume instead of retraining, and a corrupt file is one clear error."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dogbench.cli import main
+
+TINY = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"]
+FAST = ["--trials", "2", "--set", "tune.max_epochs=10", "--set", "evaluate.n_bootstrap=200", "--quiet",
+        "--epochs", "2", "--set", "finetune.batch_size=4", "--set", "report.explain=1", "--set", "report.examples=2"]
+
+
+@pytest.fixture(scope="module")
+def tiny_finetune(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str], dict]:
+    from conftest import make_class_folder_layout
+
+    base = tmp_path_factory.mktemp("ft")
+    data = make_class_folder_layout(base / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=4)
+    args = ["finetune", "--data", str(data), "--out", str(base / "run"), *TINY, "--cache-dir", str(base / "cache"),
+            "--methods", "lora,lp-ft", *FAST]
+    assert main(args) == 0
+    return base, args, json.loads((base / "run" / "results.json").read_text())
+
+
+def test_finetuned_rows_join_the_frozen_ones_with_their_costs(tiny_finetune: tuple[Path, list[str], dict]) -> None:
+    base, _, results = tiny_finetune
+    assert list(results["models"]) == ["cnn", "vit", "cnn/lora", "vit/lora", "cnn/lp-ft", "vit/lp-ft"]
+    assert results["schema_version"] == 3
+    for label, m in results["models"].items():
+        if "/" not in label:
+            assert m["method"] == "frozen" and m["training"] == {}
+            continue
+        t = m["training"]
+        assert m["method"] == label.split("/")[1] and t["base"] == label.split("/")[0]
+        assert 0 < t["trainable_params"] <= t["total_params"] and t["train_wall_s"] > 0 and t["train_cpu_s"] > 0
+        assert t["train_img_s"] > 0 and t["peak_memory_mb"] > 0 and t["epochs_run"] == 2
+        assert len(t["history"]) == 2 and 1 <= t["best_epoch"] <= 2
+        assert 0 <= m["test"]["top1"] <= 1 and m["test"]["n"] == 12 and "ece" in m["calibration"]["test"]["after"]
+        assert (base / "run" / label / "predictions.npz").is_file()
+        assert (base / "run" / label / "backbone.safetensors").is_file()
+    assert results["models"]["cnn/lora"]["training"]["trainable_params"] < \
+        results["models"]["cnn/lp-ft"]["training"]["trainable_params"]
+    assert (base / "run" / "vit" / "lora" / "adapter.safetensors").is_file()
+    pairs = {(c["a"], c["b"]) for c in results["comparisons"]}
+    assert {("cnn/lora", "cnn"), ("vit/lp-ft", "vit"), ("cnn/lora", "vit/lora"), ("cnn/lp-ft", "vit/lp-ft"),
+            ("cnn", "vit")} <= pairs
+    summary = (base / "run" / "summary.txt").read_text()
+    assert "lora fine-tuning" in summary and "lp-ft fine-tuning" in summary
+    config = json.loads((base / "run" / "config.json").read_text())
+    assert config["finetune"]["methods"] == ["frozen", "lora", "lp-ft"]
+
+
+def test_predict_on_finetuned_models_gives_the_saved_test_probabilities(
+    tiny_finetune: tuple[Path, list[str], dict]
+) -> None:
+    from dogbench.inference import load_run
+    from dogbench.rundir import RunDir
+
+    base, _, _ = tiny_finetune
+    loaded = load_run(base / "run")
+    assert set(loaded.models) == {"cnn", "vit", "cnn/lora", "vit/lora", "cnn/lp-ft", "vit/lp-ft"}
+    for label in ("cnn/lora", "vit/lp-ft"):
+        saved = RunDir(base / "run").read_predictions(label)
+        proba = loaded.models[label].predict_proba(list(saved.paths))[0]
+        np.testing.assert_allclose(proba, saved.proba, atol=1e-5)
+
+
+def test_predict_and_explain_commands_work_on_a_finetuned_run(
+    tiny_finetune: tuple[Path, list[str], dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, _, _ = tiny_finetune
+    photo = next((base / "data" / "test" / "dog").glob("*.jpg"))
+    assert main(["predict", str(base / "run"), str(photo), "--format", "json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert set(doc["predictions"][0]["models"]) >= {"cnn/lora", "vit/lp-ft"}
+    assert main(["explain", str(base / "run"), str(photo), "--out", str(tmp_path)]) == 0
+    assert (tmp_path / f"{photo.stem}__vit-lora.png").is_file()
+    assert (tmp_path / f"{photo.stem}__cnn-lp-ft.png").is_file()
+    html = (base / "run" / "report.html").read_text()
+    assert "Fine-tuning ladder" in html and "cnn/lp-ft" in html
+
+
+def test_the_same_command_again_resumes_instead_of_retraining(tiny_finetune: tuple[Path, list[str], dict]) -> None:
+    base, args, results = tiny_finetune
+    states = sorted((base / "run").glob("*/*/train/*/state.pt"))
+    assert len(states) == 4
+    mtimes = [p.stat().st_mtime_ns for p in states]
+    t0 = time.perf_counter()
+    assert main(args) == 0
+    again = json.loads((base / "run" / "results.json").read_text())
+    assert [p.stat().st_mtime_ns for p in states] == mtimes  # nothing trained again
+    for label in ("cnn/lora", "vit/lp-ft"):
+        assert again["models"][label]["test"]["top1"] == results["models"][label]["test"]["top1"]
+        assert again["models"][label]["training"]["history"] == results["models"][label]["training"]["history"]
+    assert time.perf_counter() - t0 < 60
+
+
+def test_a_corrupt_finetuned_weights_file_is_one_clear_error(
+    tiny_finetune: tuple[Path, list[str], dict], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import shutil
+
+    base, _, _ = tiny_finetune
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    (run / "vit" / "lora" / "backbone.safetensors").write_bytes(b"garbage")
+    photo = next((base / "data" / "test" / "cat").glob("*.jpg"))
+    assert main(["predict", str(run), str(photo), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "backbone.safetensors" in err and "Traceback" not in err
+    assert (run / "results.json").is_file() and (run / "cnn" / "lp-ft" / "backbone.safetensors").is_file()
+
+
+def test_unknown_method_names_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["finetune", "--data", str(tmp_path), "--methods", "lora,adapterz", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "adapterz" in err and "lora, partial, full, lp-ft" in err
+
+
+def test_finetune_trials_tune_the_recipe_on_validation_with_a_pruner(tmp_path: Path) -> None:
+    import optuna
+
+    from conftest import make_class_folder_layout
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "vit=test_vit@random,img_size=32",
+            "--cache-dir", str(tmp_path / "cache"), "--methods", "lora", *FAST, "--set", "finetune.trials=3",
+            "--set", "report.enabled=false"]
+    assert main(args) == 0
+    row = json.loads((out / "results.json").read_text())["models"]["vit/lora"]
+    trials = row["training"]["trials"]
+    assert trials["n_trials"] == 3 and set(trials["best_params"]) == {"lr", "weight_decay", "lora_rank"}
+    study = optuna.load_study(study_name=trials["study"], storage=f"sqlite:///{out / 'optuna.db'}")
+    first = study.trials[0]
+    assert first.params["lr"] == pytest.approx(1e-3) and first.params["lora_rank"] == 8  # the defaults first
+    assert all(t.intermediate_values for t in study.trials)  # per-epoch validation top-1, for the pruner
+    assert row["val"]["top1"] == pytest.approx(trials["best_val_top1"])
+    assert row["training"]["params"]["lr"] == pytest.approx(trials["best_params"]["lr"])
+    assert len(list((out / "vit" / "lora" / "train").iterdir())) == len({tuple(sorted(t.params.items()))
+                                                                          for t in study.trials})
+
+
+def test_finetune_settings_are_checked_with_the_valid_choices() -> None:
+    from dogbench.config import ConfigError, resolve
+
+    for override, message in (("finetune.pruner=fast", "Valid pruners"), ("finetune.crop_scale=[0.5]", "crop_scale"),
+                              ("finetune.precision=fp64", "finetune.precision"), ("finetune.epochs=0", "epochs")):
+        with pytest.raises(ConfigError, match=message):
+            resolve({}, overrides=[override])

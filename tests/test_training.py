@@ -31,6 +31,7 @@ from dogbench.training import (
     lr_factor,
     param_groups,
     resolve_params,
+    set_train_mode,
     train,
 )
 
@@ -100,7 +101,7 @@ def test_a_fixed_batch_is_overfitted(kind: str) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.arange(8) % 4
-    t.model.train()
+    set_train_mode(t.model, freeze_bn_stats=params.freeze_bn_stats)
     losses = []
     for step in range(40):
         losses.append(stepper.forward_backward(x, y))
@@ -245,3 +246,15 @@ def test_lp_ft_needs_the_probe_and_the_head_starts_from_it() -> None:
     t = build_trainable(backbone, 3, params, head_init=(w, np.array([1, 2, 3], np.float32)))
     assert torch.equal(t.model.head.weight, torch.from_numpy(w))
     assert t.model.head.bias.tolist() == [1, 2, 3]
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_batch_norm_statistics_stay_pretrained_unless_asked(freeze: bool, data: TrainData, tmp_path: Path) -> None:
+    params = params_for("full", "cnn", freeze_bn_stats=freeze)
+    backbone = load_for_training(TINY["cnn"], params)
+    stats = {k: v.clone() for k, v in backbone.model.state_dict().items() if "running_" in k}
+    t = build_trainable(backbone, data.n_classes, params)
+    train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    after = t.model.backbone.state_dict()
+    same = [torch.equal(stats[k], after[k]) for k in stats]
+    assert all(same) if freeze else not any(same)

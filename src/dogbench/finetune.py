@@ -223,6 +223,7 @@ def finetune_backbone(
         "train_img_s": round(outcome.images_per_s, 3), "train_images": outcome.train_images,
         "peak_memory_mb": round(outcome.peak_memory_mb, 1), "epochs_run": outcome.epochs_run,
         "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early, "history": outcome.history,
+        "start_val_top1": outcome.start_val_top1,
         "precision": outcome.precision, "params": params.to_dict(), "trials": trials,
         "lora_targets": len(trainable.lora_targets), "base": bcfg.label,
         "weights_file": str(folder / FINETUNED_WEIGHTS),

@@ -96,6 +96,7 @@ class TrainParams:
     lora_alpha: float
     lora_dropout: float
     partial_blocks: int
+    freeze_bn_stats: bool
     patience: int
     precision: str  # "bf16" or "fp32" (what autocast runs)
     grad_checkpointing: bool
@@ -134,8 +135,8 @@ def resolve_params(
         crop_scale=tuple(cfg.crop_scale), color_jitter=cfg.color_jitter, randaugment=cfg.randaugment,
         mixup=cfg.mixup, cutmix=cfg.cutmix, ema_decay=cfg.ema_decay, lora_rank=rank,
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * rank, lora_dropout=cfg.lora_dropout,
-        partial_blocks=cfg.partial_blocks, patience=cfg.patience, precision=precision,
-        grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed,
+        partial_blocks=cfg.partial_blocks, freeze_bn_stats=cfg.freeze_bn_stats, patience=cfg.patience,
+        precision=precision, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed,
     )
     return dataclasses.replace(params, **overrides)
 
@@ -331,14 +332,14 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def set_train_mode(model: Classifier) -> None:
-    """Train mode, except batch norms whose weights are all frozen (LoRA, partial): their running statistics
-    stay the pretrained ones (otherwise "frozen" layers would still change)."""
+def set_train_mode(model: Classifier, *, freeze_bn_stats: bool) -> None:
+    """Train mode, except batch norms that keep their running statistics: all of them with ``freeze_bn_stats``,
+    else those whose weights are all frozen (LoRA, partial: otherwise "frozen" layers would still change)."""
     model.train()
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             trainable = [p.requires_grad for p in module.parameters(recurse=False)]
-            if not any(trainable):
+            if freeze_bn_stats or not any(trainable):
                 module.eval()
 
 
@@ -488,6 +489,7 @@ class TrainOutcome:
     peak_memory_mb: float  # CUDA: max allocated; CPU: the process's peak resident set
     precision: str
     resumed: bool
+    start_val_top1: float | None = None  # lp-ft: validation top-1 before the first step (the probe's head)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -620,6 +622,7 @@ def _train(
     bad_epochs, done, resumed = 0, False, False
     spent = {"wall": 0.0, "cpu": 0.0, "step_wall": 0.0, "images": 0}
     epoch_loss = [0.0, 0]
+    start_val: float | None = None
     if state_path.is_file():
         saved = load_state(state_path)
         if saved.get("digest") == digest:
@@ -631,7 +634,7 @@ def _train(
             _set_rng_state(saved["rng"])
             epoch, position, step = saved["epoch"], saved["position"], saved["step"]
             history, best, bad_epochs, done = saved["history"], saved["best"], saved["bad_epochs"], saved["done"]
-            spent, epoch_loss = saved["spent"], saved["epoch_loss"]
+            spent, epoch_loss, start_val = saved["spent"], saved["epoch_loss"], saved.get("start_val")
             resumed = True
         else:
             warnings.warn(f"{state_path} was written for other settings or data; training from the start",
@@ -643,7 +646,7 @@ def _train(
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(), "epoch": epoch,
             "position": position, "step": step, "history": history, "best": best, "bad_epochs": bad_epochs,
-            "done": done, "spent": spent, "epoch_loss": epoch_loss,
+            "done": done, "spent": spent, "epoch_loss": epoch_loss, "start_val": start_val,
         })
 
     wall0, cpu0 = time.perf_counter(), _cpu()
@@ -652,6 +655,10 @@ def _train(
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=steps_per_epoch * params.epochs, initial=step, unit="step",
                desc=f"{params.method} {backbone.label}", disable=not progress, leave=False)
+    if params.method == "lp-ft" and not resumed:  # where LP-FT starts: the probe's head on the pretrained model
+        logits = evaluate_logits(model, val_images, preprocess, device=device, precision=params.precision,
+                                 batch_size=max(params.batch_size, 64), memory_format=stepper.memory_format)
+        start_val = float((logits.argmax(1) == data.val_labels).mean())
     pool = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="train-decode")
     try:
         while not done and epoch < params.epochs:
@@ -659,7 +666,7 @@ def _train(
             usable = len(batches) - len(batches) % params.grad_accum if len(batches) >= params.grad_accum \
                 else len(batches)
             batches = batches[:usable]
-            set_train_mode(model)
+            set_train_mode(model, freeze_bn_stats=params.freeze_bn_stats)
             pending = pool.map(images.decode, batches[position]) if position < len(batches) else None
             while position < len(batches):
                 t0 = time.perf_counter()
@@ -720,7 +727,7 @@ def _train(
         trainable_params=trainable.trainable_params, total_params=trainable.total_params,
         train_wall_s=float(spent["wall"]), train_cpu_s=float(spent["cpu"]), train_images=int(spent["images"]),
         images_per_s=spent["images"] / spent["step_wall"] if spent["step_wall"] > 0 else 0.0,
-        peak_memory_mb=float(peak), precision=params.precision, resumed=resumed,
+        peak_memory_mb=float(peak), precision=params.precision, resumed=resumed, start_val_top1=start_val,
     )
 
 

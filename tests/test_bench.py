@@ -103,3 +103,23 @@ def test_bench_config_is_validated() -> None:
         resolve({"bench": {"images": 0}})
     with pytest.raises(ConfigError, match="Unknown key 'repeat' in \\[bench\\]. Did you mean 'repeats'"):
         resolve({"bench": {"repeat": 3}})
+
+
+def test_bench_train_times_the_step_end_to_end_and_the_recipe(class_folder_root: Path, tmp_path: Path) -> None:
+    """`dogbench bench --train`: three rates per round, their medians and per-round ratios in train_bench.csv."""
+    import json
+
+    out = tmp_path / "tb"
+    assert main(["bench", "--train", "--data", str(class_folder_root), "--backbone",
+                 "cnn=test_resnet@random,input_size=32", "--set", "finetune.batch_size=2", "--set",
+                 "bench.model_batches=2", "--repeats", "2", "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader((out / "train_bench.csv").open()))
+    doc = json.loads((out / "train_bench.json").read_text())
+    assert len(rows) == 1 and rows[0]["label"] == "cnn" and rows[0]["batch_size"] == "2"
+    rounds = doc["rounds"][0]
+    assert {k: len(v) for k, v in rounds.items()} == {"step": 2, "e2e": 2, "recipe": 2}
+    assert float(rows[0]["e2e_samples_per_sec"]) == pytest.approx(statistics.median(rounds["e2e"]), rel=1e-3)
+    ratios = [a / b for a, b in zip(rounds["e2e"], rounds["step"], strict=True)]
+    assert float(rows[0]["e2e_over_step"]) == pytest.approx(statistics.median(ratios), rel=1e-3)
+    assert all(v > 0 for v in rounds["recipe"]) and float(rows[0]["e2e_over_recipe"]) > 0
+    assert "e2e/recipe" in (out / "summary.txt").read_text()

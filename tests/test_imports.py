@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("inference",),
     ("finetune",),
     ("explain",),
-    ("pipeline", "bench"),
+    ("pipeline", "bench", "bench_train"),
     ("cli", "__init__", "__main__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, help="images per forward pass (features.batch_size)")
     bench.add_argument("--compile", action=argparse.BooleanOptionalAction,
                        help="also time the model under torch.compile (bench.compare_compile)")
+    bench.add_argument("--train", action=argparse.BooleanOptionalAction, help="time fine-tuning instead: the "
+                       "training step alone, end to end, and the hand-written recipe (bench.train)")
     bench.add_argument("--recipe", action=argparse.BooleanOptionalAction,
                        help="time the ImageFolder + DataLoader recipe too (bench.recipe; default on)")
 
@@ -178,6 +180,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "box_ablation": "data.box_ablation",
         "classes": "data.classes",
         "download": "data.download", "compile": "bench.compare_compile", "recipe": "bench.recipe",
+        "train": "bench.train",
         "seeds": "evaluate.seeds", "epochs": "finetune.epochs",
     }
     for attr, key in flag_keys.items():
@@ -244,12 +247,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command == "bench":
         from dogbench.bench import run_bench
+        from dogbench.bench_train import run_train_bench
 
-        bench = run_bench(cfg, dataset, progress=progress)
+        bench = (run_train_bench if cfg.bench.train else run_bench)(cfg, dataset, progress=progress)
         out = Path(cfg.out) if cfg.out else Path("runs") / ("bench-" + time.strftime("%Y%m%d-%H%M%S"))
         bench.write(out, cfg)
         print(bench.summary_table())
-        print(f"bench: {out / 'bench.csv'}")
+        print(f"bench: {out / ('train_bench.csv' if cfg.bench.train else 'bench.csv')}")
         return 0
 
     from dogbench import pipeline

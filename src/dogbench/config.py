@@ -232,6 +232,9 @@ class BenchConfig:
     recipe: bool = True  # time torchvision ImageFolder + timm eval transform + default DataLoader on the same images
     compare_compile: bool = False  # also time the model alone under torch.compile (compile time reported)
     matmul_size: int | None = None  # square matmul for the FLOP peak; None = 2048 on CPU, 8192 on a GPU
+    # `dogbench bench --train`: the training step alone vs end-to-end fine-tuning vs the hand-written training loop
+    # (model_batches + 1 steps of finetune.batch_size images each, the first one warm-up)
+    train: bool = False
 
 
 @dataclass(frozen=True)

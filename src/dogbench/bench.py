@@ -355,6 +355,20 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def table_lines(title: str, machine: dict[str, Any], repeats: int, header: list[str], body: list[list[str]]
+                ) -> list[str]:
+    """A bench's printed table: the machine and load in a title line, then aligned columns."""
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+    return [
+        f"{title}: {machine.get('cpu')} / {machine.get('gpu', 'no GPU')}, torch {machine['torch']}, "
+        f"{machine['threads']} threads; medians of {repeats} rounds; load average "
+        f"{machine.get('loadavg_1min_before')} before, {machine.get('loadavg_1min_after')} after",
+        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
+        "  ".join("-" * w for w in widths),
+        *("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in body),
+    ]
+
+
 @dataclass(frozen=True)
 class BenchResults:
     rows: tuple[BenchRow, ...]
@@ -383,16 +397,8 @@ class BenchResults:
                 f"{v['compute_efficiency']:.3f}", str(v.get("recipe_samples_per_sec", "-")),
                 f"{v['speedup_vs_recipe']:.2f}x" if "speedup_vs_recipe" in v else "-",
             ])
-        widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-        lines = [
-            f"dogbench bench on {self.dataset}: {self.machine.get('cpu')} / {self.machine.get('gpu', 'no GPU')}, "
-            f"torch {self.machine['torch']}, {self.machine['threads']} threads; medians of "
-            f"{self.rows[0].values['repeats'] if self.rows else 0} rounds; load average "
-            f"{self.machine.get('loadavg_1min_before')} before, {self.machine.get('loadavg_1min_after')} after",
-            "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-            "  ".join("-" * w for w in widths),
-            *("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in body),
-        ]
+        lines = table_lines(f"dogbench bench on {self.dataset}", self.machine,
+                            self.rows[0].values["repeats"] if self.rows else 0, header, body)
         compiled = [r.values for r in self.rows if "compile_speedup" in r.values]
         lines += [f"torch.compile {v['label']}: {v['compiled_samples_per_sec']:.2f} img/s, "
                   f"{v['compile_speedup']:.3f}x eager, compile {v['compile_s']:.0f} s" for v in compiled]

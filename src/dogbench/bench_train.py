@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 from dogbench.backbones import Backbone, load_backbone
-from dogbench.bench import _jsonable, _loadavg, _sync, bench_images, machine_info
+from dogbench.bench import _jsonable, _loadavg, _sync, bench_images, machine_info, table_lines
 from dogbench.config import BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import device_name, resolve_device
@@ -184,18 +184,9 @@ class TrainBenchResults:
                  f"{r['step_samples_per_sec']:.2f}", f"{r['e2e_samples_per_sec']:.2f}", f"{r['e2e_over_step']:.3f}",
                  f"{r['recipe_samples_per_sec']:.2f}" if "recipe_samples_per_sec" in r else "-",
                  f"{r['e2e_over_recipe']:.2f}x" if "e2e_over_recipe" in r else "-"] for r in self.rows]
-        widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-        machine = self.machine
-        return "\n".join([
-            f"dogbench bench --train on {self.dataset}: {machine.get('cpu')} / {machine.get('gpu', 'no GPU')}, "
-            f"torch {machine['torch']}, {machine['threads']} threads; medians of "
-            f"{self.rows[0]['repeats'] if self.rows else 0} rounds; load average "
-            f"{machine.get('loadavg_1min_before')} before, {machine.get('loadavg_1min_after')} after",
-            "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-            "  ".join("-" * w for w in widths),
-            *("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in body),
-            f"total {self.seconds:.1f} s",
-        ])
+        return "\n".join([*table_lines(f"dogbench bench --train on {self.dataset}", self.machine,
+                                        self.rows[0]["repeats"] if self.rows else 0, header, body),
+                          f"total {self.seconds:.1f} s"])
 
     def write(self, out: Path, cfg: RunConfig) -> None:
         out.mkdir(parents=True, exist_ok=True)

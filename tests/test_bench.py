@@ -117,7 +117,7 @@ def test_bench_train_times_the_step_end_to_end_and_the_recipe(class_folder_root:
     doc = json.loads((out / "train_bench.json").read_text())
     assert len(rows) == 1 and rows[0]["label"] == "cnn" and rows[0]["batch_size"] == "2"
     rounds = doc["rounds"][0]
-    assert {k: len(v) for k, v in rounds.items()} == {"step": 2, "e2e": 2, "recipe": 2}
+    assert {k: len(v) for k, v in rounds.items() if k != "e2e_fp32"} == {"step": 2, "e2e": 2, "recipe": 2}
     assert float(rows[0]["e2e_samples_per_sec"]) == pytest.approx(statistics.median(rounds["e2e"]), rel=1e-3)
     ratios = [a / b for a, b in zip(rounds["e2e"], rounds["step"], strict=True)]
     assert float(rows[0]["e2e_over_step"]) == pytest.approx(statistics.median(ratios), rel=1e-3)

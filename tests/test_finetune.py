@@ -156,3 +156,18 @@ def test_finetune_settings_are_checked_with_the_valid_choices() -> None:
                               ("finetune.precision=fp64", "finetune.precision"), ("finetune.epochs=0", "epochs")):
         with pytest.raises(ConfigError, match=message):
             resolve({}, overrides=[override])
+
+
+def test_finetune_adds_methods_to_a_folder_and_keeps_the_earlier_rows(tmp_path: Path) -> None:
+    from conftest import make_class_folder_layout
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog"), n_train=6, n_test=2)
+    common = ["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--backbone",
+              "cnn=test_resnet@random,input_size=32", "--cache-dir", str(tmp_path / "cache"), *FAST,
+              "--set", "report.enabled=false"]
+    assert main([*common, "--methods", "partial"]) == 0
+    assert main([*common, "--methods", "full"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert list(results["models"]) == ["cnn", "cnn/partial", "cnn/full"]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["finetune"]["methods"] == \
+        ["frozen", "partial", "full"]

@@ -84,12 +84,18 @@ def test_each_method_runs_an_epoch(method: str, kind: str, data: TrainData, tmp_
     assert out.epochs_run == 1 and len(out.history) == 1
     assert np.isfinite(out.history[0]["train_loss"]) and 0 <= out.best_val_top1 <= 1
     assert out.train_images == (len(data.train) // 4) * 4 and out.images_per_s > 0
-    assert (tmp_path / "best.safetensors").is_file() and (tmp_path / STATE_FILE).is_file()
+    assert out.best_path == tmp_path / f"best-epoch{out.best_epoch}.safetensors" and out.best_path.is_file()
+    assert (tmp_path / STATE_FILE).is_file() and len(list(tmp_path.glob("best-epoch*.safetensors"))) == 1
     fraction = out.trainable_params / out.total_params
     if method in ("full", "lp-ft"):
         assert out.trainable_params == out.total_params
     else:
         assert 0 < fraction < 1
+    if method == "partial":  # the last 2 blocks (ViT: of 6, with the final norm) or stages (ResNet: of 4)
+        trained = {n.split(".")[1] + "." + n.split(".")[2] if kind == "vit" else n.split(".")[1]
+                   for n, p in t.model.named_parameters() if p.requires_grad and not n.startswith("head.")}
+        assert trained == ({"blocks.4", "blocks.5", "norm.weight", "norm.bias"} if kind == "vit" else
+                           {"layer3", "layer4"}), trained
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
@@ -221,8 +227,9 @@ def test_sigkill_mid_epoch_then_the_same_command_gives_bitwise_equal_weights(tmp
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
-    best_a = safetensors.torch.load_file(tmp_path / "whole" / "best.safetensors")
-    best_b = safetensors.torch.load_file(tmp_path / "killed" / "best.safetensors")
+    assert a["best"] == b["best"]
+    best_a = safetensors.torch.load_file(tmp_path / "whole" / f"best-epoch{a['best']['epoch']}.safetensors")
+    best_b = safetensors.torch.load_file(tmp_path / "killed" / f"best-epoch{b['best']['epoch']}.safetensors")
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
 

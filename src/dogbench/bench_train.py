@@ -7,6 +7,7 @@ rounds, it times:
   synthetic uint8 batch already in memory;
 - ``e2e``: ``training.train`` itself over real images: sampler, decoding in the thread pool, timm's training
   transform seeded per image, the step; validation and checkpoints are outside the timed steps;
+- ``e2e_fp32``: the same in fp32 when the run trains in bf16 (the recipe's precision: a like-for-like ratio);
 - ``recipe``: what people write by hand, in a fresh process: torchvision ``ImageFolder`` + timm's
   ``create_transform(is_training=True)`` + ``DataLoader(batch_size, shuffle=True)`` with every other setting at
   its default + a plain fp32 loop (``model.train()``, ``cross_entropy``, ``backward``, ``AdamW.step``).
@@ -54,7 +55,7 @@ from dogbench.training import (
 
 COLUMNS = ("label", "model", "weights", "device", "precision", "batch_size", "steps", "repeats", "params",
            "step_samples_per_sec", "e2e_samples_per_sec", "recipe_samples_per_sec", "e2e_over_step",
-           "e2e_over_recipe", "recipe_precision")
+           "e2e_over_recipe", "recipe_precision", "e2e_fp32_samples_per_sec", "e2e_fp32_over_recipe")
 
 
 def _rate(stamps: list[float], batch_size: int) -> float:
@@ -92,10 +93,11 @@ def step_alone(bcfg: BackboneConfig, cfg: RunConfig, *, steps: int, device: torc
 
 
 def end_to_end(bcfg: BackboneConfig, cfg: RunConfig, samples: tuple[Sample, ...], *, steps: int,
-               device: torch.device) -> float:
-    """Images per second of ``training.train`` over ``samples`` (one epoch of ``steps + 1`` steps)."""
+               device: torch.device, precision: str | None = None) -> float:
+    """Images per second of ``training.train`` over ``samples`` (one epoch of ``steps + 1`` steps), in the run's
+    training precision or ``precision``."""
     backbone, params = _setup(bcfg, cfg, device)
-    params = dataclasses.replace(params, epochs=1)
+    params = dataclasses.replace(params, epochs=1, precision=precision or params.precision)
     labels = np.asarray([s.label for s in samples], dtype=np.int64) % 120
     n = params.batch_size * (steps + 1)
     val = slice(n, n + 1) if len(samples) > n else slice(0, 1)  # one image: validation is not timed
@@ -179,11 +181,13 @@ class TrainBenchResults:
 
     def summary_table(self) -> str:
         header = ["model", "batch", "precision", "step img/s", "e2e img/s", "e2e/step", "recipe img/s (fp32)",
-                  "e2e/recipe"]
+                  "e2e/recipe", "e2e fp32 img/s", "e2e fp32/recipe"]
         body = [[f"{r['label']} ({r['model']})", str(r["batch_size"]), r["precision"],
                  f"{r['step_samples_per_sec']:.2f}", f"{r['e2e_samples_per_sec']:.2f}", f"{r['e2e_over_step']:.3f}",
                  f"{r['recipe_samples_per_sec']:.2f}" if "recipe_samples_per_sec" in r else "-",
-                 f"{r['e2e_over_recipe']:.2f}x" if "e2e_over_recipe" in r else "-"] for r in self.rows]
+                 f"{r['e2e_over_recipe']:.2f}x" if "e2e_over_recipe" in r else "-",
+                 f"{r['e2e_fp32_samples_per_sec']:.2f}" if "e2e_fp32_samples_per_sec" in r else "-",
+                 f"{r['e2e_fp32_over_recipe']:.2f}x" if "e2e_fp32_over_recipe" in r else "-"] for r in self.rows]
         return "\n".join([*table_lines(f"dogbench bench --train on {self.dataset}", self.machine,
                                         self.rows[0]["repeats"] if self.rows else 0, header, body),
                           f"total {self.seconds:.1f} s"])
@@ -217,6 +221,8 @@ def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) 
                    "e2e": end_to_end(bcfg, cfg, samples, steps=steps, device=device)}
             if cfg.bench.recipe:
                 got["recipe"] = recipe(bcfg, samples, batch_size=batch, steps=steps, device=device)
+                if _setup(bcfg, cfg, device)[1].precision != "fp32":  # the recipe's precision, for a like-for-like
+                    got["e2e_fp32"] = end_to_end(bcfg, cfg, samples, steps=steps, device=device, precision="fp32")
             for k, v in got.items():
                 rounds.setdefault(k, []).append(v)
         backbone, params = _setup(bcfg, cfg, device)
@@ -233,6 +239,10 @@ def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) 
             ratio = statistics.median(a / b for a, b in zip(rounds["e2e"], rounds["recipe"], strict=True))
             row |= {"recipe_samples_per_sec": round(statistics.median(rounds["recipe"]), 3),
                     "recipe_precision": "fp32", "e2e_over_recipe": round(ratio, 3)}
+        if "e2e_fp32" in rounds:
+            ratio = statistics.median(a / b for a, b in zip(rounds["e2e_fp32"], rounds["recipe"], strict=True))
+            row |= {"e2e_fp32_samples_per_sec": round(statistics.median(rounds["e2e_fp32"]), 3),
+                    "e2e_fp32_over_recipe": round(ratio, 3)}
         rows.append(row)
         all_rounds.append(rounds)
         del backbone

@@ -197,9 +197,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if args.command == "evaluate":
         overrides.append(f"out={json.dumps(str(args.run_dir))}")
     cfg = resolve(doc, overrides=overrides, backbone_specs=args.backbone)
-    if args.command == "finetune" and FROZEN not in cfg.finetune.methods:  # the ladder's first rung, always
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(
-            cfg.finetune, methods=(FROZEN, *cfg.finetune.methods)))
+    if args.command == "finetune":  # frozen (the ladder's first rung) always; methods add to a folder's own
+        saved = run.read_config().finetune.methods if run is not None and run.exists() else ()
+        methods = dict.fromkeys((FROZEN, *saved, *cfg.finetune.methods))
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, methods=tuple(methods)))
     if run is None and cfg.out and args.command in ("run", "tune", "extract", "finetune"):
         run = RunDir(cfg.out)  # `out` named by the config file
     if run is not None:

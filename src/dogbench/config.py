@@ -606,6 +606,13 @@ def _validate(cfg: RunConfig) -> None:
     if min(f.epochs, f.batch_size, f.grad_accum, f.partial_blocks) < 1 or f.trials < 0 or f.checkpoint_every < 0:
         raise ConfigError("finetune.epochs, batch_size, grad_accum and partial_blocks must be >= 1, finetune.trials "
                           "and finetune.checkpoint_every >= 0")
+    if not f.methods:
+        raise ConfigError(f"finetune.methods is empty. Valid methods: {', '.join(METHODS)}")
+    if (f.lora_rank is not None and f.lora_rank < 1) or f.patience < 1 or not 0.0 <= f.ema_decay < 1.0:
+        raise ConfigError(f"finetune.lora_rank and finetune.patience must be >= 1 and finetune.ema_decay in [0, 1), "
+                          f"got {f.lora_rank}, {f.patience}, {f.ema_decay}")
+    if f.precision is Precision.FP16:
+        raise ConfigError("finetune.precision fp16 is not supported (no grad scaler): use auto, bf16 or fp32")
     if len(f.crop_scale) != 2 or not 0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0:
         raise ConfigError(f"finetune.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(f.crop_scale)}")
     if f.pruner not in PRUNERS:

@@ -9,6 +9,7 @@ preprocessing and head as ``predict`` and ``explain``). Rows ``<label>/<method>`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import warnings
 from typing import Any
@@ -23,6 +24,7 @@ from dogbench.backbones import load_backbone
 from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import resolve_device, resolve_precision
+from dogbench.errors import DogbenchError
 from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
 from dogbench.features import feature_settings
 from dogbench.features.cache import cache_key
@@ -33,13 +35,16 @@ from dogbench.protocols.scoring import compare_all, test_scores
 from dogbench.results import ModelResult, RunResults
 from dogbench.rundir import ADAPTER_FILE, FINETUNED_WEIGHTS, NO_BOX, Predictions, RunDir
 from dogbench.training import (
+    STATE_FILE,
     TrainData,
+    TrainingError,
     TrainOutcome,
     TrainParams,
     build_trainable,
     export,
     load_best,
     load_for_training,
+    load_state,
     resolve_params,
     train,
 )
@@ -107,7 +112,10 @@ def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainDa
     backbone = load_for_training(bcfg, params)
     trainable = build_trainable(backbone, data.n_classes, params, head_init=probe)
     key = cache_key({"params": params.to_dict(), "data": data.digest(), "tag": backbone.tag,
-                     "weights": backbone.weights_sha256})[:16]
+                     "weights": backbone.weights_sha256, "model_kwargs": dict(bcfg.model_kwargs),
+                     "preprocess": backbone.preprocess.to_dict(),
+                     "probe": None if probe is None else hashlib.sha256(probe[0].tobytes() + probe[1].tobytes())
+                     .hexdigest()})[:16]
     folder = run.finetuned_dir(bcfg.label, params.method) / "train" / key
     outcome = train(trainable, backbone, data, params, folder, device=device,
                     checkpoint_every=cfg.finetune.checkpoint_every, progress=progress, on_epoch=on_epoch)
@@ -129,10 +137,11 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
     storage = cfg.tune.storage or run.default_storage()
     name = f"finetune-{bcfg.label}-{method}-{cache_key({'base': base.to_dict(), 'data': data.digest()})[:12]}"
     with _study_lock(storage):
-        study = optuna.create_study(
-            study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-            sampler=optuna.samplers.TPESampler(seed=f.seed), pruner=make_pruner(
-                f.pruner, max_epochs=f.epochs, min_epochs=1))
+        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+                                    pruner=make_pruner(f.pruner, max_epochs=f.epochs, min_epochs=1))
+    # seeded by how far the study got: a resumed study draws new configurations instead of replaying the first ones
+    study.sampler = optuna.samplers.TPESampler(seed=f.seed + len(study.trials),
+                                               n_startup_trials=max(1, min(10, f.trials // 3)))
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         study.enqueue_trial(t.params, skip_if_exists=False)  # killed mid-way: again, resuming its training state
         study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
@@ -149,8 +158,13 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        _, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress,
-                                 on_epoch=report)
+        try:
+            _, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress,
+                                     on_epoch=report)
+        except TrainingError as err:
+            if "loss became" not in str(err):
+                raise
+            raise optuna.TrialPruned(str(err)) from None  # a diverging lr is a bad configuration, not a failure
         return outcome.best_val_top1
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
@@ -159,6 +173,10 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.optimize(objective, n_trials=left, catch=())
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise DogbenchError(f"No fine-tuning trial of {bcfg.label}/{method} completed ({len(study.trials)} pruned or "
+                            "failed): raise finetune.trials or finetune.epochs, or use finetune.pruner=none")
     best = study.best_trial
     params = dataclasses.replace(base, **_suggest(optuna.trial.FixedTrial(best.params), method, base, is_vit=is_vit))
     trainable, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress)
@@ -199,6 +217,8 @@ def finetune_backbone(
     temperature = fit_temperature(data.val_labels, val_proba, bounds=TEMPERATURE_BOUNDS)
     if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01 or bool(
             np.all(val_proba.argmax(1) == data.val_labels)):
+        warnings.warn(f"{label}: temperature scaling skipped: the validation fit ran to its bound ({temperature:.3g}) "
+                      "or validation has no mistake to calibrate against; T = 1", stacklevel=2)
         temperature = 1.0
     settings = feature_settings(cfg.features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
                                 preprocess=backbone.preprocess)
@@ -225,6 +245,8 @@ def finetune_backbone(
         "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early, "history": outcome.history,
         "start_val_top1": outcome.start_val_top1,
         "precision": outcome.precision, "params": params.to_dict(), "trials": trials,
+        # every configuration this method trained here (the search's trials included): the ladder's cost
+        "search_wall_s": round(_search_wall_s(run, bcfg.label, method), 3),
         "lora_targets": len(trainable.lora_targets), "base": bcfg.label,
         "weights_file": str(folder / FINETUNED_WEIGHTS),
     }
@@ -240,7 +262,8 @@ def finetune_backbone(
         head={"kind": "linear", "method": method, "epochs": outcome.best_epoch,
               "params": training["params"]},
         val={"top1": outcome.best_val_top1}, test=scores, baseline={},
-        timing_s={"train": round(eval0 - wall0, 4), "evaluate": round(evaluate_s, 4)},
+        timing_s={"train": round(outcome.train_wall_s, 4), "export": round(eval0 - wall0 - outcome.train_wall_s, 4)
+                  if not outcome.resumed else 0.0, "evaluate": round(evaluate_s, 4)},
         cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
         pretraining=frozen.pretraining, leaky=frozen.leaky,
         architecture=bf.architecture,
@@ -256,6 +279,17 @@ def finetune_backbone(
         method=method, training=training,
     )
     return result, dict(zip(test_ids, correct.tolist(), strict=True))
+
+
+def _search_wall_s(run: RunDir, label: str, method: str) -> float:
+    """Training wall seconds summed over every configuration trained for ``<label>/<method>`` in this folder."""
+    total = 0.0
+    for path in (run.finetuned_dir(label, method) / "train").glob(f"*/{STATE_FILE}"):
+        try:
+            total += float(load_state(path)["spent"]["wall"])
+        except (TrainingError, KeyError, TypeError, ValueError):
+            continue  # an unreadable state of another configuration: its cost is unknown, not an error here
+    return total
 
 
 def _proba(model: Model, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:

@@ -11,7 +11,7 @@ Layout (``R`` = the run folder)::
     R/<label>/predictions.npz        test ids, labels, probabilities, confusion, paths, boxes, classes
     R/<label>/<method>/              a fine-tuned model (row "<label>/<method>"): model.json, backbone.safetensors
                                      (LoRA merged), adapter.safetensors (LoRA), head/, predictions.npz, train/<key>/
-                                     (state.pt, best.safetensors, params.json: one folder per trained configuration)
+                                     (state.pt, best-epoch<N>.safetensors, params.json: one per trained configuration)
     R/explanations/                  the report's overlays + explanations.json
     R/explanations/photos/           `dogbench explain`'s overlays (default --out)
     R/report.html, report.md, report.json, report_files/

@@ -12,7 +12,7 @@ Training state (weights, optimizer, scheduler, EMA, every RNG, epoch, position i
 written atomically into ``<out>/state.pt`` at every epoch's end and every ``checkpoint_every`` optimizer steps;
 the same call after a kill continues from it. Sampler order and every augmentation are seeded per (seed, epoch,
 image), so a resumed run replays exactly what the uninterrupted one does: on the CPU its final weights are
-bitwise equal. The best epoch's weights are ``<out>/best.safetensors``.
+bitwise equal. The best epoch's weights are ``<out>/best-epoch<N>.safetensors``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from dogbench.features import ImageDataset, effective_decoder, iter_batches
 from dogbench.features.cache import cache_key
 
 STATE_FILE = "state.pt"
-BEST_FILE = "best.safetensors"
+BEST_PREFIX = "best-epoch"  # best-epoch<N>.safetensors: the state names the one that is its best
 STATE_FORMAT = 1
 
 # Per-method defaults (lr at 32 images per optimizer step). Sources: BEiT / MAE ViT fine-tuning (AdamW, wd 0.05,
@@ -280,8 +280,10 @@ def build_trainable(backbone: Backbone, n_classes: int, params: TrainParams,
     if params.method in ("full", "lp-ft"):
         base.requires_grad_(True)
     elif params.method == "partial":
+        # timm's coarse groups: the stem (0), then one per block (ViT) or stage (CNN), the final norm merged into
+        # the last one (ViT, EfficientNet) or absent (ResNet); unmatched names (a ConvNeXt head norm) come last
         coarse, n_coarse = layer_map(base, coarse=True)
-        first = max(0, n_coarse - 1 - params.partial_blocks)
+        first = max(1, n_coarse - params.partial_blocks)
         base.requires_grad_(False)
         for name, p in base.named_parameters():
             p.requires_grad_(coarse[name] >= first)
@@ -293,7 +295,7 @@ def build_trainable(backbone: Backbone, n_classes: int, params: TrainParams,
         config = LoraConfig(r=params.lora_rank, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
                             target_modules=targets, bias="none")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(params.seed)  # adapter init (kaiming A, zero B) from the run's seed
+            torch.default_generator.manual_seed(params.seed)  # adapter init (kaiming A, zero B), on the CPU
             base = get_peft_model(base, config)
     head.requires_grad_(True)
     return Trainable(Classifier(base, head), layers, n_layers, no_wd, backbone.is_vit, targets)
@@ -370,13 +372,13 @@ class TrainData:
 
 @contextmanager
 def seeded(seed: int) -> Iterator[None]:
-    """Python's, numpy's and torch's (CPU) global RNGs seeded with ``seed`` inside, restored after: timm's and
-    torchvision's transforms draw from them."""
+    """Python's, numpy's and torch's CPU global RNGs seeded with ``seed`` inside, restored after: timm's and
+    torchvision's transforms draw from them. Accelerator generators are not touched."""
     py, npy = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=[]):
         random.seed(seed)
         np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         try:
             yield
         finally:
@@ -430,14 +432,17 @@ def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int) -> list[np.
 # ---------------------------------------------------------------------------------------------- state
 
 
-def _rng_state() -> dict[str, Any]:
+def _rng_state(device: torch.device) -> dict[str, Any]:
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version":
+    return {"cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version":
             random.getstate()[0], "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached]}
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
     random.setstate((state["python_version"], tuple(state["python"]), None))
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
@@ -486,7 +491,7 @@ class TrainOutcome:
     train_cpu_s: float
     train_images: int  # training images the steps consumed
     images_per_s: float  # train_images / the wall seconds spent in training steps (data loading included)
-    peak_memory_mb: float  # CUDA: max allocated; CPU: the process's peak resident set
+    peak_memory_mb: float  # CUDA: max allocated; CPU: the largest resident set after a step (sampled every step)
     precision: str
     resumed: bool
     start_val_top1: float | None = None  # lp-ft: validation top-1 before the first step (the probe's head)
@@ -583,7 +588,12 @@ def train(
     ``on_epoch(epoch, val_top1)`` runs after each epoch's validation (an Optuna pruner raises from it);
     ``on_step(step)`` after each optimizer step and its checkpoint.
     """
-    with seeded(params.seed):  # dropout, drop-path and mixup draw from the global RNGs: the caller's are kept
+    accelerators = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    # dropout, drop-path and mixup draw from the global RNGs (the device's too): the caller's states are kept
+    with seeded(params.seed), torch.random.fork_rng(devices=accelerators):
+        if accelerators:
+            torch.cuda.manual_seed(params.seed)
         return _train(trainable, backbone, data, params, Path(out_dir), device=device,
                       checkpoint_every=checkpoint_every, progress=progress, on_epoch=on_epoch, on_step=on_step)
 
@@ -612,7 +622,7 @@ def _train(
                                              decoder=effective_decoder(data.decoder, preprocess))
     digest = cache_key({"params": params.to_dict(), "data": data.digest(), "format": STATE_FORMAT,
                         "model": sorted((k, list(v.shape)) for k, v in model.state_dict().items())})
-    state_path, best_path = out_dir / STATE_FILE, out_dir / BEST_FILE
+    state_path = out_dir / STATE_FILE
     atomic_write_json(out_dir / "params.json", {"params": params.to_dict(), "digest": digest})
 
     # ------------------------------------------------------------------ resume or start
@@ -631,7 +641,7 @@ def _train(
             scheduler.load_state_dict(saved["scheduler"])
             if ema is not None and saved.get("ema") is not None:
                 ema.load_state_dict(saved["ema"])
-            _set_rng_state(saved["rng"])
+            _set_rng_state(saved["rng"], device)
             epoch, position, step = saved["epoch"], saved["position"], saved["step"]
             history, best, bad_epochs, done = saved["history"], saved["best"], saved["bad_epochs"], saved["done"]
             spent, epoch_loss, start_val = saved["spent"], saved["epoch_loss"], saved.get("start_val")
@@ -644,7 +654,7 @@ def _train(
         _save_state(state_path, {
             "format": STATE_FORMAT, "digest": digest, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(), "epoch": epoch,
+            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(device), "epoch": epoch,
             "position": position, "step": step, "history": history, "best": best, "bad_epochs": bad_epochs,
             "done": done, "spent": spent, "epoch_loss": epoch_loss, "start_val": start_val,
         })
@@ -685,6 +695,8 @@ def _train(
                     step += 1
                     bar.update(1)
                     spent["step_wall"] += time.perf_counter() - t0
+                    if device.type == "cpu":  # sampled after each step: the training's own peak, not the process's
+                        spent["peak_mb"] = max(spent.get("peak_mb", 0.0), _resident_mb())
                     if checkpoint_every and step % checkpoint_every == 0 and position < len(batches):
                         spent["wall"], spent["cpu"] = base_wall + time.perf_counter() - wall0, base_cpu + _cpu() - cpu0
                         checkpoint()
@@ -700,8 +712,10 @@ def _train(
             history.append({"epoch": epoch + 1, "train_loss": epoch_loss[0] / max(1, epoch_loss[1]),
                             "val_top1": val_top1, "lr": float(optimizer.param_groups[0]["lr"]), "step": step})
             if val_top1 > best["val_top1"]:
+                # a file per best epoch, written before the state that names it: a kill between the two leaves
+                # the state's own best file in place (the newer one is replaced when the epoch is replayed)
                 best = {"epoch": epoch + 1, "val_top1": val_top1}
-                atomic_write_bytes(best_path, safetensors.torch.save(_tensors(evaluated)))
+                atomic_write_bytes(best_file(out_dir, epoch + 1), safetensors.torch.save(_tensors(evaluated)))
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -709,6 +723,9 @@ def _train(
             done = epoch >= params.epochs or bad_epochs >= params.patience
             spent["wall"], spent["cpu"] = base_wall + time.perf_counter() - wall0, base_cpu + _cpu() - cpu0
             checkpoint()
+            for old in out_dir.glob(f"{BEST_PREFIX}*.safetensors"):  # only the state's best is kept
+                if old != best_file(out_dir, best["epoch"]):
+                    old.unlink(missing_ok=True)
             if progress:
                 bar.set_postfix(val_top1=f"{val_top1:.4f}", best=f"{best['val_top1']:.4f}")
             if on_epoch is not None:
@@ -716,11 +733,13 @@ def _train(
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
+    best_path = best_file(out_dir, best["epoch"])
     if not best_path.is_file():
         raise TrainingError(f"{best_path} is missing although {state_path} says training finished; delete "
                             f"{out_dir} to train again")
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if device.type == "cuda":
+        spent["peak_mb"] = max(spent.get("peak_mb", 0.0), torch.cuda.max_memory_allocated(device) / 2**20)
+    peak = spent.get("peak_mb", 0.0)
     return TrainOutcome(
         best_path=best_path, best_epoch=int(best["epoch"]), best_val_top1=float(best["val_top1"]),
         epochs_run=len(history), stopped_early=len(history) < params.epochs, history=history,
@@ -731,6 +750,19 @@ def _train(
     )
 
 
+def best_file(out_dir: Path, epoch: int) -> Path:
+    return out_dir / f"{BEST_PREFIX}{epoch}.safetensors"
+
+
+def _resident_mb() -> float:
+    """This process's resident set now (Linux /proc; elsewhere its peak so far)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * resource.getpagesize() / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _cpu() -> float:
     import os
 
@@ -739,7 +771,7 @@ def _cpu() -> float:
 
 
 def load_best(trainable: Trainable, path: Path) -> None:
-    """The best epoch's weights (``best.safetensors``) into ``trainable.model``."""
+    """The best epoch's weights (``best-epoch<N>.safetensors``) into ``trainable.model``."""
     try:
         state = safetensors.torch.load_file(str(path))
     except Exception as err:  # noqa: BLE001 - a torn or foreign file

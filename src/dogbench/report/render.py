@@ -201,7 +201,7 @@ def _ladder_section(runs: list[RunFolder], models: list[ModelRun], comps: list[d
         if method == "frozen" and not any(prefix[t.key] + t.result["training"]["base"] == m.key for t in tuned):
             continue
         t = r.get("training") or {}
-        cost = _seconds(r) if method == "frozen" else float(t.get("train_wall_s", 0.0))
+        cost = _seconds(r) if method == "frozen" else float(t.get("search_wall_s") or t.get("train_wall_s", 0.0))
         rungs.setdefault(base_key, []).append((method, r["test"]["top1"], tuple(r["test"]["top1_ci95"]), cost))
         c = paired.get((m.key, base_key))
         delta = (f"{c['delta_top1'] * 100:+.2f} [{c['delta_top1_ci95'][0] * 100:+.2f}, "
@@ -217,7 +217,9 @@ def _ladder_section(runs: list[RunFolder], models: list[ModelRun], comps: list[d
         "its best epoch (and its recipe, with finetune.trials) on the same validation split, and was scored once on "
         "the same test images through the same inference path as the frozen head; differences are paired "
         "(bootstrap interval and exact McNemar p against the frozen head of the same backbone). Training cost is "
-        "wall time on the machine that ran it (the frozen rung: extraction + head search + refit)."], [
+        "wall time on the machine that ran it (a fine-tuned rung: every configuration its search trained; the frozen "
+        "rung: extraction + head search + refit). The frozen head is refit on train + validation, a fine-tuned "
+        "model trains on train only (validation picks its epoch): the comparison leans against fine-tuning."], [
         Figure(assets.add("ladder.png", png, "fine-tuning ladder"), "Accuracy against training cost"),
         Table(["backbone", "method", "trained parameters", "test top-1 [95% CI]", "vs frozen (points, 95% CI)",
                "train wall s", "train img/s", "peak MB", "best/run epochs"], rows)])

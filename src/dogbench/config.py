@@ -176,6 +176,7 @@ class FinetuneConfig:
     lr: float | None = None  # peak lr at batch_size * grad_accum images; None = the method's default
     layer_decay: float | None = None  # lr x decay^(depth - layer); None = the method's default (1.0 on CNNs)
     weight_decay: float | None = None
+    head_lr_scale: float | None = None  # the head's lr / the peak lr; None = the method's default (10x for full)
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
     label_smoothing: float = 0.1

@@ -129,7 +129,8 @@ def resolve_params(
         layer_decay=(cfg.layer_decay if cfg.layer_decay is not None else d["vit_layer_decay"]) if is_vit
         else (cfg.layer_decay if cfg.layer_decay is not None else 1.0),
         weight_decay=cfg.weight_decay if cfg.weight_decay is not None else d["weight_decay"],
-        head_lr_scale=d["head_lr_scale"], warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio,
+        head_lr_scale=cfg.head_lr_scale if cfg.head_lr_scale is not None else d["head_lr_scale"],
+        warmup_epochs=cfg.warmup_epochs, min_lr_ratio=cfg.min_lr_ratio,
         label_smoothing=cfg.label_smoothing,
         drop_path=cfg.drop_path if cfg.drop_path is not None else DEFAULT_DROP_PATH,
         crop_scale=tuple(cfg.crop_scale), color_jitter=cfg.color_jitter, randaugment=cfg.randaugment,

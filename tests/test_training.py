@@ -265,3 +265,23 @@ def test_batch_norm_statistics_stay_pretrained_unless_asked(freeze: bool, data: 
     after = t.model.backbone.state_dict()
     same = [torch.equal(stats[k], after[k]) for k in stats]
     assert all(same) if freeze else not any(same)
+
+
+def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: Path) -> None:
+    """mixup + cutmix, EMA, RandAugment, gradient accumulation and checkpointing together, on a ViT: an epoch
+    trains, the EMA's weights are the ones kept, and a second call finds the state finished."""
+    params = params_for("full", "vit", epochs=1, mixup=0.8, cutmix=1.0, ema_decay=0.9, grad_accum=2,
+                        grad_checkpointing=True, randaugment="rand-m9-mstd0.5-inc1")
+    backbone = load_for_training(TINY["vit"], params)
+    t = build_trainable(backbone, data.n_classes, params)
+    out = train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    assert out.epochs_run == 1 and np.isfinite(out.history[0]["train_loss"])
+    assert out.history[0]["step"] == len(data.train) // 4 // 2  # one optimizer step per 2 batches of 4
+    state = torch.load(tmp_path / STATE_FILE, weights_only=True)
+    assert state["ema"] is not None
+    best = safetensors.torch.load_file(out.best_path)
+    ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}
+    assert set(best) == set(ema) and all(torch.equal(best[k], ema[k]) for k in best)
+    again = train(build_trainable(load_for_training(TINY["vit"], params), data.n_classes, params), backbone, data,
+                  params, tmp_path, device=CPU, progress=False)
+    assert again.resumed and again.history == out.history

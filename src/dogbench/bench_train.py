@@ -215,17 +215,17 @@ def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) 
     start, load_before = time.perf_counter(), _loadavg()
     rows, all_rounds = [], []
     for bcfg in cfg.backbones:
+        backbone, params = _setup(bcfg, cfg, device)  # what the row reports; each mode loads its own copy
         rounds: dict[str, list[float]] = {}
         for _ in tqdm(range(repeats), desc=f"bench --train {bcfg.label}", unit="round", disable=not progress):
             got = {"step": step_alone(bcfg, cfg, steps=steps, device=device),
                    "e2e": end_to_end(bcfg, cfg, samples, steps=steps, device=device)}
             if cfg.bench.recipe:
                 got["recipe"] = recipe(bcfg, samples, batch_size=batch, steps=steps, device=device)
-                if _setup(bcfg, cfg, device)[1].precision != "fp32":  # the recipe's precision, for a like-for-like
+                if params.precision != "fp32":  # in the recipe's precision too, for a like-for-like ratio
                     got["e2e_fp32"] = end_to_end(bcfg, cfg, samples, steps=steps, device=device, precision="fp32")
             for k, v in got.items():
                 rounds.setdefault(k, []).append(v)
-        backbone, params = _setup(bcfg, cfg, device)
         row: dict[str, Any] = {
             "label": bcfg.label, "model": backbone.tag, "weights": bcfg.weights if bcfg.weights in ("hub", "random")
             else Path(bcfg.weights).name, "device": device_name(device), "precision": params.precision,

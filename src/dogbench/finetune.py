@@ -25,12 +25,12 @@ from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import resolve_device, resolve_precision
 from dogbench.errors import DogbenchError
-from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
+from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, reliability_bins
 from dogbench.features import feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import fitted_linear_head, head_identity
 from dogbench.inference import Model
-from dogbench.protocols.frozen import TEMPERATURE_BOUNDS, BackboneFeatures, Tuning, _study_lock, head_device
+from dogbench.protocols.frozen import BackboneFeatures, Tuning, _study_lock, head_device, validation_temperature
 from dogbench.protocols.scoring import compare_all, test_scores
 from dogbench.results import ModelResult, RunResults
 from dogbench.rundir import ADAPTER_FILE, FINETUNED_WEIGHTS, NO_BOX, Predictions, RunDir
@@ -214,12 +214,7 @@ def finetune_backbone(
                   crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision)
     eval0 = time.perf_counter()
     val_proba = _proba(model, data.val)
-    temperature = fit_temperature(data.val_labels, val_proba, bounds=TEMPERATURE_BOUNDS)
-    if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01 or bool(
-            np.all(val_proba.argmax(1) == data.val_labels)):
-        warnings.warn(f"{label}: temperature scaling skipped: the validation fit ran to its bound ({temperature:.3g}) "
-                      "or validation has no mistake to calibrate against; T = 1", stacklevel=2)
-        temperature = 1.0
+    temperature = validation_temperature(data.val_labels, val_proba, label=label)
     settings = feature_settings(cfg.features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
                                 preprocess=backbone.preprocess)
     identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,

@@ -274,18 +274,11 @@ def load_run(
         # the precision the run's features were computed in (bf16 on a GPU stays bf16 on the CPU), else the config's
         precision = (Precision(recorded.precision) if recorded else
                      resolve_precision(features.precision, torch_device))
-        head_dir = run.head_dir(bcfg.label)
         head = None
-        if (head_dir / META_FILE).is_file() or require_heads:
-            with run.reading(head_dir / META_FILE, "head"):
-                head = load_head(head_dir, device=str(torch_device))
-            settings = feature_settings(features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
-                                        preprocess=backbone.preprocess)
-            check_identity(head.identity_ or {}, head_identity(
-                timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
-                preprocess=backbone.preprocess.to_dict(), features=settings,
-                feature_key=recorded.feature_key if recorded else None,
-            ), head_dir)
+        if (run.head_dir(bcfg.label) / META_FILE).is_file() or require_heads:
+            head = _checked_head(run, cfg, bcfg, bcfg.label, backbone, features=features, device=torch_device,
+                                 precision=precision, feature_key=recorded.feature_key if recorded else None,
+                                 what="head")
         models[bcfg.label] = Model(bcfg.label, backbone, head, classes=classes, features=features,
                                    crop_to_box=crops_to_box(cfg, bcfg), device=str(torch_device), precision=precision)
     for method in (m for m in cfg.finetune.methods if m != FROZEN):
@@ -313,16 +306,28 @@ def finetuned_model(
         raise RunFolderError(f"{weights} is missing; rebuild it with `{run.rebuild('finetune')}`")
     with run.reading(weights, "finetune"):
         backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(weights)))
-    with run.reading(run.head_dir(label) / META_FILE, "finetune"):
-        head = load_head(run.head_dir(label), device=str(device))
+    head = _checked_head(run, cfg, bcfg, label, backbone, features=features, device=device, precision=precision,
+                         feature_key=None, what="finetune")
+    return Model(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
+                 device=str(device), precision=precision)
+
+
+def _checked_head(
+    run: RunDir, cfg: RunConfig, bcfg: BackboneConfig, label: str, backbone: Backbone, *, features: FeatureConfig,
+    device: torch.device, precision: Precision, feature_key: str | None, what: str,
+) -> Head:
+    """``label``'s head, refused unless its recorded identity is this backbone's (tag, weights sha256,
+    preprocessing, feature settings and, for a frozen head, the feature key); ``what`` names its rebuild command."""
+    head_dir = run.head_dir(label)
+    with run.reading(head_dir / META_FILE, what):
+        head = load_head(head_dir, device=str(device))
     settings = feature_settings(features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
                                 preprocess=backbone.preprocess)
     check_identity(head.identity_ or {}, head_identity(
         timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256, preprocess=backbone.preprocess.to_dict(),
-        features=settings,
-    ), run.head_dir(label))
-    return Model(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
-                 device=str(device), precision=precision)
+        features=settings, feature_key=feature_key,
+    ), head_dir)
+    return head
 
 
 def _with_batch(features: FeatureConfig, batch_size: int) -> FeatureConfig:

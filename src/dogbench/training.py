@@ -21,6 +21,7 @@ import copy
 import dataclasses
 import io
 import math
+import os
 import random
 import re
 import resource
@@ -497,11 +498,6 @@ class TrainOutcome:
     resumed: bool
     start_val_top1: float | None = None  # lp-ft: validation top-1 before the first step (the probe's head)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["best_path"] = str(self.best_path)
-        return d
-
 
 def _autocast(device: torch.device, precision: str) -> Any:
     dtype = DTYPES.get(Precision(precision))
@@ -612,7 +608,7 @@ def _train(
         raise TrainingError(f"fine-tuning needs training and validation images, got {n} and {len(data.val)}")
     if (params.mixup > 0 or params.cutmix > 0) and min(params.batch_size, n) % 2:
         raise TrainingError(f"mixup / cutmix need an even batch size, got {min(params.batch_size, n)}")
-    steps_per_epoch = max(1, len(epoch_batches(n, params.batch_size, seed=0, epoch=0)) // params.grad_accum)
+    steps_per_epoch = max(1, max(1, n // params.batch_size) // params.grad_accum)  # epoch_batches' count
     stepper = Stepper(trainable, preprocess, params, device=device, n_classes=data.n_classes,
                       total_steps=steps_per_epoch * params.epochs, steps_per_epoch=steps_per_epoch)
     optimizer, scheduler, ema = stepper.optimizer, stepper.scheduler, stepper.ema
@@ -765,8 +761,6 @@ def _resident_mb() -> float:
 
 
 def _cpu() -> float:
-    import os
-
     t = os.times()
     return t.user + t.system
 

@@ -342,15 +342,22 @@ def calibrate(
     val_head = build_head(params, max_epochs=epochs, seed=cfg.tune.seed, device=head_device(cfg))
     val_head.fit(X[splits.train], y[splits.train])
     val_proba = full_proba(val_head.predict_proba(X[splits.val]), val_head.classes_, n_classes)
-    temperature = fit_temperature(y[splits.val], val_proba, bounds=TEMPERATURE_BOUNDS)
-    at_bound = not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01
-    if at_bound or bool(np.all(val_proba.argmax(axis=1) == y[splits.val])):
-        # no mistake on validation (or a degenerate fit): NLL falls without end as T -> 0; keep the head as it is
-        warnings.warn(f"temperature scaling skipped: the validation fit ran to its bound ({temperature:.3g}) or "
-                      "validation has no mistake to calibrate against; T = 1", stacklevel=2)
-        temperature = 1.0
+    temperature = validation_temperature(y[splits.val], val_proba)
     return (temperature, calibration_metrics(y[splits.val], val_proba),
             calibration_metrics(y[splits.val], apply_temperature(val_proba, temperature)))
+
+
+def validation_temperature(y_val: np.ndarray, val_proba: np.ndarray, *, label: str = "") -> float:
+    """The temperature minimising validation NLL (Guo et al. 2017); 1 (with a warning) when the fit ran to its
+    bound or validation has no mistake: NLL then falls without end as T -> 0, so the model is kept as it is."""
+    temperature = fit_temperature(y_val, val_proba, bounds=TEMPERATURE_BOUNDS)
+    at_bound = not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01
+    if at_bound or bool(np.all(val_proba.argmax(axis=1) == y_val)):
+        warnings.warn(f"{label + ': ' if label else ''}temperature scaling skipped: the validation fit ran to its "
+                      f"bound ({temperature:.3g}) or validation has no mistake to calibrate against; T = 1",
+                      stacklevel=3)
+        return 1.0
+    return temperature
 
 
 def evaluate_stage(

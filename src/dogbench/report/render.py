@@ -183,8 +183,7 @@ def _summary_table(models: list[ModelRun]) -> Table:
                  "is extraction throughput (\"cached\": features came from the cache).")
 
 
-def _ladder_section(runs: list[RunFolder], models: list[ModelRun], comps: list[dict[str, Any]],
-                    assets: _Assets) -> Section | None:
+def _ladder_section(models: list[ModelRun], comps: list[dict[str, Any]], assets: _Assets) -> Section | None:
     """Frozen, parameter-efficient and full fine-tuning per backbone: accuracy with intervals against training
     cost, and each method's paired test against the frozen head of its backbone."""
     tuned = [m for m in models if m.result.get("method", "frozen") != "frozen"]
@@ -616,7 +615,7 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
     if pair is not None:
         sections.append(_per_breed_section(*pair, assets, colours))
     sections.append(_confusion_section(models, assets, pairs=confused_pairs))
-    ladder = _ladder_section(runs, models, comps, assets)
+    ladder = _ladder_section(models, comps, assets)
     if ladder is not None:
         sections.append(ladder)
     sections.append(_tuning_section([m for m in models if m.result.get("method", "frozen") == "frozen"], assets))

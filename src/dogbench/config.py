@@ -193,7 +193,8 @@ class FinetuneConfig:
     partial_blocks: int = 2  # "partial": the last N blocks (ViT) or stages (CNN) + final norm + head trainable
     # batch norms keep their pretrained running statistics (eval mode) while their scale and shift train: statistics
     # of 32-image batches are far from them (EfficientNet-Lite0 here: the probe's head on train-mode features
-    # scores 0.08 instead of 0.82), the frozen-BN practice of detection fine-tuning; false = timm's train mode
+    # scores 0.09 instead of 0.82, benchmarks/lpft_checks.py), the frozen-BN practice of detection fine-tuning;
+    # false = timm's train mode
     freeze_bn_stats: bool = True
     patience: int = 3  # stop after this many epochs without a better validation top-1
     precision: Precision = Precision.AUTO  # auto = bf16 autocast where bf16 matmuls are fast (AMX CPU, GPU sm80+)

@@ -1,4 +1,5 @@
-"""Data: datasets (layouts, splits on samples), download (verify, resume, safe extract), images (decode, RGB, EXIF)."""
+"""Data: datasets (layouts, splits on samples), download (verify, resume, safe extract), images (decode, RGB, EXIF),
+uploads (files from strangers, screened from their header before decoding)."""
 
 from dogbench.data.datasets import (
     IMAGE_EXTENSIONS,
@@ -18,9 +19,11 @@ from dogbench.data.datasets import (
     stratified_split,
 )
 from dogbench.data.images import ImageError, clamp_box, load_image, read_image
+from dogbench.data.uploads import UPLOAD_FORMATS, Screened, UploadError, UploadLimits, screen_upload
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "UPLOAD_FORMATS",
     "LAYOUTS",
     "SPLITS",
     "STANFORD_DOGS",
@@ -29,6 +32,9 @@ __all__ = [
     "DatasetLayoutError",
     "ImageError",
     "Sample",
+    "Screened",
+    "UploadError",
+    "UploadLimits",
     "clamp_box",
     "detect_layout",
     "display_names",
@@ -38,5 +44,6 @@ __all__ = [
     "relabel_to",
     "select_classes",
     "sample_shots",
+    "screen_upload",
     "stratified_split",
 ]

@@ -9,6 +9,7 @@ and the HTML report show: ``<stem>__<label>.png`` per backbone and ``<stem>.png`
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -41,6 +42,7 @@ __all__ = [
     "attention_rollout",
     "box_in_input",
     "explain_image",
+    "explain_pixels",
     "explain_run",
     "grad_cam",
     "input_image",
@@ -368,6 +370,16 @@ def explain_image(model: Model, image_path: str | Path, *, box: Box | None = Non
     x_u8, _, errors = next(iter(model.pixels([Path(image_path)], boxes=[box], workers=0)))
     if errors[0]:
         raise ImageError(errors[0])
+    drawn = None
+    if box is not None and not model.crop_to_box:
+        drawn = box_in_input(box, load_image(image_path).size, model.backbone.preprocess)
+    return dataclasses.replace(explain_pixels(model, x_u8), box=drawn)
+
+
+def explain_pixels(model: Model, x_u8: torch.Tensor, *, features: np.ndarray | None = None) -> Explanation:
+    """Explain one uint8 (1, 3, H, W) model input from ``Model.pixels``: rollout (ViT) or Grad-CAM of the breed
+    the head predicts (CNN), and the head's top-3 (uncalibrated: the calibration does not change the order).
+    ``features``: ``model.features(x_u8)`` when the caller has them already (one forward pass fewer)."""
     pixels = np.ascontiguousarray(x_u8[0].permute(1, 2, 0).numpy())
     backbone, head = model.backbone, model.head
     x = model.runner.prepare(x_u8)
@@ -375,7 +387,7 @@ def explain_image(model: Model, image_path: str | Path, *, box: Box | None = Non
     top3: tuple[tuple[str, float], ...] = ()
     column = None
     if head is not None:
-        head_proba = head.predict_proba(model.features(x_u8))[0]  # columns: head.classes_
+        head_proba = head.predict_proba(model.features(x_u8) if features is None else features)[0]  # head.classes_
         names = display_names(model.classes)
         top3 = top_classes(full_proba(head_proba[None], head.classes_, len(names))[0], names, TOP_K)
         column = int(np.argmax(head_proba))  # the head's own column: Grad-CAM's target
@@ -385,10 +397,7 @@ def explain_image(model: Model, image_path: str | Path, *, box: Box | None = Non
     else:
         method, heatmap = GRAD_CAM, grad_cam(backbone.model, head, x, target=column)[0]
         target = top3[0][0] if top3 else "pooled feature norm"
-    drawn = None
-    if box is not None and not model.crop_to_box:
-        drawn = box_in_input(box, load_image(image_path).size, backbone.preprocess)
-    return Explanation(image=pixels, heatmap=heatmap, method=method, top3=top3, box=drawn, target=target)
+    return Explanation(image=pixels, heatmap=heatmap, method=method, top3=top3, target=target)
 
 
 # ---------------------------------------------------------------- pictures

@@ -3,7 +3,8 @@
 ``runs`` reads run folders, ``plots`` draws the figures, ``render`` assembles and writes the pages.
 """
 
-from dogbench.report.render import ReportFiles, build_report, make_report, write_report
+from dogbench.report.render import ReportFiles, build_report, headline, make_report, write_report
 from dogbench.report.runs import ReportError, load_runs, select_examples
 
-__all__ = ["ReportError", "ReportFiles", "build_report", "load_runs", "make_report", "select_examples", "write_report"]
+__all__ = ["ReportError", "ReportFiles", "build_report", "headline", "load_runs", "make_report", "select_examples",
+           "write_report"]

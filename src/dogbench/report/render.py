@@ -571,6 +571,12 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
     return out
 
 
+def headline(runs: list[RunFolder]) -> tuple[list[str], list[str]]:
+    """The report's verdict sentences and caveats (the ImageNet overlap among them), without building the rest:
+    what ``dogbench serve`` puts on its page."""
+    return _verdicts(runs, comparisons(runs), all_models(runs)), _caveats(runs)
+
+
 def _family(m: ModelRun) -> str:
     return str((m.result.get("architecture") or {}).get("family", ""))
 

@@ -167,6 +167,27 @@ def make_class_folder_layout(
     return root
 
 
+def write_png_bomb(path: Path, width: int, height: int) -> Path:
+    """A valid RGB PNG of ``width`` x ``height`` black pixels, streamed: 20,000 x 20,000 is a 1.2 MB file that
+    would take 1.2 GB decoded (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    deflate = zlib.compressobj(9)
+    row = bytes(1 + 3 * width)  # filter byte 0, then black pixels
+    with open(path, "wb") as out:
+        out.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)))
+        data = bytearray()
+        for _ in range(height):
+            data += deflate.compress(row)
+        data += deflate.flush()
+        out.write(chunk(b"IDAT", bytes(data)) + chunk(b"IEND", b""))
+    return path
+
+
 def make_bad_images_layout(root: Path) -> tuple[Path, list[str]]:
     """A train/test class-per-folder set (red, green, blue) whose train split also holds broken files.
 
@@ -208,6 +229,12 @@ def bad_images_root(tmp_path: Path) -> tuple[Path, list[str]]:
     return make_bad_images_layout(tmp_path / "bad")
 
 
+@pytest.fixture(scope="session")
+def png_bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20,000 x 20,000 PNG (1.2 MB on disk, 1.2 GB decoded)."""
+    return write_png_bomb(tmp_path_factory.mktemp("bomb") / "bomb.png", 20_000, 20_000)
+
+
 @pytest.fixture
 def one_torch_thread() -> Iterator[None]:
     """One intra-op torch thread for tiny models: spin-waiting OpenMP threads crawl on a busy 2-core machine."""
@@ -217,3 +244,49 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- a real run on a slice of ../shared
+
+DEV = shared_dir() / "data" / "stanford-dogs-dev"
+WEIGHTS = shared_dir() / "weights"
+CNN = WEIGHTS / "tf_efficientnet_lite0.in1k.safetensors"
+VIT = WEIGHTS / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
+ORIGINALS = shared_dir() / "data" / "stanford-dogs-originals"
+# the originals' four breeds are among them, so `predict` on those full-size photos can be right
+BREEDS = ("n02085620-Chihuahua", "n02085936-Maltese_dog", "n02099601-golden_retriever", "n02106662-German_shepherd",
+          "n02109525-Saint_Bernard", "n02110958-pug")
+HAVE_SHARED_RUN = DEV.is_dir() and CNN.is_file() and VIT.is_file()  # what real_run_dir needs
+
+
+def official_slice(root: Path, breeds: tuple[str, ...]) -> Path:
+    """An official-layout dataset of a few breeds: links to the real images, lists filtered and renumbered."""
+    (root / "Images").mkdir(parents=True)
+    (root / "lists").mkdir()
+    for breed in breeds:
+        (root / "Images" / breed).symlink_to(DEV / "Images" / breed, target_is_directory=True)
+    for split in ("train", "test"):
+        mat = scipy.io.loadmat(DEV / "lists" / f"{split}_list.mat")
+        files = [str(f[0][0]) for f in mat["file_list"]]
+        keep = [f for f in files if f.split("/")[0] in breeds]
+        write_list(root / "lists" / f"{split}_list.mat", keep, [breeds.index(f.split("/")[0]) + 1 for f in keep])
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`dogbench run` on six real breeds with the real weights: shared by the integration and demo tests."""
+    from dogbench.cli import main
+
+    base = tmp_path_factory.mktemp("real")
+    data = official_slice(base / "dogs", BREEDS)
+    args = [
+        "run", "--data", str(data), "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet",
+        "--backbone", f"cnn=tf_efficientnet_lite0@{CNN}",
+        "--backbone", f"vit=vit_small_patch14_dinov2@{VIT},img_size=224,crop_pct=0.875",
+        "--trials", "8", "--set", "evaluate.n_bootstrap=500",
+        "--set", f'data.extra_test=["{ORIGINALS}"]',  # the originals' four breeds are among the slice's
+        "--shots", "1,5,all", "--set", "shots.seeds=2", "--set", "shots.trials=3", "--seeds", "2",
+    ]
+    assert main(args) == 0
+    return base / "run"

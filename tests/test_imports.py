@@ -30,7 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("inference",),
     ("finetune",),
     ("explain",),
-    ("pipeline", "bench", "bench_train"),
+    ("pipeline", "bench", "bench_train", "serve"),
     ("cli", "__init__", "__main__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -9,54 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
-import scipy.io
 
-from conftest import shared_dir, write_list
+from conftest import BREEDS, HAVE_SHARED_RUN, ORIGINALS, official_slice
 from dogbench.cli import main
-
-DEV = shared_dir() / "data" / "stanford-dogs-dev"
-WEIGHTS = shared_dir() / "weights"
-CNN = WEIGHTS / "tf_efficientnet_lite0.in1k.safetensors"
-VIT = WEIGHTS / "vit_small_patch14_dinov2.imgfocus.fp16.safetensors"
-ORIGINALS = shared_dir() / "data" / "stanford-dogs-originals"
-# the originals' four breeds are among them, so `predict` on those full-size photos can be right
-BREEDS = ("n02085620-Chihuahua", "n02085936-Maltese_dog", "n02099601-golden_retriever", "n02106662-German_shepherd",
-          "n02109525-Saint_Bernard", "n02110958-pug")
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(not (DEV.is_dir() and CNN.is_file() and VIT.is_file()), reason="../shared is absent"),
+    pytest.mark.skipif(not HAVE_SHARED_RUN, reason="../shared is absent"),
 ]
-
-
-def _official_slice(root: Path, breeds: tuple[str, ...]) -> Path:
-    """An official-layout dataset of a few breeds: links to the real images, lists filtered and renumbered."""
-    (root / "Images").mkdir(parents=True)
-    (root / "lists").mkdir()
-    for breed in breeds:
-        (root / "Images" / breed).symlink_to(DEV / "Images" / breed, target_is_directory=True)
-    for split in ("train", "test"):
-        mat = scipy.io.loadmat(DEV / "lists" / f"{split}_list.mat")
-        files = [str(f[0][0]) for f in mat["file_list"]]
-        keep = [f for f in files if f.split("/")[0] in breeds]
-        write_list(root / "lists" / f"{split}_list.mat", keep, [breeds.index(f.split("/")[0]) + 1 for f in keep])
-    return root
-
-
-@pytest.fixture(scope="module")
-def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    base = tmp_path_factory.mktemp("real")
-    data = _official_slice(base / "dogs", BREEDS)
-    args = [
-        "run", "--data", str(data), "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet",
-        "--backbone", f"cnn=tf_efficientnet_lite0@{CNN}",
-        "--backbone", f"vit=vit_small_patch14_dinov2@{VIT},img_size=224,crop_pct=0.875",
-        "--trials", "8", "--set", "evaluate.n_bootstrap=500",
-        "--set", f'data.extra_test=["{ORIGINALS}"]',  # the originals' four breeds are among the slice's
-        "--shots", "1,5,all", "--set", "shots.seeds=2", "--set", "shots.trials=3", "--seeds", "2",
-    ]
-    assert main(args) == 0
-    return base / "run"
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +91,7 @@ def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Pat
 
 
 def test_official_lists_of_the_slice_are_read(tmp_path: Path) -> None:
-    data = _official_slice(tmp_path / "dogs", BREEDS[:2])
+    data = official_slice(tmp_path / "dogs", BREEDS[:2])
     from dogbench.data import open_dataset
 
     ds = open_dataset(data)

@@ -142,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stop at the first unreadable file (default: report it and go on)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    help_text = "a web page (Gradio) where every model of a run answers uploaded photos and shows where it looked"
+    serve = sub.add_parser("serve", help=help_text, description=help_text + "; binds 127.0.0.1 unless --host says "
+                           "otherwise, and never opens a public share link")
+    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench run` wrote")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                       "only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default cpu)")
+    serve.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
+    serve.add_argument("--max-megapixels", type=float, default=50.0,
+                       help="largest image in megapixels, refused before decoding (default 50)")
+    serve.add_argument("--concurrency", type=int, default=2, help="requests worked on at once; the rest queue "
+                       "(default 2)")
+    serve.add_argument("--examples", type=int, default=8, help="test photos of the run offered as examples "
+                       "(default 8)")
+
     help_text = ("print the architecture of timm models (layers, hidden size, MLP size, heads, parameters), built on "
                  "the meta device: the ViT variants table by default, beside the ViT paper's Table 1")
     models = sub.add_parser("models", help=help_text, description=help_text)
@@ -240,6 +256,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return _explain(args)
     if args.command == "predict":
         return _predict(args)
+    if args.command == "serve":
+        return _serve(args)
     start = time.perf_counter()
     cfg = config_from_args(args)
     progress = not args.quiet
@@ -343,6 +361,17 @@ def _predict(args: argparse.Namespace) -> int:
     bad = sum(p.error is not None for p in predictions)
     print(f"predicted {len(predictions) - bad} images with {', '.join(run.models)} ({run.path}); "
           f"{bad} unreadable, skipped" + (f"; written to {args.out}" if args.out else ""), file=sys.stderr)
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dogbench.device import resolve_device
+    from dogbench.serve import ServeConfig, serve
+
+    config = ServeConfig(host=args.host, port=args.port, device=args.device, max_upload_mb=args.max_upload_mb,
+                         max_megapixels=args.max_megapixels, concurrency=args.concurrency, examples=args.examples)
+    resolve_device(config.device)  # checked against this machine before any model is loaded
+    serve(args.run_dir, config)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -244,6 +245,23 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def gradio_or_skip() -> None:
+    """Gradio comes with the ``demo`` extra (and the ``test`` one); under CI its absence is a failure."""
+    try:
+        import gradio  # noqa: F401
+        import gradio_client  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("gradio and gradio_client are needed: pip install -e '.[test]'")
+        pytest.skip("gradio is not installed (pip install 'dogbench[demo]')")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- a real run on a slice of ../shared

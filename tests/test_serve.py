@@ -19,28 +19,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import free_port, gradio_or_skip
 from dogbench.cli import main
 from dogbench.data.uploads import UploadError, UploadLimits, screen_upload
 
 TINY = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"]
 LIMITS = UploadLimits()
-
-
-def gradio_or_skip() -> None:
-    """Gradio comes with the ``demo`` extra (and the ``test`` one); under CI its absence is a failure."""
-    try:
-        import gradio  # noqa: F401
-        import gradio_client  # noqa: F401
-    except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail("gradio and gradio_client are needed: pip install -e '.[test]'")
-        pytest.skip("gradio is not installed (pip install 'dogbench[demo]')")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- screening uploads from their header

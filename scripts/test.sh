@@ -3,7 +3,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$repo/scripts/setup-env.sh" test
-# The report tests open report.html in headless Chromium (Debian's package; Playwright drives it, from the test
+# The report and demo tests open pages in headless Chromium (Debian's package; Playwright drives it, from the test
 # extras). Installed here when missing and this user may (root with apt-get); otherwise those tests skip, and
 # fail under CI.
 if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then

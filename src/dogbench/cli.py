@@ -371,6 +371,7 @@ def _serve(args: argparse.Namespace) -> int:
     config = ServeConfig(host=args.host, port=args.port, device=args.device, max_upload_mb=args.max_upload_mb,
                          max_megapixels=args.max_megapixels, concurrency=args.concurrency, examples=args.examples)
     resolve_device(config.device)  # checked against this machine before any model is loaded
+    warnings.simplefilter("ignore", ResourceWarning)  # the web server's event loops, not the user's business
     serve(args.run_dir, config)
     return 0
 

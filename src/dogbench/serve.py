@@ -38,6 +38,7 @@ __all__ = ["Answer", "Demo", "ModelAnswer", "ServeConfig", "ServeError", "build_
 
 LOG = logging.getLogger("dogbench.serve")
 EXAMPLE_TITLE = "Test photos of this run (right and wrong answers)"
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class ServeError(DogbenchError):
@@ -49,7 +50,7 @@ class ServeConfig:
     """How ``dogbench serve`` runs; the flags of the same names set it."""
 
     host: str = "127.0.0.1"  # loopback only; "0.0.0.0" to be reachable from other machines (a Space)
-    port: int = 7860
+    port: int = 7860  # 0: any free port
     device: str = "cpu"
     max_upload_mb: float = 20.0  # Gradio refuses bigger uploads before they are stored; checked again here
     max_megapixels: float = 50.0  # refused from the header, before decoding (a 48 MP phone photo passes)
@@ -339,6 +340,15 @@ def _page_values(answer: Answer | None, models: list[Model]) -> list[Any]:
     return values
 
 
+def _free_port(host: str) -> int:
+    """A port the OS says is free on ``host`` (for ``port=0``: Gradio itself would report port 0)."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def serve(run_dir: str | Path, config: ServeConfig | None = None, *, block: bool = True) -> Any:
     """Load the run and launch the page at http://{host}:{port}; ``block``: until interrupted. Returns the
     Gradio app (its ``local_url`` says where it listens; ``close()`` stops it)."""
@@ -350,8 +360,15 @@ def serve(run_dir: str | Path, config: ServeConfig | None = None, *, block: bool
     allowed = [str(e.path) for e in demo.examples] + ([str(demo.report.resolve())] if demo.report else [])
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
     app.launch(
-        server_name=config.host, server_port=config.port, share=False, inbrowser=False, ssr_mode=False,
+        server_name=config.host, server_port=config.port or _free_port(config.host), share=False, inbrowser=False,
+        ssr_mode=False,
         max_file_size=int(config.max_upload_mb * 1024 * 1024), allowed_paths=allowed, show_error=False,
-        prevent_thread_lock=not block, quiet=False, theme=theme,  # no web fonts: the page works offline
+        prevent_thread_lock=True, quiet=True, theme=theme,  # no web fonts: the page works offline
     )
+    where = ("this machine only; --host 0.0.0.0 to be reachable from others" if config.host in LOOPBACK
+             else f"listening on {config.host}: reachable from other machines")
+    print(f"dogbench serve: {len(demo.run.models)} models of {demo.run.path} at {app.local_url} ({where}); "
+          "no public share link", flush=True)
+    if block:
+        app.block_thread()  # until Ctrl-C
     return app

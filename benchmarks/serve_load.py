@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/serve_load.py --json serve_load.json
 
-Without ``--run`` it first makes the run the browser test uses (``dogbench run`` on six breeds of
-``../shared/data/stanford-dogs-dev``, EfficientNet-Lite0 and DINOv2 ViT-S/14 from ``../shared/weights``). Then, for
+Without ``--run`` it first makes a run like the browser test's (``dogbench run`` on the same six breeds of
+``../shared/data/stanford-dogs-dev``, EfficientNet-Lite0 and DINOv2 ViT-S/14 from ``../shared/weights``; without
+its second test set, shots and seeds, which the demo does not use). Then, for
 each ``--concurrency`` (the server's Gradio queue limit), on a fresh server:
 
 1. idle: ``--idle`` requests one after another (no queue): the latency of one request; and the same for a
@@ -121,7 +122,8 @@ def check_against_predict(run: Path, photos: list[Path], answers: list[dict]) ->
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert main(["predict", str(run), *map(str, photos), "--format", "json", "--quiet"]) == 0
+        if main(["predict", str(run), *map(str, photos), "--format", "json", "--quiet"]) != 0:
+            sys.exit("dogbench predict failed on the load photos")
     printed = {Path(p["image"]).name: p["models"] for p in json.loads(out.getvalue())["predictions"]}
     same = 0
     for photo, doc in zip(photos, answers, strict=True):
@@ -144,6 +146,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
+    from dogbench.atomic import atomic_write_text
     from dogbench.serve import ServeConfig, serve
 
     tmp = tempfile.TemporaryDirectory(prefix="dogbench-serve-load-")
@@ -155,7 +158,9 @@ def main() -> None:
     twelve_mp = Path(tmp.name) / "phone-12mp.jpg"
     with Image.open(photos[0]) as im:
         im.convert("RGB").resize((4000, 3000), Image.LANCZOS).save(twelve_mp, quality=92)
-    torch_threads = int(os.environ.get("OMP_NUM_THREADS", "0")) or os.cpu_count()
+    import torch
+
+    torch_threads = torch.get_num_threads()
     report: dict[str, Any] = {"run": str(run), "users": args.users, "rounds": args.rounds, "cpus": os.cpu_count(),
                               "torch_threads": torch_threads, "photos": [p.name for p in load_photos], "servers": []}
     print(f"{args.users} users x {args.rounds} rounds, {os.cpu_count()} CPUs; run {run}")
@@ -203,7 +208,7 @@ def main() -> None:
             app.close()
     print("every /classify answer under load equals dogbench predict's (breeds, and probabilities within 1e-6)")
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        atomic_write_text(args.json, json.dumps(report, indent=1))
         print(f"wrote {args.json}")
 
 

@@ -7,7 +7,6 @@ The browser test of the real page on real photos is in test_serve_browser.py.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
@@ -190,15 +189,25 @@ def test_bad_uploads_are_answers_with_a_sentence(demo, tmp_path: Path, png_bomb:
     assert answer.error is None and len(answer.models) == 4 and "animated (2 frames)" in answer.notes[0]
 
 
-def test_what_gradio_hands_over_is_understood(demo, tiny_run) -> None:
+def test_only_uploaded_files_and_examples_are_read(demo, tiny_run, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    uploads = tmp_path / "gradio"
+    uploads.mkdir()
+    monkeypatch.setattr(demo, "upload_root", uploads)
     photo = _photos(tiny_run[1])[0]
+    uploaded = Path(shutil.copy(photo, uploads / "upload.jpg"))
     by_path = demo.answer(photo, explain=False)
-    record = demo.answer_payload({"path": str(photo), "orig_name": "my dog.jpg", "url": None}, explain=False)
+    record = demo.answer_payload({"path": str(uploaded), "orig_name": "my dog.jpg", "url": None}, explain=False)
     assert record.name == "my dog.jpg" and [m.top for m in record.models] == [m.top for m in by_path.models]
-    data_url = "data:image/png;base64," + base64.b64encode(photo.read_bytes()).decode()
-    pasted = demo.answer_payload({"path": None, "url": data_url, "orig_name": "clipboard.png"}, explain=False)
-    assert [m.top for m in pasted.models] == [m.top for m in by_path.models]
-    assert "garbled" in demo.answer_payload({"url": "data:image/png;base64,@@@", "orig_name": "x"}).error
+    example = demo.answer_payload({"path": str(demo.examples[0].path)}, explain=False)
+    assert example.error is None and len(example.models) == 4
+    # a hand-made API call naming any other file of the server gets a sentence, never the file or its kind
+    for forged in (str(photo), {"path": str(photo)}, {"path": "/etc/hostname", "orig_name": "x.jpg"},
+                   {"path": str(uploads / ".." / "outside.jpg")}):
+        answer = demo.answer_payload(forged)
+        assert answer.models == () and "is not a file uploaded to this demo" in answer.error, forged
     assert demo.answer_payload(None) is None
     assert "Nothing was uploaded" in demo.answer_payload({"path": None, "url": None}).error
 
@@ -210,7 +219,7 @@ def test_page_values_never_carry_a_traceback(demo, monkeypatch: pytest.MonkeyPat
         raise RuntimeError("secret internal detail /srv/models")
 
     monkeypatch.setattr(demo, "answer", boom)
-    answer = serve._safe(lambda: demo.answer_payload({"path": "x", "orig_name": "dog.jpg"}), {"orig_name": "dog.jpg"})
+    answer = serve._safe(lambda: demo.answer("x"), {"orig_name": "dog.jpg"})
     assert answer.error.startswith("Something went wrong on the server while answering 'dog.jpg' (RuntimeError)")
     assert "secret" not in answer.error and "Traceback" not in answer.error
     values = serve._page_values(answer, list(demo.run.models.values()))
@@ -222,6 +231,12 @@ def test_options_are_checked_and_the_cli_says_what_is_wrong(tmp_path: Path, caps
 
     with pytest.raises(ServeError, match="max_upload_mb must be positive, got 0; port must be 0..65535"):
         ServeConfig(max_upload_mb=0, port=70000)
+    with pytest.raises(ServeError, match=r"max_megapixels must be at most 178 \(Pillow refuses"):
+        ServeConfig(max_megapixels=500)
+    from dogbench.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "run"])  # no --host: the config's default, loopback
+    assert (args.host, args.port, args.max_upload_mb) == (ServeConfig.host, ServeConfig.port, 20.0)
     assert main(["serve", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "Traceback" not in err
@@ -261,6 +276,22 @@ def test_gradio_client_classifies_a_file(server, demo, tiny_run, tmp_path: Path)
     page = client.predict(handle_file(str(bad)), api_name="/explain")  # what the page shows
     assert page[0].startswith("**Could not answer.** 'bad.jpg' is a text file")
     assert server.share_url is None  # never a public link
+
+
+def test_a_forged_api_call_cannot_read_the_servers_files(server) -> None:
+    import urllib.request
+
+    secret = Path("/etc/hostname")
+    for endpoint in ("classify", "explain"):
+        data = [{"path": str(secret), "orig_name": "dog.jpg"}] + ([5] if endpoint == "classify" else [])
+        post = urllib.request.Request(f"{server.local_url}gradio_api/call/{endpoint}", method="POST",
+                                      data=json.dumps({"data": data}).encode(),
+                                      headers={"Content-Type": "application/json"})
+        event = json.loads(urllib.request.urlopen(post, timeout=30).read())["event_id"]
+        stream = urllib.request.urlopen(f"{server.local_url}gradio_api/call/{endpoint}/{event}", timeout=60)
+        text = stream.read().decode()
+        assert "is not a file uploaded to this demo" in text or "event: error" in text, text[:500]
+        assert "text file" not in text and secret.read_text().strip() not in text
 
 
 def test_uploads_over_the_byte_limit_are_refused_at_the_door(server, tmp_path: Path) -> None:

@@ -15,10 +15,8 @@ waiting); each model runs one request at a time (explanations hook into its modu
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
-import tempfile
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -39,6 +37,7 @@ __all__ = ["Answer", "Demo", "ModelAnswer", "ServeConfig", "ServeError", "build_
 LOG = logging.getLogger("dogbench.serve")
 EXAMPLE_TITLE = "Test photos of this run (right and wrong answers)"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PIL_MAX_MEGAPIXELS = 2 * Image.MAX_IMAGE_PIXELS / 1e6 // 1  # Pillow's DecompressionBombError threshold
 
 
 class ServeError(DogbenchError):
@@ -63,6 +62,9 @@ class ServeConfig:
         problems = [f"{name} must be positive, got {getattr(self, name)}" for name in
                     ("max_upload_mb", "max_megapixels", "concurrency", "queue_size", "top_k")
                     if not getattr(self, name) > 0]
+        if self.max_megapixels > PIL_MAX_MEGAPIXELS:
+            problems.append(f"max_megapixels must be at most {PIL_MAX_MEGAPIXELS:g} (Pillow refuses larger images "
+                            f"itself), got {self.max_megapixels:g}")
         if not 0 <= self.port <= 65535:
             problems.append(f"port must be 0..65535, got {self.port}")
         if self.examples < 0:
@@ -137,9 +139,14 @@ class Demo:
     caveats: tuple[str, ...] = ()
     examples: tuple[Example, ...] = ()
     report: Path | None = None  # the run's report.html, linked from the page when it exists
+    upload_root: Path | None = None  # where Gradio stores uploads (set by build_app): the only files answered
 
     def __post_init__(self) -> None:
-        self._locks = {label: threading.Lock() for label in self.run.models}  # hooks make a model single-user
+        # hooks make a model single-user; off the CPU the models take turns altogether (exact fp32 sets
+        # process-wide TF32 flags around each forward pass)
+        shared = threading.Lock()
+        self._locks = {label: shared if model.device.type != "cpu" else threading.Lock()
+                       for label, model in self.run.models.items()}
 
     @classmethod
     def from_run_dir(cls, path: str | Path, config: ServeConfig | None = None) -> Demo:
@@ -203,29 +210,27 @@ class Demo:
                                ex.method, picture)
 
     def answer_payload(self, payload: Mapping[str, Any] | str | None, *, explain: bool = True) -> Answer | None:
-        """An answer to what Gradio hands over without preprocessing: its file record ({path, orig_name, url}),
-        a data URL (a pasted or webcam image) or a path; None for nothing (the image was cleared)."""
+        """An answer to what Gradio hands over without preprocessing: its file record ({path, orig_name, url});
+        None for nothing (the image was cleared). Only files Gradio stored from an upload (under
+        ``upload_root``) and the run's own examples are read: a request naming any other path of this machine
+        (a hand-made API call) gets an error, not the file."""
         if payload is None:
             return None
-        if isinstance(payload, str):
-            return self.answer(payload, explain=explain)
-        name = payload.get("orig_name") or "the image"
-        if payload.get("path"):
-            return self.answer(payload["path"], name=name, explain=explain)
-        url = str(payload.get("url") or "")
-        if not url.startswith("data:"):
+        record = {"path": payload} if isinstance(payload, str) else payload
+        name = str(record.get("orig_name") or "the image")
+        if not record.get("path"):
             return Answer(name, error="Nothing was uploaded: drop a photo, paste one or take one with the webcam")
-        encoded = url.partition(",")[2]
-        if len(encoded) * 3 // 4 > self.config.limits.max_bytes:
-            return Answer(name, error=f"'{name}' is over this demo's limit of {self.config.max_upload_mb:g} MB")
-        try:
-            data = base64.b64decode(encoded, validate=True)
-        except (binascii.Error, ValueError):
-            return Answer(name, error=f"'{name}' arrived garbled (not base64 data): upload it again")
-        with tempfile.TemporaryDirectory(prefix="dogbench-serve-") as tmp:
-            file = Path(tmp) / "pasted"
-            file.write_bytes(data)
-            return self.answer(file, name=name, explain=explain)
+        path = Path(str(record["path"]))
+        if not self._readable(path):
+            return Answer(name, error=f"'{name}' is not a file uploaded to this demo: send the photo itself "
+                                      "(gradio_client: handle_file(path))")
+        return self.answer(path, name=name, explain=explain)
+
+    def _readable(self, path: Path) -> bool:
+        resolved = path.resolve()
+        if any(resolved == e.path.resolve() for e in self.examples):
+            return True
+        return self.upload_root is not None and resolved.is_relative_to(self.upload_root.resolve())
 
 
 # ---------------------------------------------------------------- the page
@@ -254,7 +259,14 @@ def _header(demo: Demo) -> str:
 
 
 def _file_url(path: Path) -> str:
-    return f"/gradio_api/file={path.resolve()}"
+    from urllib.parse import quote
+
+    return f"/gradio_api/file={quote(str(path.resolve()))}"
+
+
+def _md(text: str) -> str:
+    """``text`` (an uploader's file name) shown literally in Markdown: no links or formatting of theirs."""
+    return re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", text)
 
 
 def _title(model: Model) -> str:
@@ -267,7 +279,12 @@ def build_app(demo: Demo) -> Any:
     Endpoints: ``/explain`` (what the page calls: every output) and ``/classify`` (JSON, no overlays)."""
     gr = _gradio()
     models = list(demo.run.models.values())
-    with gr.Blocks(title=f"dogbench: {demo.run.path.name}", analytics_enabled=False) as app:
+    from gradio.utils import get_upload_folder
+
+    demo.upload_root = Path(get_upload_folder())
+    # uploads and overlays older than 10 minutes are deleted every 10 minutes: strangers' photos are not kept
+    with gr.Blocks(title=f"dogbench: {demo.run.path.name}", analytics_enabled=False,
+                   delete_cache=(600, 600)) as app:
         gr.Markdown(_header(demo), elem_id="header")
         with gr.Row():
             with gr.Column(scale=1):
@@ -328,8 +345,8 @@ def _page_values(answer: Answer | None, models: list[Model]) -> list[Any]:
     if answer is None:
         return ["Waiting for a photo.", ""] + [None, None, ""] * len(models)
     if answer.error:
-        return [f"**Could not answer.** {answer.error}", ""] + [None, None, ""] * len(models)
-    status = f"Answered **{answer.name}**." + "".join(f"\n\n*Note:* {n}" for n in answer.notes)
+        return [f"**Could not answer.** {_md(answer.error)}", ""] + [None, None, ""] * len(models)
+    status = f"Answered **{_md(answer.name)}**." + "".join(f"\n\n*Note:* {_md(n)}" for n in answer.notes)
     by_label = {m.label: m for m in answer.models}
     values: list[Any] = [status, f"**{answer.agreement}**"]
     for model in models:

@@ -120,8 +120,12 @@ def screen_upload(path: str | Path, limits: UploadLimits, *, name: str | None = 
     if frames > 1 and fmt != "MPO":
         kind = "multi-page" if fmt == "TIFF" else "animated"
         notes.append(f"'{name}' is {kind} ({frames} frames): the first frame was classified.")
-    if mode.startswith("I;16") or mode == "I" or ";16" in rawmode:
+    if mode.startswith("I;16") or ";16" in rawmode:
         notes.append(f"'{name}' has 16 bits per channel: it was scaled to 8 bits, as the models saw in training.")
+    elif mode in ("I", "F"):
+        how = "read as 16-bit (values outside 0-65535 clipped)" if mode == "I" else "rescaled to 0-1"
+        notes.append(f"'{name}' has 32-bit {'integer' if mode == 'I' else 'float'} pixels: they were {how} and "
+                     "converted to 8 bits, so the picture may differ from what you see.")
     if mode == "CMYK":
         notes.append(f"'{name}' is CMYK (a print colour space): it was converted to RGB, so colours may be "
                      "slightly off.")

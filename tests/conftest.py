@@ -264,6 +264,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def postgres_url() -> str:
+    url = os.environ.get("DOGBENCH_TEST_POSTGRES")
+    if not url:
+        why = "no PostgreSQL server: set DOGBENCH_TEST_POSTGRES=postgresql://USER@HOST:PORT/DB (.ci/run starts one)"
+        if os.environ.get("CI"):
+            pytest.fail(why)
+        pytest.skip(why)
+    return url
+
+
 # ---------------------------------------------------------------- a real run on a slice of ../shared
 
 DEV = shared_dir() / "data" / "stanford-dogs-dev"

@@ -194,20 +194,24 @@ def test_default_baseline_grid_is_decades() -> None:
     assert [round(math.log10(c)) for c in BASELINE_CS] == list(range(-4, 3))
 
 
-def test_search_on_a_database_server_uses_the_shared_study(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_search_on_a_database_server_uses_the_shared_study() -> None:
+    import uuid
+
+    from conftest import postgres_url
+
     assert tune.search_in_memory("sqlite:///x.db") and not tune.search_in_memory("postgresql://u@h/db")
-    monkeypatch.setattr(tune, "search_in_memory", lambda storage: False)  # SQLite standing in for a server
+    storage = postgres_url()
     rng = np.random.default_rng(0)
     X = rng.normal(size=(120, 8)).astype(np.float32)
     y = np.repeat(np.arange(3), 40)
     X[np.arange(120), y] += 3.0
     cfg = TuneConfig(trials=4, max_epochs=5, heads=("linear",))
-    storage = f"sqlite:///{tmp_path / 'db.sqlite'}"
-    result = tune.tune_head(X[::2], y[::2], X[1::2], y[1::2], cfg=cfg, storage=storage, study_name="s",
+    name = f"s-{uuid.uuid4().hex[:12]}"
+    result = tune.tune_head(X[::2], y[::2], X[1::2], y[1::2], cfg=cfg, storage=storage, study_name=name,
                             progress=False)
     assert result.n_trials == 4 and result.best_val_top1 > 0.5
-    stored = optuna.load_study(study_name="s", storage=storage)
-    assert len(stored.trials) == 4 and all(t.intermediate_values for t in stored.trials)
+    stored = optuna.load_study(study_name=name, storage=storage)
+    assert len(stored.trials) == 4 and all(t.intermediate_values for t in stored.trials)  # reported per epoch
 
 
 def test_suggest_logistic_has_only_its_own_keys() -> None:

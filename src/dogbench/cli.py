@@ -45,6 +45,9 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
                    help="LABEL=MODEL[@WEIGHTS][,key=value...]; MODEL an alias or timm tag; WEIGHTS hub (default), "
                    "random or a file; repeatable (default: vit=vit_s16, resnet=resnet50)")
     p.add_argument("--trials", type=int, help="Optuna trials per backbone (tune.trials)")
+    p.add_argument("--storage", help="Optuna storage URL shared by tuning workers, e.g. "
+                   "postgresql://user:password@host:5432/db (tune.storage; default SQLite in the run folder)")
+    p.add_argument("--study", help="study name shared by workers (tune.study; one study per backbone: NAME-LABEL)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps (features.device)")
     p.add_argument("--precision", help="auto, fp32, bf16, fp16 (features.precision)")
     if run_dir == "out":
@@ -189,7 +192,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             doc = {}  # --force on an unreadable config.json: the defaults and the flags given write it anew
     overrides = list(args.set)
     flag_keys = {
-        "data": "data.root", "trials": "tune.trials", "device": "features.device",
+        "data": "data.root", "trials": "tune.trials", "device": "features.device", "storage": "tune.storage",
+        "study": "tune.study",
         "precision": "features.precision", "out": "out", "cache_dir": "features.cache_dir",
         "data_url": "data.data_url", "images": "bench.images", "repeats": "bench.repeats",
         "batch_size": "features.batch_size", "strict": "data.strict", "crop_to_box": "data.crop_to_box",

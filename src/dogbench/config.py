@@ -153,6 +153,12 @@ class TuneConfig:
     baseline: bool = True  # the logistic-regression probe with C swept on validation; the search's first trial
     pruner: str = "halving"  # multi-fidelity pruning of epoch-trained trials: one of PRUNERS (docs/BENCHMARKS.md)
     device: str = "auto"  # where heads train; auto = the features' device
+    # distributed tuning (tune.storage a PostgreSQL URL, several workers on one study): the study's name (default:
+    # derived from the backbone and features), and how a dead worker is noticed: heartbeats every heartbeat_s,
+    # its trial failed and queued again grace_s after its last one (Optuna's RDBStorage heartbeat)
+    study: str | None = None
+    heartbeat_s: int = 10
+    grace_s: int = 60
 
 
 @dataclass(frozen=True)
@@ -586,6 +592,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"shots.seeds and shots.trials must be >= 1, got {cfg.shots.seeds}, {cfg.shots.trials}")
     if cfg.tune.trials < 1:
         raise ConfigError(f"tune.trials must be >= 1, got {cfg.tune.trials}")
+    if not 1 <= cfg.tune.heartbeat_s < cfg.tune.grace_s:
+        raise ConfigError(f"tune.heartbeat_s must be >= 1 and below tune.grace_s, got {cfg.tune.heartbeat_s} and "
+                          f"{cfg.tune.grace_s}")
     r = cfg.report
     if min(r.examples, r.explain, r.confused_pairs) < 0 or r.explain > r.examples:
         raise ConfigError(
@@ -633,6 +642,8 @@ EXECUTION_KEYS = (
     "evaluate.seeds", "shots", "data.extra_test",
     # fine-tuning rows are added to a run folder method by method; how often training state is saved changes nothing
     "finetune.methods", "finetune.checkpoint_every",
+    # where the study lives and how its workers watch each other: not what the search computes
+    "tune.storage", "tune.study", "tune.heartbeat_s", "tune.grace_s",
 )
 
 

@@ -13,10 +13,16 @@ Features come in through a closure and are never reloaded per trial. Test data n
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
+import os
+import re
+import socket
+import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +30,7 @@ import numpy as np
 import optuna
 import torch
 from sklearn.exceptions import ConvergenceWarning
+from tqdm.auto import tqdm
 
 from dogbench.config import PRUNERS, TuneConfig
 from dogbench.errors import DogbenchError
@@ -34,6 +41,7 @@ SEARCH_SPACE_VERSION = 3  # bump when suggest_head_params changes: studies and t
 TRIAL_PATIENCE = 5  # epochs without a better validation top-1 before a trial stops
 PRUNE_MIN_EPOCHS = 5  # the pruner's first rung: no trial is judged before this many epochs
 LOGISTIC_C_RANGE = (1e-5, 1e3)  # contains the baseline's grid and its refinement (1e-4.5 .. 1e2.5)
+FAILED_TRIAL_RETRIES = 3  # a trial whose worker died is queued again this many times
 WARM_STARTS_KEPT = 32  # solved logistic heads kept to warm-start later trials (each is d x classes floats)
 
 
@@ -223,10 +231,24 @@ def tune_head(
     logistic trials. The search runs on an in-memory copy of the stored study and writes each finished trial
     back to ``storage`` as it ends: a stored report and pruning check per epoch cost more than a linear head's
     epoch on SQLite. A resumed study starts from the stored trials; a trial cut off by a crash is lost.
-    ``storage=None`` searches in memory only.
+    ``storage=None`` searches in memory only. A database server (PostgreSQL) is searched directly, by as many
+    workers as share the study (``search_shared``).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(study_name=study_name, storage=storage, direction="maximize", load_if_exists=True)
+    store = open_storage(storage, cfg)
+    try:
+        return _tune(X_train, y_train, X_val, y_val, cfg=cfg, storage=storage, store=store, study_name=study_name,
+                     device=device, progress=progress, baseline=baseline)
+    finally:
+        if isinstance(store, optuna.storages.RDBStorage):
+            store.engine.dispose()  # close the server connections now, not at interpreter exit
+
+
+def _tune(
+    X_train: np.ndarray, y_train: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, *, cfg: TuneConfig,
+    storage: str | None, store: Any, study_name: str, device: str, progress: bool, baseline: BaselineResult | None,
+) -> TuneResult:
+    study = optuna.create_study(study_name=study_name, storage=store, direction="maximize", load_if_exists=True)
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = study.get_trials(deepcopy=False, states=finished)
     remaining = cfg.trials - len(done)
@@ -240,12 +262,9 @@ def tune_head(
         pruner = make_pruner(cfg.pruner, max_epochs=cfg.max_epochs)
         start = baseline_params(baseline.C) if baseline is not None and "logistic" in cfg.heads else None
         if not search_in_memory(storage):
-            # A database server (PostgreSQL, MySQL) is shared by workers on several machines: search on it
-            # directly, so each worker's sampler and pruner see the others' running and finished trials.
-            shared = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
-            if start is not None:
-                shared.enqueue_trial(start, skip_if_exists=True)
-            shared.optimize(objective, n_trials=remaining, timeout=cfg.timeout_s, show_progress_bar=progress)
+            # A database server (PostgreSQL) shared by workers on several machines: search on it directly, so
+            # every worker's sampler and pruner see the others' running and finished trials.
+            search_shared(study_name, store, objective, cfg=cfg, pruner=pruner, start=start, progress=progress)
         else:
             search = optuna.create_study(direction="maximize", sampler=sampler, pruner=pruner)
             search.add_trials(done)
@@ -280,6 +299,137 @@ def tune_head(
         n_pruned=sum(h["state"] == "PRUNED" for h in history),
         history=history,
     )
+
+
+def open_storage(storage: str | None, cfg: TuneConfig) -> Any:
+    """``storage`` as Optuna should use it: SQLite (and None) as given; a database server with heartbeats, so a
+    killed worker's trial is marked failed after ``cfg.grace_s`` and queued again
+    (``RetryHeartbeatStaleTrialCallback``)."""
+    if search_in_memory(storage):
+        return storage
+    try:
+        with warnings.catch_warnings():  # Optuna marks heartbeats experimental
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(
+                storage, heartbeat_interval=cfg.heartbeat_s, grace_period=cfg.grace_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=FAILED_TRIAL_RETRIES))
+    except ImportError as err:
+        raise DogbenchError(f"tune.storage {_redact(storage)} needs a database driver ({err.name or err}): "
+                            "pip install 'dogbench[postgres]'") from None
+    except Exception as err:  # noqa: BLE001 - sqlalchemy's errors: a wrong URL, no server, refused login
+        raise DogbenchError(f"tune.storage {_redact(storage)} cannot be opened ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}); give a URL such as "
+                            "postgresql://USER:PASSWORD@HOST:5432/DB") from None
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+@contextlib.contextmanager
+def study_mutex(storage: optuna.storages.RDBStorage, study_name: str) -> Iterator[None]:
+    """One worker at a time, across machines: a PostgreSQL advisory lock keyed on the study's name."""
+    import sqlalchemy
+
+    engine = storage.engine
+    if engine.dialect.name != "postgresql":
+        raise DogbenchError(f"distributed tuning needs PostgreSQL (tune.storage), not {engine.dialect.name}; "
+                            "SQLite stays the single-machine default")
+    key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+
+
+@contextlib.contextmanager
+def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, every_s: float) -> Iterator[None]:
+    """Record the trial's heartbeat every ``every_s`` seconds while it runs (what ``study.optimize`` does)."""
+    stop = threading.Event()
+    storage.record_heartbeat(trial_id)  # the first beat here: a trial without one would never be found stale
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception as err:  # noqa: BLE001 - a lost beat is retried; too many and the trial is retried
+                warnings.warn(f"heartbeat of trial {trial_id} not recorded ({type(err).__name__}); retrying",
+                              stacklevel=1)
+
+    thread = threading.Thread(target=beat, name=f"optuna-heartbeat-{trial_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def search_shared(
+    study_name: str, storage: optuna.storages.RDBStorage, objective: Callable[[optuna.Trial], float], *,
+    cfg: TuneConfig,
+    pruner: optuna.pruners.BasePruner, start: dict[str, Any] | None, progress: bool,
+) -> int:
+    """This worker's part of a study shared on a database server; returns the trials it ran.
+
+    Workers register under the study's lock and each samples with its own seed (``cfg.seed`` + its number), so
+    their random start-up trials differ. A new trial is asked for only while finished + running trials are
+    fewer than ``cfg.trials``, under the same lock, so the study ends with exactly ``cfg.trials`` finished
+    trials however many workers share it (Optuna's ``MaxTrialsCallback`` only stops a worker after the count is
+    passed). A worker killed mid-trial stops beating; after ``cfg.grace_s`` another worker marks the trial
+    failed and ``RetryHeartbeatStaleTrialCallback`` queues it again, and a worker waits for such trials before it ends.
+    """
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    plain = optuna.load_study(study_name=study_name, storage=storage)
+    with study_mutex(storage, study_name):
+        worker = int(plain.user_attrs.get("dogbench_workers", 0))
+        plain.set_user_attr("dogbench_workers", worker + 1)
+        if start is not None and not plain.get_trials(deepcopy=False):
+            plain.enqueue_trial(start)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed + worker, n_startup_trials=min(10, max(1, cfg.trials // 3)))
+    study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+    study_id = storage.get_study_id_from_name(study_name)
+    deadline = time.monotonic() + cfg.timeout_s
+    ran = 0
+    with tqdm(total=cfg.trials, desc=f"tune {study_name} (worker {worker})", unit="trial",
+              disable=not progress) as bar, warnings.catch_warnings():
+        # this loop beats the heartbeats itself (``study.optimize`` cannot stop at an exact count across workers)
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        while time.monotonic() < deadline:
+            optuna.storages.fail_stale_trials(study)
+            with study_mutex(storage, study_name):
+                states = [t.state for t in study.get_trials(deepcopy=False)]
+                done = sum(s in finished for s in states)
+                running = states.count(optuna.trial.TrialState.RUNNING)
+                trial = study.ask() if done + running < cfg.trials else None
+            bar.n = done
+            bar.refresh()
+            if trial is None:
+                if done >= cfg.trials:
+                    break
+                time.sleep(min(1.0, cfg.heartbeat_s))  # others' trials are running, or a dead one awaits failing
+                continue
+            try:  # from here on the trial is told how it ended, whatever happens
+                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                with _heartbeat(storage, trial_id, cfg.heartbeat_s):
+                    trial.set_user_attr("worker", {"number": worker, "host": socket.gethostname(),
+                                                   "pid": os.getpid()})
+                    value = objective(trial)
+            except optuna.TrialPruned:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                raise
+            else:
+                study.tell(trial, value)
+            ran += 1
+    return ran
 
 
 @dataclass(frozen=True)

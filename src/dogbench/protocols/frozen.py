@@ -206,7 +206,8 @@ def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures,
     with times.measure("tune"), _study_lock(storage):
         tuned = tune_head(
             X[splits.train], y[splits.train], X[splits.val], y[splits.val], cfg=cfg.tune, storage=storage,
-            study_name=f"{label}-{digest[:16]}", device=head_device(cfg), progress=progress,
+            study_name=f"{cfg.tune.study}-{label}" if cfg.tune.study else f"{label}-{digest[:16]}",
+            device=head_device(cfg), progress=progress,
             baseline=baseline if cfg.tune.baseline else None,
         )
     tuning = Tuning(digest, tuned, baseline if cfg.tune.baseline else None, times.wall, times.cpu)

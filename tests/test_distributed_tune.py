@@ -1,0 +1,123 @@
+"""Tuning workers sharing one study on a real PostgreSQL server (``DOGBENCH_TEST_POSTGRES``, a URL; `.ci/run`
+starts a server and sets it): exactly ``trials`` finished trials in total, no two alike, and a worker
+SIGKILLed mid-trial has its trial failed and run again while the study still reaches its count.
+Without a server these tests skip with the reason; under CI they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import postgres_url
+from dogbench.config import TuneConfig
+
+WORKER = """
+import sys
+import numpy as np
+from dogbench.config import TuneConfig
+from dogbench.tune import tune_head
+
+url, name, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(0)
+X = rng.normal(size=(900, 24)).astype(np.float32)
+y = X[:, :4].argmax(axis=1).astype(np.int64)
+cfg = TuneConfig(trials=trials, heads=("mlp",), max_epochs=30, pruner="none", heartbeat_s=1, grace_s=4,
+                 timeout_s=150)
+tune_head(X[:600], y[:600], X[600:], y[600:], cfg=cfg, storage=url, study_name=name, progress=False)
+"""
+
+
+def _workers(url: str, name: str, n: int, trials: int) -> list[subprocess.Popen]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return [subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(trials)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode in (0, -signal.SIGKILL), err[-2000:]
+
+
+def _study(url: str, name: str):
+    import optuna
+
+    return optuna.load_study(study_name=name, storage=url)
+
+
+def _finished(study) -> list:
+    import optuna
+
+    return [t for t in study.get_trials() if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED)]
+
+
+def _create(url: str, name: str) -> None:
+    import optuna
+
+    optuna.create_study(study_name=name, storage=url, direction="maximize")
+
+
+def test_three_workers_share_one_study_and_stop_at_exactly_its_trials() -> None:
+    url = postgres_url()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    _create(url, name)
+    procs = _workers(url, name, 3, 30)
+    _finish(procs)
+    assert all(p.returncode == 0 for p in procs)
+    study = _study(url, name)
+    done = _finished(study)
+    assert len(done) == 30 and len(study.get_trials()) == 30
+    params = [tuple(sorted(t.params.items())) for t in done]
+    assert len(set(params)) == 30  # no two alike, start-up trials included (a seed per worker)
+    assert {t.user_attrs["worker"]["number"] for t in done} == {0, 1, 2}
+    assert study.user_attrs["dogbench_workers"] == 3
+
+
+def test_a_worker_killed_mid_trial_has_its_trial_failed_and_run_again() -> None:
+    import optuna
+
+    url = postgres_url()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    _create(url, name)
+    procs = _workers(url, name, 3, 30)
+    victim = procs[1]
+    deadline = time.monotonic() + 120
+    killed = None
+    while killed is None and time.monotonic() < deadline:
+        for t in _study(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get("worker", {}).get("pid") == victim.pid:
+                victim.send_signal(signal.SIGKILL)
+                killed = t.number
+                break
+        time.sleep(0.05)
+    assert killed is not None, "the victim never ran a trial"
+    _finish(procs)
+    assert victim.returncode == -signal.SIGKILL and procs[0].returncode == procs[2].returncode == 0
+    study = _study(url, name)
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[killed].state == optuna.trial.TrialState.FAIL  # marked by a survivor, from its heartbeat
+    retries = [t for t in trials.values() if t.system_attrs.get("failed_trial") == killed]
+    # the retry repeats what the killed trial had sampled when it died (and samples the rest)
+    assert len(retries) == 1 and retries[0].params.items() >= trials[killed].params.items()
+    assert len(_finished(study)) == 30
+
+
+def test_only_postgresql_is_a_shared_study(tmp_path) -> None:
+    from dogbench.errors import DogbenchError
+    from dogbench.tune import open_storage
+
+    with pytest.raises(DogbenchError, match=r"cannot be opened .*postgresql://USER:PASSWORD@HOST:5432/DB"):
+        open_storage("postgresql://nobody:secret@127.0.0.1:1/none", TuneConfig())
+    try:
+        open_storage("postgresql://nobody:secret@127.0.0.1:1/none", TuneConfig())
+    except DogbenchError as err:
+        assert "secret" not in str(err)
+    assert open_storage(f"sqlite:///{tmp_path}/s.db", TuneConfig()) == f"sqlite:///{tmp_path}/s.db"

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dogbench"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "atomic", "locks"),
     ("config",),
-    ("device",),
+    ("device", "distributed"),
     ("data",),
     ("backbones",),
     ("architecture",),

@@ -249,6 +249,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from dogbench import distributed
+
+    if distributed.launched() and args.command != "extract":
+        raise DogbenchError(f"under torchrun only `dogbench extract` runs on several ranks so far; run "
+                            f"`dogbench {args.command}` as one process (it reads the features extract cached)")
     if args.command == "models":
         from dogbench.architecture import models_command
 
@@ -282,9 +287,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dogbench import pipeline
 
     if args.command == "extract":
+        from dogbench import distributed
+        from dogbench.device import resolve_device
         from dogbench.protocols.frozen import extract_stage
 
-        for label, bf in extract_stage(cfg, dataset, progress=progress).items():
+        ranks = distributed.init(resolve_device(cfg.features.device))  # torchrun's group, or one rank
+        try:
+            stage = extract_stage(cfg, dataset, progress=progress)
+        finally:
+            if ranks.world > 1:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
+        for label, bf in stage.items() if ranks.main else ():
             f = bf.features
             state = "cached" if f.cache_hit else f"computed {f.n_computed} images in {f.extract_s:.1f} s"
             print(f"{label}: {bf.info.tag} features {f.features.shape} key {f.key[:16]} ({state}); "

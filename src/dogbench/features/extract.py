@@ -19,13 +19,22 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from dogbench import distributed
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError
 from dogbench.data.download import default_cache_dir
 from dogbench.data.images import REDUCING_GAP
 from dogbench.device import device_name, resolve_device, resolve_precision, resolve_workers
-from dogbench.features.cache import CachedFeatures, CacheEntry, Chunk, FeatureCache, cache_key, ids_digest
+from dogbench.features.cache import (
+    CachedFeatures,
+    CacheEntry,
+    CacheError,
+    Chunk,
+    FeatureCache,
+    cache_key,
+    ids_digest,
+)
 from dogbench.features.runner import ImageDataset, ModelRunner, effective_decoder, iter_batches
 
 
@@ -119,8 +128,13 @@ def extract_features(
     entry = FeatureCache(cache_root).entry(key)
     sample_ids = [s.sample_id for s in dataset.samples]
     n_computed, extract_s, batch_size = 0, 0.0, None
+    ranks = distributed.current()
     if entry.is_complete():
         cached = entry.load(sample_ids=sample_ids)
+    elif ranks.world > 1:
+        cached, n_computed, extract_s, batch_size = _extract_sharded(
+            ranks, backbone, dataset, entry, cfg=cfg, device=device, precision=precision, runner=runner,
+            crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
     else:
         with entry.lock():  # a second process on this key waits here, then reads the entry
             if entry.is_complete():
@@ -131,20 +145,8 @@ def extract_features(
                     backbone, device=device, precision=precision, compile=cfg.compile,
                     reuse_host_memory=cfg.reuse_host_memory,
                 )
-                meta = {
-                    "n": len(sample_ids),
-                    "dim": backbone.feature_dim,
-                    "chunk_size": cfg.chunk_size,
-                    "device_type": device.type,
-                    "ids_sha256": ids_digest(sample_ids),
-                    "timm_tag": backbone.tag,
-                    "weights": backbone.weights,
-                    "weights_sha256": backbone.weights_sha256,
-                    "preprocess": backbone.preprocess.to_dict(),
-                    **feature_settings(cfg, crop_to_box=crop_to_box, precision=precision,
-                                       preprocess=backbone.preprocess),
-                    "dataset_root": str(dataset.root),
-                }
+                meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
+                                   crop_to_box=crop_to_box)
                 batch_size = _resume_batch_size(entry, runner, cfg, meta)
                 entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
                 n_computed = _extract_missing(
@@ -160,6 +162,61 @@ def extract_features(
         cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision,
         batch_size=batch_size,
     )
+
+
+def _entry_meta(backbone: Backbone, dataset: Dataset, cfg: FeatureConfig, sample_ids: list[str], *,
+                device: torch.device, precision: Precision, crop_to_box: bool) -> dict:
+    return {
+        "n": len(sample_ids),
+        "dim": backbone.feature_dim,
+        "chunk_size": cfg.chunk_size,
+        "device_type": device.type,
+        "ids_sha256": ids_digest(sample_ids),
+        "timm_tag": backbone.tag,
+        "weights": backbone.weights,
+        "weights_sha256": backbone.weights_sha256,
+        "preprocess": backbone.preprocess.to_dict(),
+        **feature_settings(cfg, crop_to_box=crop_to_box, precision=precision, preprocess=backbone.preprocess),
+        "dataset_root": str(dataset.root),
+    }
+
+
+def _extract_sharded(
+    ranks: distributed.Ranks, backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig,
+    device: torch.device, precision: Precision, runner: ModelRunner | None, crop_to_box: bool, strict: bool,
+    progress: bool, sample_ids: list[str],
+) -> tuple[CachedFeatures, int, float, int | None]:
+    """Extraction under torchrun: rank 0 starts (or resumes) the entry under its lock and settles the batch
+    size; rank r computes the missing chunks whose index is r modulo the world size (the batches one process
+    would compute, so the features are the same bits); rank 0 joins them; every rank loads the entry."""
+    start = time.perf_counter()
+    runner = runner or ModelRunner.create(backbone, device=device, precision=precision, compile=cfg.compile,
+                                          reuse_host_memory=cfg.reuse_host_memory)
+    meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
+                       crop_to_box=crop_to_box)
+    if ranks.main:
+        with entry.lock():
+            if not entry.is_complete():
+                size = _resume_batch_size(entry, runner, cfg, meta)
+                entry.begin({**meta, "batch_size": size, "max_rows": runner.max_rows})
+    distributed.barrier()
+    n_computed, batch_size = 0, None
+    if not entry.is_complete():
+        settled = entry.resumable(meta)
+        if settled is None:
+            raise CacheError(f"cache entry {entry.key[:16]} changed while {ranks} waited for rank 0 to start it")
+        batch_size = int(settled["batch_size"])
+        runner.max_rows = settled.get("max_rows")
+        n_computed = _extract_missing(
+            runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
+            progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
+            shard=(ranks.rank, ranks.world))
+    distributed.barrier()
+    if ranks.main and not entry.is_complete():
+        with entry.lock():
+            entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
+    distributed.barrier()
+    return entry.load(sample_ids=sample_ids), n_computed, time.perf_counter() - start, batch_size
 
 
 def _resume_batch_size(entry: CacheEntry, runner: ModelRunner, cfg: FeatureConfig, meta: dict) -> int:
@@ -211,10 +268,14 @@ def _extract_missing(
     strict: bool,
     progress: bool,
     desc: str,
+    shard: tuple[int, int] = (0, 1),
 ) -> int:
-    """Compute and write every chunk that is not on disk yet; returns the number of images computed."""
+    """Compute and write every chunk that is not on disk yet (of this rank's ``shard``: chunk index modulo the
+    world size); returns the number of images computed."""
     n = len(dataset.samples)
-    starts = [s for s in range(0, n, cfg.chunk_size) if not entry.has_chunk(s // cfg.chunk_size)]
+    rank, world = shard
+    starts = [s for s in range(0, n, cfg.chunk_size)
+              if (s // cfg.chunk_size) % world == rank and not entry.has_chunk(s // cfg.chunk_size)]
     if not starts:
         return 0
     batches = [

@@ -116,8 +116,14 @@ def test_only_postgresql_is_a_shared_study(tmp_path) -> None:
 
     with pytest.raises(DogbenchError, match=r"cannot be opened .*postgresql://USER:PASSWORD@HOST:5432/DB"):
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none", TuneConfig())
-    try:
+    with pytest.raises(DogbenchError) as err:
         open_storage("postgresql://nobody:secret@127.0.0.1:1/none", TuneConfig())
-    except DogbenchError as err:
-        assert "secret" not in str(err)
+    assert "secret" not in str(err.value) and "nobody:***@" in str(err.value)
+    import optuna
+
+    from dogbench.tune import study_mutex
+
+    with pytest.raises(DogbenchError, match="distributed tuning needs PostgreSQL .*, not sqlite"), \
+            study_mutex(optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/t.db"), "s"):
+        pass
     assert open_storage(f"sqlite:///{tmp_path}/s.db", TuneConfig()) == f"sqlite:///{tmp_path}/s.db"

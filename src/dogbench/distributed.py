@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "barrier", "current", "init", "launched"]
+__all__ = ["Ranks", "barrier", "broadcast", "current", "init", "launched"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ def launched() -> bool:
 def init(device: torch.device) -> Ranks:
     """Join torchrun's process group (once): gloo for the CPU, NCCL for CUDA."""
     if launched() and not dist.is_initialized():
+        if device.type == "cuda":  # one GPU per rank on each machine (not tested here: no GPU)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return current()
 
@@ -46,6 +48,13 @@ def current() -> Ranks:
     if dist.is_available() and dist.is_initialized():
         return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
     return Ranks()
+
+
+def broadcast(values: list) -> list:
+    """Rank 0's ``values`` (picklable) on every rank; ``values`` itself with one rank."""
+    if current().world > 1:
+        dist.broadcast_object_list(values, src=0)
+    return values
 
 
 def barrier() -> None:

@@ -337,13 +337,33 @@ def study_mutex(storage: optuna.storages.RDBStorage, study_name: str) -> Iterato
         raise DogbenchError(f"distributed tuning needs PostgreSQL (tune.storage), not {engine.dialect.name}; "
                             "SQLite stays the single-machine default")
     key = int.from_bytes(hashlib.sha256(study_name.encode()).digest()[:8], "big", signed=True)
-    with engine.connect() as conn:
+    # autocommit: the lock's session is not left idle in a transaction (a server timeout would drop it)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
         try:
             yield
         finally:
             conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            conn.commit()
+
+
+def _fail_orphans(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
+    """RUNNING trials without a single heartbeat (their worker died between asking and its first beat, which
+    happen under the study's lock, so nothing alive is in that state): failed and queued again, as stale
+    trials are. Call under ``study_mutex``."""
+    import sqlalchemy
+
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    if not running:
+        return
+    with storage.engine.connect() as conn:
+        beaten = {row[0] for row in conn.execute(
+            sqlalchemy.text("SELECT trial_id FROM trial_heartbeats WHERE trial_id = ANY(:ids)"),
+            {"ids": [t._trial_id for t in running]})}
+    for t in running:
+        if t._trial_id not in beaten and storage.set_trial_state_values(
+                t._trial_id, state=optuna.trial.TrialState.FAIL):
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=FAILED_TRIAL_RETRIES)(
+                study, storage.get_trial(t._trial_id))
 
 
 @contextlib.contextmanager
@@ -392,7 +412,6 @@ def search_shared(
             plain.enqueue_trial(start)
     sampler = optuna.samplers.TPESampler(seed=cfg.seed + worker, n_startup_trials=min(10, max(1, cfg.trials // 3)))
     study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
-    study_id = storage.get_study_id_from_name(study_name)
     deadline = time.monotonic() + cfg.timeout_s
     ran = 0
     with tqdm(total=cfg.trials, desc=f"tune {study_name} (worker {worker})", unit="trial",
@@ -401,12 +420,20 @@ def search_shared(
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         while time.monotonic() < deadline:
-            optuna.storages.fail_stale_trials(study)
-            with study_mutex(storage, study_name):
+            with study_mutex(storage, study_name):  # failing, counting and asking: one worker at a time
+                optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, and queued again
+                _fail_orphans(study, storage)
                 states = [t.state for t in study.get_trials(deepcopy=False)]
                 done = sum(s in finished for s in states)
                 running = states.count(optuna.trial.TrialState.RUNNING)
                 trial = study.ask() if done + running < cfg.trials else None
+                if trial is not None:  # beaten before the lock is let go: a trial without a beat is an orphan
+                    try:
+                        storage.record_heartbeat(trial._trial_id)
+                    except BaseException:
+                        with contextlib.suppress(Exception):
+                            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        raise
             bar.n = done
             bar.refresh()
             if trial is None:
@@ -415,19 +442,23 @@ def search_shared(
                 time.sleep(min(1.0, cfg.heartbeat_s))  # others' trials are running, or a dead one awaits failing
                 continue
             try:  # from here on the trial is told how it ended, whatever happens
-                trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
-                with _heartbeat(storage, trial_id, cfg.heartbeat_s):
+                with _heartbeat(storage, trial._trial_id, cfg.heartbeat_s):
                     trial.set_user_attr("worker", {"number": worker, "host": socket.gethostname(),
                                                    "pid": os.getpid()})
                     value = objective(trial)
             except optuna.TrialPruned:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # a stall longer than grace_s: another worker took this trial for dead and queued it again
+                warnings.warn(f"trial {trial.number} was failed by another worker (no heartbeat for "
+                              f"{cfg.grace_s} s); it runs again", stacklevel=2)
+                continue
             except BaseException:
                 with contextlib.suppress(Exception):
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 raise
             else:
-                study.tell(trial, value)
+                study.tell(trial, value, skip_if_finished=True)
             ran += 1
     return ran
 

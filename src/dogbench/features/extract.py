@@ -129,12 +129,12 @@ def extract_features(
     sample_ids = [s.sample_id for s in dataset.samples]
     n_computed, extract_s, batch_size = 0, 0.0, None
     ranks = distributed.current()
-    if entry.is_complete():
-        cached = entry.load(sample_ids=sample_ids)
-    elif ranks.world > 1:
+    if ranks.world > 1:  # rank 0 decides for all whether anything is computed (a barrier waits on every rank)
         cached, n_computed, extract_s, batch_size = _extract_sharded(
             ranks, backbone, dataset, entry, cfg=cfg, device=device, precision=precision, runner=runner,
             crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
+    elif entry.is_complete():
+        cached = entry.load(sample_ids=sample_ids)
     else:
         with entry.lock():  # a second process on this key waits here, then reads the entry
             if entry.is_complete():
@@ -194,25 +194,27 @@ def _extract_sharded(
                                           reuse_host_memory=cfg.reuse_host_memory)
     meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
                        crop_to_box=crop_to_box)
-    if ranks.main:
+    complete = [entry.is_complete()]
+    if ranks.main and not complete[0]:
         with entry.lock():
-            if not entry.is_complete():
+            complete[0] = entry.is_complete()
+            if not complete[0]:
                 size = _resume_batch_size(entry, runner, cfg, meta)
                 entry.begin({**meta, "batch_size": size, "max_rows": runner.max_rows})
+    complete = distributed.broadcast(complete)
+    if complete[0]:
+        return entry.load(sample_ids=sample_ids), 0, 0.0, None
+    settled = entry.resumable(meta)  # what rank 0 started the entry with: every rank runs the same batches
+    if settled is None:
+        raise CacheError(f"cache entry {entry.key[:16]} changed while {ranks} waited for rank 0 to start it")
+    batch_size = int(settled["batch_size"])
+    runner.max_rows = settled.get("max_rows")
+    n_computed = _extract_missing(
+        runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
+        progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
+        shard=(ranks.rank, ranks.world))
     distributed.barrier()
-    n_computed, batch_size = 0, None
-    if not entry.is_complete():
-        settled = entry.resumable(meta)
-        if settled is None:
-            raise CacheError(f"cache entry {entry.key[:16]} changed while {ranks} waited for rank 0 to start it")
-        batch_size = int(settled["batch_size"])
-        runner.max_rows = settled.get("max_rows")
-        n_computed = _extract_missing(
-            runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
-            progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
-            shard=(ranks.rank, ranks.world))
-    distributed.barrier()
-    if ranks.main and not entry.is_complete():
+    if ranks.main:
         with entry.lock():
             entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
     distributed.barrier()

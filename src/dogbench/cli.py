@@ -287,7 +287,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     from dogbench import pipeline
 
     if args.command == "extract":
-        from dogbench import distributed
         from dogbench.device import resolve_device
         from dogbench.protocols.frozen import extract_stage
 

@@ -362,15 +362,13 @@ def _fail_orphans(study: optuna.Study, storage: optuna.storages.RDBStorage) -> N
     for t in running:
         if t._trial_id not in beaten and storage.set_trial_state_values(
                 t._trial_id, state=optuna.trial.TrialState.FAIL):
-            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=FAILED_TRIAL_RETRIES)(
-                study, storage.get_trial(t._trial_id))
+            storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(t._trial_id))
 
 
 @contextlib.contextmanager
 def _heartbeat(storage: optuna.storages.RDBStorage, trial_id: int, every_s: float) -> Iterator[None]:
     """Record the trial's heartbeat every ``every_s`` seconds while it runs (what ``study.optimize`` does)."""
-    stop = threading.Event()
-    storage.record_heartbeat(trial_id)  # the first beat here: a trial without one would never be found stale
+    stop = threading.Event()  # the first beat is the caller's, under the study's lock
 
     def beat() -> None:
         while not stop.wait(every_s):

@@ -21,7 +21,10 @@ from dogbench.errors import DogbenchError
 from dogbench.rundir import RunDir, RunFolderError
 
 if TYPE_CHECKING:
+    from dogbench.data import Dataset
     from dogbench.inference import ImagePrediction
+
+RANKED = frozenset({"extract", "tune", "evaluate", "run", "finetune"})  # the commands torchrun can launch
 
 EPILOG = """examples:
   dogbench run --data ~/data/stanford-dogs                    # ViT-S/16 vs ResNet50 (hub weights)
@@ -251,9 +254,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     from dogbench import distributed
 
-    if distributed.launched() and args.command != "extract":
-        raise DogbenchError(f"under torchrun only `dogbench extract` runs on several ranks so far; run "
-                            f"`dogbench {args.command}` as one process (it reads the features extract cached)")
+    if distributed.launched() and args.command not in RANKED:
+        raise DogbenchError(f"`dogbench {args.command}` runs as one process; under torchrun: "
+                            f"{', '.join(sorted(RANKED))}")
     if args.command == "models":
         from dogbench.architecture import models_command
 
@@ -270,6 +273,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     cfg = config_from_args(args)
     progress = not args.quiet
+    if distributed.launched() and args.command != "extract":
+        return _ranked(args, cfg, start=start, progress=progress)
     dataset = prepare_dataset(cfg.data, progress=progress)  # before torch is imported: fails in a second
     data_s = time.perf_counter() - start
 
@@ -284,7 +289,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"bench: {out / ('train_bench.csv' if cfg.bench.train else 'bench.csv')}")
         return 0
 
-    from dogbench import pipeline
 
     if args.command == "extract":
         from dogbench.device import resolve_device
@@ -304,6 +308,14 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{label}: {bf.info.tag} features {f.features.shape} key {f.key[:16]} ({state}); "
                   f"{len(f.skipped)} skipped")
         return 0
+    return _pipeline(args, cfg, dataset, data_s=data_s, start=start, progress=progress)
+
+
+def _pipeline(args: argparse.Namespace, cfg: RunConfig, dataset: Dataset, *, data_s: float, start: float,
+              progress: bool) -> int:
+    """``tune``, ``run``, ``finetune``, ``evaluate`` (one process, or rank 0 under torchrun)."""
+    from dogbench import pipeline
+
     if args.command == "tune":
         tunings, run_dir = pipeline.tune(cfg, dataset, progress=progress, force=args.force)
         for label, t in tunings.items():
@@ -319,6 +331,27 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(results.summary_table())
     print(f"results: {run_dir / 'results.json'}")
     return 0
+
+
+def _ranked(args: argparse.Namespace, cfg: RunConfig, *, start: float, progress: bool) -> int:
+    """A pipeline command under torchrun: rank 0 runs it (the dataset opened there once) and announces its
+    extractions and trainings; every other rank follows those until rank 0 announces the end."""
+    import torch.distributed as dist
+
+    from dogbench import distributed, pipeline
+    from dogbench.device import resolve_device
+
+    ranks = distributed.init(resolve_device(cfg.features.device))
+    if not ranks.main:
+        pipeline.follow(cfg)
+        dist.destroy_process_group()
+        return 0
+    # on an error rank 0 exits without announcing the end, and torchrun stops the other ranks
+    dataset = prepare_dataset(cfg.data, progress=progress)
+    code = _pipeline(args, cfg, dataset, data_s=time.perf_counter() - start, start=start, progress=progress)
+    distributed.announce("done")
+    dist.destroy_process_group()
+    return code
 
 
 def _report(args: argparse.Namespace) -> int:

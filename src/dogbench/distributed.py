@@ -1,19 +1,31 @@
-"""Ranks under ``torchrun``: which process this is, the process group, barriers. Outside torchrun there is one
-rank and every call here is a no-op, so single-process code paths need no special case.
+"""Ranks under ``torchrun``: which process this is, the process group, barriers, sums, and the command channel
+by which rank 0 leads the others. Outside torchrun there is one rank and every call here is a no-op, so
+single-process code paths need no special case.
 
 torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (and the rendezvous); ``init`` joins the group with
 gloo on CPUs and NCCL on CUDA devices.
+
+Pipeline commands (``run``, ``finetune``, ``tune``, ``evaluate``) run on rank 0; the other ranks wait in
+``receive`` for what rank 0 ``announce``s (an extraction, a training job, the end) and join only those
+collective parts. Their wait can span rank 0's single-process stages (tuning heads, evaluation, the report),
+hence the group's long ``TIMEOUT``; a rank that dies still ends the job at once, because torchrun stops every
+rank when one fails.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Ranks", "barrier", "broadcast", "current", "init", "launched"]
+__all__ = ["TIMEOUT", "Ranks", "all_sum", "announce", "barrier", "broadcast", "current", "gather", "init",
+           "launched", "receive"]
+
+TIMEOUT = timedelta(hours=24)  # how long a collective (a follower's wait for rank 0 included) may take
 
 
 @dataclass(frozen=True)
@@ -40,7 +52,7 @@ def init(device: torch.device) -> Ranks:
     if launched() and not dist.is_initialized():
         if device.type == "cuda":  # one GPU per rank on each machine (not tested here: no GPU)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     return current()
 
 
@@ -60,3 +72,32 @@ def broadcast(values: list) -> list:
 def barrier() -> None:
     if current().world > 1:
         dist.barrier()
+
+
+def gather(value: Any) -> list:
+    """Every rank's ``value`` (picklable), in rank order, on every rank; ``[value]`` with one rank."""
+    if current().world == 1:
+        return [value]
+    out: list = [None] * current().world
+    dist.all_gather_object(out, value)
+    return out
+
+
+def all_sum(values: torch.Tensor) -> torch.Tensor:
+    """``values`` summed over the ranks (in place, returned); on the tensor's device (CUDA under NCCL)."""
+    if current().world > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def announce(kind: str, payload: Any = None) -> None:
+    """Rank 0 tells the waiting ranks what comes next (``kind`` and a picklable payload); no-op with one rank."""
+    if current().world > 1:
+        dist.broadcast_object_list([kind, payload], src=0)
+
+
+def receive() -> tuple[str, Any]:
+    """On a rank other than 0: the next ``announce`` of rank 0."""
+    message: list = [None, None]
+    dist.broadcast_object_list(message, src=0)
+    return message[0], message[1]

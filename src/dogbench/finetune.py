@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import time
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +21,7 @@ import optuna
 import safetensors.torch
 import torch
 
+from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes
 from dogbench.backbones import load_backbone
 from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
@@ -105,21 +108,45 @@ def _suggest(trial: optuna.Trial, method: str, base: TrainParams, *, is_vit: boo
     return out
 
 
-def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainData, params: TrainParams, *,
-                probe: tuple[np.ndarray, np.ndarray] | None, device: torch.device, progress: bool,
-                on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
-    """Train (or resume, or find finished) one configuration in ``<label>/<method>/train/<key>/``."""
-    backbone = load_for_training(bcfg, params)
-    trainable = build_trainable(backbone, data.n_classes, params, head_init=probe)
-    key = cache_key({"params": params.to_dict(), "data": data.digest(), "tag": backbone.tag,
-                     "weights": backbone.weights_sha256, "model_kwargs": dict(bcfg.model_kwargs),
+@dataclass(frozen=True)
+class TrainJob:
+    """One configuration to train: what every rank needs to build the same model and data (picklable: under
+    torchrun rank 0 announces it and the other ranks train it with rank 0)."""
+
+    backbone: BackboneConfig
+    data: TrainData
+    params: TrainParams
+    probe: tuple[np.ndarray, np.ndarray] | None
+    train_root: Path  # <label>/<method>/train/ of the run folder
+    checkpoint_every: int
+
+
+def run_job(job: TrainJob, *, device: torch.device, progress: bool, on_epoch: Any = None
+            ) -> tuple[Any, TrainOutcome]:
+    """Train (or resume, or find finished) ``job`` in ``<train_root>/<key>/``, on every rank at once under
+    torchrun (only rank 0 writes)."""
+    backbone = load_for_training(job.backbone, job.params)
+    trainable = build_trainable(backbone, job.data.n_classes, job.params, head_init=job.probe)
+    probe = job.probe
+    key = cache_key({"params": job.params.to_dict(), "data": job.data.digest(), "tag": backbone.tag,
+                     "weights": backbone.weights_sha256, "model_kwargs": dict(job.backbone.model_kwargs),
                      "preprocess": backbone.preprocess.to_dict(),
                      "probe": None if probe is None else hashlib.sha256(probe[0].tobytes() + probe[1].tobytes())
                      .hexdigest()})[:16]
-    folder = run.finetuned_dir(bcfg.label, params.method) / "train" / key
-    outcome = train(trainable, backbone, data, params, folder, device=device,
-                    checkpoint_every=cfg.finetune.checkpoint_every, progress=progress, on_epoch=on_epoch)
+    outcome = train(trainable, backbone, job.data, job.params, job.train_root / key, device=device,
+                    checkpoint_every=job.checkpoint_every, progress=progress, on_epoch=on_epoch)
     return trainable, outcome
+
+
+def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainData, params: TrainParams, *,
+                probe: tuple[np.ndarray, np.ndarray] | None, device: torch.device, progress: bool,
+                on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
+    """One configuration of the run (its folder ``<label>/<method>/train/<key>/``); under torchrun the other
+    ranks are told to train it too."""
+    job = TrainJob(bcfg, data, params, probe, run.finetuned_dir(bcfg.label, params.method) / "train",
+                   cfg.finetune.checkpoint_every)
+    distributed.announce("train", job)
+    return run_job(job, device=device, progress=progress, on_epoch=on_epoch)
 
 
 def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: str, data: TrainData, *,
@@ -239,6 +266,9 @@ def finetune_backbone(
         "peak_memory_mb": round(outcome.peak_memory_mb, 1), "epochs_run": outcome.epochs_run,
         "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early, "history": outcome.history,
         "start_val_top1": outcome.start_val_top1,
+        # torchrun: the batch (and the lr that goes with it) is global, split over the ranks
+        "ranks": outcome.ranks, "global_batch": params.batch_size * params.grad_accum,
+        "rank_batch": params.batch_size // outcome.ranks,
         "precision": outcome.precision, "params": params.to_dict(), "trials": trials,
         # every configuration this method trained here (the search's trials included): the ladder's cost
         "search_wall_s": round(_search_wall_s(run, bcfg.label, method), 3),

@@ -3,6 +3,10 @@ folder's lock, with its config as the source of truth) and the report stage (exp
 
 What a stage hands to the next is written into the run folder (``rundir``), so stages can run in separate
 processes, give the same ``results.json`` as one ``run``, and nothing computed is lost when a later stage fails.
+
+Under torchrun these commands run on rank 0, which holds the run folder's lock and alone writes it; it announces
+each extraction and each fine-tuning job, and the other ranks (``follow``) join just those. Tuning heads, the
+baseline, evaluation and the report run once, on rank 0, over the features every rank helped extract.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dogbench import distributed
 from dogbench.config import ReportConfig, RunConfig
 from dogbench.data import Dataset
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
-from dogbench.finetune import finetune_stage
+from dogbench.finetune import TrainJob, finetune_stage, run_job
 from dogbench.protocols.efficiency import add_data_efficiency
 from dogbench.protocols.frozen import (
     BackboneFeatures,
@@ -30,6 +35,7 @@ from dogbench.protocols.frozen import (
 from dogbench.protocols.seeds import add_seeds
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir, new_run_dir
+from dogbench.training import TrainingError
 
 if TYPE_CHECKING:
     from dogbench.report import ReportFiles
@@ -40,6 +46,36 @@ def check_devices(cfg: RunConfig) -> None:
     """The configured devices exist on this machine (DogbenchError naming the valid ones otherwise)."""
     for device in (cfg.features.device, cfg.tune.device):
         resolve_device(device)
+
+
+def follow(cfg: RunConfig) -> None:
+    """A rank other than 0 under torchrun: extract and train with rank 0 whatever it announces, until it
+    announces the end (when rank 0 fails instead, torchrun stops this process)."""
+    device = resolve_device(cfg.features.device)
+    while True:
+        kind, payload = distributed.receive()
+        if kind == "extract":
+            settled, dataset = payload
+            extract_stage(settled, dataset, progress=False)
+        elif kind == "train":
+            if not isinstance(payload, TrainJob):
+                raise DogbenchError(f"rank 0 announced a training without its job ({type(payload).__name__})")
+            try:
+                run_job(payload, device=device, progress=False)
+            except TrainingError:
+                continue  # a diverging loss: every rank saw the same averaged loss, rank 0 decides what follows
+        elif kind == "done":
+            return
+        else:
+            raise DogbenchError(f"rank 0 announced {kind!r}; a rank knows extract, train and done (are all ranks "
+                                "running the same dogbench version?)")
+
+
+def _extract(cfg: RunConfig, dataset: Dataset, *, progress: bool) -> dict[str, BackboneFeatures]:
+    """The features of every backbone: under torchrun every rank extracts its share of them (rank 0 tells the
+    others, with the folder's settled config and the dataset)."""
+    distributed.announce("extract", (cfg, dataset))
+    return extract_stage(cfg, dataset, progress=progress)
 
 
 def run_folder(cfg: RunConfig) -> RunDir:
@@ -63,7 +99,7 @@ def _extract_and_tune(
     """Under the run's lock: devices checked, the folder's config settled, features, tunings (``tune`` and ``run``)."""
     check_devices(cfg)  # before the config is written: a refused device must not stick to the folder
     cfg = run.settle_config(cfg, force=force)
-    extracted = extract_stage(cfg, dataset, progress=progress)
+    extracted = _extract(cfg, dataset, progress=progress)
     tunings = {label: tune_backbone(cfg, run, label, bf, progress=progress) for label, bf in extracted.items()}
     return cfg, extracted, tunings
 
@@ -83,7 +119,7 @@ def evaluate(
         if missing:  # before any extraction, which can take hours
             raise DogbenchError(f"{', '.join(str(run.tuning_path(m)) for m in missing)} missing: run "
                                 f"`{run.rebuild('tuning')}` first")
-        extracted = extract_stage(cfg, dataset, progress=progress)
+        extracted = _extract(cfg, dataset, progress=progress)
         tuning = {label: load_tuning(cfg, run, label, bf) for label, bf in extracted.items()}
         results = _evaluate_and_report(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start,
                                        progress=progress)

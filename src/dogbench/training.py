@@ -13,6 +13,15 @@ written atomically into ``<out>/state.pt`` at every epoch's end and every ``chec
 the same call after a kill continues from it. Sampler order and every augmentation are seeded per (seed, epoch,
 image), so a resumed run replays exactly what the uninterrupted one does: on the CPU its final weights are
 bitwise equal. The best epoch's weights are ``<out>/best-epoch<N>.safetensors``.
+
+Under ``torchrun`` (``distributed``) the model is wrapped in DistributedDataParallel: ``batch_size`` stays the
+global micro-batch (so a recipe means the same on any number of ranks) and rank r takes its rows r, r + N, ...
+(the strided split of torch's ``DistributedSampler``) of every seeded global batch, so the sampler position and
+the per-image augmentation seeds are those of one process. Gradients are averaged over the ranks (the mean over
+the global batch); CUDA batch norms become SyncBatchNorm (torch has no CPU SyncBatchNorm: on gloo each rank
+normalises its own rows and DDP broadcasts rank 0's running statistics). Validation is split over the ranks
+and summed. Only rank 0 writes; the state holds every rank's RNGs, so a resume (also after torchrun's elastic
+restart) replays the same steps, and needs the same number of ranks.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +49,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Backbone, BackboneError, Preprocess, load_backbone
 from dogbench.config import FINETUNE_METHODS, BackboneConfig, FinetuneConfig, Precision
@@ -497,6 +507,7 @@ class TrainOutcome:
     precision: str
     resumed: bool
     start_val_top1: float | None = None  # lp-ft: validation top-1 before the first step (the probe's head)
+    ranks: int = 1  # torchrun's world size (1: one process); the batch is global, split over the ranks
 
 
 def _autocast(device: torch.device, precision: str) -> Any:
@@ -524,7 +535,10 @@ class Stepper:
     """One training step of the recipe, shared by the loop, ``dogbench bench --train`` and the tests: a uint8
     batch is normalised on the device (channels_last for CNNs), mixed (mixup / cutmix when on), run under
     autocast, and its loss back-propagated (divided by ``grad_accum``); ``optimizer_step`` then steps AdamW
-    (parameter groups with their layer scales), the warm-up + cosine schedule and the EMA."""
+    (parameter groups with their layer scales), the warm-up + cosine schedule and the EMA.
+
+    Under torchrun the model runs inside DistributedDataParallel (``forward_model``; ``model`` stays the plain
+    module, whose weights every rank holds alike) and the loss is averaged over the ranks."""
 
     def __init__(self, trainable: Trainable, preprocess: Preprocess, params: TrainParams, *, device: torch.device,
                  n_classes: int, total_steps: int, steps_per_epoch: int) -> None:
@@ -533,6 +547,16 @@ class Stepper:
         self.model, self.preprocess, self.params, self.device = trainable.model, preprocess, params, device
         self.memory_format = torch.preserve_format if trainable.is_vit else torch.channels_last
         self.model.to(device, memory_format=self.memory_format)
+        self.ranks = distributed.current()
+        if self.ranks.world > 1 and device.type == "cuda" and not params.freeze_bn_stats:
+            nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # replaces the Classifier's children in place
+        self.forward_model: nn.Module = self.model
+        if self.ranks.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            index = device.index if device.index is not None else torch.cuda.current_device() \
+                if device.type == "cuda" else None
+            self.forward_model = DistributedDataParallel(self.model, device_ids=None if index is None else [index])
         warmup = min(total_steps, round(params.warmup_epochs * steps_per_epoch))
         self.optimizer = torch.optim.AdamW(param_groups(trainable, params), lr=params.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -551,19 +575,27 @@ class Stepper:
         self.loss_fn = SoftTargetCrossEntropy() if self.mixer is not None else nn.CrossEntropyLoss(
             label_smoothing=params.label_smoothing)
 
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """Forward and backward of one uint8 (B, 3, H, W) batch with labels ``y``; the (unscaled) loss."""
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, sync: bool = True) -> float:
+        """Forward and backward of one uint8 (B, 3, H, W) batch with labels ``y``; the (unscaled) loss, averaged
+        over the ranks under torchrun. ``sync=False``: a micro-batch before the last of an accumulation, whose
+        gradients DDP keeps local (``no_sync``) until the last one's backward averages them all."""
         x = self.preprocess.normalize(x.to(self.device, non_blocking=True)).contiguous(
             memory_format=self.memory_format)
         y = y.to(self.device, non_blocking=True)
         if self.mixer is not None:
             x, y = self.mixer(x, y)
-        with _autocast(self.device, self.params.precision):
-            loss = self.loss_fn(self.model(x), y)
-        if not torch.isfinite(loss):
-            raise TrainingError(f"the training loss became {loss.item()}: lower finetune.lr (now {self.params.lr:g})")
-        (loss / self.params.grad_accum).backward()
-        return float(loss.detach())
+        local = self.forward_model.no_sync() if not sync and self.forward_model is not self.model else nullcontext()
+        with local:
+            with _autocast(self.device, self.params.precision):
+                loss = self.loss_fn(self.forward_model(x), y)
+            value = loss.detach()
+            if self.ranks.world > 1:  # every rank sees the same value, so all of them stop together
+                value = distributed.all_sum(value.float().clone()) / self.ranks.world
+            if not torch.isfinite(value):
+                raise TrainingError(f"the training loss became {value.item()}: lower finetune.lr (now "
+                                    f"{self.params.lr:g})")
+            (loss / self.params.grad_accum).backward()
+        return float(value)
 
     def optimizer_step(self, step: int) -> None:
         self.optimizer.step()
@@ -582,15 +614,18 @@ def train(
     weights, stop after ``params.patience`` epochs without improvement; resume from ``out_dir/state.pt`` when it
     was written for these params and data (another state there is replaced, with a warning).
 
-    ``on_epoch(epoch, val_top1)`` runs after each epoch's validation (an Optuna pruner raises from it);
-    ``on_step(step)`` after each optimizer step and its checkpoint.
+    ``on_epoch(epoch, val_top1)`` runs after each epoch's validation (an Optuna pruner raises from it; under
+    torchrun on rank 0 only, and the other ranks stop with it); ``on_step(step)`` after each optimizer step and
+    its checkpoint, on every rank.
     """
     accelerators = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
-    # dropout, drop-path and mixup draw from the global RNGs (the device's too): the caller's states are kept
-    with seeded(params.seed), torch.random.fork_rng(devices=accelerators):
+    # dropout, drop-path and mixup draw from the global RNGs (the device's too): the caller's states are kept;
+    # under torchrun each rank draws its own (seed + rank, as timm's train.py seeds them)
+    seed = params.seed + distributed.current().rank
+    with seeded(seed), torch.random.fork_rng(devices=accelerators):
         if accelerators:
-            torch.cuda.manual_seed(params.seed)
+            torch.cuda.manual_seed(seed)
         return _train(trainable, backbone, data, params, Path(out_dir), device=device,
                       checkpoint_every=checkpoint_every, progress=progress, on_epoch=on_epoch, on_step=on_step)
 
@@ -600,27 +635,38 @@ def _train(
     device: torch.device, checkpoint_every: int, progress: bool,
     on_epoch: Callable[[int, float], None] | None, on_step: Callable[[int], None] | None,
 ) -> TrainOutcome:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks = distributed.current()
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     model = trainable.model
     preprocess = backbone.preprocess
     n = len(data.train)
     if n < 1 or len(data.val) < 1:
         raise TrainingError(f"fine-tuning needs training and validation images, got {n} and {len(data.val)}")
-    if (params.mixup > 0 or params.cutmix > 0) and min(params.batch_size, n) % 2:
-        raise TrainingError(f"mixup / cutmix need an even batch size, got {min(params.batch_size, n)}")
+    if ranks.world > 1 and (params.batch_size % ranks.world or n < ranks.world):
+        raise TrainingError(
+            f"finetune.batch_size={params.batch_size} is the global batch, split over the {ranks.world} ranks: "
+            f"it must be a multiple of {ranks.world} (e.g. {ranks.world * max(1, params.batch_size // ranks.world)}"
+            f"), with at least {ranks.world} training images (there are {n})")
+    rank_batch = min(params.batch_size, n) // ranks.world
+    if (params.mixup > 0 or params.cutmix > 0) and rank_batch % 2:
+        raise TrainingError(f"mixup / cutmix need an even batch size per rank, got {rank_batch}")
     steps_per_epoch = max(1, max(1, n // params.batch_size) // params.grad_accum)  # epoch_batches' count
     stepper = Stepper(trainable, preprocess, params, device=device, n_classes=data.n_classes,
                       total_steps=steps_per_epoch * params.epochs, steps_per_epoch=steps_per_epoch)
     optimizer, scheduler, ema = stepper.optimizer, stepper.scheduler, stepper.ema
     images = TrainImages(data.train, preprocess, params, crop_to_box=data.crop_to_box,
                          reduced_decode=data.reduced_decode)
-    val_images = ImageDataset.for_preprocess(data.val, preprocess, crop_to_box=data.crop_to_box,
-                                             reduced_decode=data.reduced_decode,
+    # validation is split over the ranks (rank r: images r, r + N, ...) and its correct answers summed
+    val_labels = data.val_labels[ranks.rank :: ranks.world]
+    val_images = ImageDataset.for_preprocess(data.val[ranks.rank :: ranks.world], preprocess,
+                                             crop_to_box=data.crop_to_box, reduced_decode=data.reduced_decode,
                                              decoder=effective_decoder(data.decoder, preprocess))
     digest = cache_key({"params": params.to_dict(), "data": data.digest(), "format": STATE_FORMAT,
                         "model": sorted((k, list(v.shape)) for k, v in model.state_dict().items())})
     state_path = out_dir / STATE_FILE
-    atomic_write_json(out_dir / "params.json", {"params": params.to_dict(), "digest": digest})
+    if ranks.main:
+        atomic_write_json(out_dir / "params.json", {"params": params.to_dict(), "digest": digest})
 
     # ------------------------------------------------------------------ resume or start
     epoch, position, step = 0, 0, 0
@@ -631,14 +677,19 @@ def _train(
     epoch_loss = [0.0, 0]
     start_val: float | None = None
     if state_path.is_file():
-        saved = load_state(state_path)
+        saved = load_state(state_path)  # every rank reads it (a shared filesystem under multi-node torchrun)
         if saved.get("digest") == digest:
+            if saved.get("ranks", 1) != ranks.world:
+                raise TrainingError(
+                    f"{state_path} was written by {saved.get('ranks', 1)} rank(s), and the batches and RNGs of the "
+                    f"replay depend on it: resume with {saved.get('ranks', 1)} (torchrun --nproc-per-node, times "
+                    f"--nnodes), not {ranks.world}, or delete {out_dir} to train from the start")
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             if ema is not None and saved.get("ema") is not None:
                 ema.load_state_dict(saved["ema"])
-            _set_rng_state(saved["rng"], device)
+            _set_rng_state(saved["rng_ranks"][ranks.rank] if ranks.world > 1 else saved["rng"], device)
             epoch, position, step = saved["epoch"], saved["position"], saved["step"]
             history, best, bad_epochs, done = saved["history"], saved["best"], saved["bad_epochs"], saved["done"]
             spent, epoch_loss, start_val = saved["spent"], saved["epoch_loss"], saved.get("start_val")
@@ -648,24 +699,37 @@ def _train(
                           stacklevel=2)
 
     def checkpoint() -> None:
+        rngs = distributed.gather(_rng_state(device))  # on every rank (a collective); rank 0 writes them all
+        if not ranks.main:
+            return
         _save_state(state_path, {
             "format": STATE_FORMAT, "digest": digest, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "rng": _rng_state(device), "epoch": epoch,
+            "ema": ema.state_dict() if ema is not None else None, "rng": rngs[0], "epoch": epoch,
             "position": position, "step": step, "history": history, "best": best, "bad_epochs": bad_epochs,
             "done": done, "spent": spent, "epoch_loss": epoch_loss, "start_val": start_val,
+            **({"ranks": ranks.world, "rng_ranks": rngs} if ranks.world > 1 else {}),
         })
+
+    def val_top1(evaluated: nn.Module) -> float:
+        logits = evaluate_logits(evaluated, val_images, preprocess, device=device, precision=params.precision,
+                                 batch_size=max(params.batch_size, 64), memory_format=stepper.memory_format)
+        right = int((logits.argmax(1) == val_labels).sum()) if len(val_labels) else 0
+        counts = distributed.all_sum(torch.tensor([right, len(val_labels)], dtype=torch.float64, device=device))
+        return float(counts[0] / counts[1]) if ranks.world > 1 else float(right / len(val_labels))
 
     wall0, cpu0 = time.perf_counter(), _cpu()
     base_wall, base_cpu = spent["wall"], spent["cpu"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=steps_per_epoch * params.epochs, initial=step, unit="step",
-               desc=f"{params.method} {backbone.label}", disable=not progress, leave=False)
+               desc=f"{params.method} {backbone.label}" + (f" ({ranks.world} ranks)" if ranks.world > 1 else ""),
+               disable=not (progress and ranks.main), leave=False)
     if params.method == "lp-ft" and not resumed:  # where LP-FT starts: the probe's head on the pretrained model
-        logits = evaluate_logits(model, val_images, preprocess, device=device, precision=params.precision,
-                                 batch_size=max(params.batch_size, 64), memory_format=stepper.memory_format)
-        start_val = float((logits.argmax(1) == data.val_labels).mean())
+        start_val = val_top1(model)
+
+    def mine(rows: np.ndarray) -> np.ndarray:  # this rank's rows of a global batch (DistributedSampler's split)
+        return rows[ranks.rank :: ranks.world]
     pool = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="train-decode")
     try:
         while not done and epoch < params.epochs:
@@ -674,16 +738,19 @@ def _train(
                 else len(batches)
             batches = batches[:usable]
             set_train_mode(model, freeze_bn_stats=params.freeze_bn_stats)
-            pending = pool.map(images.decode, batches[position]) if position < len(batches) else None
+            pending = pool.map(images.decode, mine(batches[position])) if position < len(batches) else None
             while position < len(batches):
                 t0 = time.perf_counter()
                 rows = batches[position]
+                local = mine(rows)
                 decoded = list(pending)
                 if position + 1 < len(batches):  # the next batch decodes while this one trains
-                    pending = pool.map(images.decode, batches[position + 1])
+                    pending = pool.map(images.decode, mine(batches[position + 1]))
                 x = torch.stack([images.augment(img, sample_seed(params.seed, epoch, int(i)))
-                                 for img, i in zip(decoded, rows, strict=True)])
-                loss = stepper.forward_backward(x, torch.from_numpy(data.train_labels[rows].astype(np.int64)))
+                                 for img, i in zip(decoded, local, strict=True)])
+                last = (position + 1) % params.grad_accum == 0 or position + 1 == len(batches)
+                loss = stepper.forward_backward(x, torch.from_numpy(data.train_labels[local].astype(np.int64)),
+                                                sync=last)
                 epoch_loss = [epoch_loss[0] + loss * len(rows), epoch_loss[1] + len(rows)]
                 position += 1
                 spent["images"] += len(rows)
@@ -703,16 +770,15 @@ def _train(
                     spent["step_wall"] += time.perf_counter() - t0
             # ------------------------------------------------------------ validation, best, early stop
             evaluated = ema.module if ema is not None else model
-            logits = evaluate_logits(evaluated, val_images, preprocess, device=device, precision=params.precision,
-                                     batch_size=max(params.batch_size, 64), memory_format=stepper.memory_format)
-            val_top1 = float((logits.argmax(1) == data.val_labels).mean())
+            top1 = val_top1(evaluated)
             history.append({"epoch": epoch + 1, "train_loss": epoch_loss[0] / max(1, epoch_loss[1]),
-                            "val_top1": val_top1, "lr": float(optimizer.param_groups[0]["lr"]), "step": step})
-            if val_top1 > best["val_top1"]:
+                            "val_top1": top1, "lr": float(optimizer.param_groups[0]["lr"]), "step": step})
+            if top1 > best["val_top1"]:
                 # a file per best epoch, written before the state that names it: a kill between the two leaves
                 # the state's own best file in place (the newer one is replaced when the epoch is replayed)
-                best = {"epoch": epoch + 1, "val_top1": val_top1}
-                atomic_write_bytes(best_file(out_dir, epoch + 1), safetensors.torch.save(_tensors(evaluated)))
+                best = {"epoch": epoch + 1, "val_top1": top1}
+                if ranks.main:
+                    atomic_write_bytes(best_file(out_dir, epoch + 1), safetensors.torch.save(_tensors(evaluated)))
                 bad_epochs = 0
             else:
                 bad_epochs += 1
@@ -720,18 +786,28 @@ def _train(
             done = epoch >= params.epochs or bad_epochs >= params.patience
             spent["wall"], spent["cpu"] = base_wall + time.perf_counter() - wall0, base_cpu + _cpu() - cpu0
             checkpoint()
-            for old in out_dir.glob(f"{BEST_PREFIX}*.safetensors"):  # only the state's best is kept
+            for old in out_dir.glob(f"{BEST_PREFIX}*.safetensors") if ranks.main else ():  # only the state's best
                 if old != best_file(out_dir, best["epoch"]):
                     old.unlink(missing_ok=True)
             if progress:
-                bar.set_postfix(val_top1=f"{val_top1:.4f}", best=f"{best['val_top1']:.4f}")
-            if on_epoch is not None:
-                on_epoch(epoch, val_top1)
+                bar.set_postfix(val_top1=f"{top1:.4f}", best=f"{best['val_top1']:.4f}")
+            stop, raised = [False], None
+            if on_epoch is not None and ranks.main:
+                try:
+                    on_epoch(epoch, top1)
+                except BaseException as err:  # noqa: BLE001 - re-raised below, once the other ranks know
+                    stop, raised = [True], err
+            if ranks.world > 1:
+                stop = distributed.broadcast(stop)
+            if raised is not None:
+                raise raised
+            if stop[0]:  # rank 0's on_epoch stopped this training (an Optuna pruner): the other ranks end too
+                break
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         bar.close()
     best_path = best_file(out_dir, best["epoch"])
-    if not best_path.is_file():
+    if ranks.main and not best_path.is_file():
         raise TrainingError(f"{best_path} is missing although {state_path} says training finished; delete "
                             f"{out_dir} to train again")
     if device.type == "cuda":
@@ -744,6 +820,7 @@ def _train(
         train_wall_s=float(spent["wall"]), train_cpu_s=float(spent["cpu"]), train_images=int(spent["images"]),
         images_per_s=spent["images"] / spent["step_wall"] if spent["step_wall"] > 0 else 0.0,
         peak_memory_mb=float(peak), precision=params.precision, resumed=resumed, start_val_top1=start_val,
+        ranks=ranks.world,
     )
 
 

@@ -1,6 +1,7 @@
-"""`torchrun --nproc-per-node 2 -m dogbench extract` (gloo, CPU): the ranks share the chunks of one cache entry
-and the features are the bits one process computes (at the same torch threads per process: a different
-thread count changes float rounding, about 1e-7, in one process as well)."""
+"""torchrun with 2 gloo ranks on the CPU. `extract`: the ranks share the chunks of one cache entry and the features
+are the bits one process computes (at the same torch threads per process: a different thread count changes float
+rounding, about 1e-7, in one process as well). DDP fine-tuning: killed mid-epoch and launched again, it ends
+bitwise equal to an uninterrupted two-rank run. `finetune` end to end: the pipeline runs once, on rank 0."""
 
 from __future__ import annotations
 

@@ -168,5 +168,5 @@ def test_torchrun_finetune_runs_the_pipeline_once_and_trains_on_both_ranks(tmp_p
         t = results["models"][label]["training"]
         assert (t["ranks"], t["global_batch"], t["rank_batch"]) == (2, 4, 2), label
         assert t["train_images"] > 0 and results["models"][label]["test"]["top1"] >= 0
-    assert main(["predict", str(tmp_path / "run"), str(next(p for p in (data / "test").rglob("*") if p.is_file())), "--format",
-                 "json"]) == 0
+    photo = next(p for p in (data / "test").rglob("*") if p.is_file())
+    assert main(["predict", str(tmp_path / "run"), str(photo), "--format", "json"]) == 0

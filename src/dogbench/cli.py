@@ -343,7 +343,7 @@ def _ranked(args: argparse.Namespace, cfg: RunConfig, *, start: float, progress:
 
     ranks = distributed.init(resolve_device(cfg.features.device))
     if not ranks.main:
-        pipeline.follow(cfg)
+        pipeline.follow()
         dist.destroy_process_group()
         return 0
     # on an error rank 0 exits without announcing the end, and torchrun stops the other ranks

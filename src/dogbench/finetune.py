@@ -119,10 +119,10 @@ class TrainJob:
     probe: tuple[np.ndarray, np.ndarray] | None
     train_root: Path  # <label>/<method>/train/ of the run folder
     checkpoint_every: int
+    device: str  # rank 0's (the folder's settled config): every rank trains on the same kind of device
 
 
-def run_job(job: TrainJob, *, device: torch.device, progress: bool, on_epoch: Any = None
-            ) -> tuple[Any, TrainOutcome]:
+def run_job(job: TrainJob, *, progress: bool, on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
     """Train (or resume, or find finished) ``job`` in ``<train_root>/<key>/``, on every rank at once under
     torchrun (only rank 0 writes)."""
     backbone = load_for_training(job.backbone, job.params)
@@ -133,7 +133,7 @@ def run_job(job: TrainJob, *, device: torch.device, progress: bool, on_epoch: An
                      "preprocess": backbone.preprocess.to_dict(),
                      "probe": None if probe is None else hashlib.sha256(probe[0].tobytes() + probe[1].tobytes())
                      .hexdigest()})[:16]
-    outcome = train(trainable, backbone, job.data, job.params, job.train_root / key, device=device,
+    outcome = train(trainable, backbone, job.data, job.params, job.train_root / key, device=torch.device(job.device),
                     checkpoint_every=job.checkpoint_every, progress=progress, on_epoch=on_epoch)
     return trainable, outcome
 
@@ -144,9 +144,9 @@ def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainDa
     """One configuration of the run (its folder ``<label>/<method>/train/<key>/``); under torchrun the other
     ranks are told to train it too."""
     job = TrainJob(bcfg, data, params, probe, run.finetuned_dir(bcfg.label, params.method) / "train",
-                   cfg.finetune.checkpoint_every)
+                   cfg.finetune.checkpoint_every, str(device))
     distributed.announce("train", job)
-    return run_job(job, device=device, progress=progress, on_epoch=on_epoch)
+    return run_job(job, progress=progress, on_epoch=on_epoch)
 
 
 def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: str, data: TrainData, *,

@@ -48,10 +48,9 @@ def check_devices(cfg: RunConfig) -> None:
         resolve_device(device)
 
 
-def follow(cfg: RunConfig) -> None:
+def follow() -> None:
     """A rank other than 0 under torchrun: extract and train with rank 0 whatever it announces, until it
     announces the end (when rank 0 fails instead, torchrun stops this process)."""
-    device = resolve_device(cfg.features.device)
     while True:
         kind, payload = distributed.receive()
         if kind == "extract":
@@ -61,7 +60,7 @@ def follow(cfg: RunConfig) -> None:
             if not isinstance(payload, TrainJob):
                 raise DogbenchError(f"rank 0 announced a training without its job ({type(payload).__name__})")
             try:
-                run_job(payload, device=device, progress=False)
+                run_job(payload, progress=False)
             except TrainingError:
                 continue  # a diverging loss: every rank saw the same averaged loss, rank 0 decides what follows
         elif kind == "done":

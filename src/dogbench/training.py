@@ -643,11 +643,12 @@ def _train(
     n = len(data.train)
     if n < 1 or len(data.val) < 1:
         raise TrainingError(f"fine-tuning needs training and validation images, got {n} and {len(data.val)}")
-    if ranks.world > 1 and (params.batch_size % ranks.world or n < ranks.world):
+    if ranks.world > 1 and (min(params.batch_size, n) % ranks.world or len(data.val) < ranks.world):
         raise TrainingError(
             f"finetune.batch_size={params.batch_size} is the global batch, split over the {ranks.world} ranks: "
-            f"it must be a multiple of {ranks.world} (e.g. {ranks.world * max(1, params.batch_size // ranks.world)}"
-            f"), with at least {ranks.world} training images (there are {n})")
+            f"it (or the {n} training images when fewer) must be a multiple of {ranks.world} (e.g. "
+            f"{ranks.world * max(1, params.batch_size // ranks.world)}), with at least {ranks.world} validation "
+            f"images (there are {len(data.val)})")
     rank_batch = min(params.batch_size, n) // ranks.world
     if (params.mixup > 0 or params.cutmix > 0) and rank_batch % 2:
         raise TrainingError(f"mixup / cutmix need an even batch size per rank, got {rank_batch}")
@@ -679,7 +680,7 @@ def _train(
     if state_path.is_file():
         saved = load_state(state_path)  # every rank reads it (a shared filesystem under multi-node torchrun)
         if saved.get("digest") == digest:
-            if saved.get("ranks", 1) != ranks.world:
+            if saved.get("ranks", 1) != ranks.world and not saved["done"]:
                 raise TrainingError(
                     f"{state_path} was written by {saved.get('ranks', 1)} rank(s), and the batches and RNGs of the "
                     f"replay depend on it: resume with {saved.get('ranks', 1)} (torchrun --nproc-per-node, times "

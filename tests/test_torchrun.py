@@ -151,6 +151,16 @@ def test_ddp_killed_mid_epoch_then_relaunched_equals_the_uninterrupted_two_rank_
     _equal_training(whole, tmp_path / "run")
 
 
+def test_an_elastic_restart_resumes_and_equals_the_uninterrupted_two_rank_run(ddp, tmp_path: Path) -> None:
+    """torchrun --max-restarts 1: rank 1 dies at step 5 (after the step-4 checkpoint); the agent restarts both ranks,
+    which rejoin a fresh group (each attempt's keys under its own prefix) and resume from the checkpoint."""
+    launch, whole = ddp
+    restarted = launch(tmp_path / "run", kill_rank=1, kill_at=5, max_restarts=1)
+    assert restarted.returncode == 0, restarted.stderr[-3000:]
+    assert _outcomes(tmp_path / "run") == ["resumed 1 2", "resumed 1 2"]
+    _equal_training(whole, tmp_path / "run")
+
+
 
 def test_torchrun_finetune_runs_the_pipeline_once_and_trains_on_both_ranks(tmp_path: Path) -> None:
     """`torchrun --nproc-per-node 2 -m dogbench finetune`: extraction shared, heads and evaluation on rank 0 (one

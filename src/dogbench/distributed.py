@@ -52,7 +52,14 @@ def init(device: torch.device) -> Ranks:
     if launched() and not dist.is_initialized():
         if device.type == "cuda":  # one GPU per rank on each machine (not tested here: no GPU)
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
+        # torchrun's agent keeps one store across elastic restarts (``--max-restarts``), and the dead attempt's
+        # keys (its ranks' addresses) stay in it: a restarted group that read them would dial dead sockets
+        # ("Gloo connectFullMesh failed ... Connection refused", seen here). Each attempt keys under its own prefix.
+        store, rank, world = next(dist.rendezvous("env://", timeout=TIMEOUT))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
+                                store=dist.PrefixStore(f"dogbench.attempt{attempt}", store), rank=rank,
+                                world_size=world)
     return current()
 
 

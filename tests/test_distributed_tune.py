@@ -127,3 +127,45 @@ def test_only_postgresql_is_a_shared_study(tmp_path) -> None:
             study_mutex(optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/t.db"), "s"):
         pass
     assert open_storage(f"sqlite:///{tmp_path}/s.db", TuneConfig()) == f"sqlite:///{tmp_path}/s.db"
+
+
+def test_two_finetune_workers_share_one_study_of_fine_tuning_trials(tmp_path) -> None:
+    """`dogbench finetune --storage postgresql://... --set finetune.trials=4` started twice (each its own run
+    folder, one shared cache): the fine-tuning study ends with exactly 4 finished trials, no two alike, and both
+    workers retrain the same best configuration."""
+    import json
+
+    import optuna
+
+    from conftest import make_class_folder_layout
+
+    url = postgres_url()
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
+    tag = uuid.uuid4().hex[:8]
+    seed = int(tag, 16) % 10**6  # the fine-tuning study's name derives from the recipe: a new study per test run
+
+    def worker(i: int) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "dogbench", "finetune", "--data", str(data), "--out", str(tmp_path / f"run{i}"),
+               "--backbone", "vit=test_vit@random,img_size=32", "--cache-dir", str(tmp_path / "cache"),
+               "--methods", "lora", "--storage", url, "--study", f"test-{tag}", "--trials", "2", "--epochs", "2",
+               "--quiet", "--set", "tune.max_epochs=10", "--set", "evaluate.n_bootstrap=100",
+               "--set", "finetune.batch_size=4", "--set", "finetune.trials=4", "--set", f"finetune.seed={seed}",
+               "--set", "report.enabled=false"]
+        return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    procs = [worker(0), worker(1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    rows = [json.loads((tmp_path / f"run{i}" / "results.json").read_text())["models"]["vit/lora"] for i in (0, 1)]
+    studies = {row["training"]["trials"]["study"] for row in rows}
+    assert len(studies) == 1
+    study = _study(url, studies.pop())
+    done = _finished(study)
+    assert len(done) == 4 and len(study.get_trials()) == 4
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4
+    assert rows[0]["training"]["trials"]["best_params"] == rows[1]["training"]["trials"]["best_params"]
+    assert rows[0]["training"]["trials"]["n_trials"] == rows[1]["training"]["trials"]["n_trials"] == 4
+    assert study.user_attrs["dogbench_workers"] == 2
+    assert optuna.load_study(study_name="test-" + tag + "-vit", storage=url).user_attrs["dogbench_workers"] == 2

@@ -33,6 +33,23 @@ CLASS_COLOURS = (
 )
 
 
+CACHE_KEY = pytest.StashKey[str]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """No test writes the user's cache: commands that are not given --cache-dir (and their subprocesses) get an
+    empty cache of the session's own."""
+    import tempfile
+
+    config.stash[CACHE_KEY] = os.environ["DOGBENCH_CACHE"] = tempfile.mkdtemp(prefix="dogbench-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    import shutil
+
+    shutil.rmtree(config.stash.get(CACHE_KEY, ""), ignore_errors=True)
+
+
 def shared_dir() -> Path:
     """../shared next to the repository: real data and weights for integration tests (may be absent)."""
     return Path(__file__).resolve().parents[2] / "shared"

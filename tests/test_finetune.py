@@ -149,11 +149,33 @@ def test_finetune_trials_tune_the_recipe_on_validation_with_a_pruner(tmp_path: P
                                                                           for t in study.trials})
 
 
+def test_wise_ft_picks_the_best_mix_of_start_and_fine_tuned_weights_on_validation(tmp_path: Path) -> None:
+    from conftest import make_class_folder_layout
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
+            "--cache-dir", str(tmp_path / "cache"), "--methods", "lp-ft,lora", *FAST, "--set", "finetune.wise=0,0.5",
+            "--set", "report.enabled=false"]
+    assert main(args) == 0
+    models = json.loads((out / "results.json").read_text())["models"]
+    t = models["cnn/lp-ft"]["training"]
+    wise = t["wise"]
+    assert set(wise["curve"]) == {"0.0", "0.5", "1.0"}
+    assert wise["curve"]["0.0"] == t["start_val_top1"]  # a = 0 rebuilt the start that training scored first
+    assert wise["curve"]["1.0"] == max(h["val_top1"] for h in t["history"])
+    assert wise["val_top1"] == max(wise["curve"].values()) == wise["curve"][str(float(wise["alpha"]))]
+    assert models["cnn/lp-ft"]["val"]["top1"] == wise["val_top1"]
+    assert models["cnn/lora"]["training"]["wise"] is None  # LoRA's start has no adapter weights to mix
+
+
 def test_finetune_settings_are_checked_with_the_valid_choices() -> None:
     from dogbench.config import ConfigError, resolve
 
     for override, message in (("finetune.pruner=fast", "Valid pruners"), ("finetune.crop_scale=[0.5]", "crop_scale"),
-                              ("finetune.precision=fp64", "finetune.precision"), ("finetune.epochs=0", "epochs")):
+                              ("finetune.precision=fp64", "finetune.precision"), ("finetune.epochs=0", "epochs"),
+                              ("finetune.wise=0.5,2", r"finetune.wise .*\[0, 1\]"),
+                              ("finetune.wise=half", "finetune.wise must be numbers")):
         with pytest.raises(ConfigError, match=message):
             resolve({}, overrides=[override])
 

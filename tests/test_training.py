@@ -285,3 +285,26 @@ def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: P
     again = train(build_trainable(load_for_training(TINY["vit"], params), data.n_classes, params), backbone, data,
                   params, tmp_path, device=CPU, progress=False)
     assert again.resumed and again.history == out.history
+
+
+def test_wise_mix_interpolates_the_weights_and_keeps_counters() -> None:
+    from dogbench.training import wise_mix
+
+    start = {"w": torch.zeros(3), "n": torch.tensor(0)}
+    tuned = {"w": torch.tensor([2.0, 4.0, -6.0]), "n": torch.tensor(7)}
+    assert torch.equal(wise_mix(start, tuned, 0.0)["w"], start["w"])
+    assert torch.equal(wise_mix(start, tuned, 1.0)["w"], tuned["w"])
+    half = wise_mix(start, tuned, 0.5)
+    assert torch.equal(half["w"], torch.tensor([1.0, 2.0, -3.0])) and int(half["n"]) == 7
+
+
+def test_standalone_validation_scores_the_best_epoch_as_training_did(data: TrainData, tmp_path: Path) -> None:
+    """WiSE-FT compares its mixes with training's own validation figure: the two scorers must agree."""
+    from dogbench.training import load_best, validation_top1
+
+    params = params_for("full", "cnn", epochs=2)
+    backbone = load_for_training(TINY["cnn"], params)
+    t = build_trainable(backbone, data.n_classes, params)
+    out = train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    load_best(t, out.best_path)
+    assert validation_top1(t, backbone, data, params, device=CPU) == out.best_val_top1

@@ -206,6 +206,10 @@ class FinetuneConfig:
     precision: Precision = Precision.AUTO  # auto = bf16 autocast where bf16 matmuls are fast (AMX CPU, GPU sm80+)
     grad_checkpointing: bool = False  # recompute activations in the backward pass (less memory, ~30% slower)
     checkpoint_every: int = 0  # optimizer steps between training-state checkpoints (0 = at each epoch's end only)
+    # WiSE-FT (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"): after training, the weights
+    # (1 - a) * start + a * fine-tuned for each a listed here, next to a = 1, scored on validation; the best is the
+    # model (full, partial, lp-ft; start = the pretrained backbone with the starting head). () = off
+    wise: tuple[float, ...] = ()
     trials: int = 0  # Optuna trials over lr, layer decay, weight decay (and LoRA rank) on validation; 0 = defaults
     pruner: str = "hyperband"  # multi-fidelity pruning of trials on per-epoch validation top-1: one of PRUNERS
     seed: int = 0
@@ -356,6 +360,12 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
                   [c.strip() for c in text.split(",") if c.strip()]}
     if cls is FinetuneConfig and isinstance(values.get("methods"), str):  # --set finetune.methods=lora,full
         values = {**values, "methods": [m.strip() for m in values["methods"].split(",") if m.strip()]}
+    if cls is FinetuneConfig and isinstance(values.get("wise"), str | int | float):  # --set finetune.wise=0.5,0.75
+        try:
+            values = {**values, "wise": [float(a) for a in str(values["wise"]).split(",") if a.strip()]}
+        except ValueError:
+            raise ConfigError(f"{section}.wise must be numbers in [0, 1], e.g. 0.25,0.5,0.75, got "
+                              f"{values['wise']!r}") from None
     if cls is ShotsConfig and isinstance(values.get("shots"), str | int):
         values = {**values, "shots": str(values["shots"]).split(",")}
     _check_types(cls, section, values)
@@ -371,6 +381,8 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
             kwargs["methods"] = tuple(kwargs["methods"])
         if "crop_scale" in kwargs:
             kwargs["crop_scale"] = tuple(float(v) for v in kwargs["crop_scale"])
+        if "wise" in kwargs:
+            kwargs["wise"] = tuple(float(v) for v in kwargs["wise"])
     if cls is TuneConfig and "heads" in kwargs:
         kwargs["heads"] = tuple(kwargs["heads"])
     if cls is ShotsConfig and "shots" in kwargs:
@@ -626,6 +638,9 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError("finetune.precision fp16 is not supported (no grad scaler): use auto, bf16 or fp32")
     if len(f.crop_scale) != 2 or not 0.0 < f.crop_scale[0] <= f.crop_scale[1] <= 1.0:
         raise ConfigError(f"finetune.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {list(f.crop_scale)}")
+    if not all(0.0 <= a <= 1.0 for a in f.wise):
+        raise ConfigError(f"finetune.wise lists mixing weights in [0, 1] (0 = the start, 1 = the fine-tuned "
+                          f"weights), got {list(f.wise)}")
     if f.pruner not in PRUNERS:
         raise ConfigError(f"Unknown finetune.pruner '{f.pruner}'. Valid pruners: {', '.join(PRUNERS)}")
     if cfg.tune.pruner not in PRUNERS:

@@ -50,6 +50,8 @@ from dogbench.training import (
     load_state,
     resolve_params,
     train,
+    validation_top1,
+    wise_mix,
 )
 from dogbench.tune import make_logistic, make_pruner, open_storage, search_in_memory, search_shared, sweep_logistic_C
 
@@ -248,6 +250,8 @@ def finetune_backbone(
     trainable, params, outcome, trials = tune_and_train(cfg, run, bcfg, method, data, is_vit=bf.info.is_vit,
                                                         probe=probe, progress=progress)
     load_best(trainable, outcome.best_path)
+    wise = _wise(cfg, bcfg, trainable, data, params, probe, outcome) if cfg.finetune.wise and method in WISE else {}
+    val_top1 = wise.get("val_top1", outcome.best_val_top1)
     backbone_state, layer, adapter = export(trainable)
     folder = run.finetuned_dir(bcfg.label, method)
     atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
@@ -257,7 +261,7 @@ def finetune_backbone(
     device = resolve_device(cfg.features.device)
     precision = resolve_precision(cfg.features.precision, device)
     backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
-    head = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=outcome.best_val_top1,
+    head = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=val_top1,
                               history=outcome.history)
     model = Model(label, backbone, head, classes=dataset.classes, features=cfg.features,
                   crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision)
@@ -287,7 +291,7 @@ def finetune_backbone(
         "train_img_s": round(outcome.images_per_s, 3), "train_images": outcome.train_images,
         "peak_memory_mb": round(outcome.peak_memory_mb, 1), "epochs_run": outcome.epochs_run,
         "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early, "history": outcome.history,
-        "start_val_top1": outcome.start_val_top1,
+        "start_val_top1": outcome.start_val_top1, "wise": wise or None,
         # torchrun: the batch (and the lr that goes with it) is global, split over the ranks
         "ranks": outcome.ranks, "global_batch": params.batch_size * params.grad_accum,
         "rank_batch": params.batch_size // outcome.ranks,
@@ -308,7 +312,7 @@ def finetune_backbone(
         feature_key="", cache_hit=False, device=str(device), precision=precision.value,
         head={"kind": "linear", "method": method, "epochs": outcome.best_epoch,
               "params": training["params"]},
-        val={"top1": outcome.best_val_top1}, test=scores, baseline={},
+        val={"top1": val_top1}, test=scores, baseline={},
         timing_s={"train": round(outcome.train_wall_s, 4), "export": round(eval0 - wall0 - outcome.train_wall_s, 4)
                   if not outcome.resumed else 0.0, "evaluate": round(evaluate_s, 4)},
         cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
@@ -337,6 +341,27 @@ def _search_wall_s(run: RunDir, label: str, method: str) -> float:
         except (TrainingError, KeyError, TypeError, ValueError):
             continue  # an unreadable state of another configuration: its cost is unknown, not an error here
     return total
+
+
+WISE = ("full", "partial", "lp-ft")  # the methods whose start and end share every weight name (not LoRA)
+
+
+def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData, params: TrainParams,
+          probe: tuple[np.ndarray, np.ndarray] | None, outcome: TrainOutcome) -> dict[str, Any]:
+    """WiSE-FT: the best epoch's weights mixed with the start's (the pretrained backbone and the head training
+    began from) for each ``finetune.wise`` weight, scored on validation; ``trainable`` ends as the best mix (ties:
+    the more fine-tuned). Rank 0 alone (the evaluation stage), deterministic, so a rerun repeats it."""
+    device = resolve_device(cfg.features.device)
+    backbone = load_for_training(bcfg, params)
+    start = build_trainable(backbone, data.n_classes, params, head_init=probe).model.state_dict()
+    tuned = {k: v.detach().clone() for k, v in trainable.model.state_dict().items()}
+    curve = {1.0: outcome.best_val_top1}
+    for alpha in sorted(set(cfg.finetune.wise) - {1.0}):
+        trainable.model.load_state_dict(wise_mix(start, tuned, alpha))
+        curve[alpha] = validation_top1(trainable, backbone, data, params, device=device)
+    best = max(curve, key=lambda a: (curve[a], a))
+    trainable.model.load_state_dict(wise_mix(start, tuned, best))
+    return {"alpha": best, "val_top1": curve[best], "curve": {str(a): v for a, v in sorted(curve.items())}}
 
 
 def _proba(model: Model, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:

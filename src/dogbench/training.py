@@ -852,6 +852,26 @@ def load_best(trainable: Trainable, path: Path) -> None:
     trainable.model.load_state_dict(state)
 
 
+def wise_mix(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """WiSE-FT's weight-space ensemble (Wortsman et al. 2022): ``(1 - alpha) * start + alpha * tuned`` for every
+    floating tensor of a state dict; the others (batch norms' step counters) are the tuned model's."""
+    return {k: torch.lerp(start[k].to(v.device, v.dtype), v, alpha) if v.is_floating_point() else v
+            for k, v in tuned.items()}
+
+
+def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                    device: torch.device) -> float:
+    """Top-1 of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch validation scores it
+    (the eval transform, the training precision and memory format)."""
+    images = ImageDataset.for_preprocess(data.val, backbone.preprocess, crop_to_box=data.crop_to_box,
+                                         reduced_decode=data.reduced_decode,
+                                         decoder=effective_decoder(data.decoder, backbone.preprocess))
+    logits = evaluate_logits(trainable.model, images, backbone.preprocess, device=device, precision=params.precision,
+                             batch_size=max(params.batch_size, 64),
+                             memory_format=torch.preserve_format if trainable.is_vit else torch.channels_last)
+    return float((logits.argmax(1) == data.val_labels).mean())
+
+
 def export(trainable: Trainable) -> tuple[dict[str, torch.Tensor], nn.Linear, dict[str, torch.Tensor] | None]:
     """The fine-tuned model as the inference path loads it: the backbone's state dict (LoRA merged into its
     weights, timm's own names), the head, and for LoRA the adapter's own weights (peft's names)."""

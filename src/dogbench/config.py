@@ -416,6 +416,8 @@ def parse_shots(value: Any) -> tuple[int | str, ...]:
 
 def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig:
     """``[backbones.<label>]``: ``model`` and ``weights``, preprocessing keys, anything else is a model kwarg."""
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"[backbones.{label}] must be a table (model = ..., weights = ...), got {table!r}")
     if "model" not in table:
         raise ConfigError(f"[backbones.{label}] needs a 'model' key (a short alias or a timm model tag)")
     kwargs: dict[str, Any] = {}
@@ -472,6 +474,12 @@ def from_mapping(doc: Mapping[str, Any]) -> RunConfig:
     for key in doc:
         if key not in valid_top:
             raise _unknown_key("top level", key, valid_top)
+    for key in (*SECTIONS, "backbones"):
+        if key in doc and not isinstance(doc[key], Mapping):
+            raise ConfigError(f"[{key}] must be a table of settings (key = value lines under [{key}]), got "
+                              f"{doc[key]!r}")
+    if not isinstance(doc.get("out"), str | None):
+        raise ConfigError(f"out must be a folder path (a string), got {doc['out']!r}")
     sections = {name: _coerce(cls, name, doc.get(name, {})) for name, cls in SECTIONS.items()}
     # input paths are stored absolute, so every command finds them from any working directory
     if sections["data"].root is not None:

@@ -376,4 +376,9 @@ def prepare_stanford_dogs(
 def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:
     """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast."""
     root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url, progress=progress)
-    return select_classes(open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed), cfg.classes)
+    dataset = select_classes(open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed), cfg.classes)
+    trained = sorted({dataset.classes[s.label] for s in dataset.samples if s.split == "train"})
+    if len(trained) < 2:  # one class is no benchmark: every classifier would score 1.0
+        raise DatasetLayoutError(f"{root} has training images of {len(trained)} class(es) ({', '.join(trained)}): "
+                                 "a benchmark needs at least 2 classes, each a folder of images")
+    return dataset

@@ -19,7 +19,7 @@ from dogbench.errors import DogbenchError
 if TYPE_CHECKING:  # torch is imported where tensors are made: the report reads data/ without it
     import torch
 
-__all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "clamp_box", "load_image", "read_image"]
+__all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "check_pixels", "clamp_box", "load_image", "read_image"]
 
 # Reduced-size decoding keeps the decoded short side at REDUCING_GAP x the resize target or more, so that timm's
 # antialiased resize still shrinks at least that much and its filter, not libjpeg's DCT scaling, shapes the
@@ -73,6 +73,15 @@ def clamp_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str |
     return xmin, ymin, xmax, ymax
 
 
+def check_pixels(size: tuple[int, int], path: str | Path) -> None:
+    """Refuse, from the header alone, an image larger than PIL's decompression-bomb limit (``MAX_IMAGE_PIXELS``,
+    89.5 megapixels, which PIL itself only warns about below twice that): decoding it could take gigabytes."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and size[0] * size[1] > limit:
+        raise ImageError(f"cannot read image {path}: {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels is over "
+                         f"the {int(limit):,}-pixel limit (a decompression bomb?); refused before decoding")
+
+
 def load_image(
     path: str | Path, *, box: tuple[int, int, int, int] | None = None, min_side: int | None = None
 ) -> Image.Image:
@@ -89,6 +98,7 @@ def load_image(
     try:
         with Image.open(path) as img:
             full_size = img.size
+            check_pixels(full_size, path)
             if box is not None:
                 box = clamp_box(box, full_size, path)
             if min_side is not None and img.format == "JPEG":
@@ -105,7 +115,9 @@ def load_image(
             return _to_rgb(stored.transpose(upright) if upright is not None else stored)
     except ImageError:
         raise
-    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # PIL's own refusal at open, above twice MAX_IMAGE_PIXELS
+        raise ImageError(f"cannot read image {path}: {exc} (refused before decoding)") from None
+    except (OSError, ValueError, EOFError, SyntaxError) as exc:
         raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
 
 
@@ -138,6 +150,7 @@ def read_image(
             orientation = img.getexif().get(ExifTags.Base.Orientation)
     except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError):
         return load_image(path, box=box, min_side=min_side)  # raises the ImageError with PIL's reason
+    check_pixels(size, path)  # torchvision's decoder has no limit of its own
     region = clamp_box(box, size, path) if box is not None else (0, 0, *size)
     small = min_side is None or _reduction(region, min_side) is None
     if fmt != "JPEG" or mode not in ("RGB", "L") or not small:

@@ -178,6 +178,7 @@ def test_weights_of_a_differently_shaped_model_name_the_file(tmp_path: Path) -> 
     with pytest.raises(BackboneError, match="does not fit model") as err:
         _from_file(path)
     assert str(path) in str(err.value) and CNN in str(err.value)
+    assert "shape mismatches (conv1.0.weight: file [24, 3, 3, 3], model [16, 3, 3, 3]" in str(err.value)
 
 
 def test_weights_of_another_architecture_name_the_file(tmp_path: Path) -> None:
@@ -187,6 +188,8 @@ def test_weights_of_another_architecture_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(BackboneError) as err:
         _from_file(path)
     assert str(path) in str(err.value)
+    assert "missing keys (conv1.0.weight," in str(err.value) and "unexpected keys (blocks.0." in str(err.value)
+    assert "another architecture?" in str(err.value) and len(str(err.value)) < 800  # counted, not listed
 
 
 def test_missing_file_and_unknown_weights_list_the_choices(tmp_path: Path) -> None:

@@ -308,3 +308,31 @@ def test_standalone_validation_scores_the_best_epoch_as_training_did(data: Train
     out = train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
     load_best(t, out.best_path)
     assert validation_top1(t, backbone, data, params, device=CPU) == out.best_val_top1
+
+
+def test_a_training_state_that_would_run_code_is_refused_and_its_payload_never_runs(data: TrainData,
+                                                                                    tmp_path: Path) -> None:
+    """A state.pt from elsewhere (a shared run folder, a download) goes through weights_only like weights do."""
+    from test_backbones import Payload
+
+    marker = tmp_path / "pwned"
+    torch.save({"format": 1, "model": Payload(marker)}, tmp_path / STATE_FILE)
+    params = params_for("full", "cnn")
+    backbone = load_for_training(TINY["cnn"], params)
+    with pytest.raises(TrainingError, match=r"state\.pt is not a readable training state .*UnpicklingError"):
+        train(build_trainable(backbone, data.n_classes, params), backbone, data, params, tmp_path, device=CPU,
+              progress=False)
+    assert not marker.exists(), "unpickling ran the payload"
+
+
+def test_a_best_checkpoint_from_another_model_is_refused_by_name(data: TrainData, tmp_path: Path) -> None:
+    from dogbench.training import load_best
+
+    params = params_for("full", "cnn")
+    t = build_trainable(load_for_training(TINY["cnn"], params), data.n_classes, params)
+    other = build_trainable(load_for_training(TINY["vit"], params_for("full", "vit")), data.n_classes, params)
+    path = tmp_path / "best-epoch1.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in other.model.state_dict().items()}, str(path))
+    with pytest.raises(TrainingError,
+                       match=r"best-epoch1\.safetensors does not fit this model: \d+ missing keys .*unexpected keys"):
+        load_best(t, path)

@@ -269,7 +269,8 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         if weights in ("hub", "random"):
             raise
         raise BackboneError(
-            f"Weights file {weights} does not fit model '{tag}' (kwargs {kwargs}): {_first_lines(err)}"
+            f"Weights file {weights} does not fit model '{tag}' (kwargs {kwargs}): "
+            f"{_key_diff(tag, kwargs, state) if 'state' in locals() else _first_lines(err)}"
         ) from None
     model.eval().requires_grad_(False)
     digest = sha256_file(Path(weights).expanduser()) if weights not in ("hub", "random") else state_dict_digest(model)
@@ -363,6 +364,30 @@ def _from_hub(tag: str, kwargs: dict[str, Any]) -> torch.nn.Module:
             f"Cannot fetch pretrained weights for '{tag}' from the Hugging Face hub ({type(err).__name__}: "
             f"{_first_lines(err)}). {HUB_HELP}"
         ) from None
+
+
+def _key_diff(tag: str, kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> str:
+    """``state_diff`` against ``tag``'s own state dict (built on the meta device: no memory, no weights)."""
+    with torch.device("meta"):
+        return state_diff(timm.create_model(tag, pretrained=False, num_classes=0, **kwargs).state_dict(), state)
+
+
+def state_diff(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], shown: int = 4) -> str:
+    """What ``state`` (a file's) lacks, has extra and has in the wrong shape against a model's ``own`` state
+    dict, counted with the first few names of each: a readable form of torch's wall of key names."""
+    own = {k: tuple(v.shape) for k, v in own.items()}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: file {list(state[k].shape)}, model {list(own[k])}" for k in own
+              if k in state and tuple(state[k].shape) != own[k]]
+
+    def part(what: str, names: list[str]) -> str:
+        more = f", ... {len(names) - shown} more" if len(names) > shown else ""
+        return f"{len(names)} {what} ({', '.join(names[:shown])}{more})"
+
+    found = [part(w, n) for w, n in (("missing keys", missing), ("unexpected keys", unexpected),
+                                     ("shape mismatches", shapes)) if n]
+    return "; ".join(found) + (" (another architecture?)" if unexpected and len(missing) == len(own) else "")
 
 
 def _first_lines(err: BaseException, n: int = 3) -> str:

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
-from dogbench.backbones import Backbone, BackboneError, Preprocess, load_backbone
+from dogbench.backbones import Backbone, BackboneError, Preprocess, load_backbone, state_diff
 from dogbench.config import FINETUNE_METHODS, BackboneConfig, FinetuneConfig, Precision
 from dogbench.data import ImageError, Sample, load_image
 from dogbench.device import DTYPES, cpu_cores, fast_bf16_matmul
@@ -849,7 +849,11 @@ def load_best(trainable: Trainable, path: Path) -> None:
         state = safetensors.torch.load_file(str(path))
     except Exception as err:  # noqa: BLE001 - a torn or foreign file
         raise TrainingError(f"{path} is not readable safetensors ({err}); delete its folder to train again") from None
-    trainable.model.load_state_dict(state)
+    try:
+        trainable.model.load_state_dict(state)
+    except RuntimeError:  # another model's checkpoint
+        raise TrainingError(f"{path} does not fit this model: {state_diff(trainable.model.state_dict(), state)}; "
+                            "delete its folder to train again") from None
 
 
 def wise_mix(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:

@@ -36,6 +36,9 @@ class Server:
     served: Path  # what the server serves; `root` is a folder inside it
     requests: list[tuple[str, str | None]] = field(default_factory=list)
     honour_range: bool = True
+    # faults, one response each, in order: "drop" (half the body, then the connection closes), "500", "403",
+    # "short" (Content-Length says the whole file, a third of it comes, the connection closes)
+    faults: list[str] = field(default_factory=list)
 
 
 Served = tuple[Server, tuple[Archive, ...]]
@@ -53,6 +56,10 @@ def _handler_for(server: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_error(404)
                 return
             data = path.read_bytes()
+            fault = server.faults.pop(0) if server.faults else None
+            if fault in ("500", "403"):
+                self.send_error(int(fault))
+                return
             if wanted and server.honour_range:
                 start = int(wanted.removeprefix("bytes=").split("-")[0])
                 self.send_response(206)
@@ -62,6 +69,12 @@ def _handler_for(server: Server) -> type[BaseHTTPRequestHandler]:
                 self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
+            if fault in ("drop", "short"):
+                self.wfile.write(data[: len(data) // (2 if fault == "drop" else 3)])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             self.wfile.write(data)
 
         def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base class signature
@@ -338,9 +351,36 @@ def test_fetch_checksum_mismatch_deletes_the_download(served: Served, tmp_path: 
         fetch(server.url + "lists.tar", dest, size=lists.size, sha256="0" * 64, progress=False)
     assert "0" * 64 in str(info.value) and lists.sha256 in str(info.value)
     assert not dest.exists() and not (tmp_path / "lists.tar.part").exists()
-    with pytest.raises(DownloadError, match=f"expected {lists.size + 1} bytes, got {lists.size}"):
+    with pytest.raises(DownloadError, match=f"expected {lists.size + 1} bytes, the server's file has {lists.size}"):
         fetch(server.url + "lists.tar", dest, size=lists.size + 1, sha256=None, progress=False)
     assert not dest.exists()
+
+
+@pytest.mark.parametrize("faults", [["drop"], ["short"], ["500"], ["drop", "500", "drop"], ["403"]])
+def test_an_interrupted_download_resumes_where_it_stopped(served: Served, tmp_path: Path, faults: list[str]) -> None:
+    """The server drops the connection mid-file, sends less than it announced, or fails (500, 403): each try
+    is a DownloadError naming the URL and the reason, the bytes already received are kept in ``.part``, and
+    the same call again continues from them (a Range request) to the verified file."""
+    server, archives = served
+    images = archives[0]
+    data = (server.root / "images.tar").read_bytes()
+    dest = tmp_path / "images.tar"
+    server.faults = list(faults)
+    tries = 0
+    while server.faults:
+        tries += 1
+        with pytest.raises(DownloadError) as err:
+            fetch(server.url + "images.tar", dest, size=images.size, sha256=images.sha256, progress=False)
+        assert server.url + "images.tar" in str(err.value) and not dest.exists()
+        if "HTTP" in str(err.value):
+            assert any(code in str(err.value) for code in ("HTTP 500", "HTTP 403"))
+    fetch(server.url + "images.tar", dest, size=images.size, sha256=images.sha256, progress=False)
+    assert dest.read_bytes() == data and not (tmp_path / "images.tar.part").exists()
+    ranges = [r for _, r in server.requests]
+    received = {"drop": len(data) // 2, "short": len(data) // 3}
+    if faults[0] in received:  # the next request continued from what the dropped one had delivered
+        assert ranges[1] == f"bytes={received[faults[0]]}-"
+    assert len(server.requests) == tries + 1
 
 
 def test_fetch_404_names_the_url(server: Server, tmp_path: Path) -> None:

@@ -108,14 +108,15 @@ def _verify(path: Path, *, size: int | None, sha256: str | None) -> str | None:
     return None
 
 
-def _stream(url: str, part: Path, *, size: int | None, timeout: float, progress: bool) -> None:
-    """Append the rest of `url` to `part`, restarting from zero when the server ignores the Range request."""
+def _stream(url: str, part: Path, *, size: int | None, timeout: float, progress: bool) -> int | None:
+    """Append the rest of `url` to `part`, restarting from zero when the server ignores the Range request; the
+    file's whole size as the server announced it (None when it did not say)."""
     offset = part.stat().st_size if part.exists() else 0
     if size is not None and offset > size:
         part.unlink()
         offset = 0
     if size is not None and offset == size:
-        return
+        return size
     headers = {"User-Agent": "dogbench", **({"Range": f"bytes={offset}-"} if offset else {})}
     try:
         response = urlopen(Request(url, headers=headers), timeout=timeout)
@@ -129,7 +130,8 @@ def _stream(url: str, part: Path, *, size: int | None, timeout: float, progress:
         mode = "ab" if resumed else "wb"
         start = offset if resumed else 0
         length = response.headers.get("Content-Length")
-        total = size if size is not None else (start + int(length) if length else None)
+        announced = start + int(length) if length and length.isdigit() else None
+        total = size if size is not None else announced
         with (
             part.open(mode) as fh,
             tqdm(
@@ -147,6 +149,7 @@ def _stream(url: str, part: Path, *, size: int | None, timeout: float, progress:
                 bar.update(len(chunk))
             fh.flush()
             os.fsync(fh.fileno())
+    return announced
 
 
 def fetch(
@@ -171,7 +174,7 @@ def fetch(
             dest.unlink()
         part = dest.with_name(dest.name + ".part")
         try:
-            _stream(url, part, size=size, timeout=timeout, progress=progress)
+            announced = _stream(url, part, size=size, timeout=timeout, progress=progress)
         except HTTPError as exc:
             raise DownloadError(
                 f"Could not download {url}: HTTP {exc.code} {exc.reason}.\n{_manual_steps()}"
@@ -179,6 +182,14 @@ def fetch(
         except (URLError, OSError, http.client.HTTPException) as exc:
             reason = exc.reason if isinstance(exc, URLError) else exc
             raise DownloadError(f"Could not download {url}: {reason}.\n{_manual_steps()}") from exc
+        got = part.stat().st_size if part.exists() else 0
+        if size is not None and announced is not None and announced != size:  # another file than the catalog's
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"Downloaded {url} but it is corrupt (size mismatch: expected {size} bytes, the "
+                                f"server's file has {announced}); the partial file was deleted")
+        if size is not None and got < size:  # the connection ended early: keep what came, the next try resumes
+            raise DownloadError(f"Could not download {url}: the transfer stopped after {got:,} of {size:,} bytes; "
+                                f"they are kept in {part} and the same command continues from there")
         problem = _verify(part, size=size, sha256=sha256)
         if problem:
             part.unlink()

@@ -135,8 +135,6 @@ def test_two_finetune_workers_share_one_study_of_fine_tuning_trials(tmp_path) ->
     workers retrain the same best configuration."""
     import json
 
-    import optuna
-
     from conftest import make_class_folder_layout
 
     url = postgres_url()
@@ -167,5 +165,60 @@ def test_two_finetune_workers_share_one_study_of_fine_tuning_trials(tmp_path) ->
     assert len({tuple(sorted(t.params.items())) for t in done}) == 4
     assert rows[0]["training"]["trials"]["best_params"] == rows[1]["training"]["trials"]["best_params"]
     assert rows[0]["training"]["trials"]["n_trials"] == rows[1]["training"]["trials"]["n_trials"] == 4
-    assert study.user_attrs["dogbench_workers"] == 2
-    assert optuna.load_study(study_name="test-" + tag + "-vit", storage=url).user_attrs["dogbench_workers"] == 2
+    assert study.user_attrs["dogbench_workers"] == 2  # both joined it (the 2-trial head study may be done first)
+
+
+DROPPED_WORKER = """
+import sys
+import numpy as np
+from dogbench.config import TuneConfig
+from dogbench.errors import DogbenchError
+from dogbench.tune import tune_head
+
+url, name, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rng = np.random.default_rng(0)
+X = rng.normal(size=(900, 24)).astype(np.float32)
+y = X[:, :4].argmax(axis=1).astype(np.int64)
+cfg = TuneConfig(trials=trials, heads=("mlp",), max_epochs=60, pruner="none", heartbeat_s=1, grace_s=4,
+                 timeout_s=150)
+try:
+    tune_head(X[:600], y[:600], X[600:], y[600:], cfg=cfg, storage=url, study_name=name, progress=False)
+except DogbenchError as err:
+    print("dogbench: error:", err, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_a_dropped_database_connection_is_survived_or_named_and_the_study_stays_consistent() -> None:
+    """Mid-trial, the server closes every connection of the worker (pg_terminate_backend, as a failover or a
+    restarted server does): the worker says so, reconnects and finishes (after 5 losses in a row it would exit 2
+    with a message); the study then holds exactly its trials once a worker has run after it, none left running."""
+    import optuna
+    import sqlalchemy
+
+    url = postgres_url()
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    _create(url, name)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = subprocess.Popen([sys.executable, "-c", DROPPED_WORKER, url, name, "12"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    engine = sqlalchemy.create_engine(url)
+    deadline, dropped = time.monotonic() + 120, 0
+    while not dropped and time.monotonic() < deadline:
+        running = _study(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        if any(t.user_attrs.get("worker", {}).get("pid") == worker.pid for t in running):
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                dropped = len(conn.execute(sqlalchemy.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).all())
+        time.sleep(0.05)
+    engine.dispose()
+    assert dropped, "the worker never ran a trial"
+    _, err = worker.communicate(timeout=300)
+    assert worker.returncode == 0 and "Traceback" not in err, err[-3000:]
+    # it said so: in the search loop, or in the heartbeat thread when that was what the drop hit first
+    assert ("lost the connection to the study's database" in err and "reconnecting" in err) or "not recorded" in err
+    _finish(_workers(url, name, 1, 12))
+    study = _study(url, name)
+    assert len(_finished(study)) == 12
+    assert not study.get_trials(states=(optuna.trial.TrialState.RUNNING,))

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import sqlalchemy
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from tqdm.auto import tqdm
@@ -417,21 +418,26 @@ def search_shared(
         # this loop beats the heartbeats itself (``study.optimize`` cannot stop at an exact count across workers)
         warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        lost = 0  # database connections lost in a row (a restarted server, a failover, a dropped network)
         while time.monotonic() < deadline:
-            with study_mutex(storage, study_name):  # failing, counting and asking: one worker at a time
-                optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, and queued again
-                _fail_orphans(study, storage)
-                states = [t.state for t in study.get_trials(deepcopy=False)]
-                done = sum(s in finished for s in states)
-                running = states.count(optuna.trial.TrialState.RUNNING)
-                trial = study.ask() if done + running < cfg.trials else None
-                if trial is not None:  # beaten before the lock is let go: a trial without a beat is an orphan
-                    try:
-                        storage.record_heartbeat(trial._trial_id)
-                    except BaseException:
-                        with contextlib.suppress(Exception):
-                            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                        raise
+            try:
+                with study_mutex(storage, study_name):  # failing, counting and asking: one worker at a time
+                    optuna.storages.fail_stale_trials(study)  # dead workers' trials: failed, and queued again
+                    _fail_orphans(study, storage)
+                    states = [t.state for t in study.get_trials(deepcopy=False)]
+                    done = sum(s in finished for s in states)
+                    running = states.count(optuna.trial.TrialState.RUNNING)
+                    trial = study.ask() if done + running < cfg.trials else None
+                    if trial is not None:  # beaten before the lock is let go: a trial without a beat is an orphan
+                        try:
+                            storage.record_heartbeat(trial._trial_id)
+                        except BaseException:
+                            with contextlib.suppress(Exception):
+                                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                            raise
+            except DB_ERRORS as err:
+                lost = _reconnect(storage, study_name, err, lost)
+                continue
             bar.n = done
             bar.refresh()
             if trial is None:
@@ -446,6 +452,11 @@ def search_shared(
                     value = objective(trial)
             except optuna.TrialPruned:
                 study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
+            except DB_ERRORS as err:  # the trial stays RUNNING without beats: failed and re-run
+                with contextlib.suppress(Exception):  # by the stale-trial check once the connection is back
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+                lost = _reconnect(storage, study_name, err, lost, trial=trial.number)
+                continue
             except optuna.exceptions.UpdateFinishedTrialError:
                 # a stall longer than grace_s: another worker took this trial for dead and queued it again
                 warnings.warn(f"trial {trial.number} was failed by another worker (no heartbeat for "
@@ -456,9 +467,36 @@ def search_shared(
                     study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 raise
             else:
-                study.tell(trial, value, skip_if_finished=True)
+                try:
+                    study.tell(trial, value, skip_if_finished=True)
+                except DB_ERRORS as err:  # the result is lost; the trial is re-run as above
+                    lost = _reconnect(storage, study_name, err, lost, trial=trial.number)
+                    continue
             ran += 1
+            lost = 0
     return ran
+
+
+# a lost connection, as SQLAlchemy raises it and as Optuna's storage wraps it
+DB_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
+RECONNECTS = 5  # connection losses in a row a worker survives (waiting 1, 2, 4, 8, 16 s) before it stops
+
+
+def _reconnect(storage: optuna.storages.RDBStorage, study_name: str, err: Exception, lost: int,
+               trial: int | None = None) -> int:
+    """After a lost database connection: drop the pool (the next use connects anew) and wait, or stop with a
+    DogbenchError after ``RECONNECTS`` losses in a row. Finished trials are in the database; a trial this worker
+    was running stays RUNNING without heartbeats, so a worker fails it and queues it again after ``grace_s``."""
+    storage.engine.dispose()
+    reason = str(getattr(err, "orig", err) or type(err).__name__).splitlines()[0]
+    if lost >= RECONNECTS:
+        raise DogbenchError(
+            f"lost the connection to the study's database {lost + 1} times in a row ({reason}); study "
+            f"'{study_name}' keeps every finished trial: start this worker again to continue it") from None
+    during = f" during trial {trial} (it will be run again)" if trial is not None else ""
+    warnings.warn(f"lost the connection to the study's database{during}: {reason}; reconnecting", stacklevel=3)
+    time.sleep(2 ** lost)
+    return lost + 1
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,8 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
             with real_open(path, mode) as handle:
                 yield handle
             return
+        (Path(os.environ["DOGBENCH_FAULT_LOG"]) if "DOGBENCH_FAULT_LOG" in os.environ else Path(os.devnull)) \
+            .write_text(str(path))  # which file the point hit, for the campaign's table
         if site == "enospc":  # the disk fills up during this write: the real writer fails as a full disk fails
             with real_open(path, mode) as handle:
                 yield _FullDisk(handle)
@@ -100,6 +102,8 @@ def run_child(argv: list[str], point: str | None = None, counts_file: Path | Non
     if pid == 0:  # the child
         code = 70
         try:
+            if log is not None:
+                os.environ["DOGBENCH_FAULT_LOG"] = str(log.with_suffix(".hit"))
             if log is not None:
                 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
@@ -178,7 +182,10 @@ def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full
         while code != 0 and reruns < 3:  # a rerun must finish (a time point may also fire after the end)
             code = run_child(make_argv(folder), log=root / f"point{i:02d}.rerun.log")
             reruns += 1
-        row = {"point": point, "first_exit": first, "rerun_exit": code, "reruns": reruns,
+        hit = log_file.with_suffix(".hit")
+        target = Path(hit.read_text()) if hit.is_file() else None
+        row = {"point": point, "file": _relative(target, root / "caches", folder), "first_exit": first,
+               "rerun_exit": code, "reruns": reruns,
                "equal": code == 0 and run_results(folder) == expected,
                "temporaries_left": sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))}
         if point.startswith("enospc"):  # exit 2, the full disk and the file named, no traceback
@@ -188,6 +195,19 @@ def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full
     return {"reference_s": round(seconds, 2), "sites": counts, "points": rows,
             "crashes": sum(r["rerun_exit"] != 0 for r in rows), "unequal": sum(not r["equal"] for r in rows),
             "unclear_errors": sum(r.get("clear_error") is False for r in rows)}
+
+
+def _relative(path: Path | None, caches: Path, run: Path) -> str | None:
+    """The file a point hit, as ``run/...`` or ``cache/...`` (None for a step or time point)."""
+    if path is None:
+        return None
+    for base, name in ((run, "run"), (caches, "cache")):
+        try:
+            parts = path.relative_to(base).parts
+        except ValueError:
+            continue
+        return "/".join((name, *(parts[1:] if name == "cache" else parts)))
+    return str(path)
 
 
 def tiny_run_argv(data: Path, cache: Path, *, small: bool = False) -> Callable[[Path], list[str]]:

@@ -552,3 +552,19 @@ def test_two_extract_processes_at_once_compute_every_image_once(tmp_path: Path) 
     assert np.array_equal(np.load(shared_entry / "features.npy"), np.load(single_entry / "features.npy"))
     assert (shared_entry / "index.json").read_text() == (single_entry / "index.json").read_text()
     assert not (shared_entry / "chunks").exists()
+
+
+def test_images_that_vanish_after_the_scan_are_named_and_a_reopened_dataset_extracts(tmp_path: Path) -> None:
+    """A file deleted (or unmounted) between the dataset's scan and extraction: a named error (the cache key
+    covers the files, so a dataset that changed under it is reopened, not mixed), and the reopened dataset
+    extracts without the file."""
+    from dogbench.data.datasets import DataNotFoundError
+
+    root = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog"), n_train=4, n_test=2)
+    dataset = open_dataset(root)
+    gone = [s for s in dataset.samples if s.split == "train"][0]
+    gone.path.unlink()
+    with pytest.raises(DataNotFoundError, match=f"{gone.path} was removed after the dataset was opened"):
+        extract_features(_backbone(), dataset, cfg=_cfg(tmp_path / "cache"), progress=False)
+    features = extract_features(_backbone(), open_dataset(root), cfg=_cfg(tmp_path / "cache"), progress=False)
+    assert gone.sample_id not in features.sample_ids and len(features.sample_ids) == len(dataset.samples) - 1

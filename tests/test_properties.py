@@ -256,3 +256,27 @@ def test_unicode_spaced_and_empty_class_folders_open_or_name_the_problem(classes
         assert str(err)
     else:
         assert len(ds.classes) >= 2 and all(s.path.is_file() for s in ds.samples)
+
+
+def test_symlink_loops_in_the_data_folder_do_not_hang_the_scan(tmp_path: Path) -> None:
+    """Class folders that link back up the tree (a loop) and a dangling link: the scan ends (in a subprocess
+    with a deadline) with a dataset or a named error."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "loops"
+    for split in ("train", "test"):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            (root / split / c / "a.png").write_bytes(VALID["PNG"])
+        (root / split / "cat" / "up").symlink_to(root / split, target_is_directory=True)
+        (root / split / "loop").symlink_to(root, target_is_directory=True)
+        (root / split / "dangling").symlink_to(root / "nowhere")
+    code = ("import sys; from dogbench.config import DataConfig; from dogbench.data.download import prepare_dataset;"
+            "from dogbench.errors import DogbenchError\n"
+            "try:\n ds = prepare_dataset(DataConfig(root=sys.argv[1], download=False), progress=False)\n"
+            " print(len(ds.samples), sorted(ds.classes))\n"
+            "except DogbenchError as err:\n print('error:', err)")
+    done = subprocess.run([sys.executable, "-c", code, str(root)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout.startswith(("error:", "4 ")) or done.stdout.split()[0].isdigit(), done.stdout

@@ -169,6 +169,27 @@ def test_wise_ft_picks_the_best_mix_of_start_and_fine_tuned_weights_on_validatio
     assert models["cnn/lora"]["training"]["wise"] is None  # LoRA's start has no adapter weights to mix
 
 
+def test_refit_trains_the_chosen_recipe_again_on_train_and_validation(tmp_path: Path) -> None:
+    from conftest import make_class_folder_layout
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
+            "--cache-dir", str(tmp_path / "cache"), "--methods", "lp-ft,lora", *FAST, "--set", "finetune.wise=0.5",
+            "--set", "finetune.refit=true", "--set", "report.enabled=false"]
+    assert main(args) == 0
+    models = json.loads((out / "results.json").read_text())["models"]
+    for method in ("lp-ft", "lora"):
+        t = models[f"cnn/{method}"]["training"]
+        refit = t["refit"]
+        assert refit["epochs"] == t["best_epoch"] == len(refit["history"])
+        assert refit["train_images"] == 24  # all 3 x 8 training images: the split's train and validation parts
+        assert t["train_images"] < 24 * t["epochs_run"]  # the first training saw the train part alone
+        assert refit["wise_alpha"] == (t["wise"]["alpha"] if method == "lp-ft" else None)
+        assert "refit on train + validation" in models[f"cnn/{method}"]["calibration"]["fitted_on"]
+    assert len(list((out / "cnn" / "lp-ft" / "train").iterdir())) == 2  # the chosen recipe's training and its refit
+
+
 def test_finetune_settings_are_checked_with_the_valid_choices() -> None:
     from dogbench.config import ConfigError, resolve
 

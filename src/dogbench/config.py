@@ -210,6 +210,11 @@ class FinetuneConfig:
     # (1 - a) * start + a * fine-tuned for each a listed here, next to a = 1, scored on validation; the best is the
     # model (full, partial, lp-ft; start = the pretrained backbone with the starting head). () = off
     wise: tuple[float, ...] = ()
+    # refit on train + validation, as the frozen heads are for their test score: once the recipe, its epoch count
+    # (the best epoch) and the WiSE-FT weight are chosen on validation, train again from the start on both splits
+    # for that many epochs (lp-ft: from the probe refit on both), keep the last epoch, and score that on test;
+    # the temperature stays the one fitted on validation by the model chosen there. Doubles the training cost
+    refit: bool = False
     trials: int = 0  # Optuna trials over lr, layer decay, weight decay (and LoRA rank) on validation; 0 = defaults
     pruner: str = "hyperband"  # multi-fidelity pruning of trials on per-epoch validation top-1: one of PRUNERS
     seed: int = 0

@@ -47,9 +47,11 @@ from dogbench.training import (
     export,
     load_best,
     load_for_training,
+    load_last,
     load_state,
     resolve_params,
     train,
+    validation_logits,
     validation_top1,
     wise_mix,
 )
@@ -78,14 +80,17 @@ def train_data(cfg: RunConfig, dataset: Dataset, bf: BackboneFeatures) -> tuple[
     return data, list(test_s), test_y
 
 
-def probe_head(cfg: RunConfig, bf: BackboneFeatures, tuning: Tuning, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def probe_head(cfg: RunConfig, bf: BackboneFeatures, tuning: Tuning, n_classes: int, *, refit: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
     """LP-FT's start: the linear probe (the baseline's C, swept on validation) fitted on the training split's
-    cached features, as (weight (C, D), bias (C,)) on raw features (its standardisation folded in)."""
+    cached features (``refit``: on train + validation), as (weight (C, D), bias (C,)) on raw features (its
+    standardisation folded in)."""
     X, y = bf.features.features, bf.features.labels
     train, val = bf.splits.train, bf.splits.val
     C = tuning.baseline.C if tuning.baseline is not None else sweep_logistic_C(
         X[train], y[train], X[val], y[val], device=head_device(cfg)).C
-    probe = make_logistic(C, device=head_device(cfg)).fit(X[train], y[train])
+    fit = np.concatenate([train, val]) if refit else train
+    probe = make_logistic(C, device=head_device(cfg)).fit(X[fit], y[fit])
     weight = probe.module_.weight.detach().cpu().double().numpy() / probe.scale_.astype(np.float64)
     bias = probe.module_.bias.detach().cpu().double().numpy() - weight @ probe.mean_.astype(np.float64)
     full_w = np.zeros((n_classes, X.shape[1]))
@@ -252,13 +257,19 @@ def finetune_backbone(
     load_best(trainable, outcome.best_path)
     wise = _wise(cfg, bcfg, trainable, data, params, probe, outcome) if cfg.finetune.wise and method in WISE else {}
     val_top1 = wise.get("val_top1", outcome.best_val_top1)
+    device = resolve_device(cfg.features.device)
+    refit: dict[str, Any] = {}
+    if cfg.finetune.refit:  # calibrated on validation by the chosen model, then trained again on train + val
+        chosen_val_proba = _softmax(validation_logits(trainable, load_for_training(bcfg, params), data, params,
+                                                      device=device))
+        trainable, refit = _refit(cfg, run, bcfg, bf, tuning, data, params, outcome, wise, method,
+                                  device=device, progress=progress)
     backbone_state, layer, adapter = export(trainable)
     folder = run.finetuned_dir(bcfg.label, method)
     atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
     if adapter is not None:
         atomic_write_bytes(folder / ADAPTER_FILE, safetensors.torch.save(adapter))
     # ------------------------------------------------------------ the inference path: calibrate, then test once
-    device = resolve_device(cfg.features.device)
     precision = resolve_precision(cfg.features.precision, device)
     backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
     head = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=val_top1,
@@ -266,7 +277,7 @@ def finetune_backbone(
     model = Model(label, backbone, head, classes=dataset.classes, features=cfg.features,
                   crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision)
     eval0 = time.perf_counter()
-    val_proba = _proba(model, data.val)
+    val_proba = chosen_val_proba if refit else _proba(model, data.val)
     temperature = validation_temperature(data.val_labels, val_proba, label=label)
     settings = feature_settings(cfg.features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
                                 preprocess=backbone.preprocess)
@@ -291,7 +302,7 @@ def finetune_backbone(
         "train_img_s": round(outcome.images_per_s, 3), "train_images": outcome.train_images,
         "peak_memory_mb": round(outcome.peak_memory_mb, 1), "epochs_run": outcome.epochs_run,
         "best_epoch": outcome.best_epoch, "stopped_early": outcome.stopped_early, "history": outcome.history,
-        "start_val_top1": outcome.start_val_top1, "wise": wise or None,
+        "start_val_top1": outcome.start_val_top1, "wise": wise or None, "refit": refit or None,
         # torchrun: the batch (and the lr that goes with it) is global, split over the ranks
         "ranks": outcome.ranks, "global_batch": params.batch_size * params.grad_accum,
         "rank_batch": params.batch_size // outcome.ranks,
@@ -320,7 +331,8 @@ def finetune_backbone(
         architecture=bf.architecture,
         calibration={
             "temperature": temperature, "bins": ECE_BINS,
-            "fitted_on": "validation, by the best epoch's model (trained on train only)",
+            "fitted_on": "validation, by the best epoch's model (trained on train only)" + (
+                "; applied to the model refit on train + validation" if refit else ""),
             "val": {"before": calibration_metrics(data.val_labels, val_proba),
                     "after": calibration_metrics(data.val_labels, apply_temperature(val_proba, temperature))},
             "test": {"before": calibration_metrics(y_test, raw), "after": calibration_metrics(y_test, proba)},
@@ -362,6 +374,33 @@ def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData,
     best = max(curve, key=lambda a: (curve[a], a))
     trainable.model.load_state_dict(wise_mix(start, tuned, best))
     return {"alpha": best, "val_top1": curve[best], "curve": {str(a): v for a, v in sorted(curve.items())}}
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
+
+
+def _refit(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, bf: BackboneFeatures, tuning: Tuning,
+           data: TrainData, params: TrainParams, outcome: TrainOutcome, wise: dict[str, Any], method: str, *,
+           device: torch.device, progress: bool) -> tuple[Any, dict[str, Any]]:
+    """``finetune.refit``: the chosen recipe trained again from its start on train + validation for the chosen
+    epoch count (lp-ft: from the probe refit on both splits), the last epoch kept and mixed with its own start
+    at the chosen WiSE-FT weight. Validation is in the training data now: its figures during this training are
+    training figures, and nothing is selected on them."""
+    both = dataclasses.replace(data, train=data.train + data.val,
+                               train_labels=np.concatenate([data.train_labels, data.val_labels]))
+    again = dataclasses.replace(params, epochs=outcome.best_epoch, patience=outcome.best_epoch + 1)
+    probe = probe_head(cfg, bf, tuning, data.n_classes, refit=True) if method == "lp-ft" else None
+    trainable, out = _train_once(cfg, run, bcfg, both, again, probe=probe, device=device, progress=progress)
+    load_last(trainable, out)
+    if wise and wise["alpha"] < 1.0:
+        start = build_trainable(load_for_training(bcfg, again), data.n_classes, again, head_init=probe).model
+        tuned = {k: v.detach().clone() for k, v in trainable.model.state_dict().items()}
+        trainable.model.load_state_dict(wise_mix(start.state_dict(), tuned, wise["alpha"]))
+    return trainable, {"epochs": again.epochs, "train_images": len(both.train), "train_wall_s": round(
+        out.train_wall_s, 3), "train_cpu_s": round(out.train_cpu_s, 3), "train_img_s": round(out.images_per_s, 3),
+        "wise_alpha": wise.get("alpha"), "history": out.history}
 
 
 def _proba(model: Model, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:

@@ -863,17 +863,33 @@ def wise_mix(start: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alp
             for k, v in tuned.items()}
 
 
-def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
-                    device: torch.device) -> float:
-    """Top-1 of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch validation scores it
-    (the eval transform, the training precision and memory format)."""
+def validation_logits(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                      device: torch.device) -> np.ndarray:
+    """(N, C) logits of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch validation
+    computes them (the eval transform, the training precision and memory format)."""
     images = ImageDataset.for_preprocess(data.val, backbone.preprocess, crop_to_box=data.crop_to_box,
                                          reduced_decode=data.reduced_decode,
                                          decoder=effective_decoder(data.decoder, backbone.preprocess))
-    logits = evaluate_logits(trainable.model, images, backbone.preprocess, device=device, precision=params.precision,
-                             batch_size=max(params.batch_size, 64),
-                             memory_format=torch.preserve_format if trainable.is_vit else torch.channels_last)
+    return evaluate_logits(trainable.model, images, backbone.preprocess, device=device, precision=params.precision,
+                           batch_size=max(params.batch_size, 64),
+                           memory_format=torch.preserve_format if trainable.is_vit else torch.channels_last)
+
+
+def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                    device: torch.device) -> float:
+    """Top-1 on ``data.val`` as training's per-epoch validation scores it (``validation_logits``)."""
+    logits = validation_logits(trainable, backbone, data, params, device=device)
     return float((logits.argmax(1) == data.val_labels).mean())
+
+
+def load_last(trainable: Trainable, outcome: TrainOutcome) -> None:
+    """The last epoch's weights (the EMA's when there is one) from the finished training state, into
+    ``trainable.model``: what a refit without held-out data keeps."""
+    state = load_state(outcome.best_path.parent / STATE_FILE)
+    weights = state["model"]
+    if state.get("ema") is not None:
+        weights = {k.removeprefix("module."): v for k, v in state["ema"].items() if k.startswith("module.")}
+    trainable.model.load_state_dict(weights)
 
 
 def export(trainable: Trainable) -> tuple[dict[str, torch.Tensor], nn.Linear, dict[str, torch.Tensor] | None]:

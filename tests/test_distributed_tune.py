@@ -200,24 +200,33 @@ def test_a_dropped_database_connection_is_survived_or_named_and_the_study_stays_
     name = f"test-{uuid.uuid4().hex[:12]}"
     _create(url, name)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    worker = subprocess.Popen([sys.executable, "-c", DROPPED_WORKER, url, name, "12"], env=env,
+    tagged = f"{url}{'&' if '?' in url else '?'}application_name={name}"  # only this worker's connections drop
+    worker = subprocess.Popen([sys.executable, "-c", DROPPED_WORKER, tagged, name, "12"], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     engine = sqlalchemy.create_engine(url)
+    storage = optuna.storages.RDBStorage(url)
+    study = optuna.load_study(study_name=name, storage=storage)
     deadline, dropped = time.monotonic() + 120, 0
     while not dropped and time.monotonic() < deadline:
-        running = _study(url, name).get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
         if any(t.user_attrs.get("worker", {}).get("pid") == worker.pid for t in running):
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
                 dropped = len(conn.execute(sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                    "AND pid <> pg_backend_pid() AND backend_type = 'client backend'")).all())
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = :name"),
+                    {"name": name}).all())
         time.sleep(0.05)
     engine.dispose()
+    storage.engine.dispose()
     assert dropped, "the worker never ran a trial"
     _, err = worker.communicate(timeout=300)
     assert worker.returncode == 0 and "Traceback" not in err, err[-3000:]
     # it said so: in the search loop, or in the heartbeat thread when that was what the drop hit first
     assert ("lost the connection to the study's database" in err and "reconnecting" in err) or "not recorded" in err
+    study = _study(url, name)
+    cut = [t for t in study.get_trials() if t.state == optuna.trial.TrialState.FAIL]
+    for t in cut:  # a trial cut off by the drop was queued again with its parameters, not lost
+        again = [r for r in study.get_trials() if r.system_attrs.get("failed_trial") == t.number]
+        assert again and again[0].params.items() >= t.params.items()
     _finish(_workers(url, name, 1, 12))
     study = _study(url, name)
     assert len(_finished(study)) == 12

@@ -339,6 +339,14 @@ def _accepts(hint: Any, value: Any) -> bool:
     return True
 
 
+def _numbers(key: str, values: Any, example: str) -> tuple[float, ...]:
+    """A list of plain numbers (not booleans, strings or lists) as floats; ConfigError naming ``key`` otherwise."""
+    if not isinstance(values, list | tuple) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        raise ConfigError(f"{key} must be a list of numbers, e.g. {example}, got {values!r}")
+    return tuple(float(v) for v in values)
+
+
 def _check_types(cls: type, section: str, values: Mapping[str, Any]) -> None:
     hints = typing.get_type_hints(cls)
     for key, value in values.items():
@@ -384,10 +392,9 @@ def _coerce(cls: type, section: str, values: Mapping[str, Any]) -> Any:
     if cls is FinetuneConfig:
         if "methods" in kwargs:
             kwargs["methods"] = tuple(kwargs["methods"])
-        if "crop_scale" in kwargs:
-            kwargs["crop_scale"] = tuple(float(v) for v in kwargs["crop_scale"])
-        if "wise" in kwargs:
-            kwargs["wise"] = tuple(float(v) for v in kwargs["wise"])
+        for key, example in (("crop_scale", "[0.25, 1.0]"), ("wise", "[0.25, 0.5, 0.75]")):
+            if key in kwargs:
+                kwargs[key] = _numbers(f"{section}.{key}", kwargs[key], example)
     if cls is TuneConfig and "heads" in kwargs:
         kwargs["heads"] = tuple(kwargs["heads"])
     if cls is ShotsConfig and "shots" in kwargs:

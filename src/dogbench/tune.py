@@ -435,9 +435,12 @@ def search_shared(
                             with contextlib.suppress(Exception):
                                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                             raise
-            except DB_ERRORS as err:
+            except Exception as err:
+                if not _connection_lost(err):
+                    raise
                 lost = _reconnect(storage, study_name, err, lost)
                 continue
+            lost = 0
             bar.n = done
             bar.refresh()
             if trial is None:
@@ -449,37 +452,56 @@ def search_shared(
                 with _heartbeat(storage, trial._trial_id, cfg.heartbeat_s):
                     trial.set_user_attr("worker", {"number": worker, "host": socket.gethostname(),
                                                    "pid": os.getpid()})
-                    value = objective(trial)
+                    value: float | None = objective(trial)
+                state = optuna.trial.TrialState.COMPLETE
             except optuna.TrialPruned:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
-            except DB_ERRORS as err:  # the trial stays RUNNING without beats: failed and re-run
-                with contextlib.suppress(Exception):  # by the stale-trial check once the connection is back
-                    study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
-                lost = _reconnect(storage, study_name, err, lost, trial=trial.number)
-                continue
+                value, state = None, optuna.trial.TrialState.PRUNED
             except optuna.exceptions.UpdateFinishedTrialError:
                 # a stall longer than grace_s: another worker took this trial for dead and queued it again
                 warnings.warn(f"trial {trial.number} was failed by another worker (no heartbeat for "
                               f"{cfg.grace_s} s); it runs again", stacklevel=2)
                 continue
-            except BaseException:
+            except BaseException as err:
+                if isinstance(err, Exception) and _connection_lost(err):
+                    _fail_and_requeue(study, storage, trial)
+                    lost = _reconnect(storage, study_name, err, lost, trial=trial.number)
+                    continue
                 with contextlib.suppress(Exception):
                     study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
                 raise
-            else:
-                try:
-                    study.tell(trial, value, skip_if_finished=True)
-                except DB_ERRORS as err:  # the result is lost; the trial is re-run as above
-                    lost = _reconnect(storage, study_name, err, lost, trial=trial.number)
-                    continue
+            try:
+                study.tell(trial, value, state=state, skip_if_finished=True)
+            except Exception as err:  # the result is lost with the connection: the trial runs again
+                if not _connection_lost(err):
+                    raise
+                _fail_and_requeue(study, storage, trial)
+                lost = _reconnect(storage, study_name, err, lost, trial=trial.number)
+                continue
             ran += 1
-            lost = 0
     return ran
 
 
-# a lost connection, as SQLAlchemy raises it and as Optuna's storage wraps it
-DB_ERRORS = (sqlalchemy.exc.DBAPIError, optuna.exceptions.StorageInternalError)
 RECONNECTS = 5  # connection losses in a row a worker survives (waiting 1, 2, 4, 8, 16 s) before it stops
+
+
+def _connection_lost(err: BaseException) -> bool:
+    """Whether ``err`` (or what it wraps: Optuna's StorageInternalError wraps SQLAlchemy's errors) is a lost
+    database connection, not a wrong query, a constraint or a permission."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or (
+                isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _fail_and_requeue(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.Trial) -> None:
+    """A trial cut off by a lost connection: failed and queued again (as a stale trial would be); if the
+    database is still away it stays RUNNING, and the stale-trial check does the same once it is back."""
+    with contextlib.suppress(Exception):
+        if storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+            storage.get_heartbeat_stale_trial_callback()(study, storage.get_trial(trial._trial_id))
 
 
 def _reconnect(storage: optuna.storages.RDBStorage, study_name: str, err: Exception, lost: int,

@@ -415,7 +415,12 @@ def _open_class_folders(located: _Located, *, test_fraction: float, seed: int) -
     root = located.root
     if located.layout == "class-per-folder":
         found = {split: {d.name: _image_names(d) for d in _subdirs(root / split)} for split in SPLITS}
-        classes = tuple(sorted(set(found["train"]) | set(found["test"])))
+        named = set(found["train"]) | set(found["test"])
+        classes = tuple(sorted(c for c in named if found["train"].get(c) or found["test"].get(c)))
+        if len(classes) < len(named):  # a folder without images (or a link to one) is no class: say which
+            empty = sorted(named - set(classes))
+            warnings.warn(f"{root}: class folders without images skipped: {', '.join(empty[:10])}"
+                          + (f" and {len(empty) - 10} more" if len(empty) > 10 else ""), stacklevel=3)
         label = {c: k for k, c in enumerate(classes)}
         samples = (
             Sample(root / split / cls / name, f"{split}/{cls}/{name}", label[cls], split)

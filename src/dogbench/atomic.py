@@ -30,7 +30,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         if err.filename is None:  # a failed write (a full disk) names no file: name the one being written
-            raise OSError(err.errno, err.strerror or str(err), str(path)) from err
+            err.filename = str(path)
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

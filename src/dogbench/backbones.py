@@ -243,6 +243,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
     tag = resolve_model_name(cfg.model)
     kwargs = dict(cfg.model_kwargs)
     weights = cfg.weights
+    state: dict[str, torch.Tensor] | None = None
     try:
         if weights == "random":
             with torch.random.fork_rng(devices=[]):
@@ -270,7 +271,7 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
             raise
         raise BackboneError(
             f"Weights file {weights} does not fit model '{tag}' (kwargs {kwargs}): "
-            f"{_key_diff(tag, kwargs, state) if 'state' in locals() else _first_lines(err)}"
+            f"{(_key_diff(tag, kwargs, state) if state is not None else '') or _first_lines(err)}"
         ) from None
     model.eval().requires_grad_(False)
     digest = sha256_file(Path(weights).expanduser()) if weights not in ("hub", "random") else state_dict_digest(model)

@@ -51,7 +51,6 @@ from dogbench.training import (
     load_state,
     resolve_params,
     train,
-    validation_logits,
     validation_top1,
     wise_mix,
 )
@@ -258,26 +257,32 @@ def finetune_backbone(
     wise = _wise(cfg, bcfg, trainable, data, params, probe, outcome) if cfg.finetune.wise and method in WISE else {}
     val_top1 = wise.get("val_top1", outcome.best_val_top1)
     device = resolve_device(cfg.features.device)
+    precision = resolve_precision(cfg.features.precision, device)
+    folder = run.finetuned_dir(bcfg.label, method)
+
+    def as_model(trained: Any) -> tuple[Model, Any, Any]:
+        """``trained`` written to the run folder and loaded back through the inference path."""
+        backbone_state, layer, adapter = export(trained)
+        atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
+        if adapter is not None:
+            atomic_write_bytes(folder / ADAPTER_FILE, safetensors.torch.save(adapter))
+        loaded = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
+        fitted = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=val_top1,
+                                    history=outcome.history)
+        return (Model(label, loaded, fitted, classes=dataset.classes, features=cfg.features,
+                      crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision), fitted, adapter)
+
+    # ------------------------------------------------------------ the inference path: calibrate, then test once
+    model, head, adapter = as_model(trainable)
+    eval0 = time.perf_counter()
+    val_proba = _proba(model, data.val)  # the model chosen on validation calibrates on it
     refit: dict[str, Any] = {}
-    if cfg.finetune.refit:  # calibrated on validation by the chosen model, then trained again on train + val
-        chosen_val_proba = _softmax(validation_logits(trainable, load_for_training(bcfg, params), data, params,
-                                                      device=device))
+    if cfg.finetune.refit:  # then trains again on train + validation, and that model is tested
         trainable, refit = _refit(cfg, run, bcfg, bf, tuning, data, params, outcome, wise, method,
                                   device=device, progress=progress)
-    backbone_state, layer, adapter = export(trainable)
-    folder = run.finetuned_dir(bcfg.label, method)
-    atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
-    if adapter is not None:
-        atomic_write_bytes(folder / ADAPTER_FILE, safetensors.torch.save(adapter))
-    # ------------------------------------------------------------ the inference path: calibrate, then test once
-    precision = resolve_precision(cfg.features.precision, device)
-    backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
-    head = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=val_top1,
-                              history=outcome.history)
-    model = Model(label, backbone, head, classes=dataset.classes, features=cfg.features,
-                  crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision)
-    eval0 = time.perf_counter()
-    val_proba = chosen_val_proba if refit else _proba(model, data.val)
+        model, head, adapter = as_model(trainable)
+        eval0 = time.perf_counter()
+    backbone = model.backbone
     temperature = validation_temperature(data.val_labels, val_proba, label=label)
     settings = feature_settings(cfg.features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
                                 preprocess=backbone.preprocess)
@@ -367,18 +372,13 @@ def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData,
     backbone = load_for_training(bcfg, params)
     start = build_trainable(backbone, data.n_classes, params, head_init=probe).model.state_dict()
     tuned = {k: v.detach().clone() for k, v in trainable.model.state_dict().items()}
-    curve = {1.0: outcome.best_val_top1}
+    curve = {1.0: validation_top1(trainable, backbone, data, params, device=device)}  # scored as the mixes are
     for alpha in sorted(set(cfg.finetune.wise) - {1.0}):
         trainable.model.load_state_dict(wise_mix(start, tuned, alpha))
         curve[alpha] = validation_top1(trainable, backbone, data, params, device=device)
     best = max(curve, key=lambda a: (curve[a], a))
     trainable.model.load_state_dict(wise_mix(start, tuned, best))
     return {"alpha": best, "val_top1": curve[best], "curve": {str(a): v for a, v in sorted(curve.items())}}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
 
 
 def _refit(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, bf: BackboneFeatures, tuning: Tuning,
@@ -416,6 +416,9 @@ def finetune_stage(
 ) -> RunResults:
     """Every fine-tuning method for every backbone; the rows, comparisons and costs join ``results.json``."""
     methods = finetune_methods(cfg)
+    if cfg.finetune.wise and not set(methods) & set(WISE):
+        warnings.warn(f"finetune.wise applies to {', '.join(WISE)}, none of which runs here "
+                      f"({', '.join(methods) or 'no fine-tuning'}): no weights are mixed", stacklevel=2)
     if not methods:
         return results
     models = dict(results.models)

@@ -131,6 +131,10 @@ def _stream(url: str, part: Path, *, size: int | None, timeout: float, progress:
         start = offset if resumed else 0
         length = response.headers.get("Content-Length")
         announced = start + int(length) if length and length.isdigit() else None
+        if size is not None and announced is not None and announced != size:  # not the catalog's file: no body
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"Downloaded {url} but it is corrupt (size mismatch: expected {size} bytes, the "
+                                f"server's file has {announced}); the partial file was deleted")
         total = size if size is not None else announced
         with (
             part.open(mode) as fh,
@@ -183,13 +187,10 @@ def fetch(
             reason = exc.reason if isinstance(exc, URLError) else exc
             raise DownloadError(f"Could not download {url}: {reason}.\n{_manual_steps()}") from exc
         got = part.stat().st_size if part.exists() else 0
-        if size is not None and announced is not None and announced != size:  # another file than the catalog's
-            part.unlink(missing_ok=True)
-            raise DownloadError(f"Downloaded {url} but it is corrupt (size mismatch: expected {size} bytes, the "
-                                f"server's file has {announced}); the partial file was deleted")
-        if size is not None and got < size:  # the connection ended early: keep what came, the next try resumes
-            raise DownloadError(f"Could not download {url}: the transfer stopped after {got:,} of {size:,} bytes; "
-                                f"they are kept in {part} and the same command continues from there")
+        expected = size if size is not None else announced
+        if expected is not None and got < expected:  # the connection ended early: keep what came, resume next time
+            raise DownloadError(f"Could not download {url}: the transfer stopped after {got:,} of {expected:,} "
+                                f"bytes; they are kept in {part} and the same command continues from there")
         problem = _verify(part, size=size, sha256=sha256)
         if problem:
             part.unlink()

@@ -54,11 +54,14 @@ def init(device: torch.device) -> Ranks:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # torchrun's agent keeps one store across elastic restarts (``--max-restarts``), and the dead attempt's
         # keys (its ranks' addresses) stay in it: a restarted group that read them would dial dead sockets
-        # ("Gloo connectFullMesh failed ... Connection refused", seen here). Each attempt keys under its own prefix.
+        # ("Gloo connectFullMesh failed ... Connection refused", seen here). Each start of the group keys under
+        # its own prefix: the how-many-th start of this rank, counted in that store. Every rank of a start counts
+        # the same (all ranks restart together); TORCHELASTIC_RESTART_COUNT would not do, as each node's agent
+        # counts only its own failures.
         store, rank, world = next(dist.rendezvous("env://", timeout=TIMEOUT))
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        start = store.add(f"dogbench.starts.rank{rank}", 1)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT,
-                                store=dist.PrefixStore(f"dogbench.attempt{attempt}", store), rank=rank,
+                                store=dist.PrefixStore(f"dogbench.start{start}", store), rank=rank,
                                 world_size=world)
     return current()
 

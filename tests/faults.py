@@ -61,6 +61,7 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
                 yield _FullDisk(handle)
             return
         tmp = Path(path).parent / f".{Path(path).name}.fault.tmp"  # what a kill mid-write leaves behind
+        tmp.parent.mkdir(parents=True, exist_ok=True)  # as atomic_open makes the target's folder
         with open(tmp, mode) as handle:
             yield handle
             handle.flush()

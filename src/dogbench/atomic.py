@@ -29,8 +29,8 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
         os.replace(tmp, path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
-        if err.filename is None:  # a failed write (a full disk) names no file: name the one being written
-            err.filename = str(path)
+        if err.filename is None and err.errno is not None:  # a failed write (a full disk) names no file
+            err.filename = str(path)  # name the one being written (its type and message stay)
         raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

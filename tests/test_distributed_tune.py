@@ -22,21 +22,26 @@ WORKER = """
 import sys
 import numpy as np
 from dogbench.config import TuneConfig
+from dogbench.errors import DogbenchError
 from dogbench.tune import tune_head
 
-url, name, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+url, name, trials, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
 X = rng.normal(size=(900, 24)).astype(np.float32)
 y = X[:, :4].argmax(axis=1).astype(np.int64)
-cfg = TuneConfig(trials=trials, heads=("mlp",), max_epochs=30, pruner="none", heartbeat_s=1, grace_s=4,
+cfg = TuneConfig(trials=trials, heads=("mlp",), max_epochs=epochs, pruner="none", heartbeat_s=1, grace_s=4,
                  timeout_s=150)
-tune_head(X[:600], y[:600], X[600:], y[600:], cfg=cfg, storage=url, study_name=name, progress=False)
+try:
+    tune_head(X[:600], y[:600], X[600:], y[600:], cfg=cfg, storage=url, study_name=name, progress=False)
+except DogbenchError as err:
+    print("dogbench: error:", err, file=sys.stderr)
+    sys.exit(2)
 """
 
 
-def _workers(url: str, name: str, n: int, trials: int) -> list[subprocess.Popen]:
+def _workers(url: str, name: str, n: int, trials: int, epochs: int = 30) -> list[subprocess.Popen]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return [subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(trials)], env=env,
+    return [subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(trials), str(epochs)], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(n)]
 
 
@@ -168,27 +173,6 @@ def test_two_finetune_workers_share_one_study_of_fine_tuning_trials(tmp_path) ->
     assert study.user_attrs["dogbench_workers"] == 2  # both joined it (the 2-trial head study may be done first)
 
 
-DROPPED_WORKER = """
-import sys
-import numpy as np
-from dogbench.config import TuneConfig
-from dogbench.errors import DogbenchError
-from dogbench.tune import tune_head
-
-url, name, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
-rng = np.random.default_rng(0)
-X = rng.normal(size=(900, 24)).astype(np.float32)
-y = X[:, :4].argmax(axis=1).astype(np.int64)
-cfg = TuneConfig(trials=trials, heads=("mlp",), max_epochs=60, pruner="none", heartbeat_s=1, grace_s=4,
-                 timeout_s=150)
-try:
-    tune_head(X[:600], y[:600], X[600:], y[600:], cfg=cfg, storage=url, study_name=name, progress=False)
-except DogbenchError as err:
-    print("dogbench: error:", err, file=sys.stderr)
-    sys.exit(2)
-"""
-
-
 def test_a_dropped_database_connection_is_survived_or_named_and_the_study_stays_consistent() -> None:
     """Mid-trial, the server closes every connection of the worker (pg_terminate_backend, as a failover or a
     restarted server does): the worker says so, reconnects and finishes (after 5 losses in a row it would exit 2
@@ -199,10 +183,8 @@ def test_a_dropped_database_connection_is_survived_or_named_and_the_study_stays_
     url = postgres_url()
     name = f"test-{uuid.uuid4().hex[:12]}"
     _create(url, name)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     tagged = f"{url}{'&' if '?' in url else '?'}application_name={name}"  # only this worker's connections drop
-    worker = subprocess.Popen([sys.executable, "-c", DROPPED_WORKER, tagged, name, "12"], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    worker, = _workers(tagged, name, 1, 12, epochs=60)
     engine = sqlalchemy.create_engine(url)
     storage = optuna.storages.RDBStorage(url)
     study = optuna.load_study(study_name=name, storage=storage)

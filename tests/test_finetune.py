@@ -149,16 +149,21 @@ def test_finetune_trials_tune_the_recipe_on_validation_with_a_pruner(tmp_path: P
                                                                           for t in study.trials})
 
 
-def test_wise_ft_picks_the_best_mix_of_start_and_fine_tuned_weights_on_validation(tmp_path: Path) -> None:
+def _tiny_cnn_finetune(tmp_path: Path, *settings: str) -> dict:
+    """`dogbench finetune` of a tiny random CNN (lp-ft and lora) with ``settings`` (--set); the result rows."""
     from conftest import make_class_folder_layout
 
     data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
     out = tmp_path / "run"
     args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
-            "--cache-dir", str(tmp_path / "cache"), "--methods", "lp-ft,lora", *FAST, "--set", "finetune.wise=0,0.5",
-            "--set", "report.enabled=false"]
+            "--cache-dir", str(tmp_path / "cache"), "--methods", "lp-ft,lora", *FAST,
+            *(a for setting in settings for a in ("--set", setting)), "--set", "report.enabled=false"]
     assert main(args) == 0
-    models = json.loads((out / "results.json").read_text())["models"]
+    return json.loads((out / "results.json").read_text())["models"]
+
+
+def test_wise_ft_picks_the_best_mix_of_start_and_fine_tuned_weights_on_validation(tmp_path: Path) -> None:
+    models = _tiny_cnn_finetune(tmp_path, "finetune.wise=0,0.5")
     t = models["cnn/lp-ft"]["training"]
     wise = t["wise"]
     assert set(wise["curve"]) == {"0.0", "0.5", "1.0"}
@@ -170,15 +175,8 @@ def test_wise_ft_picks_the_best_mix_of_start_and_fine_tuned_weights_on_validatio
 
 
 def test_refit_trains_the_chosen_recipe_again_on_train_and_validation(tmp_path: Path) -> None:
-    from conftest import make_class_folder_layout
-
-    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
+    models = _tiny_cnn_finetune(tmp_path, "finetune.wise=0.5", "finetune.refit=true")
     out = tmp_path / "run"
-    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
-            "--cache-dir", str(tmp_path / "cache"), "--methods", "lp-ft,lora", *FAST, "--set", "finetune.wise=0.5",
-            "--set", "finetune.refit=true", "--set", "report.enabled=false"]
-    assert main(args) == 0
-    models = json.loads((out / "results.json").read_text())["models"]
     for method in ("lp-ft", "lora"):
         t = models[f"cnn/{method}"]["training"]
         refit = t["refit"]

@@ -1,11 +1,17 @@
-"""Seeded SIGKILL fault injection for whole `dogbench` commands (issue 14), shared by tests/test_faults.py and
-the long soak (``python tests/faults.py --points 40 --json faults.json``).
+"""Seeded fault injection for whole `dogbench` commands (issue 14), shared by tests/test_faults.py and the long
+soak (``python tests/faults.py --points 40 --json faults.json``).
 
-A *point* is where a command is killed: ``write:N`` (the N-th atomic write, its temporary file cut to half its
+A *point* is where a command is hurt: ``write:N`` (the N-th atomic write, its temporary file cut to half its
 size, then SIGKILL before the rename: a kill mid-write), ``step:N`` (after the N-th optimizer step of
-fine-tuning: mid-epoch) or ``time:S`` (S seconds after the start, anywhere). The harness imports dogbench and
-torch once, then forks a child per command (no torch op runs in the parent, so the children's thread pools start
-clean): the killed command, then the same command again, whose results must equal an uninterrupted run's.
+fine-tuning: mid-epoch), ``time:S`` (SIGKILL S seconds after the start, anywhere), ``enospc:N`` (the N-th atomic
+write fails with ENOSPC after half its bytes) or ``disk:B`` (a real full disk: the command runs on a tmpfs left
+with B free bytes, so whichever write comes first fails, SQLite's and torch's included; ``--disk`` mounts it,
+which needs root). Under ``--torchrun`` a point is ``R/write:N`` etc.: armed in rank R of a 2-rank torchrun.
+
+The harness imports dogbench and torch once, then forks a child per command (no torch op runs in the parent, so
+the children's thread pools start clean): the hurt command, then the same command again, whose results must
+equal an uninterrupted run's. Under ``--torchrun`` each command is a torchrun launch of this file, whose ranks
+arm their point and call ``cli.main``.
 
 The injection lives here, not in the product: the child wraps ``dogbench.atomic.atomic_open`` and
 ``training.Stepper.optimizer_step`` before it calls ``cli.main``.
@@ -17,9 +23,13 @@ import argparse
 import contextlib
 import errno
 import json
+import math
 import os
 import random
+import re
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -60,7 +70,8 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
             with real_open(path, mode) as handle:
                 yield _FullDisk(handle)
             return
-        tmp = Path(path).parent / f".{Path(path).name}.fault.tmp"  # what a kill mid-write leaves behind
+        # what a kill mid-write leaves behind, named as atomic_open names it (so the next write removes it)
+        tmp = Path(path).parent / f"{atomic.temporary_prefix(Path(path))}{os.getpid()}.fault.tmp"
         tmp.parent.mkdir(parents=True, exist_ok=True)  # as atomic_open makes the target's folder
         with open(tmp, mode) as handle:
             yield handle
@@ -105,18 +116,10 @@ def run_child(argv: list[str], point: str | None = None, counts_file: Path | Non
         try:
             if log is not None:
                 os.environ["DOGBENCH_FAULT_LOG"] = str(log.with_suffix(".hit"))
-            if log is not None:
                 fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
                 os.dup2(fd, 1)
                 os.dup2(fd, 2)
-            counts: dict[str, int] | None = {} if counts_file is not None else None
-            if point is not None or counts is not None:
-                _install(point or "none:0", counts)
-            from dogbench.cli import main
-
-            code = main(argv)
-            if counts_file is not None:
-                counts_file.write_text(json.dumps(counts))
+            code = _armed_main(argv, point, counts_file)
         except BaseException:  # noqa: BLE001 - what main let through is a crash: shown, then exit 70
             import traceback
 
@@ -127,6 +130,55 @@ def run_child(argv: list[str], point: str | None = None, counts_file: Path | Non
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+
+
+def _armed_main(argv: list[str], point: str | None, counts_file: Path | None) -> int:
+    """``cli.main(argv)`` with ``point`` armed (or, with ``counts_file``, the sites counted into it)."""
+    counts: dict[str, int] | None = {} if counts_file is not None else None
+    if point is not None or counts is not None:
+        _install(point or "none:0", counts)
+    from dogbench.cli import main
+
+    t0 = time.perf_counter()
+    code = main(argv)
+    if counts_file is not None:  # the sites, and how long the command ran in this process
+        counts_file.write_text(json.dumps({**(counts or {}), "seconds": round(time.perf_counter() - t0, 2)}))
+    return code
+
+
+def run_torchrun(argv: list[str], point: str | None = None, counts_file: Path | None = None,
+                 log: Path | None = None, *, ranks: int = 2) -> int:
+    """``dogbench argv`` under ``torchrun --nproc-per-node ranks`` (gloo on the CPU), ``point`` (``R/...``) armed in
+    rank R; torchrun's exit status (it ends every rank when one dies)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DOGBENCH_FAULT_POINT": point or "",
+           "DOGBENCH_FAULT_COUNTS": str(counts_file or ""), "DOGBENCH_FAULT_LOG": str(log.with_suffix(".hit"))
+           if log is not None else ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
+           __file__, "--rank-child", *argv]
+    with open(log if log is not None else os.devnull, "ab") as out:
+        return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
+
+
+def _rank_child(argv: list[str]) -> None:
+    """One torchrun rank: arm this rank's part of DOGBENCH_FAULT_POINT, run ``dogbench argv``, exit with its code
+    (``os._exit``: a pending time point must not outlive the command)."""
+    rank = os.environ["RANK"]
+    target, _, point = os.environ.get("DOGBENCH_FAULT_POINT", "").partition("/")
+    counts = os.environ.get("DOGBENCH_FAULT_COUNTS")
+    if not os.environ.get("DOGBENCH_FAULT_LOG"):
+        os.environ.pop("DOGBENCH_FAULT_LOG", None)
+    code = 70
+    try:
+        code = _armed_main(argv, point if target == rank else None,
+                           Path(f"{counts}.rank{rank}") if counts else None)
+    except BaseException:  # noqa: BLE001 - as in run_child
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 def run_results(run: Path) -> dict[str, Any]:
@@ -146,86 +198,155 @@ def run_results(run: Path) -> dict[str, Any]:
     return out
 
 
-def points(counts: dict[str, int], seconds: float, n: int, *, seed: int) -> list[str]:
+def points(counts: dict[str, dict[str, int]], seconds: float, n: int, *, seed: int) -> list[str]:
     """``n`` kill points drawn with ``seed``: about half at atomic writes, a quarter at optimizer steps, the rest
-    at times within the uninterrupted run's duration."""
+    at times within the uninterrupted run's duration. ``counts``: the sites per rank; with more than one rank,
+    each point is armed in a rank drawn too (``R/kind:N``)."""
     rng = random.Random(seed)
-    kinds = [k for k in ("write", "step") if counts.get(k)]
     chosen: list[str] = []
     for i in range(n):
-        kind = "time" if i % 4 == 3 or not kinds else ("write" if i % 4 in (0, 2) or "step" not in kinds else "step")
-        if kind == "time":
-            chosen.append(f"time:{rng.uniform(0.5, max(1.0, 0.7 * seconds)):.2f}")  # the reference ran longest
+        first = "time" if i % 4 == 3 else "step" if i % 4 == 1 else "write"
+        kind, ranks = next((k, r) for k in (first, "write", "step", "time")
+                           if (r := [r for r in sorted(counts) if k == "time" or counts[r].get(k)]))
+        rank = rng.choice(ranks)
+        if kind == "time":  # within the rank's own run (the reference's ran longest)
+            point = f"time:{rng.uniform(0.5, max(1.0, 0.9 * counts[rank].get('seconds', seconds))):.2f}"
         else:
-            chosen.append(f"{kind}:{rng.randint(1, counts[kind])}")
+            point = f"{kind}:{rng.randint(1, counts[rank][kind])}"
+        chosen.append(f"{rank}/{point}" if len(counts) > 1 else point)
     return chosen
 
 
-def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full_disk: int = 0, seed: int = 0,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """An uninterrupted reference run, then ``n`` seeded points: each a fresh folder, the command killed there,
-    then run again until it completes; every completed run's results must equal the reference's."""
+def disk_points(total: int, n: int, *, seed: int, least: int = 4096) -> list[str]:
+    """``n`` free-space amounts for real full disks, log-uniform between ``least`` bytes and ``total`` (what the
+    uninterrupted run wrote), one per stratum: the early small writes (feature chunks, the study's SQLite file)
+    get as many points as the big late ones (checkpoints, the report)."""
+    rng = random.Random(seed + 2)
+    span = math.log(max(total, least + 1) / least)
+    return [f"disk:{int(least * math.exp(span * (i + rng.random()) / n))}" for i in range(n)]
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at ``where`` (needs root or CAP_SYS_ADMIN), unmounted after."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PermissionError(f"cannot mount a tmpfs at {where}: {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def fill(disk: Path, free: int) -> Path:
+    """Fill ``disk`` with one file until ``free`` bytes are left; the file (delete it to free the disk)."""
+    stats = os.statvfs(disk)
+    filler = disk / "filler"
+    left = stats.f_bavail * stats.f_frsize - free
+    with open(filler, "wb") as handle:
+        while left > 0:
+            left -= handle.write(bytes(min(left, 1 << 20)))
+    return filler
+
+
+def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full_disk: int = 0, disk: int = 0,
+             torchrun: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """An uninterrupted reference run, then ``n`` seeded kill points, ``full_disk`` injected ENOSPC points and
+    ``disk`` real full disks (a tmpfs): each a fresh folder, the command hurt there, then run again until it
+    completes; every completed run's results must equal the reference's. ``torchrun``: every command is a
+    2-rank torchrun and the kill points are armed in one rank each (no disk points)."""
     import dogbench.cli  # noqa: F401 - imported once here (torch too); the forked children start from it
 
+    runner = run_torchrun if torchrun else run_child
     reference = root / "reference"
     counts_file = root / "counts.json"
     t0 = time.perf_counter()
-    code = run_child(make_argv(reference), counts_file=counts_file, log=root / "reference.log")
+    code = runner(make_argv(reference), counts_file=counts_file, log=root / "reference.log")
     seconds = time.perf_counter() - t0
     if code != 0:
         raise AssertionError(f"the reference run failed ({code}): {(root / 'reference.log').read_text()[-3000:]}")
     expected = run_results(reference)
-    counts = json.loads(counts_file.read_text())
-    rows = []
+    counts = ({str(r): json.loads(Path(f"{counts_file}.rank{r}").read_text()) for r in range(2)} if torchrun
+              else {"0": json.loads(counts_file.read_text())})
+    written = sum(f.stat().st_size for f in root.glob("reference*/**/*") if f.is_file())
     rng = random.Random(seed + 1)
-    chosen = points(counts, seconds, n, seed=seed) + [f"enospc:{rng.randint(1, counts['write'])}"
-                                                      for _ in range(full_disk)]
-    for i, point in enumerate(chosen):
-        folder = root / f"point{i:02d}"
-        log_file = root / f"point{i:02d}.log"
-        first = run_child(make_argv(folder), point, log=log_file)
-        said = log_file.read_text(errors="replace") if log_file.is_file() else ""
-        reruns, code = 0, None
-        while code != 0 and reruns < 3:  # a rerun must finish (a time point may also fire after the end)
-            code = run_child(make_argv(folder), log=root / f"point{i:02d}.rerun.log")
-            reruns += 1
-        hit = log_file.with_suffix(".hit")
-        target = Path(hit.read_text()) if hit.is_file() else None
-        row = {"point": point, "file": _relative(target, root / "caches", folder), "first_exit": first,
-               "rerun_exit": code, "reruns": reruns,
-               "equal": code == 0 and run_results(folder) == expected,
-               "temporaries_left": sorted(str(p.relative_to(folder)) for p in folder.rglob("*.tmp"))}
-        if point.startswith("enospc"):  # exit 2, the full disk and the file named, no traceback
-            row["clear_error"] = (first == 2 and "No space left on device: " in said and "Traceback" not in said)
-        rows.append(row)
-        log(json.dumps(row))
-    return {"reference_s": round(seconds, 2), "sites": counts, "points": rows,
-            "crashes": sum(r["rerun_exit"] != 0 for r in rows), "unequal": sum(not r["equal"] for r in rows),
-            "unclear_errors": sum(r.get("clear_error") is False for r in rows)}
+    chosen = (points(counts, seconds, n, seed=seed)
+              + [f"enospc:{rng.randint(1, counts['0']['write'])}" for _ in range(full_disk if not torchrun else 0)]
+              + disk_points(written, disk if not torchrun else 0, seed=seed))
+    rows = []
+    with (tmpfs(root / "disk", 2 * written + (64 << 20)) if any(c.startswith("disk:") for c in chosen)
+          else contextlib.nullcontext()) as mounted:
+        for i, point in enumerate(chosen):
+            rows.append(_one_point(runner, make_argv, root, mounted, i, point, expected))
+            log(json.dumps(rows[-1]))
+    return {"reference_s": round(seconds, 2), "sites": counts if torchrun else counts["0"], "written": written,
+            "points": rows, "crashes": sum(r["rerun_exit"] != 0 for r in rows),
+            "unequal": sum(not r["equal"] for r in rows),
+            "unclear_errors": sum(r.get("clear_error") is False for r in rows),
+            "temporaries_left": sum(len(r["temporaries_left"]) for r in rows)}
 
 
-def _relative(path: Path | None, caches: Path, run: Path) -> str | None:
+def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]], root: Path,
+               disk: Path | None, i: int, point: str, expected: dict[str, Any]) -> dict[str, Any]:
+    """Hurt the command at ``point`` in a fresh folder, run it again until it completes; the campaign's row."""
+    kind, _, arg = point.rpartition("/")[2].partition(":")
+    folder = (disk if kind == "disk" else root) / f"point{i:02d}"
+    log_file = root / f"point{i:02d}.log"
+    filler = fill(disk, int(arg)) if kind == "disk" else None
+    first = runner(make_argv(folder), None if filler else point, log=log_file)
+    if filler is not None:
+        filler.unlink()  # the user frees the disk
+    said = log_file.read_text(errors="replace") if log_file.is_file() else ""
+    reruns, code = 0, None
+    while code != 0 and reruns < 3:  # a rerun must finish (a time point may also fire after the end)
+        code = runner(make_argv(folder), log=root / f"point{i:02d}.rerun.log")
+        reruns += 1
+    hit = log_file.with_suffix(".hit")
+    target = Path(hit.read_text()) if hit.is_file() and hit.read_text() else None
+    if kind == "disk":
+        failed = re.search(r"No space left on device: (\S+)", said)
+        target = Path(failed.group(1)) if failed else None
+    row = {"point": point, "file": _relative(target, folder), "first_exit": first, "rerun_exit": code,
+           "reruns": reruns, "equal": code == 0 and run_results(folder) == expected,
+           "temporaries_left": sorted(str(p.relative_to(folder.parent)) for p in folder.parent.glob(
+               f"{folder.name}*/**/*.tmp"))}
+    if kind in ("enospc", "disk"):  # exit 2, the full disk and the file named, no traceback
+        row["clear_error"] = (first == 2 and "No space left on device: " in said and "Traceback" not in said)
+    if kind == "disk":
+        shutil.rmtree(folder)  # the tmpfs holds one point at a time
+        shutil.rmtree(_cache_of(folder), ignore_errors=True)
+    return row
+
+
+def _cache_of(run: Path) -> Path:
+    """The feature cache of the run folder ``run`` in these campaigns: beside it."""
+    return run.with_name(f"{run.name}.cache")
+
+
+def _relative(path: Path | None, run: Path) -> str | None:
     """The file a point hit, as ``run/...`` or ``cache/...`` (None for a step or time point)."""
     if path is None:
         return None
-    for base, name in ((run, "run"), (caches, "cache")):
+    for base, name in ((run, "run"), (_cache_of(run), "cache")):
         try:
             parts = path.relative_to(base).parts
         except ValueError:
             continue
-        return "/".join((name, *(parts[1:] if name == "cache" else parts)))
+        return "/".join((name, *parts))
     return str(path)
 
 
-def tiny_run_argv(data: Path, cache: Path, *, small: bool = False) -> Callable[[Path], list[str]]:
-    """``dogbench run`` on a tiny dataset: extraction, head tuning, the baseline, evaluation, fine-tuning (lp-ft
-    and lora of a tiny CNN and ViT, 2 epochs with mid-epoch checkpoints) and the report; ``small``: the CNN's
-    lp-ft alone."""
+def tiny_run_argv(data: Path, *, small: bool = False) -> Callable[[Path], list[str]]:
+    """``dogbench run`` on a tiny dataset, its feature cache beside the run folder: extraction, head tuning,
+    the baseline, evaluation, fine-tuning (lp-ft and lora of a tiny CNN and ViT, 2 epochs with mid-epoch
+    checkpoints) and the report; ``small``: the CNN's lp-ft alone."""
     models = (["--backbone", "cnn=test_resnet@random,input_size=32"] if small else
               ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"])
 
     def argv(out: Path) -> list[str]:
-        return ["run", "--data", str(data), "--out", str(out), "--cache-dir", str(cache / out.name), *models,
+        return ["run", "--data", str(data), "--out", str(out), "--cache-dir", str(_cache_of(out)), *models,
                 "--methods", "frozen,lp-ft" if small else "frozen,lp-ft,lora", "--trials", "4", "--epochs", "2",
                 "--quiet",
                 "--set", "tune.max_epochs=10", "--set", "evaluate.n_bootstrap=100", "--set", "finetune.batch_size=4",
@@ -234,9 +355,16 @@ def tiny_run_argv(data: Path, cache: Path, *, small: bool = False) -> Callable[[
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--rank-child"]:
+        _rank_child(argv[1:])
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--points", type=int, default=40, help="SIGKILL points")
-    p.add_argument("--full-disk", type=int, default=6, help="ENOSPC points (a write that fills the disk)")
+    p.add_argument("--full-disk", type=int, default=6, help="injected ENOSPC points (a write that fills the disk)")
+    p.add_argument("--disk", type=int, default=0, help="real full disks: the command on a tmpfs with a seeded "
+                   "number of bytes left (mounts one: needs root)")
+    p.add_argument("--torchrun", action="store_true", help="every command a 2-rank torchrun (gloo), each kill point "
+                   "in one rank; no full-disk points")
     p.add_argument("--small", action="store_true", help="one tiny CNN (lp-ft) instead of a CNN and a ViT "
                    "(lp-ft, lora): the CI variant")
     p.add_argument("--seed", type=int, default=0)
@@ -251,13 +379,18 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root or Path(tempfile.mkdtemp(prefix="dogbench-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     data = make_class_folder_layout(root / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=4)
-    summary = campaign(tiny_run_argv(data, root / "caches", small=args.small), root, args.points,
-                       full_disk=args.full_disk, seed=args.seed)
+    try:
+        summary = campaign(tiny_run_argv(data, small=args.small), root, args.points, full_disk=args.full_disk,
+                           disk=args.disk, torchrun=args.torchrun, seed=args.seed)
+    except PermissionError as err:
+        print(f"faults.py: {err}", file=sys.stderr)
+        return 3
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"{len(summary['points'])} points, {summary['crashes']} reruns that failed, {summary['unequal']} results "
-          f"unequal to the uninterrupted run's, {summary['unclear_errors']} full disks without a clear error "
-          f"(reference {summary['reference_s']} s, sites {summary['sites']})")
+          f"unequal to the uninterrupted run's, {summary['unclear_errors']} full disks without a clear error, "
+          f"{summary['temporaries_left']} temporaries left (reference {summary['reference_s']} s, sites "
+          f"{summary['sites']})")
     return 0 if summary["crashes"] == summary["unequal"] == summary["unclear_errors"] == 0 else 1
 
 

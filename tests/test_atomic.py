@@ -74,3 +74,41 @@ def test_written_files_get_the_usual_mode_not_mkstemps_0600(tmp_path: Path) -> N
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "report.html").stat().st_mode) == 0o644
+
+
+def test_a_killed_writers_temporary_is_removed_by_the_next_write_but_a_live_writers_is_kept(tmp_path: Path) -> None:
+    """SIGKILL mid-write leaves ``.<name>.<host>-<pid>.<random>.tmp``; the next write of that file removes it
+    (its writer is gone), while the temporary of a writer still running, or of another file, stays."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    path = tmp_path / "results.json"
+    script = ("import os, sys\nfrom dogbench.atomic import atomic_open\n"
+              "with atomic_open(sys.argv[1]) as f:\n    f.write(b'half')\n    f.flush()\n"
+              "    print('writing', flush=True)\n    sys.stdin.read()\n")
+    killed = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    live = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    other = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "other.json")], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE)
+    try:
+        for p in (killed, live, other):
+            assert p.stdout.readline() == b"writing\n"
+        os.kill(killed.pid, signal.SIGKILL)
+        killed.wait()
+        other.kill()
+        other.wait()
+        temporaries = set(_leftovers(tmp_path))
+        assert len(temporaries) == 3 and all(f"-{killed.pid}." in t or f"-{live.pid}." in t or f"-{other.pid}." in t
+                                             for t in temporaries)
+        atomic_write_text(path, "whole")
+        assert path.read_text() == "whole"
+        left = set(_leftovers(tmp_path))
+        assert not any(f"-{killed.pid}." in t for t in left)  # the dead writer's: removed
+        assert any(f"-{live.pid}." in t for t in left)  # still being written: kept
+        assert any(f"-{other.pid}." in t and t.startswith(".other.json.") for t in left)  # another file's: kept
+    finally:
+        live.communicate(b"")
+    assert live.returncode == 0 and path.read_text() == "half"  # the live writer finished normally
+    assert _leftovers(tmp_path) == [t for t in left if t.startswith(".other.json.")]

@@ -504,3 +504,21 @@ def test_two_processes_preparing_one_cache_download_and_unpack_each_archive_once
     assert results[0] == results[1]
     assert sorted(path for path, _ in server.requests) == sorted(f"/dogs/{a.filename}" for a in archives)
     assert len(open_dataset(results[0]).samples) > 0
+
+
+def test_test_classes_without_training_images_are_warned_about_with_their_likely_twin(tmp_path: Path) -> None:
+    """A misspelt test folder (test/Beagle beside train/beagle) is a class no head can predict: warned about,
+    with its test images counted and the similar training class named; a class only in train is fine."""
+    from conftest import make_class_folder_layout
+
+    root = make_class_folder_layout(tmp_path / "pets", classes=("beagle", "pug", "yak"), n_train=2, n_test=0)
+    make_class_folder_layout(root, classes=("Beagle", "pug"), n_train=0, n_test=3)
+    with pytest.warns(UserWarning, match=r"test class\(es\) without training images: Beagle; no head can predict "
+                      r"them, so their 3 test images count as mistakes \(similar training classes: Beagle ~ beagle\)"):
+        ds = download.prepare_dataset(DataConfig(root=str(root), download=False), progress=False)
+    assert set(ds.classes) == {"Beagle", "beagle", "pug", "yak"}
+    (root / "test" / "Beagle").rename(root / "test" / "beagle")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # yak, only in train, is no warning
+        ds = download.prepare_dataset(DataConfig(root=str(root), download=False), progress=False)
+    assert ds.classes == ("beagle", "pug", "yak")

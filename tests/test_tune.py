@@ -288,3 +288,35 @@ def test_without_logistic_heads_nothing_is_enqueued(tmp_path: Path, blobs: tuple
     result = tune_head(*blobs, cfg=TuneConfig(trials=2, max_epochs=5, heads=("linear",)), storage=None,
                        study_name="s", progress=False, baseline=sweep)
     assert {h["params"]["head"] for h in result.history} == {"linear"}
+
+
+def test_a_full_disk_under_the_sqlite_study_names_the_file_and_keeps_its_trials(
+        tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
+    """The study's SQLite file on a real tmpfs that fills up between two runs: SQLite's "database or disk is full"
+    (wrapped by Optuna in StorageInternalError) becomes the OSError of every full disk, naming the database; its
+    finished trials are intact, and with the disk freed the same call continues the study."""
+    import contextlib
+    import errno
+
+    from faults import fill, tmpfs
+
+    with contextlib.ExitStack() as stack:
+        try:
+            disk = stack.enter_context(tmpfs(tmp_path / "disk", 1 << 20))
+        except PermissionError as err:  # mounting needs root or CAP_SYS_ADMIN
+            pytest.skip(str(err))
+        storage = f"sqlite:///{disk / 'study.db'}"
+        first = tune_head(*blobs, cfg=TuneConfig(trials=2, max_epochs=5, seed=0), storage=storage,
+                          study_name="cnn", progress=False)
+        filler = fill(disk, 0)
+        with pytest.raises(OSError) as caught:
+            tune_head(*blobs, cfg=TuneConfig(trials=6, max_epochs=5, seed=0), storage=storage, study_name="cnn",
+                      progress=False)
+        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(disk / "study.db")
+        filler.unlink()
+        kept = optuna.load_study(study_name="cnn", storage=storage).trials
+        assert [t.params for t in kept[:2]] == [h["params"] for h in first.history]
+        again = tune_head(*blobs, cfg=TuneConfig(trials=6, max_epochs=5, seed=0), storage=storage,
+                          study_name="cnn", progress=False)
+        assert again.n_complete + again.n_pruned == 6
+        assert [h["params"] for h in again.history[:2]] == [h["params"] for h in first.history]

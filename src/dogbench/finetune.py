@@ -54,7 +54,15 @@ from dogbench.training import (
     validation_top1,
     wise_mix,
 )
-from dogbench.tune import make_logistic, make_pruner, open_storage, search_in_memory, search_shared, sweep_logistic_C
+from dogbench.tune import (
+    make_logistic,
+    make_pruner,
+    open_storage,
+    search_in_memory,
+    search_shared,
+    storage_errors,
+    sweep_logistic_C,
+)
 
 PROBE_ABSENT_BIAS = -30.0  # lp-ft: a class the probe never saw (absent from the training split) starts impossible
 
@@ -194,14 +202,17 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
         return outcome.best_val_top1
 
     if search_in_memory(storage):
-        trials = _search_local(storage, name, objective, f, pruner=pruner, defaults=defaults)
+        with storage_errors(storage):
+            trials = _search_local(storage, name, objective, f, pruner=pruner, defaults=defaults)
     else:  # a database server: this worker's share of a study that other workers (machines) may share
         store = open_storage(storage, cfg.tune)
         try:
-            optuna.create_study(study_name=name, storage=store, load_if_exists=True, direction="maximize")
-            search_shared(name, store, objective, pruner=pruner, start=defaults, progress=progress,
-                          cfg=dataclasses.replace(cfg.tune, trials=f.trials, seed=f.seed, timeout_s=float("inf")))
-            trials = optuna.load_study(study_name=name, storage=store).get_trials()
+            with storage_errors(storage):
+                optuna.create_study(study_name=name, storage=store, load_if_exists=True, direction="maximize")
+                search_shared(name, store, objective, pruner=pruner, start=defaults, progress=progress,
+                              cfg=dataclasses.replace(cfg.tune, trials=f.trials, seed=f.seed,
+                                                      timeout_s=float("inf")))
+                trials = optuna.load_study(study_name=name, storage=store).get_trials()
         finally:
             store.engine.dispose()  # close the server connections now
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]

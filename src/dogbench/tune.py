@@ -14,6 +14,7 @@ Features come in through a closure and are never reloaded per trial. Test data n
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import math
 import os
@@ -238,8 +239,9 @@ def tune_head(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     store = open_storage(storage, cfg)
     try:
-        return _tune(X_train, y_train, X_val, y_val, cfg=cfg, storage=storage, store=store, study_name=study_name,
-                     device=device, progress=progress, baseline=baseline)
+        with storage_errors(storage):
+            return _tune(X_train, y_train, X_val, y_val, cfg=cfg, storage=storage, store=store,
+                         study_name=study_name, device=device, progress=progress, baseline=baseline)
     finally:
         if isinstance(store, optuna.storages.RDBStorage):
             store.engine.dispose()  # close the server connections now, not at interpreter exit
@@ -322,6 +324,26 @@ def open_storage(storage: str | None, cfg: TuneConfig) -> Any:
         raise DogbenchError(f"tune.storage {_redact(storage)} cannot be opened ({type(err).__name__}: "
                             f"{str(err).splitlines()[0]}); give a URL such as "
                             "postgresql://USER:PASSWORD@HOST:5432/DB") from None
+
+
+@contextlib.contextmanager
+def storage_errors(storage: str | None) -> Iterator[None]:
+    """The study database's own failures as dogbench's errors. A full disk (SQLite's "database or disk is full",
+    PostgreSQL's "No space left on device") is the OSError of every full disk, naming the SQLite file; any other
+    failed statement names the database. Finished trials stay in the database either way (each is committed as
+    it ends), so the same command continues the study. Lost server connections are handled in ``search_shared``."""
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
+        seen: BaseException | None = err
+        while seen.__cause__ is not None or getattr(seen, "orig", None) is not None:  # to the driver's own error
+            seen = getattr(seen, "orig", None) or seen.__cause__
+        reason = str(seen).splitlines()[0] if str(seen) else type(seen).__name__
+        if "disk is full" in reason or "No space left" in reason:
+            sqlite_file = storage.removeprefix("sqlite:///") if storage and storage.startswith("sqlite:///") else None
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), sqlite_file or _redact(storage or "")) from None
+        raise DogbenchError(f"the study's database {_redact(storage or '')} failed ({reason}); its finished trials "
+                            "are kept: run the same command again to continue") from None
 
 
 def _redact(url: str) -> str:

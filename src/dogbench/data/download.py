@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import http.client
 import os
@@ -393,4 +394,13 @@ def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:
     if len(trained) < 2:  # one class is no benchmark: every classifier would score 1.0
         raise DatasetLayoutError(f"{root} has training images of {len(trained)} class(es) ({', '.join(trained)}): "
                                  "a benchmark needs at least 2 classes, each a folder of images")
+    tested = sorted({dataset.classes[s.label] for s in dataset.samples if s.split == "test"})
+    unseen = sorted(set(tested) - set(trained))
+    if unseen:  # often a misspelt folder (test/Beagle beside train/beagle): a head can never predict these
+        hints = [f"{u} ~ {m[0]}" for u in unseen if (m := difflib.get_close_matches(u, trained, n=1))]
+        n = sum(1 for s in dataset.samples if s.split == "test" and dataset.classes[s.label] in unseen)
+        warnings.warn(f"{root}: test class(es) without training images: {', '.join(unseen[:10])}"
+                      f"{' ...' if len(unseen) > 10 else ''}; no head can predict them, so their {n} test images "
+                      "count as mistakes" + (f" (similar training classes: {', '.join(hints[:5])})" if hints else ""),
+                      stacklevel=2)
     return dataset

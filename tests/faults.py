@@ -49,6 +49,12 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
 
     site, _, arg = point.partition(":")
     seen = {"write": 0, "step": 0}
+    last = [""]  # the file of the latest atomic write begun: where a step or time point struck
+    log = Path(os.environ["DOGBENCH_FAULT_LOG"]) if "DOGBENCH_FAULT_LOG" in os.environ else Path(os.devnull)
+
+    def kill() -> None:
+        log.write_text(last[0])  # which file the point hit, or followed, for the campaign's table
+        os.kill(os.getpid(), signal.SIGKILL)
 
     def hit(kind: str) -> bool:
         seen[kind] += 1
@@ -60,12 +66,12 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
 
     @contextlib.contextmanager
     def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
+        last[0] = str(path)
         if not hit("write"):
             with real_open(path, mode) as handle:
                 yield handle
             return
-        (Path(os.environ["DOGBENCH_FAULT_LOG"]) if "DOGBENCH_FAULT_LOG" in os.environ else Path(os.devnull)) \
-            .write_text(str(path))  # which file the point hit, for the campaign's table
+        log.write_text(str(path))
         if site == "enospc":  # the disk fills up during this write: the real writer fails as a full disk fails
             with real_open(path, mode) as handle:
                 yield _FullDisk(handle)
@@ -77,7 +83,7 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
             yield handle
             handle.flush()
             handle.truncate(max(0, handle.tell() // 2))
-        os.kill(os.getpid(), signal.SIGKILL)
+        kill()
 
     atomic.atomic_open = atomic_open
     real_step = training.Stepper.optimizer_step
@@ -85,11 +91,11 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
     def optimizer_step(self: Any, step: int) -> None:
         real_step(self, step)
         if hit("step"):
-            os.kill(os.getpid(), signal.SIGKILL)
+            kill()
 
     training.Stepper.optimizer_step = optimizer_step
     if site == "time":
-        threading.Timer(float(arg), lambda: os.kill(os.getpid(), signal.SIGKILL)).start()
+        threading.Timer(float(arg), kill).start()
 
 
 class _FullDisk:
@@ -285,7 +291,8 @@ def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full
             "points": rows, "crashes": sum(r["rerun_exit"] != 0 for r in rows),
             "unequal": sum(not r["equal"] for r in rows),
             "unclear_errors": sum(r.get("clear_error") is False for r in rows),
-            "temporaries_left": sum(len(r["temporaries_left"]) for r in rows)}
+            "temporaries_left": sum(len(r["temporaries_left"]) for r in rows),
+            "stages": {s: sum(r["stage"] == s for r in rows) for s in sorted({r["stage"] for r in rows})}}
 
 
 def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]], root: Path,
@@ -308,7 +315,8 @@ def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]
     if kind == "disk":
         failed = re.search(r"No space left on device: (\S+)", said)
         target = Path(failed.group(1)) if failed else None
-    row = {"point": point, "file": _relative(target, folder), "first_exit": first, "rerun_exit": code,
+    file = _relative(target, folder)
+    row = {"point": point, "stage": stage(kind, file), "file": file, "first_exit": first, "rerun_exit": code,
            "reruns": reruns, "equal": code == 0 and run_results(folder) == expected,
            "temporaries_left": sorted(str(p.relative_to(folder.parent)) for p in folder.parent.glob(
                f"{folder.name}*/**/*.tmp"))}
@@ -318,6 +326,27 @@ def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]
         shutil.rmtree(folder)  # the tmpfs holds one point at a time
         shutil.rmtree(_cache_of(folder), ignore_errors=True)
     return row
+
+
+def stage(kind: str, file: str | None) -> str:
+    """The stage of ``dogbench run`` a point struck, from the file it hit (a write, a full disk) or the latest
+    file written before it (a step, a time): extract, tune, evaluate, finetune, report (or start)."""
+    if kind == "step":
+        return "finetune (mid-epoch)"
+    if file is None:
+        return "start"
+    parts = file.split("/")
+    if parts[0] == "cache":
+        return "extract"
+    if parts[1].startswith(("report", "explanations")):
+        return "report"
+    if len(parts) >= 4 and parts[2] != "head":  # run/<label>/<method>/...: a fine-tuned model
+        return "finetune (checkpoint)" if "train" in parts else "finetune"
+    if parts[-1] in ("tuning.json", "optuna.db") or "head" in parts:
+        return "tune"
+    if parts[-1] in ("predictions.npz", "results.json", "results.csv", "summary.txt"):
+        return "evaluate"
+    return "start" if parts[-1] == "config.json" else "run"
 
 
 def _cache_of(run: Path) -> Path:

@@ -119,6 +119,38 @@ def test_a_corrupt_finetuned_weights_file_is_one_clear_error(
     assert (run / "results.json").is_file() and (run / "cnn" / "lp-ft" / "backbone.safetensors").is_file()
 
 
+@pytest.mark.parametrize("foreign", ["another architecture", "a pickle that runs code"])
+def test_a_finetuned_checkpoint_from_elsewhere_goes_through_the_weights_checks(
+    tiny_finetune: tuple[Path, list[str], dict], tmp_path: Path, capsys: pytest.CaptureFixture, foreign: str
+) -> None:
+    """A fine-tuned model's weights swapped for a stranger's: the ViT's weights in the CNN's folder have their
+    missing and unexpected keys named; a torch pickle whose unpickling would run code is refused as weights and
+    its payload never runs. Exit 2, the file named, the rest of the run folder untouched."""
+    import shutil
+
+    import torch
+
+    from test_backbones import Payload
+
+    base, _, _ = tiny_finetune
+    run = tmp_path / "run"
+    shutil.copytree(base / "run", run)
+    weights = run / "cnn" / "lp-ft" / "backbone.safetensors"
+    marker = tmp_path / "pwned"
+    if foreign == "another architecture":
+        shutil.copyfile(run / "vit" / "lp-ft" / "backbone.safetensors", weights)
+    else:
+        torch.save({"conv1.0.weight": Payload(marker)}, weights)
+    photo = next((base / "data" / "test" / "cat").glob("*.jpg"))
+    assert main(["predict", str(run), str(photo), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert str(weights) in err and "Traceback" not in err and err.startswith("dogbench: error:"), err
+    if foreign == "another architecture":
+        assert "missing keys (" in err and "unexpected keys (" in err
+    assert not marker.exists(), "the payload ran"
+    assert (run / "results.json").is_file() and (run / "vit" / "lp-ft" / "backbone.safetensors").is_file()
+
+
 def test_unknown_method_names_the_valid_ones(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["finetune", "--data", str(tmp_path), "--methods", "lora,adapterz", "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -15,6 +15,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
+from dogbench.atomic import atomic_write_text
 from dogbench.config import DataConfig
 from dogbench.data.datasets import (
     DataNotFoundError,
@@ -252,9 +253,7 @@ def safe_extract(archive: Path, target: Path) -> None:
         raise DownloadError(
             f"{archive} is not a readable tar archive ({exc}); delete it and download it again"
         ) from exc
-    tmp = marker.with_name(marker.name + ".tmp")
-    tmp.write_text(f"{archive.stat().st_size}\n")
-    os.replace(tmp, marker)
+    atomic_write_text(marker, f"{archive.stat().st_size}\n")
 
 
 def _extract_archives(

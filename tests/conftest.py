@@ -7,9 +7,11 @@ Integration tests that need the real data use:
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import socket
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -335,3 +337,54 @@ def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     assert main(args) == 0
     return base / "run"
+
+
+# ------------------------------------------------------------------------------------------- real full disks
+
+
+class MountUnavailable(Exception):
+    """This machine or user may not mount a tmpfs (needs root or CAP_SYS_ADMIN)."""
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of ``size`` bytes mounted at ``where``: a disk that really fills up; unmounted after."""
+    where.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise MountUnavailable(f"cannot mount a tmpfs at {where}: {done.stderr.strip() or done.returncode}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=True)
+
+
+def unmount_below(folder: Path) -> list[str]:
+    """Unmount what is still mounted below ``folder`` (a harness killed before its own unmount); those mounts."""
+    below = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+             if line.split()[1].startswith(f"{folder.resolve()}/")]
+    for mount in below:
+        subprocess.run(["umount", "-l", mount], check=True)
+    return below
+
+
+def fill(disk: Path, free: int) -> Path:
+    """Fill ``disk`` with one file until ``free`` bytes are left; the file (delete it to free the disk)."""
+    stats = os.statvfs(disk)
+    filler = disk / "filler"
+    left = stats.f_bavail * stats.f_frsize - free
+    with open(filler, "wb") as handle:
+        while left > 0:
+            left -= handle.write(bytes(min(left, 1 << 20)))
+    return filler
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (skipped where mounting is not allowed), unmounted after the test."""
+    try:
+        with tmpfs(tmp_path / "disk", 1 << 20) as disk:
+            yield disk
+    except MountUnavailable as err:
+        pytest.skip(str(err))

@@ -162,7 +162,13 @@ def run_torchrun(argv: list[str], point: str | None = None, counts_file: Path | 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
            __file__, "--rank-child", *argv]
     with open(log if log is not None else os.devnull, "ab") as out:
-        return subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=900).returncode
+        launch = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return launch.wait(timeout=300)
+        except subprocess.TimeoutExpired:  # a hang: no rank outlives the harness
+            os.killpg(launch.pid, signal.SIGKILL)
+            launch.wait()
+            raise
 
 
 def _rank_child(argv: list[str]) -> None:
@@ -195,11 +201,10 @@ def run_results(run: Path) -> dict[str, Any]:
                            "comparisons": results.get("comparisons")}
     for label in results["models"]:
         with np.load(run / label / "predictions.npz", allow_pickle=False) as z:
-            out[f"{label}/predictions"] = {k: z[k].tobytes().hex() for k in sorted(z.files)
-                                           if z[k].dtype.kind in "fiub"}
-    for weights in sorted(run.glob("*/*/backbone.safetensors")):
-        import hashlib
+            out[f"{label}/predictions"] = {k: z[k].tobytes().hex() for k in sorted(z.files)}
+    import hashlib
 
+    for weights in sorted(run.glob("**/*.safetensors")):  # heads, fine-tuned backbones, adapters, best epochs
         out[str(weights.relative_to(run))] = hashlib.sha256(weights.read_bytes()).hexdigest()
     return out
 
@@ -232,31 +237,6 @@ def disk_points(total: int, n: int, *, seed: int, least: int = 4096) -> list[str
     return [f"disk:{int(least * math.exp(span * (i + rng.random()) / n))}" for i in range(n)]
 
 
-@contextlib.contextmanager
-def tmpfs(where: Path, size: int) -> Iterator[Path]:
-    """A tmpfs of ``size`` bytes mounted at ``where`` (needs root or CAP_SYS_ADMIN), unmounted after."""
-    where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise PermissionError(f"cannot mount a tmpfs at {where}: {done.stderr.strip() or done.returncode}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def fill(disk: Path, free: int) -> Path:
-    """Fill ``disk`` with one file until ``free`` bytes are left; the file (delete it to free the disk)."""
-    stats = os.statvfs(disk)
-    filler = disk / "filler"
-    left = stats.f_bavail * stats.f_frsize - free
-    with open(filler, "wb") as handle:
-        while left > 0:
-            left -= handle.write(bytes(min(left, 1 << 20)))
-    return filler
-
-
 def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full_disk: int = 0, disk: int = 0,
              torchrun: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """An uninterrupted reference run, then ``n`` seeded kill points, ``full_disk`` injected ENOSPC points and
@@ -264,6 +244,7 @@ def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full
     completes; every completed run's results must equal the reference's. ``torchrun``: every command is a
     2-rank torchrun and the kill points are armed in one rank each (no disk points)."""
     import dogbench.cli  # noqa: F401 - imported once here (torch too); the forked children start from it
+    from conftest import tmpfs
 
     runner = run_torchrun if torchrun else run_child
     reference = root / "reference"
@@ -298,6 +279,8 @@ def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full
 def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]], root: Path,
                disk: Path | None, i: int, point: str, expected: dict[str, Any]) -> dict[str, Any]:
     """Hurt the command at ``point`` in a fresh folder, run it again until it completes; the campaign's row."""
+    from conftest import fill
+
     kind, _, arg = point.rpartition("/")[2].partition(":")
     folder = (disk if kind == "disk" else root) / f"point{i:02d}"
     log_file = root / f"point{i:02d}.log"
@@ -318,8 +301,8 @@ def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]
     file = _relative(target, folder)
     row = {"point": point, "stage": stage(kind, file), "file": file, "first_exit": first, "rerun_exit": code,
            "reruns": reruns, "equal": code == 0 and run_results(folder) == expected,
-           "temporaries_left": sorted(str(p.relative_to(folder.parent)) for p in folder.parent.glob(
-               f"{folder.name}*/**/*.tmp"))}
+           "temporaries_left": sorted(str(p.relative_to(folder.parent)) for base in (folder, _cache_of(folder))
+                                      for p in base.rglob("*.tmp"))}
     if kind in ("enospc", "disk"):  # exit 2, the full disk and the file named, no traceback
         row["clear_error"] = (first == 2 and "No space left on device: " in said and "Traceback" not in said)
     if kind == "disk":
@@ -336,13 +319,15 @@ def stage(kind: str, file: str | None) -> str:
     if file is None:
         return "start"
     parts = file.split("/")
+    if parts[0] not in ("run", "cache") or len(parts) < 2:
+        return "other"
     if parts[0] == "cache":
         return "extract"
     if parts[1].startswith(("report", "explanations")):
         return "report"
     if len(parts) >= 4 and parts[2] != "head":  # run/<label>/<method>/...: a fine-tuned model
         return "finetune (checkpoint)" if "train" in parts else "finetune"
-    if parts[-1] in ("tuning.json", "optuna.db") or "head" in parts:
+    if parts[-1] == "tuning.json" or parts[-1].startswith("optuna.db") or "head" in parts:  # -journal too
         return "tune"
     if parts[-1] in ("predictions.npz", "results.json", "results.csv", "summary.txt"):
         return "evaluate"
@@ -367,10 +352,11 @@ def _relative(path: Path | None, run: Path) -> str | None:
     return str(path)
 
 
-def tiny_run_argv(data: Path, *, small: bool = False) -> Callable[[Path], list[str]]:
+def tiny_run_argv(data: Path, *, small: bool = False, ranked: bool = False) -> Callable[[Path], list[str]]:
     """``dogbench run`` on a tiny dataset, its feature cache beside the run folder: extraction, head tuning,
     the baseline, evaluation, fine-tuning (lp-ft and lora of a tiny CNN and ViT, 2 epochs with mid-epoch
-    checkpoints) and the report; ``small``: the CNN's lp-ft alone."""
+    checkpoints) and the report; ``small``: the CNN's lp-ft alone; ``ranked``: for torchrun (chunks small enough
+    for each rank to write some)."""
     models = (["--backbone", "cnn=test_resnet@random,input_size=32"] if small else
               ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"])
 
@@ -379,7 +365,8 @@ def tiny_run_argv(data: Path, *, small: bool = False) -> Callable[[Path], list[s
                 "--methods", "frozen,lp-ft" if small else "frozen,lp-ft,lora", "--trials", "4", "--epochs", "2",
                 "--quiet",
                 "--set", "tune.max_epochs=10", "--set", "evaluate.n_bootstrap=100", "--set", "finetune.batch_size=4",
-                "--set", "finetune.checkpoint_every=2", "--set", "report.explain=1", "--set", "report.examples=2"]
+                "--set", "finetune.checkpoint_every=2", "--set", "report.explain=1", "--set", "report.examples=2",
+                *(["--set", "features.chunk_size=8"] if ranked else [])]  # several chunks: every rank writes some
     return argv
 
 
@@ -403,15 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import make_class_folder_layout
+    from conftest import MountUnavailable, make_class_folder_layout
 
     root = args.root or Path(tempfile.mkdtemp(prefix="dogbench-faults-"))
     root.mkdir(parents=True, exist_ok=True)
     data = make_class_folder_layout(root / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=4)
     try:
-        summary = campaign(tiny_run_argv(data, small=args.small), root, args.points, full_disk=args.full_disk,
-                           disk=args.disk, torchrun=args.torchrun, seed=args.seed)
-    except PermissionError as err:
+        summary = campaign(tiny_run_argv(data, small=args.small, ranked=args.torchrun), root, args.points,
+                           full_disk=args.full_disk, disk=args.disk, torchrun=args.torchrun, seed=args.seed)
+    except MountUnavailable as err:
         print(f"faults.py: {err}", file=sys.stderr)
         return 3
     if args.json:
@@ -420,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
           f"unequal to the uninterrupted run's, {summary['unclear_errors']} full disks without a clear error, "
           f"{summary['temporaries_left']} temporaries left (reference {summary['reference_s']} s, sites "
           f"{summary['sites']})")
-    return 0 if summary["crashes"] == summary["unequal"] == summary["unclear_errors"] == 0 else 1
+    clean = summary["crashes"] == summary["unequal"] == summary["unclear_errors"] == summary["temporaries_left"] == 0
+    return 0 if clean else 1
 
 
 if __name__ == "__main__":

@@ -112,3 +112,21 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write_but_a_live_writ
         live.communicate(b"")
     assert live.returncode == 0 and path.read_text() == "half"  # the live writer finished normally
     assert _leftovers(tmp_path) == [t for t in left if t.startswith(".other.json.")]
+
+
+def test_temporaries_that_do_not_parse_are_left_alone_and_never_fail_a_write(tmp_path: Path) -> None:
+    """Planted names beside the target (unicode digits, a pid too large for os.kill, another machine's, a dead
+    pid of ours with a folder in the way): the write lands; only the dead writer's plain file goes."""
+    from dogbench.atomic import temporary_prefix
+
+    path = tmp_path / "results.json"
+    ours = temporary_prefix(path)
+    planted = [f"{ours}\u00b2\u00b3.x.tmp", f"{ours}99999999999999999999.x.tmp", ".results.json.0123456789ab-1.x.tmp",
+               f"{ours}1.x.tmp"]  # pid 1 lives: kept
+    for name in planted:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / f"{ours}4999999.d.tmp").mkdir()  # not a file: unlink fails, the write does not
+    (tmp_path / f"{ours}4999998.x.tmp").write_bytes(b"half")  # a pid no process has: removed
+    atomic_write_text(path, "ok")
+    assert path.read_text() == "ok"
+    assert set(_leftovers(tmp_path)) == {*planted, f"{ours}4999999.d.tmp"}

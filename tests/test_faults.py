@@ -18,12 +18,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import unmount_below
+
 
 def _campaign(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "faults.json"
-    done = subprocess.run([sys.executable, str(Path(__file__).parent / "faults.py"), *args, "--small", "--root",
-                           str(tmp_path / "work"), "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        done = subprocess.run([sys.executable, str(Path(__file__).parent / "faults.py"), *args, "--small", "--root",
+                               str(tmp_path / "work"), "--json", str(out)],
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    finally:
+        unmount_below(tmp_path)  # the harness unmounts its tmpfs, unless it was killed first
     if done.returncode == 3:  # faults.py could not mount a tmpfs: this machine does not let this user
         pytest.skip(done.stderr.strip())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -56,17 +61,17 @@ def test_a_real_full_disk_at_seeded_fill_levels_is_named_and_the_rerun_loses_not
     assert len(rows) == 3 and all(r["point"].startswith("disk:") for r in rows)
     for r in rows:
         assert r["first_exit"] == 2 and r["clear_error"] and r["file"].startswith(("run/", "cache/")), r
-    assert [int(r["point"][5:]) for r in rows] == sorted(int(r["point"][5:]) for r in rows) != []
-    assert int(rows[-1]["point"][5:]) <= summary["written"]
 
 
 def test_seeded_kills_of_one_torchrun_rank_lose_nothing(tmp_path: Path) -> None:
     """`dogbench run` under a 2-rank torchrun (gloo): rank 0 killed mid-write, a rank killed mid-epoch of DDP
     fine-tuning; torchrun ends the other rank, and the same torchrun command completes with the uninterrupted
     2-rank run's results."""
-    rows = _campaign(tmp_path, "--points", "2", "--full-disk", "0", "--torchrun", "--seed", "1")["points"]
+    summary = _campaign(tmp_path, "--points", "2", "--full-disk", "0", "--torchrun", "--seed", "1")
+    assert summary["sites"]["0"]["write"] > 0 and summary["sites"]["1"]["write"] > 0  # feature chunks: both ranks
+    assert summary["sites"]["0"]["step"] == summary["sites"]["1"]["step"] > 0  # DDP: the same steps
+    rows = summary["points"]
     assert [r["point"].split("/")[1].split(":")[0] for r in rows] == ["write", "step"]
-    assert rows[0]["point"].startswith("0/")  # only rank 0 writes in this run
     for r in rows:
         assert r["first_exit"] != 0  # torchrun reports the killed rank
 

@@ -291,32 +291,56 @@ def test_without_logistic_heads_nothing_is_enqueued(tmp_path: Path, blobs: tuple
 
 
 def test_a_full_disk_under_the_sqlite_study_names_the_file_and_keeps_its_trials(
-        tmp_path: Path, blobs: tuple[np.ndarray, ...]) -> None:
+        small_disk: Path, blobs: tuple[np.ndarray, ...]) -> None:
     """The study's SQLite file on a real tmpfs that fills up between two runs: SQLite's "database or disk is full"
     (wrapped by Optuna in StorageInternalError) becomes the OSError of every full disk, naming the database; its
     finished trials are intact, and with the disk freed the same call continues the study."""
-    import contextlib
     import errno
 
-    from faults import fill, tmpfs
+    from conftest import fill
 
-    with contextlib.ExitStack() as stack:
-        try:
-            disk = stack.enter_context(tmpfs(tmp_path / "disk", 1 << 20))
-        except PermissionError as err:  # mounting needs root or CAP_SYS_ADMIN
-            pytest.skip(str(err))
-        storage = f"sqlite:///{disk / 'study.db'}"
-        first = tune_head(*blobs, cfg=TuneConfig(trials=2, max_epochs=5, seed=0), storage=storage,
-                          study_name="cnn", progress=False)
-        filler = fill(disk, 0)
-        with pytest.raises(OSError) as caught:
-            tune_head(*blobs, cfg=TuneConfig(trials=6, max_epochs=5, seed=0), storage=storage, study_name="cnn",
+    storage = f"sqlite:///{small_disk / 'study.db'}"
+    first = tune_head(*blobs, cfg=TuneConfig(trials=2, max_epochs=5, seed=0), storage=storage, study_name="cnn",
                       progress=False)
-        assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(disk / "study.db")
-        filler.unlink()
-        kept = optuna.load_study(study_name="cnn", storage=storage).trials
-        assert [t.params for t in kept[:2]] == [h["params"] for h in first.history]
-        again = tune_head(*blobs, cfg=TuneConfig(trials=6, max_epochs=5, seed=0), storage=storage,
-                          study_name="cnn", progress=False)
-        assert again.n_complete + again.n_pruned == 6
-        assert [h["params"] for h in again.history[:2]] == [h["params"] for h in first.history]
+    filler = fill(small_disk, 0)
+    with pytest.raises(OSError) as caught:
+        tune_head(*blobs, cfg=TuneConfig(trials=6, max_epochs=5, seed=0), storage=storage, study_name="cnn",
+                  progress=False)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(small_disk / "study.db")
+    filler.unlink()
+    kept = optuna.load_study(study_name="cnn", storage=storage).trials
+    assert [t.params for t in kept[:2]] == [h["params"] for h in first.history]
+    again = tune_head(*blobs, cfg=TuneConfig(trials=6, max_epochs=5, seed=0), storage=storage, study_name="cnn",
+                      progress=False)
+    assert again.n_complete + again.n_pruned == 6
+    assert [h["params"] for h in again.history[:2]] == [h["params"] for h in first.history]
+
+
+def test_storage_errors_map_a_full_disk_by_its_code_and_name_the_database_otherwise() -> None:
+    """PostgreSQL's disk_full (SQLSTATE 53100) is a full disk, not a lost connection to retry; an integrity error
+    names the database without "run again"; a lost connection says to run again; a looping chain ends."""
+    import errno
+
+    import sqlalchemy
+
+    class DiskFull(Exception):
+        pgcode = "53100"
+
+    full = sqlalchemy.exc.OperationalError("INSERT", {}, DiskFull("could not extend file: No space left"))
+    url = "postgresql://me:secret@db:5432/studies"
+    with pytest.raises(OSError) as caught, tune.storage_errors(url):
+        raise optuna.exceptions.StorageInternalError("commit failed") from full
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == "postgresql://me:***@db:5432/studies"
+    assert not tune._connection_lost(full)
+    lost = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
+    assert tune._connection_lost(lost)
+    with pytest.raises(DogbenchError, match=r"studies failed \(server closed the connection unexpectedly\); its "
+                       r"finished trials are kept: run the same command again"), tune.storage_errors(url):
+        raise lost
+    bad = sqlalchemy.exc.IntegrityError("INSERT", {}, Exception("duplicate key value"))
+    with pytest.raises(DogbenchError) as caught, tune.storage_errors(url):
+        raise bad
+    assert "duplicate key value" in str(caught.value) and "run the same command" not in str(caught.value)
+    a, b = ValueError("a"), ValueError("b")
+    a.__context__, b.__context__ = b, a
+    assert [str(e) for e in tune._causes(a)] == ["a", "b"]

@@ -1,16 +1,20 @@
 """Atomic file writes: write a temporary file beside the target, flush it to disk, then rename over the target.
 
 A reader never sees a half-written file, and a process killed mid-write leaves the old file (or none) and its
-temporary, ``.<name>.<host>-<pid>.<random>.tmp``; the next write of that file removes the temporaries of
-writers that are gone (same host, no such process), never one another process is still writing.
+temporary, ``.<name>.<machine>-<pid>.<random>.tmp``; the next write of that file removes the temporaries of
+writers that are gone (same machine and pid namespace, no such process), never one another process is still
+writing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import hashlib
 import json
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Callable, Iterator
@@ -31,7 +35,6 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        remove_orphans(path)
     except OSError as err:
         Path(tmp).unlink(missing_ok=True)
         if err.filename is None and err.errno is not None:  # a failed write (a full disk) names no file
@@ -40,21 +43,36 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[IO[Any]]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    with contextlib.suppress(OSError):  # tidying up after others: never a reason for this write to fail
+        remove_orphans(path)
 
 
 def temporary_prefix(path: Path) -> str:
-    """How this host's temporaries of ``path`` begin; the writer's pid follows."""
-    return f".{path.name}.{socket.gethostname()}-"
+    """How the temporaries of ``path`` written in this machine's pid namespace begin; the writer's pid follows."""
+    return f".{path.name}.{_writer_identity()}-"
+
+
+@functools.cache
+def _writer_identity() -> str:
+    """This machine and pid namespace as 12 hex digits: within it a pid names one process (containers on one
+    host may share a hostname and a kernel, not a pid namespace; machines sharing a folder differ in boot id)."""
+    parts = [socket.gethostname()]
+    with contextlib.suppress(OSError):
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+    with contextlib.suppress(OSError):
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:12]
 
 
 def remove_orphans(path: Path) -> list[Path]:
-    """Remove the temporaries of ``path`` left by killed writers of this host; the removed ones."""
+    """Remove the temporaries of ``path`` left by killed writers of this machine's pid namespace; the removed
+    ones. A name that does not parse (not written by atomic_open) is left alone."""
     prefix = temporary_prefix(path)
     removed = []
     for leftover in glob.glob(glob.escape(str(path.parent / prefix)) + "*.tmp"):
-        pid = Path(leftover).name[len(prefix):].partition(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):  # another writer removed it first
+        pid = re.fullmatch(r"([0-9]{1,9})\..*\.tmp", Path(leftover).name[len(prefix):])
+        if pid and not _alive(int(pid.group(1))):
+            with contextlib.suppress(OSError):  # removed by another writer first, or not a file: left
                 os.unlink(leftover)
                 removed.append(Path(leftover))
     return removed

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import socket
+import sqlite3
 import threading
 import time
 import warnings
@@ -328,22 +329,42 @@ def open_storage(storage: str | None, cfg: TuneConfig) -> Any:
 
 @contextlib.contextmanager
 def storage_errors(storage: str | None) -> Iterator[None]:
-    """The study database's own failures as dogbench's errors. A full disk (SQLite's "database or disk is full",
-    PostgreSQL's "No space left on device") is the OSError of every full disk, naming the SQLite file; any other
-    failed statement names the database. Finished trials stay in the database either way (each is committed as
-    it ends), so the same command continues the study. Lost server connections are handled in ``search_shared``."""
+    """The study database's own failures as dogbench's errors. A full disk (SQLite's SQLITE_FULL, PostgreSQL's
+    disk_full) is the OSError of every full disk, naming the SQLite file; any other failed statement names the
+    database. Each trial is committed as it ends, so the finished ones are kept. Lost server connections are
+    retried in ``search_shared``."""
     try:
         yield
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
-        seen: BaseException | None = err
-        while seen.__cause__ is not None or getattr(seen, "orig", None) is not None:  # to the driver's own error
-            seen = getattr(seen, "orig", None) or seen.__cause__
-        reason = str(seen).splitlines()[0] if str(seen) else type(seen).__name__
-        if "disk is full" in reason or "No space left" in reason:
+        where = _redact(storage or "")
+        if _disk_full(err):
             sqlite_file = storage.removeprefix("sqlite:///") if storage and storage.startswith("sqlite:///") else None
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), sqlite_file or _redact(storage or "")) from None
-        raise DogbenchError(f"the study's database {_redact(storage or '')} failed ({reason}); its finished trials "
-                            "are kept: run the same command again to continue") from None
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), sqlite_file or where) from err
+        driver = [e for e in _causes(err) if not isinstance(e, optuna.exceptions.StorageInternalError)]
+        reason = next((str(e).splitlines()[0] for e in reversed(driver) if str(e)), type(err).__name__)
+        transient = any(isinstance(e, sqlalchemy.exc.OperationalError) for e in driver)
+        raise DogbenchError(f"the study's database {where} failed ({reason}); its finished trials are kept"
+                            + (": run the same command again to continue" if transient else "")) from err
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and what it wraps (``__cause__``, ``__context__``, SQLAlchemy's driver error ``.orig``), outermost
+    first, each once (a chain may loop)."""
+    seen: set[int] = set()
+    todo: list[Any] = [err]
+    while todo:
+        e = todo.pop(0)
+        if isinstance(e, BaseException) and id(e) not in seen:
+            seen.add(id(e))
+            yield e
+            todo += [getattr(e, "orig", None), e.__cause__, e.__context__]
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether the database failed for a full disk: SQLite's SQLITE_FULL ("database or disk is full") or
+    PostgreSQL's SQLSTATE 53100 (disk_full; psycopg2's ``pgcode``, psycopg 3's ``sqlstate``)."""
+    return any(getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+               or "53100" in (getattr(e, "pgcode", None), getattr(e, "sqlstate", None)) for e in _causes(err))
 
 
 def _redact(url: str) -> str:
@@ -508,14 +529,10 @@ RECONNECTS = 5  # connection losses in a row a worker survives (waiting 1, 2, 4,
 
 def _connection_lost(err: BaseException) -> bool:
     """Whether ``err`` (or what it wraps: Optuna's StorageInternalError wraps SQLAlchemy's errors) is a lost
-    database connection, not a wrong query, a constraint or a permission."""
-    seen: BaseException | None = err
-    while seen is not None:
-        if isinstance(seen, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or (
-                isinstance(seen, sqlalchemy.exc.DBAPIError) and seen.connection_invalidated):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    database connection, not a wrong query, a constraint, a permission or a full disk."""
+    return not _disk_full(err) and any(
+        isinstance(e, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError)
+        or (isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated) for e in _causes(err))
 
 
 def _fail_and_requeue(study: optuna.Study, storage: optuna.storages.RDBStorage, trial: optuna.Trial) -> None:
@@ -536,7 +553,7 @@ def _reconnect(storage: optuna.storages.RDBStorage, study_name: str, err: Except
     if lost >= RECONNECTS:
         raise DogbenchError(
             f"lost the connection to the study's database {lost + 1} times in a row ({reason}); study "
-            f"'{study_name}' keeps every finished trial: start this worker again to continue it") from None
+            f"'{study_name}' keeps every finished trial: start this worker again to continue it") from err
     during = f" during trial {trial} (it will be run again)" if trial is not None else ""
     warnings.warn(f"lost the connection to the study's database{during}: {reason}; reconnecting", stacklevel=3)
     time.sleep(2 ** lost)

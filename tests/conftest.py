@@ -12,6 +12,7 @@ import io
 import os
 import socket
 import subprocess
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -350,14 +351,19 @@ class MountUnavailable(Exception):
 def tmpfs(where: Path, size: int) -> Iterator[Path]:
     """A tmpfs of ``size`` bytes mounted at ``where``: a disk that really fills up; unmounted after."""
     where.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                          capture_output=True, text=True)
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+    except FileNotFoundError as error:  # no mount(8) on this machine
+        raise MountUnavailable(f"cannot mount a tmpfs at {where}: {error}") from None
     if done.returncode != 0:
         raise MountUnavailable(f"cannot mount a tmpfs at {where}: {done.stderr.strip() or done.returncode}")
     try:
         yield where
     finally:
-        subprocess.run(["umount", "-l", str(where)], check=True)
+        undone = subprocess.run(["umount", "-l", str(where)], capture_output=True, text=True)
+        if undone.returncode != 0:
+            warnings.warn(f"could not unmount the tmpfs at {where}: {undone.stderr.strip()}", stacklevel=2)
 
 
 def unmount_below(folder: Path) -> list[str]:

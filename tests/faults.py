@@ -49,11 +49,11 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
 
     site, _, arg = point.partition(":")
     seen = {"write": 0, "step": 0}
-    last = [""]  # the file of the latest atomic write begun: where a step or time point struck
+    last: dict[str, Any] = {"file": "", "stepping": False}  # the latest atomic write begun; optimizer steps since?
     log = Path(os.environ["DOGBENCH_FAULT_LOG"]) if "DOGBENCH_FAULT_LOG" in os.environ else Path(os.devnull)
 
     def kill() -> None:
-        log.write_text(last[0])  # which file the point hit, or followed, for the campaign's table
+        log.write_text(json.dumps(last))  # which file the point hit, or followed, for the campaign's table
         os.kill(os.getpid(), signal.SIGKILL)
 
     def hit(kind: str) -> bool:
@@ -66,12 +66,12 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
 
     @contextlib.contextmanager
     def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
-        last[0] = str(path)
+        last.update(file=str(path), stepping=False)
         if not hit("write"):
             with real_open(path, mode) as handle:
                 yield handle
             return
-        log.write_text(str(path))
+        log.write_text(json.dumps(last))
         if site == "enospc":  # the disk fills up during this write: the real writer fails as a full disk fails
             with real_open(path, mode) as handle:
                 yield _FullDisk(handle)
@@ -90,6 +90,7 @@ def _install(point: str, counts: dict[str, int] | None = None) -> None:
 
     def optimizer_step(self: Any, step: int) -> None:
         real_step(self, step)
+        last["stepping"] = True
         if hit("step"):
             kill()
 
@@ -174,6 +175,10 @@ def run_torchrun(argv: list[str], point: str | None = None, counts_file: Path | 
 def _rank_child(argv: list[str]) -> None:
     """One torchrun rank: arm this rank's part of DOGBENCH_FAULT_POINT, run ``dogbench argv``, exit with its code
     (``os._exit``: a pending time point must not outlive the command)."""
+    if sys.platform == "linux":  # this rank dies with its torchrun agent, even a SIGKILLed one: no orphans
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     rank = os.environ["RANK"]
     target, _, point = os.environ.get("DOGBENCH_FAULT_POINT", "").partition("/")
     counts = os.environ.get("DOGBENCH_FAULT_COUNTS")
@@ -294,13 +299,15 @@ def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]
         code = runner(make_argv(folder), log=root / f"point{i:02d}.rerun.log")
         reruns += 1
     hit = log_file.with_suffix(".hit")
-    target = Path(hit.read_text()) if hit.is_file() and hit.read_text() else None
+    struck = json.loads(hit.read_text()) if hit.is_file() else {"file": "", "stepping": False}
+    target = Path(struck["file"]) if struck["file"] else None
     if kind == "disk":
         failed = re.search(r"No space left on device: (\S+)", said)
         target = Path(failed.group(1)) if failed else None
     file = _relative(target, folder)
-    row = {"point": point, "stage": stage(kind, file), "file": file, "first_exit": first, "rerun_exit": code,
-           "reruns": reruns, "equal": code == 0 and run_results(folder) == expected,
+    row = {"point": point, "stage": stage(kind, file, stepping=struck["stepping"]), "file": file,
+           "first_exit": first, "rerun_exit": code, "reruns": reruns,
+           "equal": code == 0 and run_results(folder) == expected,
            "temporaries_left": sorted(str(p.relative_to(folder.parent)) for base in (folder, _cache_of(folder))
                                       for p in base.rglob("*.tmp"))}
     if kind in ("enospc", "disk"):  # exit 2, the full disk and the file named, no traceback
@@ -311,10 +318,11 @@ def _one_point(runner: Callable[..., int], make_argv: Callable[[Path], list[str]
     return row
 
 
-def stage(kind: str, file: str | None) -> str:
-    """The stage of ``dogbench run`` a point struck, from the file it hit (a write, a full disk) or the latest
-    file written before it (a step, a time): extract, tune, evaluate, finetune, report (or start)."""
-    if kind == "step":
+def stage(kind: str, file: str | None, *, stepping: bool = False) -> str:
+    """The stage of ``dogbench run`` a point struck, from the file it hit (a write, a full disk) or, for a time
+    point, the latest file written before it or ``stepping`` (optimizer steps since that write): extract, tune,
+    evaluate, finetune, report (or start)."""
+    if kind == "step" or (kind == "time" and stepping):
         return "finetune (mid-epoch)"
     if file is None:
         return "start"

@@ -119,13 +119,14 @@ def test_a_corrupt_finetuned_weights_file_is_one_clear_error(
     assert (run / "results.json").is_file() and (run / "cnn" / "lp-ft" / "backbone.safetensors").is_file()
 
 
-@pytest.mark.parametrize("foreign", ["another architecture", "a pickle that runs code"])
+@pytest.mark.parametrize("foreign", ["another architecture", "a torch pickle under the safetensors name"])
 def test_a_finetuned_checkpoint_from_elsewhere_goes_through_the_weights_checks(
     tiny_finetune: tuple[Path, list[str], dict], tmp_path: Path, capsys: pytest.CaptureFixture, foreign: str
 ) -> None:
     """A fine-tuned model's weights swapped for a stranger's: the ViT's weights in the CNN's folder have their
-    missing and unexpected keys named; a torch pickle whose unpickling would run code is refused as weights and
-    its payload never runs. Exit 2, the file named, the rest of the run folder untouched."""
+    missing and unexpected keys named; a torch pickle (one whose unpickling would run code) saved under the
+    ``.safetensors`` name is refused as not a safetensors file, and its payload never runs. Exit 2, the file
+    named, the rest of the run folder untouched."""
     import shutil
 
     import torch

@@ -22,7 +22,7 @@ import torch
 from dogbench.config import load_config, resolve
 from dogbench.data.download import prepare_dataset
 from dogbench.features import ImageDataset
-from dogbench.finetune import probe_head, train_data
+from dogbench.protocols.finetune import probe_head, train_data
 from dogbench.protocols.frozen import Tuning, extract_stage
 from dogbench.rundir import RunDir
 from dogbench.training import build_trainable, load_for_training, resolve_params

@@ -9,7 +9,7 @@ On ``../shared``: the 80 full-size photos of ``stanford-dogs-originals`` (4 bree
    fp32 CPU): max abs difference, relative L2 difference, cosine; plus the photos' modes, EXIF and sizes.
 2. Accuracy: StandardScaler + LogisticRegression (C=1) on the default-path features of the dev set's 4,800
    train crops (120 breeds; cached under --cache), 120-way top-1 on the originals as whole photos (default path,
-   ``inference.Model`` as ``predict`` runs it, timm's PIL pipeline), cropped to their box, and cropped to their
+   ``predictor.Predictor`` as ``predict`` runs it, timm's PIL pipeline), cropped to their box, and cropped to their
    box and squashed to 224x224 as the dev crops were made; the ImageNet head's own top-1 as a reference.
    15 of the 80 originals are dev *train* crops too: accuracies are given on the 65 held-out photos and on all 80.
 3. Reduced-size decoding on photos larger than these: mosaics of the originals' tiles at their own resolution
@@ -280,9 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     head.fit(x_train, y_train)
     print(f"head fitted in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
-    from dogbench.inference import Model
+    from dogbench.predictor import Predictor
 
-    model = Model("cnn", backbone, head, classes=dev.classes, features=FeatureConfig(device="cpu",
+    model = Predictor("cnn", backbone, head, classes=dev.classes, features=FeatureConfig(device="cpu",
                                                                                      precision=Precision.FP32))
     predict_proba, errors = model.predict_proba([s.path for s in samples])
     assert not any(errors)
@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         name: [f"{samples[i].path.name} -> {classes[p]}" for i, p in enumerate(head.predict(x)) if p != y[i]]
         for name, x in inputs.items()
     }
-    accuracy["whole photo, inference.Model.predict_proba"] = score(predict_proba.argmax(1))
+    accuracy["whole photo, predictor.Predictor.predict_proba"] = score(predict_proba.argmax(1))
     accuracy["dev test crops (2,400, sanity)"] = {"all": float((head.predict(x_test) == y_test).mean())}
     from dogbench.heads import LinearHead, MLPHead
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dogbench.bench import DOGBENCH_COLUMNS, TIMM_COLUMNS, bench_backbone, bench_images, matmul_gflops
+from dogbench.bench.common import bench_images
+from dogbench.bench.extract import DOGBENCH_COLUMNS, TIMM_COLUMNS, bench_backbone, matmul_gflops
 from dogbench.cli import main
 from dogbench.config import BackboneConfig, BenchConfig, ConfigError, FeatureConfig, Precision, RunConfig, resolve
 from dogbench.data import Dataset, open_dataset

@@ -34,7 +34,8 @@ from dogbench.explain import (
 )
 from dogbench.features import feature_settings
 from dogbench.heads import LinearHead, head_identity
-from dogbench.inference import Model, load_run
+from dogbench.inference import load_run
+from dogbench.predictor import Predictor
 from dogbench.rundir import RunDir, RunFolderError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -263,7 +264,7 @@ def test_explain_image_vit_and_cnn(official_root: Path) -> None:
     pil = FeatureConfig(decoder="pil", reduced_decode=False)  # timm's PIL transform: comparable to input_image
     vit = random_backbone("vit", "vit_tiny_patch16_224", img_size=32, depth=2)
     head = fitted_head(vit.feature_dim, n_classes=3)
-    model = Model("vit", vit, head, classes=("a", "b", "c"), features=pil)
+    model = Predictor("vit", vit, head, classes=("a", "b", "c"), features=pil)
     ex = explain_image(model, sample.path, box=sample.box)
     assert ex.method == ROLLOUT and ex.image.shape == (32, 32, 3) and ex.image.dtype == np.uint8
     assert ex.heatmap.shape == (32, 32) and ex.heatmap.min() >= 0.0 and ex.heatmap.max() == 1.0
@@ -277,7 +278,7 @@ def test_explain_image_vit_and_cnn(official_root: Path) -> None:
     assert ex.top3[0] == (("a", "b", "c")[int(proba[0].argmax())], pytest.approx(float(proba[0].max())))
 
     cnn = random_backbone("cnn", "resnet18", input_size=64)
-    ex = explain_image(Model("cnn", cnn, None, classes=(), features=pil, crop_to_box=True), sample.path,
+    ex = explain_image(Predictor("cnn", cnn, None, classes=(), features=pil, crop_to_box=True), sample.path,
                        box=sample.box)
     assert ex.method == GRAD_CAM and ex.heatmap.shape == (64, 64) and ex.top3 == () and ex.box is None
     assert ex.target == "pooled feature norm"

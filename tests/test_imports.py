@@ -24,13 +24,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tune",),
     ("training",),
     ("evaluate",),
+    ("predictor",),
     ("results",),
     ("rundir",),
     ("protocols", "report"),
     ("inference",),
-    ("finetune",),
     ("explain",),
-    ("pipeline", "bench", "bench_train", "serve"),
+    ("pipeline", "bench", "serve"),
     ("cli", "__init__", "__main__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

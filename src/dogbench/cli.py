@@ -279,8 +279,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     data_s = time.perf_counter() - start
 
     if args.command == "bench":
-        from dogbench.bench import run_bench
-        from dogbench.bench_train import run_train_bench
+        from dogbench.bench.extract import run_bench
+        from dogbench.bench.train import run_train_bench
 
         bench = (run_train_bench if cfg.bench.train else run_bench)(cfg, dataset, progress=progress)
         out = Path(cfg.out) if cfg.out else Path("runs") / ("bench-" + time.strftime("%Y%m%d-%H%M%S"))

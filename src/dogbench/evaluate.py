@@ -360,3 +360,10 @@ def compare_paired(
         a_only_correct=a_only,
         b_only_correct=b_only,
     )
+
+
+def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Columns for every class of the dataset (classes absent from training get probability 0)."""
+    full = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
+    full[:, classes.astype(int)] = proba
+    return full

@@ -29,9 +29,10 @@ from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Preprocess
 from dogbench.data import ImageError, display_names, load_image
 from dogbench.errors import DogbenchError
+from dogbench.evaluate import full_proba
 from dogbench.heads import Head
-from dogbench.inference import LoadedRun, Model, top_classes
-from dogbench.protocols.scoring import full_proba
+from dogbench.inference import LoadedRun, top_classes
+from dogbench.predictor import Predictor
 
 __all__ = [
     "METHODS",
@@ -358,11 +359,11 @@ def _display_map(grid: torch.Tensor, size: tuple[int, int], *, clip_quantile: fl
     return up.clamp(0.0, 1.0).numpy()
 
 
-def explain_image(model: Model, image_path: str | Path, *, box: Box | None = None) -> Explanation:
+def explain_image(model: Predictor, image_path: str | Path, *, box: Box | None = None) -> Explanation:
     """Explain one photo with one model of a run: attention rollout for a ViT, Grad-CAM for a CNN, plus the tuned
     head's top-3 when the model has one.
 
-    The photo is decoded, resized and cropped by the model's own inference path (``Model.pixels``: the decoder,
+    The photo is decoded, resized and cropped by the model's own inference path (``Predictor.pixels``: the decoder,
     reduced-size decoding and box crop that extraction and ``predict`` use), so the top-3 is ``predict``'s.
     ``box`` (xmin, ymin, xmax, ymax, original pixels) is the crop the model sees when the run cropped to boxes,
     else it is mapped into input pixels for drawing (``Explanation.box``).
@@ -376,8 +377,8 @@ def explain_image(model: Model, image_path: str | Path, *, box: Box | None = Non
     return dataclasses.replace(explain_pixels(model, x_u8), box=drawn)
 
 
-def explain_pixels(model: Model, x_u8: torch.Tensor, *, features: np.ndarray | None = None) -> Explanation:
-    """Explain one uint8 (1, 3, H, W) model input from ``Model.pixels``: rollout (ViT) or Grad-CAM of the breed
+def explain_pixels(model: Predictor, x_u8: torch.Tensor, *, features: np.ndarray | None = None) -> Explanation:
+    """Explain one uint8 (1, 3, H, W) model input from ``Predictor.pixels``: rollout (ViT) or Grad-CAM of the breed
     the head predicts (CNN), and the head's top-3 (uncalibrated: the calibration does not change the order).
     ``features``: ``model.features(x_u8)`` when the caller has them already (one forward pass fewer)."""
     pixels = np.ascontiguousarray(x_u8[0].permute(1, 2, 0).numpy())

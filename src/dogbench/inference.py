@@ -1,9 +1,8 @@
 """Photos -> breed probabilities with a finished run's models: ``load_run(path)`` and its ``predict``.
 
-A ``Model`` is one backbone of a run with its preprocessing, its tuned head and the run's feature settings
-(decoder, reduced-size decoding, precision, memory layout): photos go through the very ``ImageDataset`` and
-``ModelRunner`` that extraction used, so ``predict`` on a run's test images gives the probabilities of its
-``predictions.npz``, and ``explain`` shows what ``predict`` says.
+Each model of a run is a ``Predictor`` (dogbench.predictor): its backbone, preprocessing, tuned head and the
+run's feature settings, so ``predict`` on a run's test images gives the probabilities of its ``predictions.npz``,
+and ``explain`` shows what ``predict`` says.
 
     >>> run = load_run("runs/shared-dev")                      # doctest: +SKIP
     >>> run.predict(["dog.jpg"], top_k=3)[0].top["cnn"]        # doctest: +SKIP
@@ -22,24 +21,18 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone, load_backbone
 from dogbench.config import FROZEN, BackboneConfig, FeatureConfig, Precision, RunConfig, crops_to_box
-from dogbench.data import IMAGE_EXTENSIONS, ImageError, Sample, display_names
-from dogbench.device import resolve_device, resolve_precision, resolve_workers
+from dogbench.data import IMAGE_EXTENSIONS, display_names
+from dogbench.device import resolve_device, resolve_precision
 from dogbench.errors import DogbenchError
-from dogbench.evaluate import apply_temperature
-from dogbench.features import ImageDataset, ModelRunner, effective_decoder, feature_settings, iter_batches
+from dogbench.features import feature_settings
 from dogbench.heads import META_FILE, Head, check_identity, head_identity, load_head
-from dogbench.protocols.scoring import full_proba
+from dogbench.predictor import ImageInput, Predictor
 from dogbench.rundir import FINETUNED_WEIGHTS, RunDir, RunFolderError
 
-__all__ = ["ImageInput", "ImagePrediction", "LoadedRun", "Model", "collect_images", "load_run"]
-
-ImageInput = str | Path | Image.Image | np.ndarray  # a file, a PIL image, or an (H, W[, 3]) uint8 array
-Box = tuple[int, int, int, int]
-PROGRESS_FROM = 64  # images: shorter lists get no progress bar
+__all__ = ["ImageInput", "ImagePrediction", "LoadedRun", "Predictor", "collect_images", "load_run"]
 
 
 @dataclass(frozen=True)
@@ -59,128 +52,6 @@ def _describe(image: ImageInput, index: int) -> str:
     return str(image) if isinstance(image, str | Path) else f"<image {index}>"
 
 
-class Model:
-    """One backbone + its preprocessing + its tuned head, on one device, as the run extracted features."""
-
-    def __init__(
-        self, label: str, backbone: Backbone, head: Head | None, *, classes: Sequence[str],
-        features: FeatureConfig | None = None, crop_to_box: bool = False, device: str = "cpu",
-        precision: Precision | None = None,
-    ) -> None:
-        features = features or FeatureConfig()
-        torch_device = resolve_device(device)
-        self.label = label
-        self.backbone = backbone
-        self.head = head
-        self.classes = tuple(classes)  # the dataset's class names; head labels index them
-        self.crop_to_box = crop_to_box
-        self.features_cfg = features
-        self.decoder = effective_decoder(features.decoder, backbone.preprocess)
-        self.runner = ModelRunner.create(
-            backbone, device=torch_device, precision=precision or resolve_precision(features.precision, torch_device),
-            compile=features.compile, reuse_host_memory=features.reuse_host_memory,
-        )
-        self.batch_size = self.runner.resolve_batch_size(features.batch_size)
-
-    @property
-    def device(self) -> torch.device:
-        return self.runner.device
-
-    def _image_set(self, samples: tuple[Sample, ...]) -> ImageDataset:
-        return ImageDataset.for_preprocess(
-            samples, self.backbone.preprocess, crop_to_box=self.crop_to_box,
-            reduced_decode=self.features_cfg.reduced_decode, decoder=self.decoder,
-        )
-
-    def pixels(
-        self, images: Sequence[ImageInput], boxes: Sequence[Box | None] | None = None, *, workers: int | None = None
-    ) -> Iterable[tuple[torch.Tensor, list[int], list[str]]]:
-        """Batches of (uint8 (B, 3, H, W) model inputs, their indices into ``images``, error texts ("" = ok)).
-
-        Files are decoded exactly as extraction decodes them (the run's decoder, reduced-size decoding, box crop
-        when the run cropped to boxes); in-memory images get the same resize and crop (torchvision's uint8 kernels
-        with the "auto" decoder, timm's PIL transform with "pil"), but no EXIF rotation or reduced decoding (they
-        are pixels already). ``workers`` overrides the run's decode workers (0: this process, e.g. one photo).
-        """
-        files = [i for i, im in enumerate(images) if isinstance(im, str | Path)]
-        if files:
-            samples = tuple(Sample(Path(images[i]), str(images[i]), -1, "test", boxes[i] if boxes else None)
-                            for i in files)
-            batches = [list(range(s, min(s + self.batch_size, len(files)))) for s in range(0, len(files),
-                                                                                          self.batch_size)]
-            loader = iter_batches(
-                self._image_set(samples), batches,
-                workers=resolve_workers(self.features_cfg.num_workers if workers is None else workers, self.device),
-                prefetch=self.features_cfg.prefetch, pin_memory=self.device.type == "cuda",
-            )
-            for x, index, errors in loader:
-                yield x, [files[int(i)] for i in index], list(errors)
-        memory = [i for i, im in enumerate(images) if not isinstance(im, str | Path)]
-        tensor_transform = self.backbone.preprocess.tensor_transform() if self.decoder == "auto" else None
-        pil_transform = self.backbone.preprocess.transform(uint8=True)
-
-        def prepare(image: ImageInput) -> torch.Tensor:  # the resize and crop a decoded file of this run gets
-            picture = _as_pil(image)
-            if tensor_transform is None:
-                return pil_transform(picture)
-            return tensor_transform(torch.from_numpy(np.array(picture)).permute(2, 0, 1).contiguous())
-
-        for start in range(0, len(memory), self.batch_size):
-            rows = memory[start : start + self.batch_size]
-            yield torch.stack([prepare(images[i]) for i in rows]), rows, [""] * len(rows)
-
-    def features(self, x: torch.Tensor) -> np.ndarray:
-        """(B, D) float32 features of a uint8 batch from ``pixels``."""
-        return self.runner(x)
-
-    @property
-    def temperature(self) -> float | None:
-        """The head's calibration (fitted on the validation split), None when it has none."""
-        return getattr(self.head, "temperature_", None)
-
-    def proba_of_features(self, feats: np.ndarray) -> np.ndarray:
-        """(B, n_classes) float64 probabilities over every class of the run's dataset, temperature-scaled with
-        the head's calibration when it has one (the probabilities of the run's ``predictions.npz``)."""
-        if self.head is None:
-            raise DogbenchError(f"'{self.label}' has no tuned head in this run: run `dogbench evaluate` on it first")
-        proba = full_proba(self.head.predict_proba(feats), self.head.classes_, len(self.classes))
-        return proba if self.temperature is None else apply_temperature(proba, self.temperature)
-
-    def predict_proba(
-        self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False,
-        boxes: Sequence[Box | None] | None = None,
-    ) -> tuple[np.ndarray, list[str]]:
-        """(N, n_classes) probabilities (NaN rows for unreadable images) and the error text per image ("" = ok).
-        ``strict``: an unreadable image raises ImageError instead. ``boxes``: each file's annotated box, used
-        when the run crops to boxes."""
-        out = np.full((len(images), len(self.classes)), np.nan)
-        errors = [""] * len(images)
-        with tqdm(total=len(images), unit="img", desc=f"predict {self.label}",
-                  disable=not progress or len(images) < PROGRESS_FROM) as bar:
-            for x, rows, errs in self.pixels(images, boxes):
-                bad = [(r, e) for r, e in zip(rows, errs, strict=True) if e]
-                if bad and strict:
-                    raise ImageError(f"{bad[0][1]} (--strict stops here)")
-                good = [k for k, e in enumerate(errs) if not e]
-                for r, e in bad:
-                    errors[r] = e
-                if good:
-                    proba = self.proba_of_features(self.features(x[good]))
-                    out[[rows[k] for k in good]] = proba
-                bar.update(len(rows))
-        return out, errors
-
-
-def _as_pil(image: ImageInput) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
-        raise ImageError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4) uint8, got {array.shape} "
-                         f"{array.dtype}")
-    return Image.fromarray(array).convert("RGB")
-
-
 @dataclass
 class LoadedRun:
     """A finished run's models, ready to classify photos: ``predict``, ``predict_proba``, ``models``, ``classes``."""
@@ -188,7 +59,7 @@ class LoadedRun:
     path: Path
     config: RunConfig
     classes: tuple[str, ...]  # display names, in label order: column j of every probability row
-    models: dict[str, Model]
+    models: dict[str, Predictor]
 
     def predict_proba(self, images: Sequence[ImageInput] | ImageInput) -> dict[str, np.ndarray]:
         """Per model label, (N, n_classes) float64 probabilities; an unreadable image raises ImageError."""
@@ -267,7 +138,7 @@ def load_run(
         classes = ()
     features = cfg.features if batch_size is None else _with_batch(cfg.features, batch_size)
     torch_device = resolve_device(device)  # once, before any model is loaded
-    models: dict[str, Model] = {}
+    models: dict[str, Predictor] = {}
     for bcfg in cfg.backbones:
         backbone = load_backbone(bcfg)
         recorded = results.models.get(bcfg.label) if results else None
@@ -279,7 +150,7 @@ def load_run(
             head = _checked_head(run, cfg, bcfg, bcfg.label, backbone, features=features, device=torch_device,
                                  precision=precision, feature_key=recorded.feature_key if recorded else None,
                                  what="head")
-        models[bcfg.label] = Model(bcfg.label, backbone, head, classes=classes, features=features,
+        models[bcfg.label] = Predictor(bcfg.label, backbone, head, classes=classes, features=features,
                                    crop_to_box=crops_to_box(cfg, bcfg), device=str(torch_device), precision=precision)
     for method in (m for m in cfg.finetune.methods if m != FROZEN):
         for bcfg in cfg.backbones:
@@ -296,9 +167,9 @@ def load_run(
 def finetuned_model(
     run: RunDir, cfg: RunConfig, bcfg: BackboneConfig, method: str, *, classes: Sequence[str],
     features: FeatureConfig, device: torch.device, precision: Precision,
-) -> Model:
+) -> Predictor:
     """The model ``<label>/<method>`` that ``dogbench finetune`` wrote: its backbone weights (LoRA merged) and
-    its head, checked against each other, through the same Model as a frozen backbone's."""
+    its head, checked against each other, through the same Predictor as a frozen backbone's."""
     folder = run.finetuned_dir(bcfg.label, method)
     label = f"{bcfg.label}/{method}"
     weights = folder / FINETUNED_WEIGHTS
@@ -308,7 +179,7 @@ def finetuned_model(
         backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(weights)))
     head = _checked_head(run, cfg, bcfg, label, backbone, features=features, device=device, precision=precision,
                          feature_key=None, what="finetune")
-    return Model(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
+    return Predictor(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
                  device=str(device), precision=precision)
 
 

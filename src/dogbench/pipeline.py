@@ -22,8 +22,8 @@ from dogbench.config import ReportConfig, RunConfig
 from dogbench.data import Dataset
 from dogbench.device import resolve_device
 from dogbench.errors import DogbenchError
-from dogbench.finetune import TrainJob, finetune_stage, run_job
 from dogbench.protocols.efficiency import add_data_efficiency
+from dogbench.protocols.finetune import TrainJob, finetune_stage, run_job
 from dogbench.protocols.frozen import (
     BackboneFeatures,
     Tuning,

@@ -1,7 +1,7 @@
 """``dogbench serve RUN_DIR``: a Gradio page over a finished run's models, loaded once, answering uploaded photos.
 
 ``Demo`` is the part without a web server: it screens an upload from its header (``data.uploads``), then sends it
-through every model's own inference path (``Model.pixels`` -> ``features`` -> ``proba_of_features``, exactly what
+through every model's own inference path (``Predictor.pixels`` -> ``features`` -> ``proba_of_features``, exactly what
 ``dogbench predict`` does, so both give the same breeds and probabilities) and explains it from the same pixels
 (``explain.explain_pixels``: attention rollout for ViTs, Grad-CAM for CNNs). Every answer says how long each
 model took and whether the models agree; a refused or unreadable upload is an answer with ``error`` set.
@@ -30,7 +30,8 @@ from dogbench.data import ImageError
 from dogbench.data.uploads import UploadError, UploadLimits, screen_upload
 from dogbench.errors import DogbenchError
 from dogbench.explain import explain_pixels, overlay
-from dogbench.inference import LoadedRun, Model, load_run, top_classes
+from dogbench.inference import LoadedRun, load_run, top_classes
+from dogbench.predictor import Predictor
 
 __all__ = ["Answer", "Demo", "ModelAnswer", "ServeConfig", "ServeError", "build_app", "serve"]
 
@@ -192,7 +193,7 @@ class Demo:
             LOG.debug("%s answered %s", label, name)
         return Answer(name, tuple(answers), screened.notes)
 
-    def _one(self, model: Model, path: Path, *, explain: bool) -> ModelAnswer:
+    def _one(self, model: Predictor, path: Path, *, explain: bool) -> ModelAnswer:
         with self._locks[model.label]:
             start = time.perf_counter()
             x, _, errors = next(iter(model.pixels([path], workers=0)))
@@ -269,7 +270,7 @@ def _md(text: str) -> str:
     return re.sub(r"([\\`*_{}\[\]()<>#+!|~-])", r"\\\1", text)
 
 
-def _title(model: Model) -> str:
+def _title(model: Predictor) -> str:
     method = model.label.split("/", 1)[1] if "/" in model.label else "frozen + tuned head"
     return f"### {model.label}\n`{model.backbone.tag}` ({'ViT' if model.backbone.is_vit else 'CNN'}, {method})"
 
@@ -341,7 +342,7 @@ def _safe(compute: Any, payload: Any) -> Answer | None:
                       f"'{name or 'the image'}' ({type(err).__name__}); it has been logged. Try another photo.")
 
 
-def _page_values(answer: Answer | None, models: list[Model]) -> list[Any]:
+def _page_values(answer: Answer | None, models: list[Predictor]) -> list[Any]:
     if answer is None:
         return ["Waiting for a photo.", ""] + [None, None, ""] * len(models)
     if answer.error:

@@ -22,12 +22,19 @@ from dogbench.config import Precision, RunConfig, crops_to_box
 from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
 from dogbench.device import fast_bf16_matmul, resolve_device
 from dogbench.errors import DogbenchError
-from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, fit_temperature, reliability_bins
+from dogbench.evaluate import (
+    ECE_BINS,
+    apply_temperature,
+    calibration_metrics,
+    fit_temperature,
+    full_proba,
+    reliability_bins,
+)
 from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import head_identity
 from dogbench.locks import locked
-from dogbench.protocols.scoring import compare_all, environment, full_proba, test_scores
+from dogbench.protocols.scoring import compare_all, environment, test_scores
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
 from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
 from dogbench.tune import (

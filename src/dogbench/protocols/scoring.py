@@ -17,13 +17,6 @@ from dogbench.data import Dataset
 from dogbench.evaluate import ClassificationMetrics, bootstrap_ci, classification_metrics, compare_paired
 
 
-def full_proba(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Columns for every class of the dataset (classes absent from training get probability 0)."""
-    full = np.zeros((proba.shape[0], n_classes), dtype=np.float64)
-    full[:, classes.astype(int)] = proba
-    return full
-
-
 def test_scores(
     y: np.ndarray, proba: np.ndarray, dataset: Dataset, cfg: RunConfig
 ) -> tuple[dict[str, Any], ClassificationMetrics, np.ndarray]:

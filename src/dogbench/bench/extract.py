@@ -22,14 +22,12 @@ import dataclasses
 import io
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +38,17 @@ from tqdm.auto import tqdm
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 from dogbench.backbones import Backbone, load_backbone, measure_gflops
+from dogbench.bench.common import bench_images, jsonable, loadavg, machine_info, sync_device, table_lines
 from dogbench.config import BackboneConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
-from dogbench.device import DTYPES, cpu_cores, device_name, resolve_device, resolve_precision, resolve_workers
+from dogbench.device import (
+    DTYPES,
+    device_name,
+    exact_fp32,
+    resolve_device,
+    resolve_precision,
+    resolve_workers,
+)
 from dogbench.errors import DogbenchError
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, extract_features, iter_batches
 
@@ -66,13 +72,6 @@ class BenchRow:
         return {k: self.values.get(k, "") for k in (*TIMM_COLUMNS, *DOGBENCH_COLUMNS, *EXTRA_COLUMNS)}
 
 
-def bench_images(dataset: Dataset, n: int) -> Dataset:
-    """``n`` samples spread evenly over the dataset in sample-id order (every class, both splits)."""
-    samples = sorted(dataset.samples, key=lambda s: s.sample_id)
-    step = max(1, len(samples) // n)
-    return dataclasses.replace(dataset, samples=tuple(samples[::step][:n]))
-
-
 def matmul_gflops(device: torch.device, precision: Precision, *, size: int | None, reps: int = 5) -> float:
     """Median GFLOP/s of ``reps`` (size x size) @ (size x size) products in the run's precision (exact fp32)."""
     size = size or (2048 if device.type == "cpu" else 8192)
@@ -80,34 +79,16 @@ def matmul_gflops(device: torch.device, precision: Precision, *, size: int | Non
     gen = torch.Generator(device="cpu").manual_seed(0)
     a = torch.randn(size, size, generator=gen).to(device, dtype)
     b = torch.randn(size, size, generator=gen).to(device, dtype)
-    with _exact_fp32_matmul(device, precision):
+    with exact_fp32(device, precision):
         torch.mm(a, b)
         times = []
         for _ in range(reps):
-            _sync(device)
+            sync_device(device)
             start = time.perf_counter()
             torch.mm(a, b)
-            _sync(device)
+            sync_device(device)
             times.append(time.perf_counter() - start)
     return 2 * size**3 / statistics.median(times) / 1e9
-
-
-@contextmanager
-def _exact_fp32_matmul(device: torch.device, precision: Precision) -> Iterator[None]:
-    if device.type != "cuda" or precision is not Precision.FP32:
-        yield
-        return
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def model_only(runner: ModelRunner, batch_size: int, *, batches: int, warmup: int = 2) -> list[float]:
@@ -116,12 +97,12 @@ def model_only(runner: ModelRunner, batch_size: int, *, batches: int, warmup: in
     x = runner.prepare(torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
     for _ in range(warmup):
         runner.run_model(x)
-    _sync(runner.device)
+    sync_device(runner.device)
     times = []
     for _ in range(batches):
         start = time.perf_counter()
         runner.run_model(x)
-        _sync(runner.device)
+        sync_device(runner.device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -153,11 +134,11 @@ def recipe_features(
             folder = root / f"{s.label:04d}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / (s.sample_id.replace("/", "__") + s.path.suffix.lower())).symlink_to(s.path.resolve())
-        spec = {"backbone": _jsonable(dataclasses.asdict(bcfg)), "root": str(root), "batch_size": batch_size,
+        spec = {"backbone": jsonable(dataclasses.asdict(bcfg)), "root": str(root), "batch_size": batch_size,
                 "device": str(device), "out": tmp}
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         child = subprocess.run(
-            [sys.executable, "-m", "dogbench.bench", "recipe", str(Path(tmp) / "spec.json")],
+            [sys.executable, "-m", "dogbench.bench.extract", "recipe", str(Path(tmp) / "spec.json")],
             capture_output=True, text=True, check=False,
         )
         if child.returncode != 0:
@@ -180,7 +161,7 @@ def _recipe_child(spec_path: Path) -> None:
     model = backbone.model.to(device)
     with torch.no_grad():
         model(torch.zeros((spec["batch_size"], *backbone.preprocess.input_size), device=device))
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     transform = create_transform(**dataclasses.asdict(backbone.preprocess), is_training=False)
     dataset = ImageFolder(spec["root"], transform=transform)
@@ -194,14 +175,6 @@ def _recipe_child(spec_path: Path) -> None:
     np.save(out / "features.npy", torch.cat(outputs).numpy())
     names = [Path(p).name for p, _ in dataset.samples]
     (out / "recipe.json").write_text(json.dumps({"seconds": seconds, "names": names}))
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def bench_backbone(
@@ -325,50 +298,6 @@ def _row(
     return BenchRow(values=values, rounds=rounds)
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "cores": cpu_cores(), "platform": platform.platform(), "cpu": _cpu_model(),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import timm
-
-        info["timm"] = timm.__version__
-    except ImportError:  # pragma: no cover - timm is a dependency
-        pass
-    return info
-
-
-def _loadavg() -> float | None:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def table_lines(title: str, machine: dict[str, Any], repeats: int, header: list[str], body: list[list[str]]
-                ) -> list[str]:
-    """A bench's printed table: the machine and load in a title line, then aligned columns."""
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
-    return [
-        f"{title}: {machine.get('cpu')} / {machine.get('gpu', 'no GPU')}, torch {machine['torch']}, "
-        f"{machine['threads']} threads; medians of {repeats} rounds; load average "
-        f"{machine.get('loadavg_1min_before')} before, {machine.get('loadavg_1min_after')} after",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-        "  ".join("-" * w for w in widths),
-        *("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in body),
-    ]
-
-
 @dataclass(frozen=True)
 class BenchResults:
     rows: tuple[BenchRow, ...]
@@ -421,7 +350,7 @@ def run_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> Ben
     if not dataset.samples:
         raise DogbenchError(f"Dataset {dataset.root} has no images to benchmark")
     start = time.perf_counter()
-    load_before = _loadavg()
+    load_before = loadavg()
     device = resolve_device(cfg.features.device)
     rows = []
     for bcfg in cfg.backbones:  # one model in memory at a time
@@ -429,12 +358,12 @@ def run_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> Ben
     machine = machine_info(device) | {
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         # 1-minute load average before and after: above ~0.5 on an idle machine means something else competed.
-        "loadavg_1min_before": load_before, "loadavg_1min_after": _loadavg(),
+        "loadavg_1min_before": load_before, "loadavg_1min_after": loadavg(),
     }
     return BenchResults(tuple(rows), machine, dataset.name, time.perf_counter() - start)
 
 
-if __name__ == "__main__":  # the recipe's own process: python -m dogbench.bench recipe SPEC.json
+if __name__ == "__main__":  # the recipe's own process: python -m dogbench.bench.extract recipe SPEC.json
     if len(sys.argv) != 3 or sys.argv[1] != "recipe":
-        sys.exit("usage: python -m dogbench.bench recipe SPEC.json (run by dogbench bench)")
+        sys.exit("usage: python -m dogbench.bench.extract recipe SPEC.json (run by dogbench bench)")
     _recipe_child(Path(sys.argv[2]))

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
 from dogbench.backbones import Backbone, load_backbone
-from dogbench.bench import _jsonable, _loadavg, _sync, bench_images, machine_info, table_lines
+from dogbench.bench.common import bench_images, jsonable, loadavg, machine_info, sync_device, table_lines
 from dogbench.config import BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import device_name, resolve_device
@@ -86,7 +86,7 @@ def step_alone(bcfg: BackboneConfig, cfg: RunConfig, *, steps: int, device: torc
     for step in range(steps + 2):  # one more warm-up step than the timed ones start from
         stepper.forward_backward(x, y)
         stepper.optimizer_step(step)
-        _sync(device)
+        sync_device(device)
         if step >= 1:
             stamps.append(time.perf_counter())
     return _rate(stamps, params.batch_size)
@@ -107,7 +107,7 @@ def end_to_end(bcfg: BackboneConfig, cfg: RunConfig, samples: tuple[Sample, ...]
     stamps: list[float] = []
 
     def on_step(step: int) -> None:
-        _sync(device)
+        sync_device(device)
         stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="dogbench-train-bench-") as out:
@@ -124,11 +124,11 @@ def recipe(bcfg: BackboneConfig, samples: tuple[Sample, ...], *, batch_size: int
             folder = root / f"{s.label:04d}"
             folder.mkdir(parents=True, exist_ok=True)
             (folder / (s.sample_id.replace("/", "__") + s.path.suffix.lower())).symlink_to(s.path.resolve())
-        spec = {"backbone": _jsonable(dataclasses.asdict(bcfg)), "root": str(root), "batch_size": batch_size,
+        spec = {"backbone": jsonable(dataclasses.asdict(bcfg)), "root": str(root), "batch_size": batch_size,
                 "steps": steps, "device": str(device), "out": tmp}
         (Path(tmp) / "spec.json").write_text(json.dumps(spec))
         child = subprocess.run(
-            [sys.executable, "-m", "dogbench.bench_train", "recipe", str(Path(tmp) / "spec.json")],
+            [sys.executable, "-m", "dogbench.bench.train", "recipe", str(Path(tmp) / "spec.json")],
             capture_output=True, text=True, check=False)
         if child.returncode != 0:
             raise DogbenchError(f"The training recipe process failed (exit {child.returncode}): "
@@ -158,7 +158,7 @@ def _recipe_child(spec_path: Path) -> None:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        _sync(device)
+        sync_device(device)
         stamps.append(time.perf_counter())
     rate = spec["batch_size"] * (len(stamps) - 1) / (stamps[-1] - stamps[0])
     (Path(spec["out"]) / "recipe.json").write_text(json.dumps({"samples_per_sec": rate}))
@@ -212,7 +212,7 @@ def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) 
     if len(samples) < batch * (steps + 1):
         raise DogbenchError(f"bench --train needs {batch * (steps + 1)} images ({steps + 1} steps of "
                             f"{batch}); {dataset.root} has {len(samples)}")
-    start, load_before = time.perf_counter(), _loadavg()
+    start, load_before = time.perf_counter(), loadavg()
     rows, all_rounds = [], []
     for bcfg in cfg.backbones:
         backbone, params = _setup(bcfg, cfg, device)  # what the row reports; each mode loads its own copy
@@ -246,11 +246,11 @@ def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) 
         rows.append(row)
         all_rounds.append(rounds)
         del backbone
-    machine = machine_info(device) | {"loadavg_1min_before": load_before, "loadavg_1min_after": _loadavg()}
+    machine = machine_info(device) | {"loadavg_1min_before": load_before, "loadavg_1min_after": loadavg()}
     return TrainBenchResults(tuple(rows), tuple(all_rounds), machine, dataset.name, time.perf_counter() - start)
 
 
-if __name__ == "__main__":  # the recipe's own process: python -m dogbench.bench_train recipe SPEC.json
+if __name__ == "__main__":  # the recipe's own process: python -m dogbench.bench.train recipe SPEC.json
     if len(sys.argv) != 3 or sys.argv[1] != "recipe":
-        sys.exit("usage: python -m dogbench.bench_train recipe SPEC.json (run by dogbench bench --train)")
+        sys.exit("usage: python -m dogbench.bench.train recipe SPEC.json (run by dogbench bench --train)")
     _recipe_child(Path(sys.argv[2]))

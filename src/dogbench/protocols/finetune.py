@@ -1,7 +1,7 @@
 """The fine-tuning protocol: for each backbone and method, train on the frozen protocol's training split (its
 readable images, its validation split), tune the recipe on validation when asked (``finetune.trials``: Optuna
 with Hyperband / successive halving on per-epoch validation top-1), keep the best epoch, calibrate on
-validation, and score the test split once through the inference path (``inference.Model``: the same decoding,
+validation, and score the test split once through the inference path (``predictor.Predictor``: the same decoding,
 preprocessing and head as ``predict`` and ``explain``). Rows ``<label>/<method>`` join the frozen rows in
 ``results.json`` with paired tests against the frozen head of the same backbone and between backbones.
 """
@@ -32,7 +32,7 @@ from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, 
 from dogbench.features import feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import fitted_linear_head, head_identity
-from dogbench.inference import Model
+from dogbench.predictor import Predictor
 from dogbench.protocols.frozen import BackboneFeatures, Tuning, _study_lock, head_device, validation_temperature
 from dogbench.protocols.scoring import compare_all, test_scores
 from dogbench.results import ModelResult, RunResults
@@ -271,7 +271,7 @@ def finetune_backbone(
     precision = resolve_precision(cfg.features.precision, device)
     folder = run.finetuned_dir(bcfg.label, method)
 
-    def as_model(trained: Any) -> tuple[Model, Any, Any]:
+    def as_model(trained: Any) -> tuple[Predictor, Any, Any]:
         """``trained`` written to the run folder and loaded back through the inference path."""
         backbone_state, layer, adapter = export(trained)
         atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
@@ -280,7 +280,7 @@ def finetune_backbone(
         loaded = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
         fitted = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=val_top1,
                                     history=outcome.history)
-        return (Model(label, loaded, fitted, classes=dataset.classes, features=cfg.features,
+        return (Predictor(label, loaded, fitted, classes=dataset.classes, features=cfg.features,
                       crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision), fitted, adapter)
 
     # ------------------------------------------------------------ the inference path: calibrate, then test once
@@ -414,7 +414,7 @@ def _refit(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, bf: BackboneFeatur
         "wise_alpha": wise.get("alpha"), "history": out.history}
 
 
-def _proba(model: Model, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:
+def _proba(model: Predictor, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:
     """Uncalibrated probabilities of ``samples`` through the inference path (boxes when the run crops)."""
     proba, _ = model.predict_proba([s.path for s in samples], strict=True,
                                    boxes=[s.box for s in samples] if model.crop_to_box else None)

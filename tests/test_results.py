@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes, verdict
+from dogbench.rundir import RunDir
 
 
 def _comparison(delta: float, lo: float, hi: float, p: float) -> dict:
@@ -76,7 +77,7 @@ def test_summary_table_holds_every_row_and_the_verdict(results: RunResults) -> N
 
 
 def test_write_produces_json_csv_and_summary(results: RunResults, tmp_path: Path) -> None:
-    results.write(tmp_path)
+    RunDir(tmp_path).write_results(results)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["models"]["vit"]["test"]["top1"] == 0.85
     assert saved["dataset"]["skipped_files"] == [{"id": "a/b.jpg", "reason": "bad"}]

@@ -1,13 +1,15 @@
-"""Device and precision policy in one place: which device, which dtype, how many decode workers, exact fp32.
+"""Device and precision policy in one place: which device, which dtype, memory format, decode workers, exact fp32.
 
-Every stage that runs a model (extraction, prediction, explanations, heads, benchmarks) asks here.
+A command resolves one ``Policy`` from its settings and passes it down; every stage that runs a model
+(extraction, validation, test scoring, prediction, explanations, heads, training, benchmarks) reads it.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -68,6 +70,48 @@ def fast_bf16_matmul(device: torch.device) -> bool:
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
     return False
+
+
+def train_precision(device: torch.device) -> Precision:
+    """The precision of training steps (heads and fine-tuning) under ``auto``: bf16 where bf16 matmuls are fast."""
+    return Precision.BF16 if fast_bf16_matmul(device) else Precision.FP32
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How a command runs its models, decided once: ``precision`` for every forward pass that produces a figure
+    (extraction, validation, test, predict, explain, serve, export), ``train_precision`` for training steps."""
+
+    device: torch.device
+    precision: Precision
+    train_precision: Precision
+
+    @classmethod
+    def resolve(cls, device: str = "auto", precision: Precision | str = Precision.AUTO,
+                train: Precision | str = Precision.AUTO) -> Policy:
+        """Names checked against this machine; ``auto`` precisions resolved for the device."""
+        torch_device = resolve_device(device)
+        train = Precision(train)
+        return cls(torch_device, resolve_precision(Precision(precision), torch_device),
+                   train_precision(torch_device) if train is Precision.AUTO else train)
+
+    def memory_format(self, *, is_vit: bool) -> torch.memory_format:
+        """channels_last for CNNs (oneDNN and cuDNN pick their NHWC kernels); ViTs gain nothing from it."""
+        return torch.preserve_format if is_vit else torch.channels_last
+
+    def autocast(self, precision: Precision | None = None) -> AbstractContextManager[object]:
+        """Autocast in ``precision`` (default: the inference precision); fp32 runs exact (no TF32 on CUDA)."""
+        precision = precision or self.precision
+        dtype = DTYPES.get(precision)
+        if dtype is None:
+            return exact_fp32(self.device, precision)
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @contextmanager
+    def inference(self) -> Iterator[None]:
+        """The forward passes that produce figures: inference mode and the recorded precision."""
+        with torch.inference_mode(), self.autocast():
+            yield
 
 
 def cpu_cores() -> int:

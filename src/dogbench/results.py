@@ -1,7 +1,7 @@
 """The result records of a run and their files: the contract between evaluation and reporting.
 
 ``results.json`` (schema in README.md), ``results.csv`` (one row per model and method) and the printed
-summary table all come from ``RunResults``. No torch import here.
+summary table all come from ``RunResults``; rundir.RunDir writes them. No torch import here.
 """
 
 from __future__ import annotations
@@ -13,10 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-
-from dogbench.atomic import atomic_write_json, atomic_write_text
 
 RESULTS_SCHEMA_VERSION = 3  # 3: fine-tuned rows (method, training); 2: calibration, extra_test, seeds, data_efficiency
 READABLE_SCHEMAS = (1, 2, RESULTS_SCHEMA_VERSION)
@@ -120,11 +117,6 @@ class RunResults:
             raise ValueError(f"schema_version {d.get('schema_version')!r}, expected one of {READABLE_SCHEMAS}")
         models = {label: ModelResult(**m) for label, m in d["models"].items()}
         return cls(**{**d, "models": models, "dataset": DatasetInfo(**d["dataset"])})
-
-    def write(self, run_dir: Path) -> None:
-        atomic_write_json(run_dir / "results.json", self.to_dict())
-        atomic_write_text(run_dir / "results.csv", self.to_csv())
-        atomic_write_text(run_dir / "summary.txt", self.summary_table() + "\n")
 
     def csv_rows(self) -> list[dict[str, Any]]:
         rows = []

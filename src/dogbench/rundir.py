@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from dogbench.atomic import atomic_write_json, atomic_write_with
+from dogbench.atomic import atomic_write_json, atomic_write_text, atomic_write_with
 from dogbench.config import RunConfig, config_differences, from_mapping, saved_to_doc
 from dogbench.errors import DogbenchError
 from dogbench.locks import locked
@@ -43,6 +43,8 @@ from dogbench.results import RunResults
 
 CONFIG_FILE = "config.json"
 RESULTS_FILE = "results.json"
+RESULTS_CSV = "results.csv"
+SUMMARY_FILE = "summary.txt"
 TUNING_FILE = "tuning.json"
 HEAD_DIR = "head"
 PREDICTIONS_FILE = "predictions.npz"
@@ -235,7 +237,10 @@ class RunDir:
         return self._read_json(self.results_path, "results", RunResults.from_dict)
 
     def write_results(self, results: RunResults) -> None:
-        results.write(self.path)
+        """results.json, results.csv (one row per model and method) and summary.txt (the printed table)."""
+        atomic_write_json(self.results_path, results.to_dict())
+        atomic_write_text(self.path / RESULTS_CSV, results.to_csv())
+        atomic_write_text(self.path / SUMMARY_FILE, results.summary_table() + "\n")
 
     # ------------------------------------------------------------ tuning
     def read_tuning(self, label: str, parse: Callable[[Any], T]) -> T | None:

@@ -145,7 +145,8 @@ def test_missing_predictions_name_the_command_that_makes_them(runs: tuple[Path, 
 
 
 def test_the_page_escapes_what_it_did_not_write() -> None:
-    from dogbench.report.render import Report, Section, Table, render_html, render_markdown
+    from dogbench.report.document import Report, Section, Table
+    from dogbench.report.render import render_html, render_markdown
 
     report = Report("dogbench: a<b", "x & y", ['<script>alert(1)</script> wins'], ['"quoted" <i>'],
                     [Section("s", "T", ["1 < 2 & 3"], [Table(["h<"], [["<b>bold</b>"]])])], {})
@@ -238,7 +239,8 @@ def test_examples_of_models_without_shared_test_images_come_from_the_first() -> 
 
 
 def test_per_breed_accuracy_and_confused_pairs_known_answers(tmp_path: Path) -> None:
-    from dogbench.report.render import _Assets, _confusion_section, _recall
+    from dogbench.report.document import Assets
+    from dogbench.report.sections import _recall, confusion_section
 
     # 6 images of classes 0,0,1,1,2,2: row 1 (class 0) taken for 1, rows 4 and 5 (class 2) taken for 1
     y = np.array([0, 0, 1, 1, 2, 2])
@@ -249,7 +251,7 @@ def test_per_breed_accuracy_and_confused_pairs_known_answers(tmp_path: Path) -> 
                  np.array([str(tmp_path / f"{i}.jpg") for i in range(6)]), ("a", "b", "c"), None, np.full((6, 4), -1))
     np.testing.assert_array_equal(_recall(m, np.arange(6)), [0.5, 1.0, 0.0])
     np.testing.assert_array_equal(_recall(m, np.array([0, 2, 3])), [1.0, 1.0, np.nan])
-    section = _confusion_section([m], _Assets(), pairs=5)
+    section = confusion_section([m], Assets(), pairs=5)
     table = section.blocks[1]
     assert [row[:3] for row in table.rows] == [["c", "b", "2 of 2"], ["a", "b", "1 of 2"]]
 
@@ -273,10 +275,10 @@ def test_cross_run_comparisons_align_permuted_rows() -> None:
 
 
 def test_per_breed_compares_the_cnn_with_the_vit(runs: tuple[Path, Path, Path]) -> None:
-    from dogbench.report.render import _comparable_pair
+    from dogbench.report.sections import comparable_pair
 
     base, both, cnn_only = runs
     models = [m for run in load_runs([cnn_only, both]) for m in run.models.values()]
-    a, b = _comparable_pair(models)  # cnn-only/cnn comes first, but the CNN / ViT pair is preferred
+    a, b = comparable_pair(models)  # cnn-only/cnn comes first, but the CNN / ViT pair is preferred
     assert (a.key, b.key) == ("cnn-only/cnn", "both/vit")
-    assert _comparable_pair(models[:2]) is not None and _comparable_pair(models[:1]) is None
+    assert comparable_pair(models[:2]) is not None and comparable_pair(models[:1]) is None

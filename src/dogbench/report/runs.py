@@ -79,7 +79,7 @@ def _load_study(run_dir: Path, results: dict[str, Any], study_name: str) -> Stud
 
     storage = (results.get("config", {}).get("tune", {}) or {}).get("storage")
     if not storage:
-        storage = f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
+        storage = RunDir(run_dir).default_storage()
     if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
         # optuna would create an empty database there; a report only reads
         return Study(study_name, (), {}, note=f"its Optuna study is not here: {storage.removeprefix('sqlite:///')} "

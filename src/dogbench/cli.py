@@ -12,7 +12,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dogbench import __version__
 from dogbench.config import FROZEN, METHODS, ConfigError, RunConfig, load_config, resolve, saved_to_doc
@@ -98,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--methods", help="rows of the ladder, comma-separated: frozen,lora,partial,full,lp-ft "
                            "(finetune.methods; run's default: frozen)")
             p.add_argument("--epochs", type=int, help="fine-tuning epochs (finetune.epochs)")
+    _add_evaluate_bench(sub)
+    _add_report(sub)
+    _add_explain(sub)
+    _add_predict(sub)
+    _add_serve(sub)
+    _add_models(sub)
+    return parser
+
+
+def _add_evaluate_bench(sub: Any) -> None:
+    """``evaluate`` (a run folder's tuned heads, scored once) and ``bench`` (speed)."""
     help_text = "refit the tuned heads of RUN_DIR on train+val, score test once, compare (its config.json rules)"
     _add_common(sub.add_parser("evaluate", help=help_text, description=help_text), run_dir="positional")
     help_text = ("time decode alone, the model alone, end-to-end extraction and the hand-written recipe, against "
@@ -114,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--recipe", action=argparse.BooleanOptionalAction,
                        help="time the ImageFolder + DataLoader recipe too (bench.recipe; default on)")
 
+
+def _add_report(sub: Any) -> None:
+    """``report``: one or more run folders -> report.html and report.md."""
     help_text = ("write report.html (self-contained) and report.md from one or more run folders; several folders "
                  "(frozen and fine-tuned, other datasets) combine into one comparison")
     report = sub.add_parser("report", help=help_text, description=help_text)
@@ -126,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--seed", type=int, help="which test images the grid shows (report.seed)")
     report.add_argument("--quiet", action="store_true", help="no progress bars")
 
+
+def _add_explain(sub: Any) -> None:
+    """``explain``: attention rollout / Grad-CAM overlays of photos."""
     help_text = "write attention-rollout (ViT) / Grad-CAM (CNN) overlays of photos for every model of a run"
     explain = sub.add_parser("explain", help=help_text, description=help_text)
     explain.add_argument("run_dir", type=Path, metavar="RUN_DIR",
@@ -134,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--out", type=Path, help="folder for the overlays (default: RUN_DIR/explanations/photos)")
     explain.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps (default cpu)")
 
+
+def _add_predict(sub: Any) -> None:
+    """``predict``: top-k breeds of photos with every model of a run."""
     help_text = "classify photos (files and folders) with every model of a run: top-k breeds as a table, JSON or CSV"
     predict = sub.add_parser("predict", help=help_text, description=help_text)
     predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench run` wrote")
@@ -148,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="stop at the first unreadable file (default: report it and go on)")
     predict.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_serve(sub: Any) -> None:
+    """``serve``: the Gradio demo."""
     help_text = "a web page (Gradio) where every model of a run answers uploaded photos and shows where it looked"
     serve = sub.add_parser("serve", help=help_text, description=help_text + "; binds 127.0.0.1 unless --host says "
                            "otherwise, and never opens a public share link")
@@ -164,13 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--examples", type=int, default=8, help="test photos of the run offered as examples "
                        "(default 8)")
 
+
+def _add_models(sub: Any) -> None:
+    """``models``: architectures from timm, beside the ViT paper's Table 1."""
     help_text = ("print the architecture of timm models (layers, hidden size, MLP size, heads, parameters), built on "
                  "the meta device: the ViT variants table by default, beside the ViT paper's Table 1")
     models = sub.add_parser("models", help=help_text, description=help_text)
     models.add_argument("names", nargs="*", metavar="MODEL",
                         help="aliases or timm tags (default: ViT-S/B/L/H, ResNet50)")
     models.add_argument("--json", action="store_true", help="machine-readable output")
-    return parser
 
 
 def _run_folder(args: argparse.Namespace) -> RunDir | None:

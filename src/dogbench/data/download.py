@@ -330,27 +330,7 @@ def prepare_stanford_dogs(
     resumes and is verified; once unpacked they may be deleted by hand, and the extracted copy is still used.
     """
     if data is not None:
-        folder = Path(data).expanduser()
-        if not folder.is_dir():
-            raise DataNotFoundError(
-                f"--data {folder} does not exist or is not a folder. Accepted: a dataset folder "
-                "(Stanford Dogs Images/, Kaggle images/Images/, train/<class>/ + test/<class>/, or <class>/ "
-                f"folders) or a folder holding {', '.join(a.filename for a in archives)}"
-            )
-        has_archives = any((folder / a.filename).is_file() for a in archives)
-        try:
-            _, located = detect_layout(folder)
-        except DatasetLayoutError as exc:
-            if not has_archives:
-                raise DatasetLayoutError(
-                    f"{exc}\n  or a folder holding the archives {', '.join(a.filename for a in archives)}"
-                ) from exc
-            located = None
-        # A dataset right here wins; one found only in a subfolder may be a half-unpacked earlier run.
-        if located is not None and (located == folder.resolve() or not has_archives):
-            return folder
-        return _extract_archives(folder, archives, folder / EXTRACTED_DIR)
-
+        return _given_folder(Path(data).expanduser(), archives)
     base = base_url or os.environ.get("DOGBENCH_DATA_URL") or STANFORD_DOGS_URL
     folder = (cache_dir or default_cache_dir()) / "stanford-dogs"
     target = folder / EXTRACTED_DIR
@@ -367,22 +347,47 @@ def prepare_stanford_dogs(
             reason = f"{folder} lacks {', '.join(required)} and downloading is off"
             raise _unavailable(folder, base, archives, reason)
         missing = []
+    failed = _fetch_archives(folder, base, archives, missing, progress=progress)
+    return _extract_archives(folder, archives, target, failed=failed)
+
+
+def _given_folder(folder: Path, archives: tuple[Archive, ...]) -> Path:
+    """``--data``: a dataset folder as it is, or a folder of archives unpacked beside them."""
+    if not folder.is_dir():
+        raise DataNotFoundError(
+            f"--data {folder} does not exist or is not a folder. Accepted: a dataset folder "
+            "(Stanford Dogs Images/, Kaggle images/Images/, train/<class>/ + test/<class>/, or <class>/ "
+            f"folders) or a folder holding {', '.join(a.filename for a in archives)}"
+        )
+    has_archives = any((folder / a.filename).is_file() for a in archives)
+    try:
+        _, located = detect_layout(folder)
+    except DatasetLayoutError as exc:
+        if not has_archives:
+            raise DatasetLayoutError(
+                f"{exc}\n  or a folder holding the archives {', '.join(a.filename for a in archives)}"
+            ) from exc
+        located = None
+    # A dataset right here wins; one found only in a subfolder may be a half-unpacked earlier run.
+    if located is not None and (located == folder.resolve() or not has_archives):
+        return folder
+    return _extract_archives(folder, archives, folder / EXTRACTED_DIR)
+
+
+def _fetch_archives(folder: Path, base: str, archives: tuple[Archive, ...], missing: list[Archive], *,
+                    progress: bool) -> dict[str, str]:
+    """Download ``missing`` into ``folder``; an optional archive that fails is skipped: {filename: reason}."""
     failed: dict[str, str] = {}
     for archive in missing:
         try:
-            fetch(
-                _archive_url(base, archive.filename),
-                folder / archive.filename,
-                size=archive.size,
-                sha256=archive.sha256,
-                progress=progress,
-            )
+            fetch(_archive_url(base, archive.filename), folder / archive.filename, size=archive.size,
+                  sha256=archive.sha256, progress=progress)
         except DownloadError as exc:
             reason = str(exc).split("\n", 1)[0].rstrip(".")
             if archive.filename not in OPTIONAL_ARCHIVES:
                 raise _unavailable(folder, base, archives, reason) from exc
             failed[archive.filename] = reason
-    return _extract_archives(folder, archives, target, failed=failed)
+    return failed
 
 
 def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:

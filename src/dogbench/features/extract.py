@@ -136,25 +136,9 @@ def extract_features(
     elif entry.is_complete():
         cached = entry.load(sample_ids=sample_ids)
     else:
-        with entry.lock():  # a second process on this key waits here, then reads the entry
-            if entry.is_complete():
-                cached = entry.load(sample_ids=sample_ids)
-            else:
-                start = time.perf_counter()
-                runner = runner or ModelRunner.create(
-                    backbone, device=device, precision=precision, compile=cfg.compile,
-                    reuse_host_memory=cfg.reuse_host_memory,
-                )
-                meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
-                                   crop_to_box=crop_to_box)
-                batch_size = _resume_batch_size(entry, runner, cfg, meta)
-                entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
-                n_computed = _extract_missing(
-                    runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
-                    strict=strict, progress=progress, desc=f"extract {backbone.label}",
-                )
-                extract_s = time.perf_counter() - start
-                cached = entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
+        cached, n_computed, extract_s, batch_size = _extract_locally(
+            backbone, dataset, entry, cfg=cfg, device=device, precision=precision, runner=runner,
+            crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
     if strict and not cached.ok.all():
         first = cached.sample_ids[int(np.argmin(cached.ok))]
         raise ImageError(f"{first}: {cached.errors[first]} (--strict stops here)")
@@ -162,6 +146,33 @@ def extract_features(
         cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision,
         batch_size=batch_size,
     )
+
+
+def _extract_locally(
+    backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig, device: torch.device,
+    precision: Precision, runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool,
+    sample_ids: list[str],
+) -> tuple[CachedFeatures, int, float, int | None]:
+    """One process: (the cached entry, images computed, seconds, batch size), under the entry's lock."""
+    with entry.lock():  # a second process on this key waits here, then reads the entry
+        if entry.is_complete():
+            return entry.load(sample_ids=sample_ids), 0, 0.0, None
+        start = time.perf_counter()
+        runner = runner or ModelRunner.create(
+            backbone, device=device, precision=precision, compile=cfg.compile,
+            reuse_host_memory=cfg.reuse_host_memory,
+        )
+        meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
+                           crop_to_box=crop_to_box)
+        batch_size = _resume_batch_size(entry, runner, cfg, meta)
+        entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
+        n_computed = _extract_missing(
+            runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
+            strict=strict, progress=progress, desc=f"extract {backbone.label}",
+        )
+        extract_s = time.perf_counter() - start
+        cached = entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
+    return cached, n_computed, extract_s, batch_size
 
 
 def _entry_meta(backbone: Backbone, dataset: Dataset, cfg: FeatureConfig, sample_ids: list[str], *,

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_tune.py --out bench_tune.json                       # 12,000 x 768, 100 trials
     .venv/bin/python benchmarks/bench_tune.py --dim 1280 --out bench_tune_1280.json
-    .venv/bin/python benchmarks/bench_tune.py --shared-dev benchmarks/shared-dev.toml --out bench_tune_dev.json
+    .venv/bin/python benchmarks/bench_tune.py --shared-dev configs/shared-dev.toml --out bench_tune_dev.json
     .venv/bin/python benchmarks/bench_tune.py --searches default --pruners halving hyperband median none ...
 
 Issue 10's targets on the 2-core development machine: the tuned head's validation top-1 never below the

@@ -1,7 +1,7 @@
 """Choices the head search was measured with and left out: feature normalisation before the probe, and averaging
 the probabilities of the best trials instead of taking the best one.
 
-    .venv/bin/python benchmarks/head_choices.py --config benchmarks/shared-dev.toml --out choices.json
+    .venv/bin/python benchmarks/head_choices.py --config configs/shared-dev.toml --out choices.json
 
 For every backbone of the config (cached features; run ``dogbench run`` on it first), split as ``dogbench run``
 splits: (1) the C-swept logistic probe on standardised features, on L2-normalised then standardised features, and

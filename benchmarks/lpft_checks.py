@@ -6,9 +6,9 @@
 2. the probe and the tuned head's configuration fitted on the training split alone vs what the frozen protocol
    reports after refitting them on train + validation: how much of LP-FT's gap is the protocol.
 
-    DOGBENCH_CACHE=... python benchmarks/lpft_checks.py --config benchmarks/finetune-cnn.toml --run R
+    DOGBENCH_CACHE=... python benchmarks/lpft_checks.py --config configs/finetune-cnn.toml --run R
 
-``R`` is the run folder ``dogbench finetune --config benchmarks/finetune-cnn.toml`` wrote (its tuning is read).
+``R`` is the run folder ``dogbench finetune --config configs/finetune-cnn.toml`` wrote (its tuning is read).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ RANKED = frozenset({"extract", "tune", "evaluate", "run", "finetune"})  # the co
 
 EPILOG = """examples:
   dogbench run --data ~/data/stanford-dogs                    # ViT-S/16 vs ResNet50 (hub weights)
-  dogbench run --config benchmarks/shared-dev.toml --out runs/shared-dev
+  dogbench run --config configs/shared-dev.toml --out runs/shared-dev
   dogbench run --data my_images --backbone cnn=resnet50 --backbone vit=vit_b16 --trials 20
   dogbench run --backbone vit=vit_small_patch14_dinov2@w.safetensors,img_size=224 --set 'tune.heads=["linear"]'
   dogbench predict runs/shared-dev dog.jpg photos/ --top-k 3 --format json

@@ -313,3 +313,88 @@ def test_data_classes_is_a_count_or_names() -> None:
     assert resolve({}).data.classes is None
     with pytest.raises(ConfigError, match="data.classes must name at least 2 classes"):
         resolve({"data": {"classes": 1}})
+
+
+def test_closed_choices_are_str_enums_saved_as_their_plain_values() -> None:
+    from dogbench.config import DECODERS, FINETUNE_METHODS, FROZEN, METHODS, PRUNERS, Decoder, Method, Pruner
+
+    assert (METHODS, FINETUNE_METHODS, PRUNERS, DECODERS) == (
+        ("frozen", "lora", "partial", "full", "lp-ft"), ("lora", "partial", "full", "lp-ft"),
+        ("halving", "hyperband", "median", "none"), ("auto", "pil"))
+    assert FROZEN == "frozen" and all(type(v) is str for v in (*METHODS, *PRUNERS, *DECODERS, *HEAD_KINDS))
+    cfg = resolve({}, overrides=["finetune.methods=lora,lp-ft", "tune.pruner=median", "features.decoder=pil"])
+    assert cfg.finetune.methods == (Method.LORA, Method.LP_FT) == ("lora", "lp-ft")
+    assert cfg.tune.pruner is Pruner.MEDIAN and cfg.features.decoder is Decoder.PIL
+    assert cfg.finetune.pruner == "hyperband"
+    saved = cfg.to_dict()
+    plain = [saved["finetune"]["methods"], saved["tune"]["pruner"], saved["features"]["decoder"],
+             saved["finetune"]["pruner"], saved["features"]["precision"]]
+    assert plain == [["lora", "lp-ft"], "median", "pil", "hyperband", "auto"]
+    assert all(type(v) is str for v in [*plain[0], *plain[1:]])  # the saved JSON is what plain strings gave
+
+
+def test_saved_config_keeps_its_key_order() -> None:
+    saved = resolve({}).to_dict()
+    assert list(saved) == ["data", "backbones", "features", "tune", "finetune", "evaluate", "shots", "bench", "report",
+                           "out"]
+    assert list(saved["tune"]) == ["trials", "timeout_s", "heads", "max_epochs", "storage", "seed", "baseline",
+                                   "pruner", "device", "study", "heartbeat_s", "grace_s"]
+    assert list(saved["finetune"])[:3] == ["methods", "epochs", "batch_size"] and list(saved["finetune"])[-3:] == [
+        "trials", "pruner", "seed"]
+
+
+def test_every_declaration_names_a_field_of_its_section() -> None:
+    import dataclasses
+
+    from dogbench.config import SECTIONS
+
+    for name, cls in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)}
+        assert set(cls.constraints) | set(cls.parsers) <= fields, name
+
+
+def test_interval_words_its_bounds() -> None:
+    from dogbench.config import Interval
+
+    assert Interval(1).describe() == ">= 1" and Interval(0, 1, closed="neither").describe() == "in (0, 1)"
+    assert Interval(0, 1, closed="left").describe() == "in [0, 1)" and Interval(high=5).describe() == "<= 5"
+    assert Interval(1).violation("k", None) is None  # an unset optional field passes
+    assert Interval(1, hint="omit it: auto").violation("k", 0) == "k must be >= 1 (omit it: auto), got 0"
+    assert Interval(0, 1, closed="left").violation("k", float("nan")) is not None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("finetune.methods=lora,bogus",
+         "Unknown method 'bogus' in finetune.methods. Valid methods: frozen, lora, partial, full, lp-ft"),
+        ("finetune.methods=[]", "finetune.methods is empty. Valid methods: frozen, lora, partial, full, lp-ft"),
+        ("features.decoder=cv2", "Unknown features.decoder 'cv2'. Valid decoders: auto, pil"),
+        ("features.precision=3", "Unknown features.precision '3'. Valid precisions: auto, fp32, bf16, fp16"),
+        ("finetune.pruner=fast", "Unknown finetune.pruner 'fast'. Valid pruners: halving, hyperband, median, none"),
+        ("tune.heads=mlp", None),
+        ("features.device=gpu", "features.device 'gpu' is not a device. Valid: auto, cpu, cuda, cuda:N, mps"),
+        ("features.num_workers=-1", "features.num_workers must be >= 0 (omit it: auto), got -1"),
+        ("finetune.ema_decay=1", "finetune.ema_decay must be in [0, 1), got 1"),
+        ("tune.heartbeat_s=60", "tune.heartbeat_s must be below tune.grace_s, got 60 and 60"),
+        ("finetune.precision=fp16", "finetune.precision fp16 is not supported"),
+        ("finetune.crop_scale=[0.5, 0.2]", "finetune.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1"),
+        ("shots.trials=0", "shots.trials must be >= 1, got 0"),
+    ],
+)
+def test_declared_constraints_name_the_key_and_the_valid_values(override: str, message: str | None) -> None:
+    if message is None:
+        resolve({}, overrides=[override])
+        return
+    with pytest.raises(ConfigError) as err:
+        resolve({}, overrides=[override])
+    assert str(err.value).startswith(message)
+
+
+def test_values_are_checked_by_resolve_not_when_a_saved_config_is_read() -> None:
+    from dogbench.config import from_mapping, validate
+
+    cfg = from_mapping({"tune": {"trials": 0}})  # keys and types only, like a saved config.json read back
+    assert cfg.tune.trials == 0
+    with pytest.raises(ConfigError, match="tune.trials must be >= 1"):
+        validate(cfg)

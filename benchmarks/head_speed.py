@@ -22,7 +22,7 @@ from bench_tune import shared_dev_features, synthetic_features
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from dogbench.heads import LogisticHead, MLPHead, TrainingData
+from dogbench.heads import FeatureData, LogisticHead, MLPHead
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     f = shared_dev_features(args.config)[0]
-    data = TrainingData.from_arrays(f.X_train, f.y_train, eval_set=(f.X_val, f.y_val))
+    data = FeatureData.from_arrays(f.X_train, f.y_train, eval_set=(f.X_val, f.y_val))
     scaler = StandardScaler().fit(f.X_train)
     report: dict = {"features": f.name, "logistic": [], "warm_start": [], "mlp_epoch": []}
     X_val, X_test = scaler.transform(f.X_val), scaler.transform(f.X_test)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
               f"predictions {row['same_test_predictions']:.4f} | 1.3C from zero {cold.n_iter_} it, warm "
               f"{warm.n_iter_} it", flush=True)
     syn = synthetic_features()
-    mlp_data = TrainingData.from_arrays(syn.X_train, syn.y_train)
+    mlp_data = FeatureData.from_arrays(syn.X_train, syn.y_train)
     for precision in ("fp32", "bf16"):
         for batch in (256, 512):
             for dropout in (0.0, 0.4):

@@ -21,15 +21,15 @@ from dogbench.heads import (
     HEAD_KINDS,
     META_FILE,
     TENSORS_FILE,
+    FeatureData,
     HeadKind,
     LinearHead,
     LogisticHead,
     MLPHead,
-    TrainingData,
-    _Dropout,
     load_head,
     make_head,
 )
+from dogbench.heads.fit import FastDropout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -105,7 +105,7 @@ def test_logistic_head_is_deterministic_and_seed_free():
 
 def test_logistic_warm_start_from_its_own_solution_takes_no_step():
     X, y, X_val, y_val = _probe_problem()
-    data = TrainingData.from_arrays(X, y, eval_set=(X_val, y_val))
+    data = FeatureData.from_arrays(X, y, eval_set=(X_val, y_val))
     cold = LogisticHead(C=0.1).fit_prepared(data)
     again = LogisticHead(C=0.1).fit_prepared(data, init=cold.module_.state_dict())
     assert again.n_iter_ == 0 and again.best_val_top1_ == cold.best_val_top1_
@@ -241,7 +241,7 @@ def test_fit_leaves_global_torch_rng_alone():
 def test_fit_prepared_equals_fit(head):
     X, y = _blobs()
     eval_set = (X[400:], y[400:])
-    data = TrainingData.from_arrays(X[:400], y[:400], eval_set=eval_set)
+    data = FeatureData.from_arrays(X[:400], y[:400], eval_set=eval_set)
     seen: list[tuple[int, float]] = []
     fitted = clone(head).fit(X[:400], y[:400], eval_set=eval_set)
     prepared = clone(head).fit_prepared(data, on_epoch=lambda e, v: seen.append((e, v)))
@@ -257,17 +257,17 @@ def test_fit_prepared_equals_fit(head):
 
 def test_fit_prepared_checks_standardisation_and_data():
     X, y = _blobs()
-    raw = TrainingData.from_arrays(X, y, standardize=False)
+    raw = FeatureData.from_arrays(X, y, standardize=False)
     assert np.array_equal(raw.X.numpy(), X) and not raw.mean.any() and (raw.scale == 1).all()
     with pytest.raises(ValueError, match="standardize=False, this head has True"):
         LinearHead(max_epochs=2).fit_prepared(raw)
     assert LinearHead(max_epochs=2, standardize=False).fit_prepared(raw).n_epochs_ == 2
     with pytest.raises(ValueError, match="eval_set has 8 features, X has 16"):
-        TrainingData.from_arrays(X, y, eval_set=(X[:10, :8], y[:10]))
+        FeatureData.from_arrays(X, y, eval_set=(X[:10, :8], y[:10]))
     with pytest.raises(ValueError, match="not seen in training"):
-        TrainingData.from_arrays(X, y, eval_set=(X[:10], np.full(10, 99)))
+        FeatureData.from_arrays(X, y, eval_set=(X[:10], np.full(10, 99)))
     with pytest.raises(ValueError, match="Unknown label type"):
-        TrainingData.from_arrays(X, X[:, 0])
+        FeatureData.from_arrays(X, X[:, 0])
 
 
 def test_refit_for_fixed_epochs_via_set_params_without_eval_set():
@@ -390,8 +390,8 @@ def test_dropout_keeps_the_expected_fraction_and_mean():
     torch.manual_seed(0)
     x = torch.ones(64, 4096)
     for p in (0.1, 0.5, 0.7):
-        out = _Dropout(p).train()(x)
+        out = FastDropout(p).train()(x)
         assert (out == 0).float().mean().item() == pytest.approx(p, abs=0.01)
         assert out.mean().item() == pytest.approx(1.0, abs=0.02)
-    dropout = _Dropout(0.5).eval()
+    dropout = FastDropout(0.5).eval()
     assert dropout(x) is x

@@ -162,6 +162,17 @@ def test_auto_precision_follows_the_device():
     assert {h["precision"] for h in head.history_} == {expected}
 
 
+def test_precision_takes_the_config_enum_or_its_strings():
+    X, y = _blobs()
+    by_enum = LinearHead(max_epochs=3, precision=config.Precision.BF16).fit(X, y)
+    by_string = LinearHead(max_epochs=3, precision="bf16").fit(X, y)
+    assert by_enum.precision is config.Precision.BF16  # stored as given (scikit-learn's contract)
+    assert np.array_equal(by_enum.predict_proba(X), by_string.predict_proba(X))
+    assert {h["precision"] for h in by_enum.history_} == {"bf16"}
+    with pytest.raises(ValueError, match="precision must be one of auto, fp32, bf16, got <Precision.FP16"):
+        LinearHead(precision=config.Precision.FP16).fit(X, y)
+
+
 def test_mlp_learns_xor_that_a_linear_head_cannot():
     rng = np.random.default_rng(0)
     X = rng.uniform(-1, 1, size=(2000, 2)).astype(np.float32)

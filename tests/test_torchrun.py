@@ -62,8 +62,9 @@ DDP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
-    from test_training import TINY, params_for
+    from test_training import TINY, params_for, train_files
     from dogbench import distributed
+    from dogbench.config import Precision
     from dogbench.training import build_trainable, load_for_training, train
     data_file, out, kill_rank, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     data = pickle.loads(data_file.read_bytes())
@@ -76,8 +77,8 @@ DDP_SCRIPT = textwrap.dedent("""
         if ranks.rank == kill_rank and step == kill_at and not killed.exists():
             killed.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-    outcome = train(t, backbone, data, params, out, device=torch.device("cpu"), checkpoint_every=2,
-                    progress=False, on_step=on_step)
+    outcome = train(t, backbone, data, params, train_files(out), device=torch.device("cpu"),
+                    val_precision=Precision.FP32, checkpoint_every=2, progress=False, on_step=on_step)
     # one file per rank (the ranks' stdout lines interleave)
     line = " ".join(["resumed" if outcome.resumed else "fresh", str(outcome.epochs_run), str(outcome.ranks)])
     (out.parent / f"{{out.name}}.rank{{ranks.rank}}").write_text(line)
@@ -93,7 +94,7 @@ def _equal_training(a_dir: Path, b_dir: Path) -> None:
     import safetensors.torch
     import torch
 
-    from dogbench.training import STATE_FILE
+    from dogbench.rundir import TRAIN_STATE_FILE as STATE_FILE
 
     a = torch.load(a_dir / STATE_FILE, weights_only=True)
     b = torch.load(b_dir / STATE_FILE, weights_only=True)
@@ -137,7 +138,7 @@ def ddp(tmp_path_factory: pytest.TempPathFactory):
 def test_ddp_killed_mid_epoch_then_relaunched_equals_the_uninterrupted_two_rank_run(ddp, tmp_path: Path) -> None:
     import torch
 
-    from dogbench.training import STATE_FILE
+    from dogbench.rundir import TRAIN_STATE_FILE as STATE_FILE
 
     launch, whole = ddp
     # 24 images, global batch 4 (2 per rank): 6 steps in the epoch; rank 0 (the writer) killed at step 3, one

@@ -19,10 +19,12 @@ import torch
 
 from dogbench.config import BackboneConfig, FinetuneConfig, Precision
 from dogbench.data import Sample
+from dogbench.rundir import BEST_EPOCH_FILE, TRAIN_PARAMS_FILE
+from dogbench.rundir import TRAIN_STATE_FILE as STATE_FILE
 from dogbench.training import (
-    STATE_FILE,
     Stepper,
     TrainData,
+    TrainFiles,
     TrainingError,
     base_name,
     build_trainable,
@@ -36,6 +38,7 @@ from dogbench.training import (
 )
 
 CPU = torch.device("cpu")
+VAL = Precision.FP32  # validation's precision: features.precision auto on the CPU, as the predictor resolves it
 TINY = {
     "vit": BackboneConfig(label="vit", model="test_vit", weights="random", model_kwargs={"img_size": 32}),
     "cnn": BackboneConfig(label="cnn", model="test_resnet", weights="random", input_size=(3, 32, 32)),
@@ -59,6 +62,12 @@ def make_data(root: Path, *, n_classes: int = 3, per_class: int = 8) -> TrainDat
                      n_classes)
 
 
+def train_files(folder: Path) -> TrainFiles:
+    """A training's files in ``folder``, by the run folder's names (as protocols.finetune names them)."""
+    return TrainFiles(state=folder / STATE_FILE, params=folder / TRAIN_PARAMS_FILE,
+                      best_template=folder / BEST_EPOCH_FILE)
+
+
 def params_for(method: str, kind: str, **changes: object):
     cfg = FinetuneConfig(epochs=1, batch_size=4, precision=Precision.FP32)
     return dataclasses.replace(resolve_params(cfg, method, is_vit=kind == "vit", device=CPU), **changes)
@@ -80,7 +89,7 @@ def test_each_method_runs_an_epoch(method: str, kind: str, data: TrainData, tmp_
     backbone = load_for_training(TINY[kind], params)
     t = build_trainable(backbone, data.n_classes, params,
                         head_init=probe_init(backbone, data.n_classes) if method == "lp-ft" else None)
-    out = train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    out = train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
     assert out.epochs_run == 1 and len(out.history) == 1
     assert np.isfinite(out.history[0]["train_loss"]) and 0 <= out.best_val_top1 <= 1
     assert out.train_images == (len(data.train) // 4) * 4 and out.images_per_s > 0
@@ -166,7 +175,7 @@ def test_lora_trains_only_adapters_and_head_and_leaves_base_weights_bitwise_unch
     trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     head0 = t.model.head.weight.detach().clone()
-    train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
     after = {base_name(k): v for k, v in t.model.backbone.state_dict().items() if "lora_" not in k}
     assert set(after) == set(before)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -184,8 +193,10 @@ KILL_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
-    from test_training import TINY, make_data, params_for
+    from test_training import TINY, make_data, params_for, train_files
+    from dogbench.config import Precision
     from dogbench.training import build_trainable, load_for_training, train
+    VAL = Precision.FP32
     images, out, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     data = make_data(images)
     params = params_for("full", "vit", epochs=2, drop_path=0.2, color_jitter=0.4)
@@ -194,8 +205,8 @@ KILL_SCRIPT = textwrap.dedent("""
     def on_step(step):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    outcome = train(t, backbone, data, params, out, device=torch.device("cpu"), checkpoint_every=2,
-                    progress=False, on_step=on_step)
+    outcome = train(t, backbone, data, params, train_files(out), device=torch.device("cpu"), val_precision=VAL,
+                    checkpoint_every=2, progress=False, on_step=on_step)
     print("resumed" if outcome.resumed else "fresh", outcome.epochs_run)
 """)
 
@@ -239,8 +250,8 @@ def test_a_corrupt_training_state_is_named_and_nothing_is_overwritten(data: Trai
     backbone = load_for_training(TINY["cnn"], params)
     (tmp_path / STATE_FILE).write_bytes(b"not a torch file")
     with pytest.raises(TrainingError, match=r"state\.pt is not a readable training state"):
-        train(build_trainable(backbone, data.n_classes, params), backbone, data, params, tmp_path, device=CPU,
-              progress=False)
+        train(build_trainable(backbone, data.n_classes, params), backbone, data, params, train_files(tmp_path),
+              device=CPU, val_precision=VAL, progress=False)
     assert (tmp_path / STATE_FILE).read_bytes() == b"not a torch file"
 
 
@@ -261,7 +272,7 @@ def test_batch_norm_statistics_stay_pretrained_unless_asked(freeze: bool, data: 
     backbone = load_for_training(TINY["cnn"], params)
     stats = {k: v.clone() for k, v in backbone.model.state_dict().items() if "running_" in k}
     t = build_trainable(backbone, data.n_classes, params)
-    train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
     after = t.model.backbone.state_dict()
     same = [torch.equal(stats[k], after[k]) for k in stats]
     assert all(same) if freeze else not any(same)
@@ -274,7 +285,7 @@ def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: P
                         grad_checkpointing=True, randaugment="rand-m9-mstd0.5-inc1")
     backbone = load_for_training(TINY["vit"], params)
     t = build_trainable(backbone, data.n_classes, params)
-    out = train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    out = train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
     assert out.epochs_run == 1 and np.isfinite(out.history[0]["train_loss"])
     assert out.history[0]["step"] == len(data.train) // 4 // 2  # one optimizer step per 2 batches of 4
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)
@@ -283,7 +294,7 @@ def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: P
     ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}
     assert set(best) == set(ema) and all(torch.equal(best[k], ema[k]) for k in best)
     again = train(build_trainable(load_for_training(TINY["vit"], params), data.n_classes, params), backbone, data,
-                  params, tmp_path, device=CPU, progress=False)
+                  params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
     assert again.resumed and again.history == out.history
 
 
@@ -305,9 +316,9 @@ def test_standalone_validation_scores_the_best_epoch_as_training_did(data: Train
     params = params_for("full", "cnn", epochs=2)
     backbone = load_for_training(TINY["cnn"], params)
     t = build_trainable(backbone, data.n_classes, params)
-    out = train(t, backbone, data, params, tmp_path, device=CPU, progress=False)
+    out = train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
     load_best(t, out.best_path)
-    assert validation_top1(t, backbone, data, params, device=CPU) == out.best_val_top1
+    assert validation_top1(t, backbone, data, params, device=CPU, precision=VAL) == out.best_val_top1
 
 
 def test_a_training_state_that_would_run_code_is_refused_and_its_payload_never_runs(data: TrainData,
@@ -320,8 +331,8 @@ def test_a_training_state_that_would_run_code_is_refused_and_its_payload_never_r
     params = params_for("full", "cnn")
     backbone = load_for_training(TINY["cnn"], params)
     with pytest.raises(TrainingError, match=r"state\.pt is not a readable training state .*UnpicklingError"):
-        train(build_trainable(backbone, data.n_classes, params), backbone, data, params, tmp_path, device=CPU,
-              progress=False)
+        train(build_trainable(backbone, data.n_classes, params), backbone, data, params, train_files(tmp_path),
+              device=CPU, val_precision=VAL, progress=False)
     assert not marker.exists(), "unpickling ran the payload"
 
 

@@ -55,6 +55,10 @@ OPTUNA_FILE = "optuna.db"
 FINETUNED_FILE = "model.json"  # what a fine-tuned model is: base backbone, method, training record
 FINETUNED_WEIGHTS = "backbone.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
+TRAIN_DIR = "train"  # <label>/<method>/train/<key>/: one folder per trained configuration
+TRAIN_STATE_FILE = "state.pt"  # the resumable training state
+TRAIN_PARAMS_FILE = "params.json"  # the configuration's resolved parameters and its state's digest
+BEST_EPOCH_FILE = "best-epoch{epoch}.safetensors"  # the best epoch's weights (the state names the epoch)
 NO_BOX = (-1, -1, -1, -1)  # predictions.npz "boxes" row of an image without an annotated box
 PREDICTION_ARRAYS = ("sample_ids", "y_true", "proba", "confusion", "paths", "boxes", "classes")
 
@@ -124,6 +128,10 @@ class RunDir:
     def finetuned_dir(self, label: str, method: str) -> Path:
         """A fine-tuned model's folder; its row, head and predictions are those of label ``<label>/<method>``."""
         return self.path / label / method
+
+    def train_dir(self, label: str, method: str) -> Path:
+        """The folder of every configuration trained for ``<label>/<method>`` (one ``<key>/`` each)."""
+        return self.finetuned_dir(label, method) / TRAIN_DIR
 
     def read_finetuned(self, label: str, method: str) -> dict[str, Any] | None:
         """``<label>/<method>/model.json``, or None when that model has not been fine-tuned here."""

@@ -40,8 +40,9 @@ from dogbench.backbones import Backbone, load_backbone
 from dogbench.bench.common import bench_images, jsonable, loadavg, machine_info, sync_device, table_lines
 from dogbench.config import BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
-from dogbench.device import device_name, resolve_device
+from dogbench.device import device_name, resolve_device, resolve_precision
 from dogbench.errors import DogbenchError
+from dogbench.protocols.finetune import train_files
 from dogbench.training import (
     Stepper,
     TrainData,
@@ -111,7 +112,8 @@ def end_to_end(bcfg: BackboneConfig, cfg: RunConfig, samples: tuple[Sample, ...]
         stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="dogbench-train-bench-") as out:
-        train(trainable, backbone, data, params, Path(out), device=device, progress=False, on_step=on_step)
+        train(trainable, backbone, data, params, train_files(Path(out)), device=device,
+              val_precision=resolve_precision(cfg.features.precision, device), progress=False, on_step=on_step)
     return _rate(stamps, params.batch_size)
 
 

@@ -24,7 +24,7 @@ import torch
 from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes
 from dogbench.backbones import load_backbone
-from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
+from dogbench.config import FROZEN, BackboneConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import resolve_device, resolve_precision
 from dogbench.errors import DogbenchError
@@ -36,10 +36,19 @@ from dogbench.predictor import Predictor
 from dogbench.protocols.frozen import BackboneFeatures, Tuning, _study_lock, head_device, validation_temperature
 from dogbench.protocols.scoring import compare_all, test_scores
 from dogbench.results import ModelResult, RunResults
-from dogbench.rundir import ADAPTER_FILE, FINETUNED_WEIGHTS, NO_BOX, Predictions, RunDir
+from dogbench.rundir import (
+    ADAPTER_FILE,
+    BEST_EPOCH_FILE,
+    FINETUNED_WEIGHTS,
+    NO_BOX,
+    TRAIN_PARAMS_FILE,
+    TRAIN_STATE_FILE,
+    Predictions,
+    RunDir,
+)
 from dogbench.training import (
-    STATE_FILE,
     TrainData,
+    TrainFiles,
     TrainingError,
     TrainOutcome,
     TrainParams,
@@ -134,6 +143,13 @@ class TrainJob:
     train_root: Path  # <label>/<method>/train/ of the run folder
     checkpoint_every: int
     device: str  # rank 0's (the folder's settled config): every rank trains on the same kind of device
+    val_precision: Precision  # what validation runs: the precision that scores test (features.precision)
+
+
+def train_files(folder: Path) -> TrainFiles:
+    """The files of one trained configuration in ``folder``, by the run folder's names."""
+    return TrainFiles(state=folder / TRAIN_STATE_FILE, params=folder / TRAIN_PARAMS_FILE,
+                      best_template=folder / BEST_EPOCH_FILE)
 
 
 def run_job(job: TrainJob, *, progress: bool, on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
@@ -147,7 +163,8 @@ def run_job(job: TrainJob, *, progress: bool, on_epoch: Any = None) -> tuple[Any
                      "preprocess": backbone.preprocess.to_dict(),
                      "probe": None if probe is None else hashlib.sha256(probe[0].tobytes() + probe[1].tobytes())
                      .hexdigest()})[:16]
-    outcome = train(trainable, backbone, job.data, job.params, job.train_root / key, device=torch.device(job.device),
+    outcome = train(trainable, backbone, job.data, job.params, train_files(job.train_root / key),
+                    device=torch.device(job.device), val_precision=job.val_precision,
                     checkpoint_every=job.checkpoint_every, progress=progress, on_epoch=on_epoch)
     return trainable, outcome
 
@@ -157,8 +174,8 @@ def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainDa
                 on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
     """One configuration of the run (its folder ``<label>/<method>/train/<key>/``); under torchrun the other
     ranks are told to train it too."""
-    job = TrainJob(bcfg, data, params, probe, run.finetuned_dir(bcfg.label, params.method) / "train",
-                   cfg.finetune.checkpoint_every, str(device))
+    job = TrainJob(bcfg, data, params, probe, run.train_dir(bcfg.label, params.method), cfg.finetune.checkpoint_every,
+                   str(device), resolve_precision(cfg.features.precision, device))
     distributed.announce("train", job)
     return run_job(job, progress=progress, on_epoch=on_epoch)
 
@@ -322,7 +339,8 @@ def finetune_backbone(
         # torchrun: the batch (and the lr that goes with it) is global, split over the ranks
         "ranks": outcome.ranks, "global_batch": params.batch_size * params.grad_accum,
         "rank_batch": params.batch_size // outcome.ranks,
-        "precision": outcome.precision, "params": params.to_dict(), "trials": trials,
+        "precision": outcome.precision, "val_precision": outcome.val_precision, "params": params.to_dict(),
+        "trials": trials,
         # every configuration this method trained here (the search's trials included): the ladder's cost
         "search_wall_s": round(_search_wall_s(run, bcfg.label, method), 3),
         "lora_targets": len(trainable.lora_targets), "base": bcfg.label,
@@ -363,7 +381,7 @@ def finetune_backbone(
 def _search_wall_s(run: RunDir, label: str, method: str) -> float:
     """Training wall seconds summed over every configuration trained for ``<label>/<method>`` in this folder."""
     total = 0.0
-    for path in (run.finetuned_dir(label, method) / "train").glob(f"*/{STATE_FILE}"):
+    for path in run.train_dir(label, method).glob(f"*/{TRAIN_STATE_FILE}"):
         try:
             total += float(load_state(path)["spent"]["wall"])
         except (TrainingError, KeyError, TypeError, ValueError):
@@ -380,13 +398,14 @@ def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData,
     began from) for each ``finetune.wise`` weight, scored on validation; ``trainable`` ends as the best mix (ties:
     the more fine-tuned). Rank 0 alone (the evaluation stage), deterministic, so a rerun repeats it."""
     device = resolve_device(cfg.features.device)
+    precision = resolve_precision(cfg.features.precision, device)  # as training validated and the predictor tests
     backbone = load_for_training(bcfg, params)
     start = build_trainable(backbone, data.n_classes, params, head_init=probe).model.state_dict()
     tuned = {k: v.detach().clone() for k, v in trainable.model.state_dict().items()}
-    curve = {1.0: validation_top1(trainable, backbone, data, params, device=device)}  # scored as the mixes are
+    curve = {1.0: validation_top1(trainable, backbone, data, params, device=device, precision=precision)}
     for alpha in sorted(set(cfg.finetune.wise) - {1.0}):
         trainable.model.load_state_dict(wise_mix(start, tuned, alpha))
-        curve[alpha] = validation_top1(trainable, backbone, data, params, device=device)
+        curve[alpha] = validation_top1(trainable, backbone, data, params, device=device, precision=precision)
     best = max(curve, key=lambda a: (curve[a], a))
     trainable.model.load_state_dict(wise_mix(start, tuned, best))
     return {"alpha": best, "val_top1": curve[best], "curve": {str(a): v for a, v in sorted(curve.items())}}

@@ -1,0 +1,108 @@
+"""Training data: the split's images, their seeded augmentation (timm's training transform, seeded per
+(seed, epoch, image) so a replayed epoch sees the same pixels) and the seeded order of an epoch's batches."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from dogbench.backbones import Preprocess
+from dogbench.data import Sample, load_image
+from dogbench.features.cache import cache_key
+from dogbench.training.recipe import TrainParams
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """Training and validation images with their labels (0..n_classes-1), as the frozen protocol split them."""
+
+    train: tuple[Sample, ...]
+    train_labels: np.ndarray
+    val: tuple[Sample, ...]
+    val_labels: np.ndarray
+    n_classes: int
+    crop_to_box: bool = False
+    reduced_decode: bool = True
+    decoder: str = "auto"
+
+    def digest(self) -> str:
+        return cache_key({
+            "train": [s.sample_id for s in self.train], "train_labels": self.train_labels.tolist(),
+            "val": [s.sample_id for s in self.val], "val_labels": self.val_labels.tolist(),
+            "n_classes": self.n_classes, "crop": self.crop_to_box, "reduced": self.reduced_decode,
+            "decoder": self.decoder,
+        })
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Python's, numpy's and torch's CPU global RNGs seeded with ``seed`` inside, restored after: timm's and
+    torchvision's transforms draw from them. Accelerator generators are not touched."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.default_generator.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of training image ``index`` in ``epoch``: the same whenever the epoch is replayed."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] % 2**63)
+
+
+class TrainImages:
+    """Training images: decoded (reduced-size for large JPEGs) in a thread pool ahead of the step that needs
+    them, then augmented by timm's training transform (random resized crop, flip, colour jitter or RandAugment)
+    in the training thread, seeded per (seed, epoch, image) so a resumed epoch sees the same pixels."""
+
+    def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, params: TrainParams, *,
+                 crop_to_box: bool, reduced_decode: bool) -> None:
+        from timm.data import create_transform
+
+        self.samples = tuple(samples)
+        self.crop_to_box = crop_to_box
+        self.min_side = preprocess.min_side if reduced_decode else None
+        self.transform = create_transform(
+            input_size=preprocess.input_size, is_training=True, use_prefetcher=True, scale=params.crop_scale,
+            hflip=0.5, color_jitter=params.color_jitter if params.color_jitter > 0 else None,
+            auto_augment=params.randaugment, interpolation=preprocess.interpolation, mean=preprocess.mean,
+            std=preprocess.std,
+        )
+
+    def decode(self, index: int) -> Any:
+        sample = self.samples[index]
+        return load_image(sample.path, box=sample.box if self.crop_to_box else None, min_side=self.min_side)
+
+    def augment(self, image: Any, seed: int) -> torch.Tensor:
+        with seeded(seed):
+            return self.transform(image)
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int) -> list[np.ndarray]:
+    """The epoch's shuffled micro-batches (seeded by (seed, epoch)); the last incomplete one is dropped (batch
+    norm and a stable step size want full batches) unless there is only one."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    full = n // batch_size
+    if full == 0:
+        return [order]
+    return [order[i * batch_size : (i + 1) * batch_size] for i in range(full)]
+
+
+def usable_batches(n: int, params: TrainParams, *, epoch: int) -> list[np.ndarray]:
+    """The epoch's batches that make whole optimizer steps (``grad_accum`` micro-batches each; all of them when
+    there are fewer than one step's worth)."""
+    batches = epoch_batches(n, params.batch_size, seed=params.seed, epoch=epoch)
+    if len(batches) >= params.grad_accum:
+        return batches[: len(batches) - len(batches) % params.grad_accum]
+    return batches

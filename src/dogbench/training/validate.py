@@ -1,0 +1,74 @@
+"""Validation through the one forward path (``features.runner.ModelRunner``) at the precision that scores test:
+training picks its best epoch, and WiSE-FT its mix, on the numbers the predictor gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from dogbench import distributed
+from dogbench.backbones import Backbone, Preprocess
+from dogbench.config import Precision
+from dogbench.data import ImageError
+from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
+from dogbench.training.data import TrainData
+from dogbench.training.model import Trainable
+from dogbench.training.recipe import TrainParams
+
+VAL_BATCH_SIZE = 64  # the least validation batch (the training batch when larger)
+
+
+class Validator:
+    """Validation through the one forward path (``features.runner.ModelRunner``) at the precision that scores
+    test, so training picks its best epoch on the numbers the predictor gives. Under torchrun rank r scores
+    images r, r + N, ... and the correct answers are summed over the ranks."""
+
+    def __init__(self, data: TrainData, preprocess: Preprocess, *, device: torch.device, precision: Precision,
+                 memory_format: torch.memory_format, batch_size: int, rank: int = 0, world: int = 1) -> None:
+        self.labels = data.val_labels[rank::world]
+        self.images = ImageDataset.for_preprocess(data.val[rank::world], preprocess, crop_to_box=data.crop_to_box,
+                                                  reduced_decode=data.reduced_decode,
+                                                  decoder=effective_decoder(data.decoder, preprocess))
+        self.preprocess, self.n_classes, self.world = preprocess, data.n_classes, world
+        self.device, self.precision, self.memory_format = device, precision, memory_format
+        self.batches = [list(range(s, min(s + batch_size, len(self.images))))
+                        for s in range(0, len(self.images), batch_size)]
+
+    def logits(self, module: nn.Module) -> np.ndarray:
+        """(N, C) float32 logits of this rank's validation images (the eval transform, as predict decodes)."""
+        module.eval()
+        runner = ModelRunner(module, self.preprocess, feature_dim=self.n_classes, device=self.device,
+                             precision=self.precision, memory_format=self.memory_format)
+        out = []
+        for x, _, errors in iter_batches(self.images, self.batches, workers=0, prefetch=1, pin_memory=False):
+            bad = [e for e in errors if e]
+            if bad:
+                raise ImageError(bad[0])
+            out.append(runner(x))
+        return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
+
+    def top1(self, module: nn.Module) -> float:
+        """Validation top-1 of ``module`` over every rank's images."""
+        right = int((self.logits(module).argmax(1) == self.labels).sum()) if len(self.labels) else 0
+        if self.world == 1:
+            return float(right / len(self.labels))
+        counts = distributed.all_sum(torch.tensor([right, len(self.labels)], dtype=torch.float64, device=self.device))
+        return float(counts[0] / counts[1])
+
+
+def validation_logits(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                      device: torch.device, precision: Precision) -> np.ndarray:
+    """(N, C) logits of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch validation
+    computes them (``Validator``: the predictor's forward path at ``precision``)."""
+    trainable.model.to(device, memory_format=trainable.memory_format)
+    validator = Validator(data, backbone.preprocess, device=device, precision=precision,
+                          memory_format=trainable.memory_format, batch_size=max(params.batch_size, VAL_BATCH_SIZE))
+    return validator.logits(trainable.model)
+
+
+def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                    device: torch.device, precision: Precision) -> float:
+    """Top-1 on ``data.val`` as training's per-epoch validation scores it (``validation_logits``)."""
+    logits = validation_logits(trainable, backbone, data, params, device=device, precision=precision)
+    return float((logits.argmax(1) == data.val_labels).mean())

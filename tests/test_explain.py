@@ -20,10 +20,8 @@ from dogbench.config import BackboneConfig, DataConfig, FeatureConfig, Precision
 from dogbench.data import load_image, open_dataset
 from dogbench.explain import (
     GRAD_CAM,
-    RECORDS_FILE,
     ROLLOUT,
     ExplainError,
-    _display_map,
     attention_rollout,
     box_in_input,
     explain_image,
@@ -32,11 +30,12 @@ from dogbench.explain import (
     input_image,
     overlay,
 )
+from dogbench.explain.maps import _display_map
 from dogbench.features import feature_settings
 from dogbench.heads import LinearHead, head_identity
 from dogbench.inference import load_run
 from dogbench.predictor import Predictor
-from dogbench.rundir import RunDir, RunFolderError
+from dogbench.rundir import EXPLANATIONS_FILE, RunDir, RunFolderError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -326,7 +325,7 @@ def test_explain_run_writes_overlays_side_by_side_and_records(tmp_path: Path) ->
         assert Image.open(out / r["figure"]).format == "PNG"
         assert len(r["top3"]) == 3 and {name for name, _ in r["top3"]} == {"Breed0", "Breed1", "Breed2"}
     assert records[1]["target"] == records[1]["top3"][0][0]
-    assert json.loads((out / RECORDS_FILE).read_text()) == records
+    assert json.loads((out / EXPLANATIONS_FILE).read_text()) == records
     assert not list(out.glob(".*.tmp"))
 
 
@@ -340,6 +339,48 @@ def test_explain_run_without_heads_and_not_a_run(tmp_path: Path) -> None:
         load_run(tmp_path / "dogs", require_heads=False)
     with pytest.raises(RunFolderError, match="results.json is missing"):
         load_run(tmp_path / "run")  # predictions need a finished evaluation
+
+
+TINY_RUN = ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32",
+            "--trials", "2", "--set", "tune.max_epochs=8", "--set", "evaluate.n_bootstrap=100", "--set",
+            "report.enabled=false", "--quiet"]
+
+
+def test_explain_shows_predicts_calibrated_probabilities(tmp_path: Path) -> None:
+    """One probability: explain's top-3 (records, figures, the demo's panels) is predict's, temperature and all."""
+    from conftest import make_class_folder_layout
+    from dogbench.cli import main
+    from dogbench.evaluate import full_proba
+    from dogbench.heads import META_FILE
+    from dogbench.inference import top_classes
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox", "owl"), n_train=8, n_test=4)
+    run_dir = tmp_path / "run"
+    assert main(["run", "--data", str(data), "--out", str(run_dir), "--cache-dir", str(tmp_path / "cache"),
+                 *TINY_RUN]) == 0
+    for label in ("cnn", "vit"):  # a calibration that moves the numbers (a tiny run's own fit may end at T = 1)
+        meta_path = RunDir(run_dir).head_dir(label) / META_FILE
+        meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "temperature": 2.5}))
+    photo = next(s.path for s in open_dataset(data).samples if s.split == "test")
+    run = load_run(run_dir)
+    predicted = run.predict_proba([photo])  # the predict path
+    records = explain_run(run, [photo], tmp_path / "explain")
+    assert [r["label"] for r in records] == ["cnn", "vit"]
+    for record in records:
+        model = run.models[record["label"]]
+        assert model.temperature == 2.5
+        expected = top_classes(predicted[record["label"]][0], run.classes, 3)
+        x_u8, _, _ = next(iter(model.pixels([photo], workers=0)))
+        features = model.features(x_u8)
+        for top3 in (record["top3"], explain_image(model, photo).top3):
+            assert [name for name, _ in top3] == [name for name, _ in expected]
+            np.testing.assert_allclose([p for _, p in top3], [p for _, p in expected], rtol=0, atol=1e-6)
+        # the calibration does change the numbers: the head's own probabilities are not what explain shows
+        raw = full_proba(model.head.predict_proba(features), model.head.classes_, len(run.classes))[0]
+        shown = np.array([p for _, p in expected])
+        assert np.abs(np.sort(raw)[::-1][:3] - shown).max() > 1e-3
+        if record["method"] == GRAD_CAM:
+            assert record["target"] == expected[0][0]  # Grad-CAM explains the predicted breed
 
 
 # ---------------------------------------------------------------- integration: ../shared

@@ -261,7 +261,8 @@ def explanations_section(runs: list[RunFolder], assets: Assets, notes: Sequence[
         "The same test images through each model: attention rollout for ViTs (attention of the class token, heads "
         "averaged with the identity added, multiplied through the layers) and Grad-CAM for CNNs (gradients of the "
         "predicted breed's score at the last convolutional stage), overlaid on the image as the model sees it "
-        "(after its resize and centre crop)."])
+        "(after its resize and centre crop). Under each overlay, the model's top-3 breeds with the calibrated "
+        "probabilities that dogbench predict gives."])
     seen: set[tuple[str, str]] = set()
     for run, record in records:  # one record per (image, model); the side-by-side figure holds them all
         figure = record["figure"]

@@ -1,60 +1,38 @@
-"""Where a backbone looks: attention rollout for ViTs, Grad-CAM for CNNs, as overlays on the model's input.
+"""Where a backbone looks: attention rollout for ViTs, Grad-CAM for CNNs, on the model's own input.
 
 ``attention_rollout`` (Abnar & Zuidema 2020) records each block's attention softmax with a hook on timm's
 ``attn.attn_drop`` while ``fused_attn`` is off (timm's ``utils/attention_extract.py``), and restores both on exit.
 ``grad_cam`` uses the maintained ``grad-cam`` package on the final feature map (``forward_features``) of a timm
-CNN, explaining the breed the run's tuned head predicts. ``explain_run`` writes the PNGs that ``dogbench explain``
-and the HTML report show: ``<stem>__<label>.png`` per backbone and ``<stem>.png`` side by side.
+CNN, explaining the breed the run's tuned head predicts. ``explain_image`` / ``explain_pixels`` explain one photo
+with one model of a run, with ``predict``'s calibrated top-3.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torch import nn
 
-from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Preprocess
 from dogbench.data import ImageError, display_names, load_image
 from dogbench.errors import DogbenchError
-from dogbench.evaluate import full_proba
 from dogbench.heads import Head
-from dogbench.inference import LoadedRun, top_classes
+from dogbench.inference import top_classes
 from dogbench.predictor import Predictor
-
-__all__ = [
-    "METHODS",
-    "RECORDS_FILE",
-    "Explanation",
-    "ExplainError",
-    "HeadFusion",
-    "attention_rollout",
-    "box_in_input",
-    "explain_image",
-    "explain_pixels",
-    "explain_run",
-    "grad_cam",
-    "input_image",
-    "overlay",
-    "side_by_side",
-]
 
 Box = tuple[int, int, int, int]  # (xmin, ymin, xmax, ymax) in original pixels, as Pascal-VOC annotations give it
 ROLLOUT, GRAD_CAM = "attention rollout", "grad-cam"
 METHODS = (ROLLOUT, GRAD_CAM)
-RECORDS_FILE = "explanations.json"
 TOP_K = 3
 DISPLAY_QUANTILE = 0.98  # rollout weights at or above this quantile of the patches get the top colour
 
@@ -78,7 +56,7 @@ class Explanation:
     image: np.ndarray  # (H, W, 3) uint8: the eval transform's resize and crop, before normalisation
     heatmap: np.ndarray  # (H, W) float32 in [0, 1] at input resolution, scaled for display (see _display_map)
     method: str  # one of METHODS
-    top3: tuple[tuple[str, float], ...] = ()  # (class name, probability) from the tuned head; empty without one
+    top3: tuple[tuple[str, float], ...] = ()  # (class name, calibrated probability): predict's; empty without a head
     box: tuple[float, float, float, float] | None = None  # annotated box in input pixels, when given
     target: str | None = None  # what Grad-CAM explains: the predicted class or "pooled feature norm"; None for rollout
 
@@ -360,11 +338,12 @@ def _display_map(grid: torch.Tensor, size: tuple[int, int], *, clip_quantile: fl
 
 
 def explain_image(model: Predictor, image_path: str | Path, *, box: Box | None = None) -> Explanation:
-    """Explain one photo with one model of a run: attention rollout for a ViT, Grad-CAM for a CNN, plus the tuned
-    head's top-3 when the model has one.
+    """Explain one photo with one model of a run: attention rollout for a ViT, Grad-CAM for a CNN, plus its
+    calibrated top-3 when the model has a head.
 
     The photo is decoded, resized and cropped by the model's own inference path (``Predictor.pixels``: the decoder,
-    reduced-size decoding and box crop that extraction and ``predict`` use), so the top-3 is ``predict``'s.
+    reduced-size decoding and box crop that extraction and ``predict`` use) and scored by ``predict``'s
+    ``Predictor.proba_of_features``, so the top-3 is ``predict``'s, probabilities included.
     ``box`` (xmin, ymin, xmax, ymax, original pixels) is the crop the model sees when the run cropped to boxes,
     else it is mapped into input pixels for drawing (``Explanation.box``).
     """
@@ -379,7 +358,7 @@ def explain_image(model: Predictor, image_path: str | Path, *, box: Box | None =
 
 def explain_pixels(model: Predictor, x_u8: torch.Tensor, *, features: np.ndarray | None = None) -> Explanation:
     """Explain one uint8 (1, 3, H, W) model input from ``Predictor.pixels``: rollout (ViT) or Grad-CAM of the breed
-    the head predicts (CNN), and the head's top-3 (uncalibrated: the calibration does not change the order).
+    the head predicts (CNN), and the top-3 of ``Predictor.proba_of_features`` (calibrated: ``predict``'s numbers).
     ``features``: ``model.features(x_u8)`` when the caller has them already (one forward pass fewer)."""
     pixels = np.ascontiguousarray(x_u8[0].permute(1, 2, 0).numpy())
     backbone, head = model.backbone, model.head
@@ -388,10 +367,10 @@ def explain_pixels(model: Predictor, x_u8: torch.Tensor, *, features: np.ndarray
     top3: tuple[tuple[str, float], ...] = ()
     column = None
     if head is not None:
-        head_proba = head.predict_proba(model.features(x_u8) if features is None else features)[0]  # head.classes_
-        names = display_names(model.classes)
-        top3 = top_classes(full_proba(head_proba[None], head.classes_, len(names))[0], names, TOP_K)
-        column = int(np.argmax(head_proba))  # the head's own column: Grad-CAM's target
+        proba = model.proba_of_features(model.features(x_u8) if features is None else features)[0]
+        top3 = top_classes(proba, display_names(model.classes), TOP_K)
+        # Grad-CAM's target is the head's own column of the predicted class (temperature keeps the argmax)
+        column = int(np.flatnonzero(np.asarray(head.classes_).astype(int) == int(np.argmax(proba)))[0])
     target = None
     if backbone.is_vit:
         method, heatmap = ROLLOUT, _display_map(attention_rollout(backbone.model, x)[0], size)
@@ -400,120 +379,3 @@ def explain_pixels(model: Predictor, x_u8: torch.Tensor, *, features: np.ndarray
         target = top3[0][0] if top3 else "pooled feature norm"
     return Explanation(image=pixels, heatmap=heatmap, method=method, top3=top3, target=target)
 
-
-# ---------------------------------------------------------------- pictures
-
-
-def overlay(
-    image: np.ndarray,
-    heatmap: np.ndarray,
-    *,
-    alpha: float = 0.5,
-    cmap: str = "jet",
-    box: Sequence[float] | None = None,
-) -> Image.Image:
-    """Blend a (H, W) heatmap in [0, 1], coloured with matplotlib's ``cmap``, over an (H, W, 3) uint8 image;
-    draw ``box`` (input pixels) in white when given."""
-    from matplotlib import colormaps
-
-    if image.shape[:2] != heatmap.shape:
-        raise ExplainError(f"Heatmap shape {heatmap.shape} does not match the image's {image.shape[:2]}")
-    if cmap not in colormaps:
-        raise ExplainError(f"Unknown colormap {cmap!r}; e.g. jet, inferno, viridis, magma, turbo")
-    colours = colormaps[cmap](np.clip(heatmap, 0.0, 1.0))[..., :3]
-    blended = (1.0 - alpha) * image.astype(np.float64) / 255.0 + alpha * colours
-    result = Image.fromarray(np.round(np.clip(blended, 0.0, 1.0) * 255).astype(np.uint8))
-    if box is not None:
-        ImageDraw.Draw(result).rectangle(list(box), outline=(255, 255, 255), width=2)
-    return result
-
-
-def _png(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def side_by_side(
-    image: np.ndarray, panels: Sequence[tuple[str, Image.Image, Sequence[tuple[str, float]]]],
-    *, box: Sequence[float] | None = None,
-) -> bytes:
-    """A PNG: the model input, then each (title, overlay, top-3) panel with its title and top-3 below."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    first = Image.fromarray(image)
-    if box is not None:
-        ImageDraw.Draw(first).rectangle(list(box), outline=(255, 255, 255), width=2)
-    columns = [("input", first, ())] + list(panels)
-    fig = Figure(figsize=(3.0 * len(columns), 3.9), dpi=100)
-    FigureCanvasAgg(fig)
-    for k, (title, picture, top) in enumerate(columns):
-        ax = fig.add_subplot(1, len(columns), k + 1)
-        ax.imshow(picture)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if top:
-            lines = "\n".join(f"{name.replace('_', ' ')[:28]}  {p:.0%}" for name, p in top)
-            ax.set_xlabel(lines, fontsize=8, loc="left")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
-
-
-# ---------------------------------------------------------------- a run's models
-
-
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, n = path.stem, 2
-    while stem in used:
-        stem, n = f"{path.stem}-{n}", n + 1
-    used.add(stem)
-    return stem
-
-
-def explain_run(
-    run: LoadedRun,
-    images: Sequence[Path | str | tuple[Path | str, Box | None]],
-    out_dir: Path,
-    *,
-    extra: Sequence[Mapping[str, Any]] | None = None,
-) -> list[dict[str, Any]]:
-    """Explain photos with every model of a loaded run (``inference.load_run``); write PNGs and
-    ``explanations.json`` into ``out_dir``.
-
-    ``images`` are paths or (path, box) pairs (box in original pixels: drawn on the overlays, or the crop the
-    models see when the run used ``data.crop_to_box``). Per image: ``<stem>__<label>.png`` (overlay) for each
-    model and ``<stem>.png`` (input | overlays with titles and top-3). Returns one record per (image, model):
-    {image, stem, label, model, method, png, figure, top3 [[name, p]], target}, plus ``extra[i]``'s fields for
-    the i-th image (e.g. its sample id).
-    """
-    out_dir = Path(out_dir)
-    records: list[dict[str, Any]] = []
-    used: set[str] = set()
-    for i, entry in enumerate(images):
-        path, box = (entry if isinstance(entry, tuple) else (entry, None))
-        path = Path(path)
-        stem = _unique_stem(path, used)
-        panels = []
-        explanations = []
-        for label, model in run.models.items():
-            explanation = explain_image(model, path, box=box)
-            explanations.append(explanation)
-            picture = overlay(explanation.image, explanation.heatmap, box=explanation.box)
-            png = f"{stem}__{label.replace('/', '-')}.png"  # a fine-tuned model's label is <backbone>/<method>
-            atomic_write_bytes(out_dir / png, _png(picture))
-            tag = model.backbone.tag
-            panels.append((f"{label} ({tag.split('.')[0]}): {explanation.method}", picture, explanation.top3))
-            records.append({
-                "image": str(path), "stem": stem, "label": label, "model": tag,
-                "method": explanation.method, "png": png, "figure": f"{stem}.png",
-                "top3": [[name, round(p, 6)] for name, p in explanation.top3],
-                "target": explanation.target, **(extra[i] if extra else {}),
-            })
-        first = explanations[0]  # the input panel shows the first backbone's view (input sizes may differ)
-        atomic_write_bytes(out_dir / f"{stem}.png", side_by_side(first.image, panels, box=first.box))
-    atomic_write_json(out_dir / RECORDS_FILE, records)
-    return records

@@ -331,9 +331,9 @@ def test_storage_errors_map_a_full_disk_by_its_code_and_name_the_database_otherw
     with pytest.raises(OSError) as caught, tune.storage_errors(url):
         raise optuna.exceptions.StorageInternalError("commit failed") from full
     assert caught.value.errno == errno.ENOSPC and caught.value.filename == "postgresql://me:***@db:5432/studies"
-    assert not tune._connection_lost(full)
+    assert not tune.studies.connection_lost(full)
     lost = sqlalchemy.exc.OperationalError("SELECT", {}, Exception("server closed the connection unexpectedly"))
-    assert tune._connection_lost(lost)
+    assert tune.studies.connection_lost(lost)
     with pytest.raises(DogbenchError, match=r"studies failed \(server closed the connection unexpectedly\); its "
                        r"finished trials are kept: run the same command again"), tune.storage_errors(url):
         raise lost
@@ -343,4 +343,4 @@ def test_storage_errors_map_a_full_disk_by_its_code_and_name_the_database_otherw
     assert "duplicate key value" in str(caught.value) and "run the same command" not in str(caught.value)
     a, b = ValueError("a"), ValueError("b")
     a.__context__, b.__context__ = b, a
-    assert [str(e) for e in tune._causes(a)] == ["a", "b"]
+    assert [str(e) for e in tune.studies.causes(a)] == ["a", "b"]

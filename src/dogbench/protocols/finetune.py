@@ -33,7 +33,7 @@ from dogbench.features import feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import fitted_linear_head, head_identity
 from dogbench.predictor import Predictor
-from dogbench.protocols.frozen import BackboneFeatures, Tuning, _study_lock, head_device, validation_temperature
+from dogbench.protocols.frozen import BackboneFeatures, Tuning, head_device, validation_temperature
 from dogbench.protocols.scoring import compare_all, test_scores
 from dogbench.results import ModelResult, RunResults
 from dogbench.rundir import (
@@ -63,15 +63,7 @@ from dogbench.training import (
     validation_top1,
     wise_mix,
 )
-from dogbench.tune import (
-    make_logistic,
-    make_pruner,
-    open_storage,
-    search_in_memory,
-    search_shared,
-    storage_errors,
-    sweep_logistic_C,
-)
+from dogbench.tune import StudyPlan, make_logistic, make_pruner, run_study, sweep_logistic_C
 
 PROBE_ABSENT_BIAS = -30.0  # lp-ft: a class the probe never saw (absent from the training split) starts impossible
 
@@ -186,20 +178,18 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
     """The method's model: its default recipe (``finetune.trials = 0``), or the best of an Optuna study over
     the recipe on validation, pruned on per-epoch validation top-1. The study lives in the run folder's SQLite
     file (resumable: a trial killed mid-way is re-run with its parameters and continues from its training
-    state) or on a database server (``tune.storage``), shared by as many workers as run it (``search_shared``:
-    exactly ``finetune.trials`` finished trials in all, a seed per worker, a dead worker's trial run again)."""
+    state) or on a database server (``tune.storage``), shared by as many workers as run it: exactly
+    ``finetune.trials`` finished trials in all, a seed per worker, a dead worker's trial run again (``run_study``)."""
     f = cfg.finetune
     device = resolve_device(cfg.features.device)
     base = resolve_params(f, method, is_vit=is_vit, device=device)
     if f.trials == 0:
         trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, device=device, progress=progress)
         return trainable, base, outcome, {}
-    storage = cfg.tune.storage or run.default_storage()
     name = f"finetune-{bcfg.label}-{method}-{cache_key({'base': base.to_dict(), 'data': data.digest()})[:12]}"
     defaults = {"lr": base.lr, "weight_decay": base.weight_decay,
                 **({"layer_decay": base.layer_decay} if is_vit and method in ("full", "lp-ft") else {}),
                 **({"lora_rank": base.lora_rank} if method == "lora" else {})}  # the first trial
-    pruner = make_pruner(f.pruner, max_epochs=f.epochs, min_epochs=1)
 
     def objective(trial: optuna.Trial) -> float:
         params = dataclasses.replace(base, **_suggest(trial, method, base, is_vit=is_vit))
@@ -218,55 +208,19 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
             raise optuna.TrialPruned(str(err)) from None  # a diverging lr is a bad configuration, not a failure
         return outcome.best_val_top1
 
-    if search_in_memory(storage):
-        with storage_errors(storage):
-            trials = _search_local(storage, name, objective, f, pruner=pruner, defaults=defaults)
-    else:  # a database server: this worker's share of a study that other workers (machines) may share
-        store = open_storage(storage, cfg.tune)
-        try:
-            with storage_errors(storage):
-                optuna.create_study(study_name=name, storage=store, load_if_exists=True, direction="maximize")
-                search_shared(name, store, objective, pruner=pruner, start=defaults, progress=progress,
-                              cfg=dataclasses.replace(cfg.tune, trials=f.trials, seed=f.seed,
-                                                      timeout_s=float("inf")))
-                trials = optuna.load_study(study_name=name, storage=store).get_trials()
-        finally:
-            store.engine.dispose()  # close the server connections now
-    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
+    plan = StudyPlan(name=name, storage=cfg.tune.storage or run.default_storage(), trials=f.trials, seed=f.seed,
+                     pruner=make_pruner(f.pruner, max_epochs=f.epochs, min_epochs=1), start=defaults,
+                     heartbeat_s=cfg.tune.heartbeat_s, grace_s=cfg.tune.grace_s, progress=progress)
+    trials, best = run_study(plan, objective)  # resumable: a trial killed mid-way resumes its training state
+    if best is None:
         raise DogbenchError(f"No fine-tuning trial of {bcfg.label}/{method} completed ({len(trials)} pruned or "
                             "failed): raise finetune.trials or finetune.epochs, or use finetune.pruner=none")
-    best = max(complete, key=lambda t: t.value)  # the first of equals, as Optuna's best_trial
     params = dataclasses.replace(base, **_suggest(optuna.trial.FixedTrial(best.params), method, base, is_vit=is_vit))
     trainable, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress)
     states = [t.state.name for t in trials]
     return trainable, params, outcome, {"study": name, "n_trials": len(trials),
                                         "n_pruned": states.count("PRUNED"), "best_params": best.params,
                                         "best_val_top1": best.value}
-
-
-def _search_local(storage: str, name: str, objective: Any, f: Any, *, pruner: optuna.pruners.BasePruner,
-                  defaults: dict[str, Any]) -> list[optuna.trial.FrozenTrial]:
-    """The study in this run folder's SQLite file, one process (the run folder's lock): a trial killed mid-way
-    is run again with its parameters and continues from its training state."""
-    with _study_lock(storage):
-        study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
-                                    pruner=pruner)
-    # seeded by how far the study got: a resumed study draws new configurations instead of replaying the first ones
-    study.sampler = optuna.samplers.TPESampler(seed=f.seed + len(study.trials),
-                                               n_startup_trials=max(1, min(10, f.trials // 3)))
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.enqueue_trial(t.params, skip_if_exists=False)  # killed mid-way: again, resuming its training state
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    if not study.get_trials(deepcopy=False):
-        study.enqueue_trial(defaults)
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    left = f.trials - len(study.get_trials(deepcopy=False, states=finished))
-    if left > 0:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(objective, n_trials=left, catch=())
-    return study.get_trials()
 
 
 def finetune_backbone(

@@ -5,7 +5,6 @@ can run in separate processes and give the same ``results.json`` as one ``dogben
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 import warnings
@@ -33,7 +32,6 @@ from dogbench.evaluate import (
 from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import head_identity
-from dogbench.locks import locked
 from dogbench.protocols.scoring import compare_all, environment, test_scores
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
 from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
@@ -210,7 +208,7 @@ def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures,
         with times.measure("baseline"):
             baseline = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val],
                                         device=head_device(cfg))
-    with times.measure("tune"), _study_lock(storage):
+    with times.measure("tune"):  # the study's own lock (SQLite) is taken by the study runner
         tuned = tune_head(
             X[splits.train], y[splits.train], X[splits.val], y[splits.val], cfg=cfg.tune, storage=storage,
             study_name=f"{cfg.tune.study}-{label}" if cfg.tune.study else f"{label}-{digest[:16]}",
@@ -417,14 +415,6 @@ def evaluate_stage(
     )
     run.write_results(results)
     return results
-
-
-def _study_lock(storage: str) -> Any:
-    """A lock beside an SQLite study file (two processes on one SQLite study take turns); none for a server."""
-    if not storage.startswith("sqlite:///"):
-        return contextlib.nullcontext()
-    db = Path(storage.removeprefix("sqlite:///"))
-    return locked(db.with_name(db.name + ".lock"), what=f"the Optuna study file {db}")
 
 
 def refit_and_score(

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -344,3 +345,70 @@ def test_storage_errors_map_a_full_disk_by_its_code_and_name_the_database_otherw
     a, b = ValueError("a"), ValueError("b")
     a.__context__, b.__context__ = b, a
     assert [str(e) for e in tune.studies.causes(a)] == ["a", "b"]
+
+
+def test_the_optuna_private_api_the_adapter_uses_is_still_there(tmp_path: Path) -> None:
+    """Fails loudly on an Optuna the adapter was not checked against: a new major version may rename what
+    ``dogbench.tune.optuna_adapter`` reaches into (a trial's storage id, the heartbeat table)."""
+    from optuna.storages._rdb import models
+
+    from dogbench.tune import optuna_adapter
+
+    major = int(optuna.__version__.split(".")[0])
+    assert major in optuna_adapter.KNOWN_MAJORS, (
+        f"Optuna {optuna.__version__} is a major version dogbench.tune.optuna_adapter was not checked against "
+        f"({optuna_adapter.KNOWN_MAJORS}): check Trial._trial_id, FrozenTrial._trial_id and "
+        "optuna.storages._rdb.models.TrialHeartbeatModel still exist (or have public replacements), then add "
+        "the major to KNOWN_MAJORS and raise the bound in pyproject.toml")
+    for name in ("TrialHeartbeatModel",):
+        assert hasattr(models, name), f"optuna.storages._rdb.models.{name} is gone: update optuna_adapter"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'beats.db'}")
+    study = optuna.create_study(storage=storage)
+    beaten, silent = study.ask(), study.ask()
+    assert hasattr(beaten, "_trial_id"), "optuna.Trial._trial_id is gone: update optuna_adapter.trial_id"
+    optuna_adapter.record_heartbeat(storage, beaten)
+    running = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert all(hasattr(t, "_trial_id") for t in running), "FrozenTrial._trial_id is gone: update optuna_adapter"
+    assert [t.number for t in optuna_adapter.never_beaten(storage, running)] == [silent.number]
+    storage.engine.dispose()
+
+
+def test_a_trial_left_running_by_a_dead_process_is_failed_and_run_again(tmp_path: Path) -> None:
+    """The one resume rule on a local study: a rerun continues until ``trials`` finished trials, and a RUNNING
+    trial (its process was killed; the study's file lock says nobody else runs it) is failed and queued again
+    with its parameters, at most FAILED_TRIAL_RETRIES times."""
+    storage = _storage(tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.enqueue_trial({"x": 0.25})
+    killed = study.ask()
+    killed.suggest_float("x", 0.0, 1.0)  # then its process died: RUNNING forever
+    seen: list[float] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        seen.append(trial.suggest_float("x", 0.0, 1.0))
+        return seen[-1]
+
+    plan = tune.StudyPlan(name="s", storage=storage, trials=3, seed=0, start={"x": 0.5})
+    trials, best = tune.run_study(plan, objective)
+    assert trials[killed.number].state == optuna.trial.TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].params == {"x": 0.25}
+    assert seen[:2] == [0.5, 0.25]  # the queued trials (the start, the retry) before any sampled one
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 3 and best.value == max(seen)
+    again = tune.run_study(dataclasses.replace(plan, trials=4), objective)
+    assert len(seen) == 4 and sum(t.state.is_finished() for t in again.trials) == 5  # 4 finished + the failed
+    assert optuna.load_study(study_name="s", storage=storage).user_attrs["dogbench_workers"] == 2
+
+
+def test_a_trial_that_keeps_dying_is_retried_only_so_often(tmp_path: Path) -> None:
+    storage = _storage(tmp_path)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    check = tune.StudyPlan(name="s", storage=storage, trials=0, seed=0)  # fails dead trials, runs none
+    study.ask().suggest_float("x", 0.0, 1.0)  # its process dies
+    for _ in range(tune.FAILED_TRIAL_RETRIES):
+        tune.run_study(check, lambda trial: 0.0)
+        retry = study.ask()  # the queued retry, with its parameters; its process dies too
+        assert retry.params == study.trials[0].params
+    tune.run_study(check, lambda trial: 0.0)
+    states = [t.state for t in study.get_trials()]
+    assert states == [optuna.trial.TrialState.FAIL] * (tune.FAILED_TRIAL_RETRIES + 1)  # none queued after that

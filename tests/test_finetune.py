@@ -73,6 +73,33 @@ def test_predict_on_finetuned_models_gives_the_saved_test_probabilities(
         np.testing.assert_allclose(proba, saved.proba, atol=1e-5)
 
 
+def test_the_recorded_best_validation_top1_is_the_predictors_top1_on_the_validation_images(
+    tiny_finetune: tuple[Path, list[str], dict]
+) -> None:
+    """One numeric path: training picked its best epoch on exactly the top-1 that the saved model gives through
+    the inference path (load_run's Predictor) on the validation split (carved as the frozen protocol carves it)."""
+    from dogbench.data import open_dataset, stratified_split
+    from dogbench.inference import load_run
+    from dogbench.rundir import RunDir
+
+    base, _, results = tiny_finetune
+    cfg = RunDir(base / "run").read_config()
+    dataset = open_dataset(base / "data", seed=cfg.data.split_seed)
+    train_rows = [s for s in dataset.samples if s.split == "train"]
+    _, held = stratified_split(np.array([s.label for s in train_rows]), fraction=cfg.data.val_fraction,
+                               seed=cfg.data.split_seed)
+    val = [train_rows[i] for i in held]
+    labels = np.array([s.label for s in val])
+    loaded = load_run(base / "run")
+    for label in ("cnn/lora", "vit/lora", "cnn/lp-ft", "vit/lp-ft"):
+        row = results["models"][label]
+        proba = loaded.models[label].predict_proba([s.path for s in val])[0]
+        predicted = float((proba.argmax(1) == labels).mean())
+        best = row["training"]["history"][row["training"]["best_epoch"] - 1]["val_top1"]
+        assert best == row["val"]["top1"] == predicted, label
+        assert row["training"]["val_precision"] == row["precision"] == "fp32"
+
+
 def test_predict_and_explain_commands_work_on_a_finetuned_run(
     tiny_finetune: tuple[Path, list[str], dict], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

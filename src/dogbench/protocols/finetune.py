@@ -230,59 +230,136 @@ def finetune_backbone(
     """Fine-tune one backbone with one method, save the model into ``<label>/<method>/``, score test once."""
     label = f"{bcfg.label}/{method}"
     data, test_samples, y_test = train_data(cfg, dataset, bf)
-    n_classes = len(dataset.classes)
-    probe = probe_head(cfg, bf, tuning, n_classes) if method == "lp-ft" else None
+    probe = probe_head(cfg, bf, tuning, len(dataset.classes)) if method == "lp-ft" else None
     wall0 = time.perf_counter()
     trainable, params, outcome, trials = tune_and_train(cfg, run, bcfg, method, data, is_vit=bf.info.is_vit,
                                                         probe=probe, progress=progress)
     load_best(trainable, outcome.best_path)
     wise = _wise(cfg, bcfg, trainable, data, params, probe, outcome) if cfg.finetune.wise and method in WISE else {}
-    val_top1 = wise.get("val_top1", outcome.best_val_top1)
-    device = resolve_device(cfg.features.device)
-    precision = resolve_precision(cfg.features.precision, device)
-    folder = run.finetuned_dir(bcfg.label, method)
-
-    def as_model(trained: Any) -> tuple[Predictor, Any, Any]:
-        """``trained`` written to the run folder and loaded back through the inference path."""
-        backbone_state, layer, adapter = export(trained)
-        atomic_write_bytes(folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
-        if adapter is not None:
-            atomic_write_bytes(folder / ADAPTER_FILE, safetensors.torch.save(adapter))
-        loaded = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(folder / FINETUNED_WEIGHTS)))
-        fitted = fitted_linear_head(layer, best_epoch=outcome.best_epoch, best_val_top1=val_top1,
-                                    history=outcome.history)
-        return (Predictor(label, loaded, fitted, classes=dataset.classes, features=cfg.features,
-                      crop_to_box=crops_to_box(cfg, bcfg), device=str(device), precision=precision), fitted, adapter)
-
-    # ------------------------------------------------------------ the inference path: calibrate, then test once
-    model, head, adapter = as_model(trainable)
+    exporter = _Exporter(cfg, run, dataset, bcfg, label, outcome, wise.get("val_top1", outcome.best_val_top1))
+    # the inference path: the model chosen on validation calibrates on it, then test is scored once
+    model, head, adapter = exporter.as_model(trainable)
     eval0 = time.perf_counter()
-    val_proba = _proba(model, data.val)  # the model chosen on validation calibrates on it
+    val_proba = _proba(model, data.val)
     refit: dict[str, Any] = {}
     if cfg.finetune.refit:  # then trains again on train + validation, and that model is tested
         trainable, refit = _refit(cfg, run, bcfg, bf, tuning, data, params, outcome, wise, method,
-                                  device=device, progress=progress)
-        model, head, adapter = as_model(trainable)
+                                  device=exporter.device, progress=progress)
+        model, head, adapter = exporter.as_model(trainable)
         eval0 = time.perf_counter()
-    backbone = model.backbone
     temperature = validation_temperature(data.val_labels, val_proba, label=label)
-    settings = feature_settings(cfg.features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
-                                preprocess=backbone.preprocess)
-    identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
-                             preprocess=backbone.preprocess.to_dict(), features=settings)
-    head.save(run.head_dir(label), identity=identity, class_names=dataset.classes, temperature=temperature)
-    raw = _proba(model, tuple(test_samples))
+    exporter.save_head(model, head, temperature)
+    test = _score_test(cfg, run, label, model, dataset, test_samples, y_test, temperature)
+    evaluate_s = time.perf_counter() - eval0
+    training = _training_record(run, bcfg, method, outcome, params, trainable, trials=trials, wise=wise,
+                                refit=refit, weights_file=exporter.folder / FINETUNED_WEIGHTS)
+    backbone = model.backbone
+    run.write_finetuned(bcfg.label, method, {
+        "method": method, "backbone": bcfg.label, "timm_tag": backbone.tag, "weights_sha256": backbone.weights_sha256,
+        "adapter": ADAPTER_FILE if adapter is not None else None, "training": training,
+    })
+    info = bf.info
+    result = ModelResult(
+        label=label, backbone=backbone.tag, weights=info.weights, weights_sha256=backbone.weights_sha256,
+        feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
+        feature_key="", cache_hit=False, device=str(exporter.device), precision=exporter.precision.value,
+        head={"kind": "linear", "method": method, "epochs": outcome.best_epoch, "params": training["params"]},
+        val={"top1": exporter.val_top1}, test=test.scores, baseline={},
+        timing_s={"train": round(outcome.train_wall_s, 4), "export": round(eval0 - wall0 - outcome.train_wall_s, 4)
+                  if not outcome.resumed else 0.0, "evaluate": round(evaluate_s, 4)},
+        cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
+        pretraining=frozen.pretraining, leaky=frozen.leaky, architecture=bf.architecture,
+        calibration=_calibration(data.val_labels, val_proba, y_test, test, temperature, refit=bool(refit)),
+        method=method, training=training,
+    )
+    return result, dict(zip(test.sample_ids, test.correct.tolist(), strict=True))
+
+
+class _Exporter:
+    """Writes a trained model into ``<label>/<method>/`` and loads it back through the inference path, at the
+    precision that scored validation during training (``features.precision`` resolved)."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, dataset: Dataset, bcfg: BackboneConfig, label: str,
+                 outcome: TrainOutcome, val_top1: float) -> None:
+        self.cfg, self.run, self.dataset, self.bcfg, self.label = cfg, run, dataset, bcfg, label
+        self.outcome, self.val_top1 = outcome, val_top1
+        self.device = resolve_device(cfg.features.device)
+        self.precision = resolve_precision(cfg.features.precision, self.device)
+        self.folder = run.finetuned_dir(bcfg.label, label.split("/")[1])
+
+    def as_model(self, trained: Any) -> tuple[Predictor, Any, Any]:
+        """``trained`` written to the run folder and loaded back as the predictor loads it."""
+        backbone_state, layer, adapter = export(trained)
+        atomic_write_bytes(self.folder / FINETUNED_WEIGHTS, safetensors.torch.save(backbone_state))
+        if adapter is not None:
+            atomic_write_bytes(self.folder / ADAPTER_FILE, safetensors.torch.save(adapter))
+        loaded = load_backbone(dataclasses.replace(self.bcfg, label=self.label,
+                                                   weights=str(self.folder / FINETUNED_WEIGHTS)))
+        fitted = fitted_linear_head(layer, best_epoch=self.outcome.best_epoch, best_val_top1=self.val_top1,
+                                    history=self.outcome.history)
+        model = Predictor(self.label, loaded, fitted, classes=self.dataset.classes, features=self.cfg.features,
+                          crop_to_box=crops_to_box(self.cfg, self.bcfg), device=str(self.device),
+                          precision=self.precision)
+        return model, fitted, adapter
+
+    def save_head(self, model: Predictor, head: Any, temperature: float | None) -> None:
+        """The head with its backbone's identity and the validation temperature, as ``heads.load_head`` reads it."""
+        backbone = model.backbone
+        settings = feature_settings(self.cfg.features, crop_to_box=crops_to_box(self.cfg, self.bcfg),
+                                    precision=self.precision, preprocess=backbone.preprocess)
+        identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
+                                 preprocess=backbone.preprocess.to_dict(), features=settings)
+        head.save(self.run.head_dir(self.label), identity=identity, class_names=self.dataset.classes,
+                  temperature=temperature)
+
+
+@dataclass(frozen=True)
+class _TestScores:
+    """Test scored once through the inference path: probabilities before and after calibration, the scores."""
+
+    sample_ids: list[str]
+    raw: np.ndarray
+    proba: np.ndarray
+    scores: dict[str, Any]
+    correct: np.ndarray
+
+
+def _score_test(cfg: RunConfig, run: RunDir, label: str, model: Predictor, dataset: Dataset,
+                samples: list[Sample], y_test: np.ndarray, temperature: float | None) -> _TestScores:
+    """Test's probabilities through ``model``, calibrated, scored, and written to ``<label>/predictions.npz``."""
+    raw = _proba(model, tuple(samples))
     proba = apply_temperature(raw, temperature)
     scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
-    test_ids = [s.sample_id for s in test_samples]
+    test_ids = [s.sample_id for s in samples]
     run.write_predictions(label, Predictions(
         sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32), confusion=metrics.confusion,
-        paths=np.asarray([str(s.path) for s in test_samples]),
-        boxes=np.asarray([s.box or NO_BOX for s in test_samples], dtype=np.int64).reshape(-1, 4),
+        paths=np.asarray([str(s.path) for s in samples]),
+        boxes=np.asarray([s.box or NO_BOX for s in samples], dtype=np.int64).reshape(-1, 4),
         classes=tuple(dataset.classes), proba_uncalibrated=raw.astype(np.float32),
     ))
-    evaluate_s = time.perf_counter() - eval0
-    training = {
+    return _TestScores(test_ids, raw, proba, scores, np.asarray(correct))
+
+
+def _calibration(y_val: np.ndarray, val_proba: np.ndarray, y_test: np.ndarray, test: _TestScores,
+                 temperature: float | None, *, refit: bool) -> dict[str, Any]:
+    """The calibration record: the temperature, what it was fitted on, and ECE / reliability before and after."""
+    return {
+        "temperature": temperature, "bins": ECE_BINS,
+        "fitted_on": "validation, by the best epoch's model (trained on train only)" + (
+            "; applied to the model refit on train + validation" if refit else ""),
+        "val": {"before": calibration_metrics(y_val, val_proba),
+                "after": calibration_metrics(y_val, apply_temperature(val_proba, temperature))},
+        "test": {"before": calibration_metrics(y_test, test.raw), "after": calibration_metrics(y_test, test.proba)},
+        "reliability": {"before": reliability_bins(y_test, test.raw).to_dict(),
+                        "after": reliability_bins(y_test, test.proba).to_dict()},
+    }
+
+
+def _training_record(run: RunDir, bcfg: BackboneConfig, method: str, outcome: TrainOutcome, params: TrainParams,
+                     trainable: Any, *, trials: dict[str, Any], wise: dict[str, Any], refit: dict[str, Any],
+                     weights_file: Path) -> dict[str, Any]:
+    """The ``training`` record of a fine-tuned row: costs, epochs, precisions, recipe, search, WiSE-FT, refit."""
+    return {
         "trainable_params": outcome.trainable_params, "total_params": outcome.total_params,
         "trainable_fraction": outcome.trainable_params / outcome.total_params,
         "train_wall_s": round(outcome.train_wall_s, 3), "train_cpu_s": round(outcome.train_cpu_s, 3),
@@ -297,39 +374,8 @@ def finetune_backbone(
         "trials": trials,
         # every configuration this method trained here (the search's trials included): the ladder's cost
         "search_wall_s": round(_search_wall_s(run, bcfg.label, method), 3),
-        "lora_targets": len(trainable.lora_targets), "base": bcfg.label,
-        "weights_file": str(folder / FINETUNED_WEIGHTS),
+        "lora_targets": len(trainable.lora_targets), "base": bcfg.label, "weights_file": str(weights_file),
     }
-    run.write_finetuned(bcfg.label, method, {
-        "method": method, "backbone": bcfg.label, "timm_tag": backbone.tag, "weights_sha256": backbone.weights_sha256,
-        "adapter": ADAPTER_FILE if adapter is not None else None, "training": training,
-    })
-    info = bf.info
-    result = ModelResult(
-        label=label, backbone=backbone.tag, weights=info.weights, weights_sha256=backbone.weights_sha256,
-        feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
-        feature_key="", cache_hit=False, device=str(device), precision=precision.value,
-        head={"kind": "linear", "method": method, "epochs": outcome.best_epoch,
-              "params": training["params"]},
-        val={"top1": val_top1}, test=scores, baseline={},
-        timing_s={"train": round(outcome.train_wall_s, 4), "export": round(eval0 - wall0 - outcome.train_wall_s, 4)
-                  if not outcome.resumed else 0.0, "evaluate": round(evaluate_s, 4)},
-        cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
-        pretraining=frozen.pretraining, leaky=frozen.leaky,
-        architecture=bf.architecture,
-        calibration={
-            "temperature": temperature, "bins": ECE_BINS,
-            "fitted_on": "validation, by the best epoch's model (trained on train only)" + (
-                "; applied to the model refit on train + validation" if refit else ""),
-            "val": {"before": calibration_metrics(data.val_labels, val_proba),
-                    "after": calibration_metrics(data.val_labels, apply_temperature(val_proba, temperature))},
-            "test": {"before": calibration_metrics(y_test, raw), "after": calibration_metrics(y_test, proba)},
-            "reliability": {"before": reliability_bins(y_test, raw).to_dict(),
-                            "after": reliability_bins(y_test, proba).to_dict()},
-        },
-        method=method, training=training,
-    )
-    return result, dict(zip(test_ids, correct.tolist(), strict=True))
 
 
 def _search_wall_s(run: RunDir, label: str, method: str) -> float:

@@ -39,6 +39,7 @@ from timm.data import create_transform, resolve_data_config
 from dogbench.backbones import Backbone, load_backbone
 from dogbench.config import BackboneConfig, FeatureConfig, Precision
 from dogbench.data import Sample, load_image, open_dataset
+from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner, iter_batches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     backbone = load_backbone(BackboneConfig(label="cnn", model="tf_efficientnet_lite0", weights=str(weights)))
     reference = timm.create_model("tf_efficientnet_lite0", pretrained=True,
                                   pretrained_cfg_overlay={"file": str(weights)}).eval()
-    runner = ModelRunner.create(backbone, device=torch.device("cpu"), precision=Precision.FP32)
+    runner = ModelRunner.create(backbone, policy=Policy.resolve("cpu", Precision.FP32))
     originals = open_dataset(args.shared / "data" / "stanford-dogs-originals")
     samples = originals.samples
     result: dict[str, Any] = {"census": census(samples, backbone.preprocess.min_side)}
@@ -300,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     # The box crop with crop_mode "squash" (preprocessing override): the whole box, stretched to a square.
     squash = load_backbone(BackboneConfig(label="cnn", model="tf_efficientnet_lite0", weights=str(weights),
                                           crop_mode="squash"))
-    squash_runner = ModelRunner.create(squash, device=torch.device("cpu"), precision=Precision.FP32)
+    squash_runner = ModelRunner.create(squash, policy=Policy.resolve("cpu", Precision.FP32))
     inputs["box crop, dogbench default path, crop_mode squash"] = dogbench_features(
         squash_runner, squash, samples, crop_to_box=True, **DEFAULT)
     inputs["whole photo, dogbench default path, crop_mode squash"] = dogbench_features(

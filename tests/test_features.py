@@ -20,7 +20,7 @@ from conftest import make_class_folder_layout
 from dogbench.backbones import Backbone, load_backbone
 from dogbench.config import BackboneConfig, FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError, load_image, open_dataset, read_image
-from dogbench.device import resolve_device, resolve_precision, resolve_workers
+from dogbench.device import Policy, resolve_device, resolve_precision, resolve_workers
 from dogbench.errors import DogbenchError
 from dogbench.features import FeatureCache, ModelRunner, extract_features, feature_key
 from dogbench.features.runner import CPU_BATCH_SIZE, keep_freed_memory
@@ -398,12 +398,12 @@ def test_out_of_memory_for_one_image_is_a_clear_error(dataset: Dataset, tmp_path
 
 def test_batch_size_auto(dataset: Dataset) -> None:
     backbone = _backbone()
-    runner = ModelRunner.create(backbone, device=torch.device("cpu"), precision=Precision.FP32)
+    runner = ModelRunner.create(backbone, policy=Policy.resolve("cpu", Precision.FP32))
     assert runner.resolve_batch_size(None) == CPU_BATCH_SIZE and runner.resolve_batch_size(7) == 7
     # On a GPU the probe takes the largest size that fits, trying from the top.
     probe = _OutOfMemoryAbove(backbone.model, limit=100)
     runner = ModelRunner.create(
-        dataclasses.replace(backbone, model=probe), device=torch.device("cpu"), precision=Precision.FP32)
+        dataclasses.replace(backbone, model=probe), policy=Policy.resolve("cpu", Precision.FP32))
     assert runner.largest_fitting_batch() == 64 and probe.calls == [512, 256, 128, 64]
 
 

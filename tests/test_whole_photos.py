@@ -30,6 +30,7 @@ from dogbench.backbones import Backbone, load_backbone
 from dogbench.config import BackboneConfig, Precision
 from dogbench.data import Sample, load_image, open_dataset
 from dogbench.data.images import REDUCING_GAP
+from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner
 
 SHARED = shared_dir()
@@ -53,7 +54,7 @@ def backbone() -> Backbone:
 
 @pytest.fixture(scope="module")
 def runner(backbone: Backbone) -> ModelRunner:
-    return ModelRunner.create(backbone, device=torch.device("cpu"), precision=Precision.FP32)
+    return ModelRunner.create(backbone, policy=Policy.resolve("cpu", Precision.FP32))
 
 
 @pytest.fixture(scope="module")

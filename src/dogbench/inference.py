@@ -19,17 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 from dogbench.backbones import Backbone, load_backbone
 from dogbench.config import FROZEN, BackboneConfig, FeatureConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import IMAGE_EXTENSIONS, display_names
-from dogbench.device import resolve_device, resolve_precision
+from dogbench.device import Policy
 from dogbench.errors import DogbenchError
 from dogbench.features import feature_settings
 from dogbench.heads import META_FILE, Head, check_identity, head_identity, load_head
 from dogbench.predictor import ImageInput, Predictor
+from dogbench.results import ModelResult
 from dogbench.rundir import FINETUNED_WEIGHTS, RunDir, RunFolderError
 
 __all__ = ["ImageInput", "ImagePrediction", "LoadedRun", "Predictor", "collect_images", "load_run"]
@@ -137,36 +137,33 @@ def load_run(
             raise RunFolderError(f"{run.path} has no tuned heads yet: run `{run.rebuild('head')}` first")
         classes = ()
     features = cfg.features if batch_size is None else _with_batch(cfg.features, batch_size)
-    torch_device = resolve_device(device)  # once, before any model is loaded
+    policy = Policy.resolve(device, features.precision)  # once, before any model is loaded
     models: dict[str, Predictor] = {}
     for bcfg in cfg.backbones:
         backbone = load_backbone(bcfg)
         recorded = results.models.get(bcfg.label) if results else None
-        # the precision the run's features were computed in (bf16 on a GPU stays bf16 on the CPU), else the config's
-        precision = (Precision(recorded.precision) if recorded else
-                     resolve_precision(features.precision, torch_device))
+        # the precision the run's features were computed in (bf16 on a GPU stays bf16 on the CPU)
+        own = _recorded(policy, recorded)
         head = None
         if (run.head_dir(bcfg.label) / META_FILE).is_file() or require_heads:
-            head = _checked_head(run, cfg, bcfg, bcfg.label, backbone, features=features, device=torch_device,
-                                 precision=precision, feature_key=recorded.feature_key if recorded else None,
-                                 what="head")
+            head = _checked_head(run, cfg, bcfg, bcfg.label, backbone, features=features, policy=own,
+                                 feature_key=recorded.feature_key if recorded else None, what="head")
         models[bcfg.label] = Predictor(bcfg.label, backbone, head, classes=classes, features=features,
-                                   crop_to_box=crops_to_box(cfg, bcfg), device=str(torch_device), precision=precision)
+                                       crop_to_box=crops_to_box(cfg, bcfg), policy=own)
     for method in (m for m in cfg.finetune.methods if m != FROZEN):
         for bcfg in cfg.backbones:
             record = run.read_finetuned(bcfg.label, method)
             if record is not None:
                 label = f"{bcfg.label}/{method}"
-                recorded = results.models.get(label) if results else None
+                own = _recorded(policy, results.models.get(label) if results else None)
                 models[label] = finetuned_model(run, cfg, bcfg, method, classes=classes, features=features,
-                                                device=torch_device, precision=Precision(recorded.precision)
-                                                if recorded else resolve_precision(features.precision, torch_device))
+                                                policy=own)
     return LoadedRun(run.path, cfg, display_names(classes), models)
 
 
 def finetuned_model(
     run: RunDir, cfg: RunConfig, bcfg: BackboneConfig, method: str, *, classes: Sequence[str],
-    features: FeatureConfig, device: torch.device, precision: Precision,
+    features: FeatureConfig, policy: Policy,
 ) -> Predictor:
     """The model ``<label>/<method>`` that ``dogbench finetune`` wrote: its backbone weights (LoRA merged) and
     its head, checked against each other, through the same Predictor as a frozen backbone's."""
@@ -177,28 +174,33 @@ def finetuned_model(
         raise RunFolderError(f"{weights} is missing; rebuild it with `{run.rebuild('finetune')}`")
     with run.reading(weights, "finetune"):
         backbone = load_backbone(dataclasses.replace(bcfg, label=label, weights=str(weights)))
-    head = _checked_head(run, cfg, bcfg, label, backbone, features=features, device=device, precision=precision,
-                         feature_key=None, what="finetune")
+    head = _checked_head(run, cfg, bcfg, label, backbone, features=features, policy=policy, feature_key=None,
+                         what="finetune")
     return Predictor(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
-                 device=str(device), precision=precision)
+                     policy=policy)
 
 
 def _checked_head(
     run: RunDir, cfg: RunConfig, bcfg: BackboneConfig, label: str, backbone: Backbone, *, features: FeatureConfig,
-    device: torch.device, precision: Precision, feature_key: str | None, what: str,
+    policy: Policy, feature_key: str | None, what: str,
 ) -> Head:
     """``label``'s head, refused unless its recorded identity is this backbone's (tag, weights sha256,
     preprocessing, feature settings and, for a frozen head, the feature key); ``what`` names its rebuild command."""
     head_dir = run.head_dir(label)
     with run.reading(head_dir / META_FILE, what):
-        head = load_head(head_dir, device=str(device))
-    settings = feature_settings(features, crop_to_box=crops_to_box(cfg, bcfg), precision=precision,
+        head = load_head(head_dir, device=str(policy.device))
+    settings = feature_settings(features, crop_to_box=crops_to_box(cfg, bcfg), precision=policy.precision,
                                 preprocess=backbone.preprocess)
     check_identity(head.identity_ or {}, head_identity(
         timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256, preprocess=backbone.preprocess.to_dict(),
         features=settings, feature_key=feature_key,
     ), head_dir)
     return head
+
+
+def _recorded(policy: Policy, recorded: ModelResult | None) -> Policy:
+    """The command's policy at the precision ``recorded`` was scored in (the config's when not recorded yet)."""
+    return dataclasses.replace(policy, precision=Precision(recorded.precision)) if recorded else policy
 
 
 def _with_batch(features: FeatureConfig, batch_size: int) -> FeatureConfig:

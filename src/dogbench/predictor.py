@@ -16,9 +16,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone
-from dogbench.config import FeatureConfig, Precision
+from dogbench.config import FeatureConfig
 from dogbench.data import ImageError, Sample
-from dogbench.device import resolve_device, resolve_precision, resolve_workers
+from dogbench.device import Policy, resolve_workers
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import apply_temperature, full_proba
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
@@ -37,15 +37,14 @@ PROGRESS_FROM = 64  # images: shorter lists get no progress bar
 
 
 class Predictor:
-    """One backbone + its preprocessing + its tuned head, on one device, as the run extracted features."""
+    """One backbone + its preprocessing + its tuned head, run as the command's ``policy`` says (the run's recorded
+    precision for a finished run), decoding as the run extracted features."""
 
     def __init__(
         self, label: str, backbone: Backbone, head: Head | None, *, classes: Sequence[str],
-        features: FeatureConfig | None = None, crop_to_box: bool = False, device: str = "cpu",
-        precision: Precision | None = None,
+        features: FeatureConfig | None = None, crop_to_box: bool = False, policy: Policy | None = None,
     ) -> None:
         features = features or FeatureConfig()
-        torch_device = resolve_device(device)
         self.label = label
         self.backbone = backbone
         self.head = head
@@ -54,8 +53,8 @@ class Predictor:
         self.features_cfg = features
         self.decoder = effective_decoder(features.decoder, backbone.preprocess)
         self.runner = ModelRunner.create(
-            backbone, device=torch_device, precision=precision or resolve_precision(features.precision, torch_device),
-            compile=features.compile, reuse_host_memory=features.reuse_host_memory,
+            backbone, policy=policy or Policy.resolve("cpu", features.precision), compile=features.compile,
+            reuse_host_memory=features.reuse_host_memory,
         )
         self.batch_size = self.runner.resolve_batch_size(features.batch_size)
 

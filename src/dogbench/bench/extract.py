@@ -41,14 +41,7 @@ from dogbench.backbones import Backbone, load_backbone, measure_gflops
 from dogbench.bench.common import bench_images, jsonable, loadavg, machine_info, sync_device, table_lines
 from dogbench.config import BackboneConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
-from dogbench.device import (
-    DTYPES,
-    device_name,
-    exact_fp32,
-    resolve_device,
-    resolve_precision,
-    resolve_workers,
-)
+from dogbench.device import DTYPES, Policy, device_name, exact_fp32, resolve_workers
 from dogbench.errors import DogbenchError
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, extract_features, iter_batches
 
@@ -179,16 +172,15 @@ def _recipe_child(spec_path: Path) -> None:
 
 def bench_backbone(
     backbone_cfg: BackboneConfig, dataset: Dataset, *, cfg: RunConfig, progress: bool = True,
-    on_round: Callable[[int, dict[str, float]], None] | None = None,
+    on_round: Callable[[int, dict[str, float]], None] | None = None, policy: Policy | None = None,
 ) -> BenchRow:
     """Rounds of matmul / model / decode / end-to-end / recipe for one backbone; medians and ratios."""
     fcfg, bcfg = cfg.features, cfg.bench
     backbone = load_backbone(backbone_cfg)
-    device = resolve_device(fcfg.device)
-    precision = resolve_precision(fcfg.precision, device)
+    policy = policy or Policy.resolve(fcfg.device, fcfg.precision)
+    device, precision = policy.device, policy.precision
     gmacs = measure_gflops(backbone) / 2  # before the model moves: the counter runs on the CPU
-    runner = ModelRunner.create(
-        backbone, device=device, precision=precision, reuse_host_memory=fcfg.reuse_host_memory)
+    runner = ModelRunner.create(backbone, policy=policy, reuse_host_memory=fcfg.reuse_host_memory)
     batch_size = runner.resolve_batch_size(fcfg.batch_size)
     workers = resolve_workers(fcfg.num_workers, device)
     subset = bench_images(dataset, bcfg.images)
@@ -200,8 +192,8 @@ def bench_backbone(
     )
     compiled, compile_s = None, None
     if bcfg.compare_compile:
-        compiled, compile_s = _compiled_runner(
-            backbone, device, precision, batch_size, reuse_host_memory=fcfg.reuse_host_memory)
+        compiled, compile_s = _compiled_runner(backbone, policy, batch_size,
+                                               reuse_host_memory=fcfg.reuse_host_memory)
     rounds: dict[str, list[float]] = {}
     recipe_diff = None
     for r in tqdm(range(bcfg.repeats), desc=f"bench {backbone.label}", unit="round", disable=not progress):
@@ -219,7 +211,7 @@ def bench_backbone(
             start = time.perf_counter()
             feats = extract_features(
                 backbone, subset, cfg=run_cfg, crop_to_box=crops_to_box(cfg, backbone_cfg), progress=False,
-                runner=runner,
+                runner=runner, policy=policy,
             )
             got["e2e_samples_per_sec"] = len(samples) / (time.perf_counter() - start)
         if bcfg.recipe:
@@ -237,11 +229,10 @@ def bench_backbone(
 
 
 def _compiled_runner(
-    backbone: Backbone, device: torch.device, precision: Precision, batch_size: int, *, reuse_host_memory: bool
+    backbone: Backbone, policy: Policy, batch_size: int, *, reuse_host_memory: bool
 ) -> tuple[ModelRunner, float]:
     """A torch.compile'd runner, and the seconds its first batch took (compilation included)."""
-    runner = ModelRunner.create(
-        backbone, device=device, precision=precision, compile=True, reuse_host_memory=reuse_host_memory)
+    runner = ModelRunner.create(backbone, policy=policy, compile=True, reuse_host_memory=reuse_host_memory)
     start = time.perf_counter()
     model_only(runner, batch_size, batches=1, warmup=0)
     return runner, time.perf_counter() - start
@@ -351,11 +342,11 @@ def run_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> Ben
         raise DogbenchError(f"Dataset {dataset.root} has no images to benchmark")
     start = time.perf_counter()
     load_before = loadavg()
-    device = resolve_device(cfg.features.device)
+    policy = Policy.resolve(cfg.features.device, cfg.features.precision)
     rows = []
     for bcfg in cfg.backbones:  # one model in memory at a time
-        rows.append(bench_backbone(bcfg, dataset, cfg=cfg, progress=progress))
-    machine = machine_info(device) | {
+        rows.append(bench_backbone(bcfg, dataset, cfg=cfg, progress=progress, policy=policy))
+    machine = machine_info(policy.device) | {
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         # 1-minute load average before and after: above ~0.5 on an idle machine means something else competed.
         "loadavg_1min_before": load_before, "loadavg_1min_after": loadavg(),

@@ -25,7 +25,7 @@ from dogbench.config import FeatureConfig, Precision
 from dogbench.data import Dataset, ImageError
 from dogbench.data.download import default_cache_dir
 from dogbench.data.images import REDUCING_GAP
-from dogbench.device import device_name, resolve_device, resolve_precision, resolve_workers
+from dogbench.device import Policy, device_name, resolve_workers
 from dogbench.features.cache import (
     CachedFeatures,
     CacheEntry,
@@ -110,16 +110,18 @@ def extract_features(
     strict: bool = False,
     progress: bool = True,
     runner: ModelRunner | None = None,
+    policy: Policy | None = None,
 ) -> FeatureSet:
     """Features for every sample of ``dataset``, from the cache when present, else computed and cached.
 
     Rows are in sample-id order, whatever order the dataset lists its samples in (train first, test next):
     a new train/test split of the same images is then the same cache entry. ``runner`` (a model already on
     its device, e.g. compiled once for several calls) must come from ``ModelRunner.create`` with ``cfg``.
+    ``policy``: the command's device policy (resolved from ``cfg`` when not given).
     """
     dataset = dataclasses.replace(dataset, samples=tuple(sorted(dataset.samples, key=lambda s: s.sample_id)))
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
+    policy = policy or Policy.resolve(cfg.device, cfg.precision)
+    device, precision = policy.device, policy.precision
     key = feature_key(
         backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
         decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile,
@@ -131,13 +133,13 @@ def extract_features(
     ranks = distributed.current()
     if ranks.world > 1:  # rank 0 decides for all whether anything is computed (a barrier waits on every rank)
         cached, n_computed, extract_s, batch_size = _extract_sharded(
-            ranks, backbone, dataset, entry, cfg=cfg, device=device, precision=precision, runner=runner,
+            ranks, backbone, dataset, entry, cfg=cfg, policy=policy, runner=runner,
             crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
     elif entry.is_complete():
         cached = entry.load(sample_ids=sample_ids)
     else:
         cached, n_computed, extract_s, batch_size = _extract_locally(
-            backbone, dataset, entry, cfg=cfg, device=device, precision=precision, runner=runner,
+            backbone, dataset, entry, cfg=cfg, policy=policy, runner=runner,
             crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
     if strict and not cached.ok.all():
         first = cached.sample_ids[int(np.argmin(cached.ok))]
@@ -149,20 +151,17 @@ def extract_features(
 
 
 def _extract_locally(
-    backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig, device: torch.device,
-    precision: Precision, runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool,
-    sample_ids: list[str],
+    backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig, policy: Policy,
+    runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool, sample_ids: list[str],
 ) -> tuple[CachedFeatures, int, float, int | None]:
     """One process: (the cached entry, images computed, seconds, batch size), under the entry's lock."""
     with entry.lock():  # a second process on this key waits here, then reads the entry
         if entry.is_complete():
             return entry.load(sample_ids=sample_ids), 0, 0.0, None
         start = time.perf_counter()
-        runner = runner or ModelRunner.create(
-            backbone, device=device, precision=precision, compile=cfg.compile,
-            reuse_host_memory=cfg.reuse_host_memory,
-        )
-        meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
+        runner = runner or ModelRunner.create(backbone, policy=policy, compile=cfg.compile,
+                                              reuse_host_memory=cfg.reuse_host_memory)
+        meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=policy.device, precision=policy.precision,
                            crop_to_box=crop_to_box)
         batch_size = _resume_batch_size(entry, runner, cfg, meta)
         entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
@@ -194,16 +193,16 @@ def _entry_meta(backbone: Backbone, dataset: Dataset, cfg: FeatureConfig, sample
 
 def _extract_sharded(
     ranks: distributed.Ranks, backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig,
-    device: torch.device, precision: Precision, runner: ModelRunner | None, crop_to_box: bool, strict: bool,
-    progress: bool, sample_ids: list[str],
+    policy: Policy, runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool,
+    sample_ids: list[str],
 ) -> tuple[CachedFeatures, int, float, int | None]:
     """Extraction under torchrun: rank 0 starts (or resumes) the entry under its lock and settles the batch
     size; rank r computes the missing chunks whose index is r modulo the world size (the batches one process
     would compute, so the features are the same bits); rank 0 joins them; every rank loads the entry."""
     start = time.perf_counter()
-    runner = runner or ModelRunner.create(backbone, device=device, precision=precision, compile=cfg.compile,
+    runner = runner or ModelRunner.create(backbone, policy=policy, compile=cfg.compile,
                                           reuse_host_memory=cfg.reuse_host_memory)
-    meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=device, precision=precision,
+    meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=policy.device, precision=policy.precision,
                        crop_to_box=crop_to_box)
     complete = [entry.is_complete()]
     if ranks.main and not complete[0]:

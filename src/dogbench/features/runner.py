@@ -1,9 +1,10 @@
 """The one forward path: images -> uint8 batches -> the model on its device -> (N, D) features.
 
 ``ImageDataset`` decodes, resizes and crops (libjpeg-turbo tensors or PIL, timm's sizes); ``iter_batches`` feeds
-them in order (threads on CPU, DataLoader workers on a GPU); ``ModelRunner`` normalises on the device, uses
-channels_last for CNNs, autocasts in the run's precision and backs off on out-of-memory. Extraction, prediction,
-explanations and benchmarks all go through here, so a photo gives the same numbers whichever command reads it.
+them in order (threads on CPU, DataLoader workers on a GPU); ``ModelRunner`` runs the model as the
+command's ``device.Policy`` says (device, memory format, precision) and backs off on out-of-memory. Extraction,
+training's validation, test scoring, prediction, explanations and benchmarks all go through here, so a photo
+gives the same numbers whichever command reads it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import Precision
 from dogbench.data import ImageError, Sample, load_image, read_image
-from dogbench.device import DTYPES, cpu_cores, empty_cache, exact_fp32
+from dogbench.device import Policy, cpu_cores, empty_cache
 from dogbench.errors import DogbenchError
 
 CPU_BATCH_SIZE = 64  # throughput on CPU is flat from about 32 images up; memory is the only cost
@@ -120,39 +121,42 @@ def iter_batches(
 
 
 class ModelRunner:
-    """The frozen model on its device, fed uint8 batches: normalise there, channels_last for CNNs (oneDNN and
-    cuDNN pick their fast NHWC kernels; ViTs gain nothing), autocast in the run's precision, forward.
+    """The frozen model on its device, fed uint8 batches: normalise there, in the memory format and precision the
+    command's ``Policy`` gives (channels_last for CNNs), forward. Extraction, training's validation, test scoring,
+    predict, explain and the demo all run their forward passes here.
 
     A batch that runs out of GPU memory is split in halves, and later batches run at the smaller size.
     """
 
     def __init__(
-        self, model: torch.nn.Module, preprocess: Preprocess, *, feature_dim: int, device: torch.device,
-        precision: Precision, memory_format: torch.memory_format,
+        self, model: torch.nn.Module, preprocess: Preprocess, *, feature_dim: int, policy: Policy, is_vit: bool,
     ) -> None:
         self.model = model
         self.preprocess = preprocess
         self.feature_dim = feature_dim
-        self.device = device
-        self.precision = precision
-        self.memory_format = memory_format
+        self.policy = policy
+        self.memory_format = policy.memory_format(is_vit=is_vit)
         self.max_rows: int | None = None  # set after an out-of-memory back-off
+
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
+    @property
+    def precision(self) -> Precision:
+        return self.policy.precision
 
     @classmethod
     def create(
-        cls, backbone: Backbone, *, device: torch.device, precision: Precision, compile: bool = False,
-        reuse_host_memory: bool = True,
+        cls, backbone: Backbone, *, policy: Policy, compile: bool = False, reuse_host_memory: bool = True,
     ) -> ModelRunner:
         if reuse_host_memory:
             keep_freed_memory()
-        memory_format = torch.preserve_format if backbone.is_vit else torch.channels_last
-        model = backbone.model.to(device, memory_format=memory_format)
+        model = backbone.model.to(policy.device, memory_format=policy.memory_format(is_vit=backbone.is_vit))
         if compile:
             model = torch.compile(model)
-        return cls(
-            model, backbone.preprocess, feature_dim=backbone.feature_dim, device=device, precision=precision,
-            memory_format=memory_format,
-        )
+        return cls(model, backbone.preprocess, feature_dim=backbone.feature_dim, policy=policy,
+                   is_vit=backbone.is_vit)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """A uint8 batch -> the model's input on its device: normalised float32 in the model's memory format."""
@@ -161,12 +165,7 @@ class ModelRunner:
 
     def run_model(self, x: torch.Tensor) -> torch.Tensor:
         """The model alone on a prepared batch, in the run's precision; the features stay on the device."""
-        dtype = DTYPES.get(self.precision)
-        with (
-            exact_fp32(self.device, self.precision),
-            torch.inference_mode(),
-            torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None),
-        ):
+        with self.policy.inference():
             return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

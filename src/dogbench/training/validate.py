@@ -11,6 +11,7 @@ from dogbench import distributed
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import Precision
 from dogbench.data import ImageError
+from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
 from dogbench.training.data import TrainData
 from dogbench.training.model import Trainable
@@ -38,8 +39,9 @@ class Validator:
     def logits(self, module: nn.Module) -> np.ndarray:
         """(N, C) float32 logits of this rank's validation images (the eval transform, as predict decodes)."""
         module.eval()
-        runner = ModelRunner(module, self.preprocess, feature_dim=self.n_classes, device=self.device,
-                             precision=self.precision, memory_format=self.memory_format)
+        runner = ModelRunner(module, self.preprocess, feature_dim=self.n_classes,
+                             policy=Policy(self.device, self.precision, self.precision),
+                             is_vit=self.memory_format == torch.preserve_format)
         out = []
         for x, _, errors in iter_batches(self.images, self.batches, workers=0, prefetch=1, pin_memory=False):
             bad = [e for e in errors if e]

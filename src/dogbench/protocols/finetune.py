@@ -1,10 +1,6 @@
-"""The fine-tuning protocol: for each backbone and method, train on the frozen protocol's training split (its
-readable images, its validation split), tune the recipe on validation when asked (``finetune.trials``: Optuna
-with Hyperband / successive halving on per-epoch validation top-1), keep the best epoch, calibrate on
-validation, and score the test split once through the inference path (``predictor.Predictor``: the same decoding,
-preprocessing and head as ``predict`` and ``explain``). Rows ``<label>/<method>`` join the frozen rows in
-``results.json`` with paired tests against the frozen head of the same backbone and between backbones.
-"""
+"""The fine-tuning protocol: per backbone and method, train on the frozen protocol's split (the recipe tuned on
+validation when asked), keep the best epoch, calibrate on validation and score test once through the predictor;
+rows ``<label>/<method>`` join ``results.json`` (docs/notes/training.md)."""
 
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from dogbench.atomic import atomic_write_bytes
 from dogbench.backbones import load_backbone
 from dogbench.config import FROZEN, BackboneConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
-from dogbench.device import resolve_device, resolve_precision
+from dogbench.device import Policy, resolve_device, resolve_precision
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, reliability_bins
 from dogbench.features import feature_settings
@@ -294,8 +294,8 @@ class _Exporter:
         fitted = fitted_linear_head(layer, best_epoch=self.outcome.best_epoch, best_val_top1=self.val_top1,
                                     history=self.outcome.history)
         model = Predictor(self.label, loaded, fitted, classes=self.dataset.classes, features=self.cfg.features,
-                          crop_to_box=crops_to_box(self.cfg, self.bcfg), device=str(self.device),
-                          precision=self.precision)
+                          crop_to_box=crops_to_box(self.cfg, self.bcfg),
+                          policy=Policy(self.device, self.precision, self.precision))
         return model, fitted, adapter
 
     def save_head(self, model: Predictor, head: Any, temperature: float | None) -> None:

@@ -31,7 +31,7 @@ from dogbench.evaluate import (
 )
 from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
-from dogbench.heads import head_identity
+from dogbench.heads import Head, head_identity
 from dogbench.protocols.scoring import compare_all, environment, test_scores
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
 from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
@@ -259,32 +259,18 @@ def evaluate_backbone(
 ) -> tuple[ModelResult, dict[str, bool], dict[str, dict[str, bool]]]:
     """Refit the best head (and the baseline) on train+val, score the test split once; save head and predictions."""
     feats, splits, times, n_classes = bf.features, bf.splits, bf.times, len(dataset.classes)
-    fit_rows = np.concatenate([splits.train, splits.val])
     X, y = feats.features, feats.labels
     y_test = y[splits.test]
     test_ids = [feats.sample_ids[i] for i in splits.test]
-    sample_of = {s.sample_id: s for s in dataset.samples}
-    boxes = np.asarray([sample_of[i].box or NO_BOX for i in test_ids], dtype=np.int64).reshape(-1, 4)
     best = tuning.tune
     with times.measure("calibrate"):
         temperature, val_before, val_after = calibrate(cfg, best.best_params, best.best_epoch, X, y, splits, n_classes)
     with times.measure("fit"):
-        head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
-        head.fit(X[fit_rows], y[fit_rows])  # no validation left: train the tuned number of epochs
-        info = bf.info
-        settings = feature_settings(cfg.features, crop_to_box=bf.crop_to_box,
-                                    precision=Precision(feats.precision), preprocess=info.preprocess)
-        identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256,
-                                 preprocess=info.preprocess.to_dict(), features=settings, feature_key=feats.key)
-        head.save(run.head_dir(label), identity=identity, class_names=dataset.classes, temperature=temperature)
+        head = _refit_head(cfg, run, dataset, label, bf, tuning, temperature)
     with times.measure("evaluate"):
         raw, proba = _head_proba(head, X[splits.test], temperature, n_classes)
         scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
-        run.write_predictions(label, Predictions(
-            sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32),
-            confusion=metrics.confusion, paths=np.asarray([str(sample_of[i].path) for i in test_ids]), boxes=boxes,
-            classes=tuple(dataset.classes), proba_uncalibrated=raw.astype(np.float32),
-        ))
+        _write_test_predictions(run, label, dataset, test_ids, y_test, proba, raw, metrics.confusion)
         calibration = {
             "temperature": temperature, "bins": ECE_BINS,
             "fitted_on": "validation, by the tuned head trained on train only (the trial's model)",
@@ -293,26 +279,73 @@ def evaluate_backbone(
             "reliability": {"before": reliability_bins(y_test, raw).to_dict(),
                             "after": reliability_bins(y_test, proba).to_dict()},
         }
-    baseline: dict[str, Any] = {}
+    probe, baseline = None, {}
     if tuning.baseline is not None:
         with times.measure("baseline"):
+            fit_rows = np.concatenate([splits.train, splits.val])
             probe = make_logistic(tuning.baseline.C, device=head_device(cfg)).fit(X[fit_rows], y[fit_rows])
             probe_scores = _probe_scores(probe, X[splits.test], y_test, dataset, cfg)
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
-    extra_scores, extra_correct = {}, {}
     with times.measure("extra_test"):
-        for name, ef in bf.extra.items():  # the same head, calibration and baseline on each second test set
-            _, e_proba = _head_proba(head, ef.features, temperature, n_classes)
-            e_scores, _, e_correct = test_scores(ef.labels, e_proba, dataset, cfg)
-            e_scores["calibration"] = calibration_metrics(ef.labels, e_proba)
-            e_scores["skipped"] = len(ef.skipped)
-            if tuning.baseline is not None:
-                e_scores["baseline"] = _probe_scores(probe, ef.features, ef.labels, dataset, cfg)
-            extra_scores[name] = e_scores
-            extra_correct[name] = dict(zip(ef.sample_ids, e_correct.tolist(), strict=True))
+        extra_scores, extra_correct = _extra_test_scores(cfg, dataset, bf, head, temperature, probe)
+    result = _model_result(label, dataset, bf, tuning, head, test=scores, baseline=baseline,
+                           calibration=calibration, extra_test=extra_scores)
+    return result, dict(zip(test_ids, correct.tolist(), strict=True)), extra_correct
+
+
+def _refit_head(cfg: RunConfig, run: RunDir, dataset: Dataset, label: str, bf: BackboneFeatures, tuning: Tuning,
+                temperature: float | None) -> Head:
+    """The tuned head trained on train+val for the tuned number of epochs (no validation left), saved with the
+    backbone's identity and its calibration."""
+    feats, splits, best = bf.features, bf.splits, tuning.tune
+    fit_rows = np.concatenate([splits.train, splits.val])
+    head = build_head(best.best_params, max_epochs=best.best_epoch, seed=cfg.tune.seed, device=head_device(cfg))
+    head.fit(feats.features[fit_rows], feats.labels[fit_rows])
+    info = bf.info
+    settings = feature_settings(cfg.features, crop_to_box=bf.crop_to_box,
+                                precision=Precision(feats.precision), preprocess=info.preprocess)
+    identity = head_identity(timm_tag=info.tag, weights_sha256=info.weights_sha256,
+                             preprocess=info.preprocess.to_dict(), features=settings, feature_key=feats.key)
+    head.save(run.head_dir(label), identity=identity, class_names=dataset.classes, temperature=temperature)
+    return head
+
+
+def _write_test_predictions(run: RunDir, label: str, dataset: Dataset, test_ids: list[str], y_test: np.ndarray,
+                            proba: np.ndarray, raw: np.ndarray, confusion: np.ndarray) -> None:
+    sample_of = {s.sample_id: s for s in dataset.samples}
+    boxes = np.asarray([sample_of[i].box or NO_BOX for i in test_ids], dtype=np.int64).reshape(-1, 4)
+    run.write_predictions(label, Predictions(
+        sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32), confusion=confusion,
+        paths=np.asarray([str(sample_of[i].path) for i in test_ids]), boxes=boxes, classes=tuple(dataset.classes),
+        proba_uncalibrated=raw.astype(np.float32),
+    ))
+
+
+def _extra_test_scores(cfg: RunConfig, dataset: Dataset, bf: BackboneFeatures, head: Head,
+                       temperature: float | None, probe: Head | None,
+                       ) -> tuple[dict[str, Any], dict[str, dict[str, bool]]]:
+    """The same head, calibration and baseline on each second test set: scores and per-image correctness."""
+    n_classes = len(dataset.classes)
+    extra_scores, extra_correct = {}, {}
+    for name, ef in bf.extra.items():
+        _, e_proba = _head_proba(head, ef.features, temperature, n_classes)
+        e_scores, _, e_correct = test_scores(ef.labels, e_proba, dataset, cfg)
+        e_scores["calibration"] = calibration_metrics(ef.labels, e_proba)
+        e_scores["skipped"] = len(ef.skipped)
+        if probe is not None:
+            e_scores["baseline"] = _probe_scores(probe, ef.features, ef.labels, dataset, cfg)
+        extra_scores[name] = e_scores
+        extra_correct[name] = dict(zip(ef.sample_ids, e_correct.tolist(), strict=True))
+    return extra_scores, extra_correct
+
+
+def _model_result(label: str, dataset: Dataset, bf: BackboneFeatures, tuning: Tuning, head: Head, *,
+                  test: dict[str, Any], baseline: dict[str, Any], calibration: dict[str, Any],
+                  extra_test: dict[str, Any]) -> ModelResult:
+    feats, info, best, times = bf.features, bf.info, tuning.tune, bf.times
     pretraining = pretraining_of(info.tag, info.weights)
-    result = ModelResult(
+    return ModelResult(
         label=label, backbone=info.tag, weights=info.weights, weights_sha256=info.weights_sha256,
         feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
         feature_key=feats.key, cache_hit=feats.cache_hit, device=feats.device, precision=feats.precision,
@@ -321,7 +354,7 @@ def evaluate_backbone(
                  {"epochs": best.best_epoch}),
               "study": best.study_name, "n_trials": best.n_trials, "n_pruned": best.n_pruned},
         val={"top1": best.best_val_top1},
-        test=scores,
+        test=test,
         baseline=baseline,
         timing_s={k: round(v, 4) for k, v in times.wall.items()},
         cpu_s={k: round(v, 4) for k, v in times.cpu.items()},
@@ -330,9 +363,8 @@ def evaluate_backbone(
         leaky=pretraining.imagenet and dataset.name == STANFORD_DOGS,
         architecture=bf.architecture,
         calibration=calibration,
-        extra_test=extra_scores,
+        extra_test=extra_test,
     )
-    return result, dict(zip(test_ids, correct.tolist(), strict=True)), extra_correct
 
 
 TEMPERATURE_BOUNDS = (0.05, 20.0)

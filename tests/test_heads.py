@@ -155,10 +155,10 @@ def test_epoch_heads_train_in_either_precision_and_record_it():
 
 
 def test_auto_precision_follows_the_device():
-    from dogbench.device import fast_bf16_matmul
+    from dogbench.device import train_precision
 
     head = LinearHead(max_epochs=2).fit(*_blobs())
-    expected = "bf16" if fast_bf16_matmul(torch.device("cpu")) else "fp32"
+    expected = train_precision(torch.device("cpu")).value
     assert {h["precision"] for h in head.history_} == {expected}
 
 

@@ -27,8 +27,6 @@ from dogbench.heads.files import (
 )
 from dogbench.heads.fit import FeatureData
 
-TrainingData = FeatureData  # the old name, importable until every caller says FeatureData
-
 __all__ = [
     "HEAD_KINDS",
     "META_FILE",
@@ -42,7 +40,6 @@ __all__ = [
     "LinearHead",
     "LogisticHead",
     "MLPHead",
-    "TrainingData",
     "check_identity",
     "fitted_linear_head",
     "head_class",

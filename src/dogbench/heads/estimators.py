@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from dogbench.config import HeadKind, Precision
-from dogbench.device import fast_bf16_matmul
+from dogbench.device import train_precision
 from dogbench.heads.files import load_head, write_head_files
 from dogbench.heads.fit import (
     PREDICT_CHUNK,
@@ -246,7 +246,8 @@ class _EpochHead(_TorchHead):
 
     def _bf16(self, device: torch.device) -> bool:
         precision = Precision(self.precision)
-        return precision is Precision.BF16 or (precision is Precision.AUTO and fast_bf16_matmul(device))
+        resolved = train_precision(device) if precision is Precision.AUTO else precision
+        return resolved is Precision.BF16
 
 
 class LogisticHead(_TorchHead):

@@ -19,7 +19,7 @@ from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.config import Precision, RunConfig, crops_to_box
 from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
-from dogbench.device import fast_bf16_matmul, resolve_device
+from dogbench.device import resolve_device, train_precision
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import (
     ECE_BINS,
@@ -175,8 +175,8 @@ def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
         "features": feature_key, "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed,
         "heads": list(t.heads), "max_epochs": t.max_epochs, "seed": t.seed, "search_space": SEARCH_SPACE_VERSION,
         "pruner": t.pruner, "baseline": t.baseline,
-        # bf16 autocast or fp32 for the AdamW heads follows the device: another device may train them otherwise
-        "head_precision": "bf16" if fast_bf16_matmul(torch_device(cfg)) else "fp32",
+        # the AdamW heads' precision follows the device (device.train_precision): another may train them otherwise
+        "head_precision": train_precision(torch_device(cfg)).value,
     })
 
 

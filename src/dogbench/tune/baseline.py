@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from dogbench.heads import LogisticHead, TrainingData
+from dogbench.heads import FeatureData, LogisticHead
 from dogbench.tune.space import LogisticSolutions, baseline_params, logistic_key
 
 BASELINE_CS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
@@ -52,7 +52,7 @@ def sweep_logistic_C(
     """Coarse decade sweep of C, then one refinement step at half decades around the best. Each fit
     warm-starts from the nearest C already solved (a regularisation path); the rows are prepared once."""
     start = time.perf_counter()
-    data = TrainingData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device)
+    data = FeatureData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device)
     solved = LogisticSolutions()
     curve: dict[float, float] = {}
 

@@ -23,7 +23,7 @@ from sklearn.exceptions import ConvergenceWarning
 
 from dogbench.config import TuneConfig
 from dogbench.errors import DogbenchError
-from dogbench.heads import Head, LogisticHead, TrainingData, head_class
+from dogbench.heads import FeatureData, Head, LogisticHead, head_class
 from dogbench.tune.studies import StudyPlan, make_pruner, run_study
 
 if TYPE_CHECKING:
@@ -147,7 +147,7 @@ def make_objective(
 
     ``solved``: logistic heads already fitted on these rows (the baseline sweep's), reused for their own
     configuration and as warm starts. The rows are prepared at the first trial, once per study."""
-    data = functools.cache(lambda: TrainingData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device))
+    data = functools.cache(lambda: FeatureData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device))
     logistic = LogisticSolutions(solved)
 
     def objective(trial: optuna.Trial) -> float:

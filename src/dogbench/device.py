@@ -99,6 +99,12 @@ class Policy:
         """channels_last for CNNs (oneDNN and cuDNN pick their NHWC kernels); ViTs gain nothing from it."""
         return torch.preserve_format if is_vit else torch.channels_last
 
+    def train_autocast(self, precision: Precision | None = None) -> AbstractContextManager[object]:
+        """Training steps' autocast in ``precision`` (default ``train_precision``); fp32 keeps torch's TF32
+        defaults, as timm's train.py does: exactness is for the forward passes that produce figures."""
+        dtype = DTYPES.get(precision or self.train_precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def autocast(self, precision: Precision | None = None) -> AbstractContextManager[object]:
         """Autocast in ``precision`` (default: the inference precision); fp32 runs exact (no TF32 on CUDA)."""
         precision = precision or self.precision

@@ -412,3 +412,14 @@ def test_a_trial_that_keeps_dying_is_retried_only_so_often(tmp_path: Path) -> No
     tune.run_study(check, lambda trial: 0.0)
     states = [t.state for t in study.get_trials()]
     assert states == [optuna.trial.TrialState.FAIL] * (tune.FAILED_TRIAL_RETRIES + 1)  # none queued after that
+
+
+def test_the_best_trial_is_the_earliest_of_equal_values() -> None:
+    """A server's ``best_trial`` breaks ties by no rule; the study runner takes the earliest complete trial."""
+    done, failed = optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL
+    made = [optuna.trial.create_trial(value=v, state=s) for v, s in ((0.5, done), (0.9, done), (None, failed),
+                                                                      (0.9, done))]
+    for number, t in enumerate(made):
+        t.number = number
+    assert tune.best_trial(list(reversed(made))).number == 1
+    assert tune.best_trial(made[2:3]) is None

@@ -19,7 +19,7 @@ from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.config import Precision, RunConfig, crops_to_box
 from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
-from dogbench.device import resolve_device, train_precision
+from dogbench.device import Policy, train_precision
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import (
     ECE_BINS,
@@ -131,6 +131,7 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
         raise DogbenchError(f"data.box_ablation compares box-cropped and whole images, but {dataset.root} has no "
                             "annotated boxes (Stanford Dogs' Annotation/ folder); turn it off or add the annotations")
     extra_sets = extra_test_sets(cfg, dataset)  # before any model is loaded: a bad folder fails in a second
+    policy = Policy.resolve(cfg.features.device, cfg.features.precision)
     out: dict[str, BackboneFeatures] = {}
     for bcfg in cfg.backbones:
         crop = crops_to_box(cfg, bcfg)
@@ -141,10 +142,11 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
         with times.measure("extract"):
             feats = extract_features(
                 backbone, dataset, cfg=cfg.features, crop_to_box=crop, strict=cfg.data.strict, progress=progress,
+                policy=policy,
             )
         with times.measure("extra_test"):
             extra = {name: extract_features(backbone, ds, cfg=cfg.features, crop_to_box=crop,
-                                            strict=cfg.data.strict, progress=progress)
+                                            strict=cfg.data.strict, progress=progress, policy=policy)
                      for name, ds in extra_sets.items()}
         for name, ef in extra.items():
             if not ef.sample_ids:
@@ -182,7 +184,7 @@ def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
 
 def torch_device(cfg: RunConfig) -> Any:
     """Where heads train, as a torch device: ``tune.device``, or with "auto" the features' device."""
-    return resolve_device(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device)
+    return Policy.resolve(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device).device
 
 
 def head_device(cfg: RunConfig) -> str:

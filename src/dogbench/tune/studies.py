@@ -340,11 +340,17 @@ def run_study(plan: StudyPlan, objective: Objective) -> StudyOutcome:
             if worker is not None:
                 _search(worker, objective)
             trials = stored.get_trials()
-            complete = any(t.state == TrialState.COMPLETE for t in trials)
-            return StudyOutcome(trials, stored.best_trial if complete else None)
+            return StudyOutcome(trials, best_trial(trials))
     finally:
         if isinstance(store, optuna.storages.RDBStorage):
             store.engine.dispose()  # close the server connections now, not at interpreter exit
+
+
+def best_trial(trials: list[optuna.trial.FrozenTrial]) -> optuna.trial.FrozenTrial | None:
+    """The complete trial of highest value, the earliest of equals (a server's ``best_trial`` breaks ties by
+    no rule; small validation sets tie often)."""
+    complete = sorted((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.number)
+    return max(complete, key=lambda t: t.value) if complete else None
 
 
 def _search(worker: _Worker, objective: Objective) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from dogbench.config import load_config, resolve
 from dogbench.data.download import prepare_dataset
+from dogbench.device import Policy
 from dogbench.features import ImageDataset
 from dogbench.protocols.finetune import probe_head, train_data
 from dogbench.protocols.frozen import Tuning, extract_stage
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     data, _, _ = train_data(cfg, dataset, bf)
     probe = probe_head(cfg, bf, tuning, len(dataset.classes))
 
-    params = resolve_params(cfg.finetune, "lp-ft", is_vit=False, device=torch.device("cpu"))
+    params = resolve_params(cfg.finetune, "lp-ft", is_vit=False, policy=Policy.resolve("cpu"))
     backbone = load_for_training(bcfg, params)
     model = build_trainable(backbone, len(dataset.classes), params, head_init=probe).model
     images = ImageDataset.for_preprocess(data.val[:256], backbone.preprocess, crop_to_box=False, reduced_decode=True,

@@ -62,9 +62,8 @@ DDP_SCRIPT = textwrap.dedent("""
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import torch
-    from test_training import TINY, params_for, train_files
+    from test_training import POLICY, TINY, params_for, train_files
     from dogbench import distributed
-    from dogbench.config import Precision
     from dogbench.training import build_trainable, load_for_training, train
     data_file, out, kill_rank, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     data = pickle.loads(data_file.read_bytes())
@@ -77,8 +76,8 @@ DDP_SCRIPT = textwrap.dedent("""
         if ranks.rank == kill_rank and step == kill_at and not killed.exists():
             killed.touch()
             os.kill(os.getpid(), signal.SIGKILL)
-    outcome = train(t, backbone, data, params, train_files(out), device=torch.device("cpu"),
-                    val_precision=Precision.FP32, checkpoint_every=2, progress=False, on_step=on_step)
+    outcome = train(t, backbone, data, params, train_files(out), policy=POLICY, checkpoint_every=2, progress=False,
+                    on_step=on_step)
     # one file per rank (the ranks' stdout lines interleave)
     line = " ".join(["resumed" if outcome.resumed else "fresh", str(outcome.epochs_run), str(outcome.ranks)])
     (out.parent / f"{{out.name}}.rank{{ranks.rank}}").write_text(line)

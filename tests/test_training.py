@@ -19,6 +19,7 @@ import torch
 
 from dogbench.config import BackboneConfig, FinetuneConfig, Precision
 from dogbench.data import Sample
+from dogbench.device import Policy
 from dogbench.rundir import BEST_EPOCH_FILE, TRAIN_PARAMS_FILE
 from dogbench.rundir import TRAIN_STATE_FILE as STATE_FILE
 from dogbench.training import (
@@ -37,8 +38,8 @@ from dogbench.training import (
     train,
 )
 
-CPU = torch.device("cpu")
-VAL = Precision.FP32  # validation's precision: features.precision auto on the CPU, as the predictor resolves it
+# validation's precision: features.precision auto on the CPU, as the predictor resolves it; steps in fp32
+POLICY = Policy(torch.device("cpu"), Precision.FP32, Precision.FP32)
 TINY = {
     "vit": BackboneConfig(label="vit", model="test_vit", weights="random", model_kwargs={"img_size": 32}),
     "cnn": BackboneConfig(label="cnn", model="test_resnet", weights="random", input_size=(3, 32, 32)),
@@ -70,7 +71,7 @@ def train_files(folder: Path) -> TrainFiles:
 
 def params_for(method: str, kind: str, **changes: object):
     cfg = FinetuneConfig(epochs=1, batch_size=4, precision=Precision.FP32)
-    return dataclasses.replace(resolve_params(cfg, method, is_vit=kind == "vit", device=CPU), **changes)
+    return dataclasses.replace(resolve_params(cfg, method, is_vit=kind == "vit", policy=POLICY), **changes)
 
 
 def probe_init(backbone, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +90,7 @@ def test_each_method_runs_an_epoch(method: str, kind: str, data: TrainData, tmp_
     backbone = load_for_training(TINY[kind], params)
     t = build_trainable(backbone, data.n_classes, params,
                         head_init=probe_init(backbone, data.n_classes) if method == "lp-ft" else None)
-    out = train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
+    out = train(t, backbone, data, params, train_files(tmp_path), policy=POLICY, progress=False)
     assert out.epochs_run == 1 and len(out.history) == 1
     assert np.isfinite(out.history[0]["train_loss"]) and 0 <= out.best_val_top1 <= 1
     assert out.train_images == (len(data.train) // 4) * 4 and out.images_per_s > 0
@@ -112,7 +113,7 @@ def test_a_fixed_batch_is_overfitted(kind: str) -> None:
     params = params_for("full", kind, lr=1e-3, label_smoothing=0.0, drop_path=0.0, warmup_epochs=0.0)
     backbone = load_for_training(TINY[kind], params)
     t = build_trainable(backbone, 4, params)
-    stepper = Stepper(t, backbone.preprocess, params, device=CPU, n_classes=4, total_steps=1000, steps_per_epoch=1)
+    stepper = Stepper(t, backbone.preprocess, params, policy=POLICY, n_classes=4, total_steps=1000, steps_per_epoch=1)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.arange(8) % 4
@@ -175,7 +176,7 @@ def test_lora_trains_only_adapters_and_head_and_leaves_base_weights_bitwise_unch
     trainable = {n for n, p in t.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     head0 = t.model.head.weight.detach().clone()
-    train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
+    train(t, backbone, data, params, train_files(tmp_path), policy=POLICY, progress=False)
     after = {base_name(k): v for k, v in t.model.backbone.state_dict().items() if "lora_" not in k}
     assert set(after) == set(before)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
@@ -192,11 +193,8 @@ KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
     from pathlib import Path
     sys.path.insert(0, {tests!r})
-    import torch
-    from test_training import TINY, make_data, params_for, train_files
-    from dogbench.config import Precision
+    from test_training import POLICY, TINY, make_data, params_for, train_files
     from dogbench.training import build_trainable, load_for_training, train
-    VAL = Precision.FP32
     images, out, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     data = make_data(images)
     params = params_for("full", "vit", epochs=2, drop_path=0.2, color_jitter=0.4)
@@ -205,8 +203,8 @@ KILL_SCRIPT = textwrap.dedent("""
     def on_step(step):
         if step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-    outcome = train(t, backbone, data, params, train_files(out), device=torch.device("cpu"), val_precision=VAL,
-                    checkpoint_every=2, progress=False, on_step=on_step)
+    outcome = train(t, backbone, data, params, train_files(out), policy=POLICY, checkpoint_every=2, progress=False,
+                    on_step=on_step)
     print("resumed" if outcome.resumed else "fresh", outcome.epochs_run)
 """)
 
@@ -251,7 +249,7 @@ def test_a_corrupt_training_state_is_named_and_nothing_is_overwritten(data: Trai
     (tmp_path / STATE_FILE).write_bytes(b"not a torch file")
     with pytest.raises(TrainingError, match=r"state\.pt is not a readable training state"):
         train(build_trainable(backbone, data.n_classes, params), backbone, data, params, train_files(tmp_path),
-              device=CPU, val_precision=VAL, progress=False)
+              policy=POLICY, progress=False)
     assert (tmp_path / STATE_FILE).read_bytes() == b"not a torch file"
 
 
@@ -272,7 +270,7 @@ def test_batch_norm_statistics_stay_pretrained_unless_asked(freeze: bool, data: 
     backbone = load_for_training(TINY["cnn"], params)
     stats = {k: v.clone() for k, v in backbone.model.state_dict().items() if "running_" in k}
     t = build_trainable(backbone, data.n_classes, params)
-    train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
+    train(t, backbone, data, params, train_files(tmp_path), policy=POLICY, progress=False)
     after = t.model.backbone.state_dict()
     same = [torch.equal(stats[k], after[k]) for k in stats]
     assert all(same) if freeze else not any(same)
@@ -285,7 +283,7 @@ def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: P
                         grad_checkpointing=True, randaugment="rand-m9-mstd0.5-inc1")
     backbone = load_for_training(TINY["vit"], params)
     t = build_trainable(backbone, data.n_classes, params)
-    out = train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
+    out = train(t, backbone, data, params, train_files(tmp_path), policy=POLICY, progress=False)
     assert out.epochs_run == 1 and np.isfinite(out.history[0]["train_loss"])
     assert out.history[0]["step"] == len(data.train) // 4 // 2  # one optimizer step per 2 batches of 4
     state = torch.load(tmp_path / STATE_FILE, weights_only=True)
@@ -294,7 +292,7 @@ def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: P
     ema = {k.removeprefix("module."): v for k, v in state["ema"].items()}
     assert set(best) == set(ema) and all(torch.equal(best[k], ema[k]) for k in best)
     again = train(build_trainable(load_for_training(TINY["vit"], params), data.n_classes, params), backbone, data,
-                  params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
+                  params, train_files(tmp_path), policy=POLICY, progress=False)
     assert again.resumed and again.history == out.history
 
 
@@ -316,9 +314,9 @@ def test_standalone_validation_scores_the_best_epoch_as_training_did(data: Train
     params = params_for("full", "cnn", epochs=2)
     backbone = load_for_training(TINY["cnn"], params)
     t = build_trainable(backbone, data.n_classes, params)
-    out = train(t, backbone, data, params, train_files(tmp_path), device=CPU, val_precision=VAL, progress=False)
+    out = train(t, backbone, data, params, train_files(tmp_path), policy=POLICY, progress=False)
     load_best(t, out.best_path)
-    assert validation_top1(t, backbone, data, params, device=CPU, precision=VAL) == out.best_val_top1
+    assert validation_top1(t, backbone, data, params, policy=POLICY) == out.best_val_top1
 
 
 def test_a_training_state_that_would_run_code_is_refused_and_its_payload_never_runs(data: TrainData,
@@ -332,7 +330,7 @@ def test_a_training_state_that_would_run_code_is_refused_and_its_payload_never_r
     backbone = load_for_training(TINY["cnn"], params)
     with pytest.raises(TrainingError, match=r"state\.pt is not a readable training state .*UnpicklingError"):
         train(build_trainable(backbone, data.n_classes, params), backbone, data, params, train_files(tmp_path),
-              device=CPU, val_precision=VAL, progress=False)
+              policy=POLICY, progress=False)
     assert not marker.exists(), "unpickling ran the payload"
 
 

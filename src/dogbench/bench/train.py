@@ -40,7 +40,7 @@ from dogbench.backbones import Backbone, load_backbone
 from dogbench.bench.common import bench_images, jsonable, loadavg, machine_info, sync_device, table_lines
 from dogbench.config import BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
-from dogbench.device import device_name, resolve_device, resolve_precision
+from dogbench.device import Policy, device_name
 from dogbench.errors import DogbenchError
 from dogbench.protocols.finetune import train_files
 from dogbench.training import (
@@ -66,18 +66,19 @@ def _rate(stamps: list[float], batch_size: int) -> float:
     return batch_size * (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
 
-def _setup(bcfg: BackboneConfig, cfg: RunConfig, device: torch.device) -> tuple[Backbone, TrainParams]:
+def _setup(bcfg: BackboneConfig, cfg: RunConfig, policy: Policy) -> tuple[Backbone, TrainParams]:
     """The backbone loaded for training and the ``full`` method's recipe for it."""
-    backbone = load_for_training(bcfg, resolve_params(cfg.finetune, "full", is_vit=False, device=device))
-    return backbone, resolve_params(cfg.finetune, "full", is_vit=backbone.is_vit, device=device)
+    backbone = load_for_training(bcfg, resolve_params(cfg.finetune, "full", is_vit=False, policy=policy))
+    return backbone, resolve_params(cfg.finetune, "full", is_vit=backbone.is_vit, policy=policy)
 
 
-def step_alone(bcfg: BackboneConfig, cfg: RunConfig, *, steps: int, device: torch.device) -> float:
+def step_alone(bcfg: BackboneConfig, cfg: RunConfig, *, steps: int, policy: Policy) -> float:
     """Images per second of the training step on a synthetic batch resident on the device."""
-    backbone, params = _setup(bcfg, cfg, device)
+    backbone, params = _setup(bcfg, cfg, policy)
     trainable = build_trainable(backbone, 120, params)
-    stepper = Stepper(trainable, backbone.preprocess, params, device=device, n_classes=120, total_steps=1000,
+    stepper = Stepper(trainable, backbone.preprocess, params, policy=policy, n_classes=120, total_steps=1000,
                       steps_per_epoch=100)
+    device = policy.device
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (params.batch_size, *backbone.preprocess.input_size), dtype=torch.uint8,
                       generator=g).to(device)
@@ -94,10 +95,10 @@ def step_alone(bcfg: BackboneConfig, cfg: RunConfig, *, steps: int, device: torc
 
 
 def end_to_end(bcfg: BackboneConfig, cfg: RunConfig, samples: tuple[Sample, ...], *, steps: int,
-               device: torch.device, precision: str | None = None) -> float:
+               policy: Policy, precision: str | None = None) -> float:
     """Images per second of ``training.train`` over ``samples`` (one epoch of ``steps + 1`` steps), in the run's
     training precision or ``precision``."""
-    backbone, params = _setup(bcfg, cfg, device)
+    backbone, params = _setup(bcfg, cfg, policy)
     params = dataclasses.replace(params, epochs=1, precision=precision or params.precision)
     labels = np.asarray([s.label for s in samples], dtype=np.int64) % 120
     n = params.batch_size * (steps + 1)
@@ -108,12 +109,12 @@ def end_to_end(bcfg: BackboneConfig, cfg: RunConfig, samples: tuple[Sample, ...]
     stamps: list[float] = []
 
     def on_step(step: int) -> None:
-        sync_device(device)
+        sync_device(policy.device)
         stamps.append(time.perf_counter())
 
     with tempfile.TemporaryDirectory(prefix="dogbench-train-bench-") as out:
-        train(trainable, backbone, data, params, train_files(Path(out)), device=device,
-              val_precision=resolve_precision(cfg.features.precision, device), progress=False, on_step=on_step)
+        train(trainable, backbone, data, params, train_files(Path(out)), policy=policy, progress=False,
+              on_step=on_step)
     return _rate(stamps, params.batch_size)
 
 
@@ -206,7 +207,8 @@ class TrainBenchResults:
 
 def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) -> TrainBenchResults:
     """Rounds of (step alone, end to end, recipe) for every configured backbone, one model at a time."""
-    device = resolve_device(cfg.features.device)
+    policy = Policy.resolve(cfg.features.device, cfg.features.precision, cfg.finetune.precision)
+    device = policy.device
     steps, repeats = max(2, cfg.bench.model_batches), cfg.bench.repeats
     batch = cfg.finetune.batch_size
     subset = bench_images(dataset, batch * (steps + 1) + 1)
@@ -217,15 +219,15 @@ def run_train_bench(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) 
     start, load_before = time.perf_counter(), loadavg()
     rows, all_rounds = [], []
     for bcfg in cfg.backbones:
-        backbone, params = _setup(bcfg, cfg, device)  # what the row reports; each mode loads its own copy
+        backbone, params = _setup(bcfg, cfg, policy)  # what the row reports; each mode loads its own copy
         rounds: dict[str, list[float]] = {}
         for _ in tqdm(range(repeats), desc=f"bench --train {bcfg.label}", unit="round", disable=not progress):
-            got = {"step": step_alone(bcfg, cfg, steps=steps, device=device),
-                   "e2e": end_to_end(bcfg, cfg, samples, steps=steps, device=device)}
+            got = {"step": step_alone(bcfg, cfg, steps=steps, policy=policy),
+                   "e2e": end_to_end(bcfg, cfg, samples, steps=steps, policy=policy)}
             if cfg.bench.recipe:
                 got["recipe"] = recipe(bcfg, samples, batch_size=batch, steps=steps, device=device)
                 if params.precision != "fp32":  # in the recipe's precision too, for a like-for-like ratio
-                    got["e2e_fp32"] = end_to_end(bcfg, cfg, samples, steps=steps, device=device, precision="fp32")
+                    got["e2e_fp32"] = end_to_end(bcfg, cfg, samples, steps=steps, policy=policy, precision="fp32")
             for k, v in got.items():
                 rounds.setdefault(k, []).append(v)
         row: dict[str, Any] = {

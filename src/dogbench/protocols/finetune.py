@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 import optuna
 import safetensors.torch
-import torch
 
 from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes
 from dogbench.backbones import load_backbone
-from dogbench.config import FROZEN, BackboneConfig, Precision, RunConfig, crops_to_box
+from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
-from dogbench.device import Policy, resolve_device, resolve_precision
+from dogbench.device import Policy
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import ECE_BINS, apply_temperature, calibration_metrics, reliability_bins
 from dogbench.features import feature_settings
@@ -130,8 +129,7 @@ class TrainJob:
     probe: tuple[np.ndarray, np.ndarray] | None
     train_root: Path  # <label>/<method>/train/ of the run folder
     checkpoint_every: int
-    device: str  # rank 0's (the folder's settled config): every rank trains on the same kind of device
-    val_precision: Precision  # what validation runs: the precision that scores test (features.precision)
+    policy: Policy  # rank 0's: every rank trains on its kind of device and validates at the test's precision
 
 
 def train_files(folder: Path) -> TrainFiles:
@@ -152,24 +150,23 @@ def run_job(job: TrainJob, *, progress: bool, on_epoch: Any = None) -> tuple[Any
                      "probe": None if probe is None else hashlib.sha256(probe[0].tobytes() + probe[1].tobytes())
                      .hexdigest()})[:16]
     outcome = train(trainable, backbone, job.data, job.params, train_files(job.train_root / key),
-                    device=torch.device(job.device), val_precision=job.val_precision,
-                    checkpoint_every=job.checkpoint_every, progress=progress, on_epoch=on_epoch)
+                    policy=job.policy, checkpoint_every=job.checkpoint_every, progress=progress, on_epoch=on_epoch)
     return trainable, outcome
 
 
 def _train_once(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, data: TrainData, params: TrainParams, *,
-                probe: tuple[np.ndarray, np.ndarray] | None, device: torch.device, progress: bool,
+                probe: tuple[np.ndarray, np.ndarray] | None, policy: Policy, progress: bool,
                 on_epoch: Any = None) -> tuple[Any, TrainOutcome]:
     """One configuration of the run (its folder ``<label>/<method>/train/<key>/``); under torchrun the other
     ranks are told to train it too."""
     job = TrainJob(bcfg, data, params, probe, run.train_dir(bcfg.label, params.method), cfg.finetune.checkpoint_every,
-                   str(device), resolve_precision(cfg.features.precision, device))
+                   policy)
     distributed.announce("train", job)
     return run_job(job, progress=progress, on_epoch=on_epoch)
 
 
 def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: str, data: TrainData, *,
-                   is_vit: bool, probe: tuple[np.ndarray, np.ndarray] | None, progress: bool
+                   is_vit: bool, probe: tuple[np.ndarray, np.ndarray] | None, policy: Policy, progress: bool
                    ) -> tuple[Any, TrainParams, TrainOutcome, dict[str, Any]]:
     """The method's model: its default recipe (``finetune.trials = 0``), or the best of an Optuna study over
     the recipe on validation, pruned on per-epoch validation top-1. The study lives in the run folder's SQLite
@@ -177,10 +174,9 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
     state) or on a database server (``tune.storage``), shared by as many workers as run it: exactly
     ``finetune.trials`` finished trials in all, a seed per worker, a dead worker's trial run again (``run_study``)."""
     f = cfg.finetune
-    device = resolve_device(cfg.features.device)
-    base = resolve_params(f, method, is_vit=is_vit, device=device)
+    base = resolve_params(f, method, is_vit=is_vit, policy=policy)
     if f.trials == 0:
-        trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, device=device, progress=progress)
+        trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, policy=policy, progress=progress)
         return trainable, base, outcome, {}
     name = f"finetune-{bcfg.label}-{method}-{cache_key({'base': base.to_dict(), 'data': data.digest()})[:12]}"
     defaults = {"lr": base.lr, "weight_decay": base.weight_decay,
@@ -196,7 +192,7 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
                 raise optuna.TrialPruned()
 
         try:
-            _, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress,
+            _, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, policy=policy, progress=progress,
                                      on_epoch=report)
         except TrainingError as err:
             if "loss became" not in str(err):
@@ -212,7 +208,7 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
         raise DogbenchError(f"No fine-tuning trial of {bcfg.label}/{method} completed ({len(trials)} pruned or "
                             "failed): raise finetune.trials or finetune.epochs, or use finetune.pruner=none")
     params = dataclasses.replace(base, **_suggest(optuna.trial.FixedTrial(best.params), method, base, is_vit=is_vit))
-    trainable, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, device=device, progress=progress)
+    trainable, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, policy=policy, progress=progress)
     states = [t.state.name for t in trials]
     return trainable, params, outcome, {"study": name, "n_trials": len(trials),
                                         "n_pruned": states.count("PRUNED"), "best_params": best.params,
@@ -221,18 +217,21 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
 
 def finetune_backbone(
     cfg: RunConfig, run: RunDir, dataset: Dataset, bcfg: BackboneConfig, method: str, bf: BackboneFeatures,
-    tuning: Tuning, frozen: ModelResult, *, progress: bool,
+    tuning: Tuning, frozen: ModelResult, *, policy: Policy, progress: bool,
 ) -> tuple[ModelResult, dict[str, bool]]:
-    """Fine-tune one backbone with one method, save the model into ``<label>/<method>/``, score test once."""
+    """Fine-tune one backbone with one method under the stage's ``policy``, save the model into
+    ``<label>/<method>/``, score test once."""
     label = f"{bcfg.label}/{method}"
     data, test_samples, y_test = train_data(cfg, dataset, bf)
     probe = probe_head(cfg, bf, tuning, len(dataset.classes)) if method == "lp-ft" else None
     wall0 = time.perf_counter()
     trainable, params, outcome, trials = tune_and_train(cfg, run, bcfg, method, data, is_vit=bf.info.is_vit,
-                                                        probe=probe, progress=progress)
+                                                        probe=probe, policy=policy, progress=progress)
     load_best(trainable, outcome.best_path)
-    wise = _wise(cfg, bcfg, trainable, data, params, probe, outcome) if cfg.finetune.wise and method in WISE else {}
-    exporter = _Exporter(cfg, run, dataset, bcfg, label, outcome, wise.get("val_top1", outcome.best_val_top1))
+    wise = _wise(cfg, bcfg, trainable, data, params, probe, outcome, policy=policy) \
+        if cfg.finetune.wise and method in WISE else {}
+    exporter = _Exporter(cfg, run, dataset, bcfg, label, outcome, wise.get("val_top1", outcome.best_val_top1),
+                         policy=policy)
     # the inference path: the model chosen on validation calibrates on it, then test is scored once
     model, head, adapter = exporter.as_model(trainable)
     eval0 = time.perf_counter()
@@ -240,7 +239,7 @@ def finetune_backbone(
     refit: dict[str, Any] = {}
     if cfg.finetune.refit:  # then trains again on train + validation, and that model is tested
         trainable, refit = _refit(cfg, run, bcfg, bf, tuning, data, params, outcome, wise, method,
-                                  device=exporter.device, progress=progress)
+                                  policy=policy, progress=progress)
         model, head, adapter = exporter.as_model(trainable)
         eval0 = time.perf_counter()
     temperature = validation_temperature(data.val_labels, val_proba, label=label)
@@ -258,7 +257,7 @@ def finetune_backbone(
     result = ModelResult(
         label=label, backbone=backbone.tag, weights=info.weights, weights_sha256=backbone.weights_sha256,
         feature_dim=info.feature_dim, params=info.params, gflops=bf.gflops, preprocess=info.preprocess.to_dict(),
-        feature_key="", cache_hit=False, device=str(exporter.device), precision=exporter.precision.value,
+        feature_key="", cache_hit=False, device=str(policy.device), precision=policy.precision.value,
         head={"kind": "linear", "method": method, "epochs": outcome.best_epoch, "params": training["params"]},
         val={"top1": exporter.val_top1}, test=test.scores, baseline={},
         timing_s={"train": round(outcome.train_wall_s, 4), "export": round(eval0 - wall0 - outcome.train_wall_s, 4)
@@ -273,14 +272,12 @@ def finetune_backbone(
 
 class _Exporter:
     """Writes a trained model into ``<label>/<method>/`` and loads it back through the inference path, at the
-    precision that scored validation during training (``features.precision`` resolved)."""
+    precision that scored validation during training (``policy.precision``: ``features.precision`` resolved)."""
 
     def __init__(self, cfg: RunConfig, run: RunDir, dataset: Dataset, bcfg: BackboneConfig, label: str,
-                 outcome: TrainOutcome, val_top1: float) -> None:
+                 outcome: TrainOutcome, val_top1: float, *, policy: Policy) -> None:
         self.cfg, self.run, self.dataset, self.bcfg, self.label = cfg, run, dataset, bcfg, label
-        self.outcome, self.val_top1 = outcome, val_top1
-        self.device = resolve_device(cfg.features.device)
-        self.precision = resolve_precision(cfg.features.precision, self.device)
+        self.outcome, self.val_top1, self.policy = outcome, val_top1, policy
         self.folder = run.finetuned_dir(bcfg.label, label.split("/")[1])
 
     def as_model(self, trained: Any) -> tuple[Predictor, Any, Any]:
@@ -295,14 +292,14 @@ class _Exporter:
                                     history=self.outcome.history)
         model = Predictor(self.label, loaded, fitted, classes=self.dataset.classes, features=self.cfg.features,
                           crop_to_box=crops_to_box(self.cfg, self.bcfg),
-                          policy=Policy(self.device, self.precision, self.precision))
+                          policy=self.policy)
         return model, fitted, adapter
 
     def save_head(self, model: Predictor, head: Any, temperature: float | None) -> None:
         """The head with its backbone's identity and the validation temperature, as ``heads.load_head`` reads it."""
         backbone = model.backbone
         settings = feature_settings(self.cfg.features, crop_to_box=crops_to_box(self.cfg, self.bcfg),
-                                    precision=self.precision, preprocess=backbone.preprocess)
+                                    precision=self.policy.precision, preprocess=backbone.preprocess)
         identity = head_identity(timm_tag=backbone.tag, weights_sha256=backbone.weights_sha256,
                                  preprocess=backbone.preprocess.to_dict(), features=settings)
         head.save(self.run.head_dir(self.label), identity=identity, class_names=self.dataset.classes,
@@ -389,19 +386,18 @@ WISE = ("full", "partial", "lp-ft")  # the methods whose start and end share eve
 
 
 def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData, params: TrainParams,
-          probe: tuple[np.ndarray, np.ndarray] | None, outcome: TrainOutcome) -> dict[str, Any]:
+          probe: tuple[np.ndarray, np.ndarray] | None, outcome: TrainOutcome, *, policy: Policy) -> dict[str, Any]:
     """WiSE-FT: the best epoch's weights mixed with the start's (the pretrained backbone and the head training
     began from) for each ``finetune.wise`` weight, scored on validation; ``trainable`` ends as the best mix (ties:
-    the more fine-tuned). Rank 0 alone (the evaluation stage), deterministic, so a rerun repeats it."""
-    device = resolve_device(cfg.features.device)
-    precision = resolve_precision(cfg.features.precision, device)  # as training validated and the predictor tests
+    the more fine-tuned), at ``policy.precision`` as training validated and the predictor tests. Rank 0 alone
+    (the evaluation stage), deterministic, so a rerun repeats it."""
     backbone = load_for_training(bcfg, params)
     start = build_trainable(backbone, data.n_classes, params, head_init=probe).model.state_dict()
     tuned = {k: v.detach().clone() for k, v in trainable.model.state_dict().items()}
-    curve = {1.0: validation_top1(trainable, backbone, data, params, device=device, precision=precision)}
+    curve = {1.0: validation_top1(trainable, backbone, data, params, policy=policy)}
     for alpha in sorted(set(cfg.finetune.wise) - {1.0}):
         trainable.model.load_state_dict(wise_mix(start, tuned, alpha))
-        curve[alpha] = validation_top1(trainable, backbone, data, params, device=device, precision=precision)
+        curve[alpha] = validation_top1(trainable, backbone, data, params, policy=policy)
     best = max(curve, key=lambda a: (curve[a], a))
     trainable.model.load_state_dict(wise_mix(start, tuned, best))
     return {"alpha": best, "val_top1": curve[best], "curve": {str(a): v for a, v in sorted(curve.items())}}
@@ -409,7 +405,7 @@ def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData,
 
 def _refit(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, bf: BackboneFeatures, tuning: Tuning,
            data: TrainData, params: TrainParams, outcome: TrainOutcome, wise: dict[str, Any], method: str, *,
-           device: torch.device, progress: bool) -> tuple[Any, dict[str, Any]]:
+           policy: Policy, progress: bool) -> tuple[Any, dict[str, Any]]:
     """``finetune.refit``: the chosen recipe trained again from its start on train + validation for the chosen
     epoch count (lp-ft: from the probe refit on both splits), the last epoch kept and mixed with its own start
     at the chosen WiSE-FT weight. Validation is in the training data now: its figures during this training are
@@ -418,7 +414,7 @@ def _refit(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, bf: BackboneFeatur
                                train_labels=np.concatenate([data.train_labels, data.val_labels]))
     again = dataclasses.replace(params, epochs=outcome.best_epoch, patience=outcome.best_epoch + 1)
     probe = probe_head(cfg, bf, tuning, data.n_classes, refit=True) if method == "lp-ft" else None
-    trainable, out = _train_once(cfg, run, bcfg, both, again, probe=probe, device=device, progress=progress)
+    trainable, out = _train_once(cfg, run, bcfg, both, again, probe=probe, policy=policy, progress=progress)
     load_last(trainable, out)
     if wise and wise["alpha"] < 1.0:
         start = build_trainable(load_for_training(bcfg, again), data.n_classes, again, head_init=probe).model
@@ -447,6 +443,7 @@ def finetune_stage(
                       f"({', '.join(methods) or 'no fine-tuning'}): no weights are mixed", stacklevel=2)
     if not methods:
         return results
+    policy = Policy.resolve(cfg.features.device, cfg.features.precision, cfg.finetune.precision)
     models = dict(results.models)
     correct: dict[str, dict[str, bool]] = {}
     for label in extracted:
@@ -456,7 +453,8 @@ def finetune_stage(
     for method in methods:
         for bcfg in cfg.backbones:
             result, right = finetune_backbone(cfg, run, dataset, bcfg, method, extracted[bcfg.label],
-                                              tunings[bcfg.label], results.models[bcfg.label], progress=progress)
+                                              tunings[bcfg.label], results.models[bcfg.label], policy=policy,
+                                              progress=progress)
             models[result.label] = result
             correct[result.label] = right
             # what is finished is saved: a later method's failure keeps this one's row

@@ -24,7 +24,7 @@ from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import Precision
-from dogbench.device import DTYPES, cpu_cores
+from dogbench.device import Policy, cpu_cores
 from dogbench.features.cache import cache_key
 from dogbench.training.data import TrainData, TrainImages, sample_seed, seeded, usable_batches
 from dogbench.training.model import Trainable, set_train_mode
@@ -58,27 +58,23 @@ class TrainOutcome:
     ranks: int = 1  # torchrun's world size (1: one process); the batch is global, split over the ranks
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    dtype = DTYPES.get(Precision(precision))
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-
-
 class Stepper:
     """One training step of the recipe, shared by the loop, ``dogbench bench --train`` and the tests: a uint8
-    batch is normalised on the device (channels_last for CNNs), mixed (mixup / cutmix when on), run under
-    autocast, and its loss back-propagated (divided by ``grad_accum``); ``optimizer_step`` then steps AdamW
-    (parameter groups with their layer scales), the warm-up + cosine schedule and the EMA. Under torchrun the
-    model runs inside DistributedDataParallel (``forward_model``; ``model`` stays the plain module)."""
+    batch is normalised on the policy's device in its memory format, mixed (mixup / cutmix when on), run under
+    the policy's training autocast in ``params.precision``, and its loss back-propagated (divided by
+    ``grad_accum``); ``optimizer_step`` then steps AdamW (parameter groups with their layer scales), the warm-up
+    + cosine schedule and the EMA. Under torchrun the model runs inside DistributedDataParallel
+    (``forward_model``; ``model`` stays the plain module)."""
 
-    def __init__(self, trainable: Trainable, preprocess: Preprocess, params: TrainParams, *, device: torch.device,
+    def __init__(self, trainable: Trainable, preprocess: Preprocess, params: TrainParams, *, policy: Policy,
                  n_classes: int, total_steps: int, steps_per_epoch: int) -> None:
         from timm.loss import SoftTargetCrossEntropy
 
-        self.model, self.preprocess, self.params, self.device = trainable.model, preprocess, params, device
-        self.memory_format = trainable.memory_format
-        self.model.to(device, memory_format=self.memory_format)
+        self.model, self.preprocess, self.params, self.policy = trainable.model, preprocess, params, policy
+        self.device, self.memory_format = policy.device, policy.memory_format(is_vit=trainable.is_vit)
+        self.model.to(self.device, memory_format=self.memory_format)
         self.ranks = distributed.current()
-        self.forward_model = self._parallel(device)
+        self.forward_model = self._parallel(self.device)
         warmup = min(total_steps, round(params.warmup_epochs * steps_per_epoch))
         self.optimizer = torch.optim.AdamW(param_groups(trainable, params), lr=params.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -125,7 +121,7 @@ class Stepper:
             x, y = self.mixer(x, y)
         local = self.forward_model.no_sync() if not sync and self.forward_model is not self.model else nullcontext()
         with local:
-            with _autocast(self.device, self.params.precision):
+            with self.policy.train_autocast(Precision(self.params.precision)):
                 loss = self.loss_fn(self.forward_model(x), y)
             value = loss.detach()
             if self.ranks.world > 1:  # every rank sees the same value, so all of them stop together
@@ -189,7 +185,7 @@ class Loop:
     params: TrainParams
     data: TrainData
     files: TrainFiles
-    device: torch.device
+    policy: Policy
     ranks: distributed.Ranks
     stepper: Stepper
     images: TrainImages
@@ -199,6 +195,10 @@ class Loop:
     checkpoint_every: int
     on_step: Callable[[int], None] | None
 
+    @property
+    def device(self) -> torch.device:
+        return self.policy.device
+
     def mine(self, rows: np.ndarray) -> np.ndarray:
         """This rank's rows of a global batch (DistributedSampler's strided split)."""
         return rows[self.ranks.rank :: self.ranks.world]
@@ -206,15 +206,16 @@ class Loop:
 
 def train(
     trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, files: TrainFiles, *,
-    device: torch.device, val_precision: Precision, checkpoint_every: int = 0, progress: bool = True,
+    policy: Policy, checkpoint_every: int = 0, progress: bool = True,
     on_epoch: Callable[[int, float], None] | None = None, on_step: Callable[[int], None] | None = None,
 ) -> TrainOutcome:
-    """Train ``trainable`` on ``data.train``, validate on ``data.val`` after every epoch at ``val_precision``
-    (the precision that scores test), keep the best epoch's weights, stop after ``params.patience`` epochs
-    without improvement; resume from ``files.state`` when it was written for these params and data (another
-    state there is replaced, with a warning). ``on_epoch(epoch, val_top1)`` runs after each epoch's validation
-    (an Optuna pruner raises from it; under torchrun on rank 0, the other ranks stop with it); ``on_step(step)``
-    after each optimizer step and its checkpoint, on every rank."""
+    """Train ``trainable`` on ``data.train`` (on ``policy.device``, steps in ``params.precision``), validate on
+    ``data.val`` after every epoch at ``policy.precision`` (the precision that scores test), keep the best epoch's
+    weights, stop after ``params.patience`` epochs without improvement; resume from ``files.state`` when it was
+    written for these params and data (another state there is replaced, with a warning). ``on_epoch(epoch,
+    val_top1)`` runs after each epoch's validation (an Optuna pruner raises from it; under torchrun on rank 0, the
+    other ranks stop with it); ``on_step(step)`` after each optimizer step and its checkpoint, on every rank."""
+    device = policy.device
     accelerators = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
     # dropout, drop-path and mixup draw from the global RNGs (the device's too): the caller's states are kept;
@@ -223,8 +224,8 @@ def train(
     with seeded(seed), torch.random.fork_rng(devices=accelerators):
         if accelerators:
             torch.cuda.manual_seed(seed)
-        loop = _setup(trainable, backbone.preprocess, data, params, files, device=device,
-                      val_precision=val_precision, checkpoint_every=checkpoint_every, on_step=on_step)
+        loop = _setup(trainable, backbone.preprocess, data, params, files, policy=policy,
+                      checkpoint_every=checkpoint_every, on_step=on_step)
         return run_loop(loop, _resume(loop), label=backbone.label, progress=progress, on_epoch=on_epoch)
 
 
@@ -274,7 +275,7 @@ def _check_sizes(data: TrainData, params: TrainParams, ranks: distributed.Ranks)
 
 
 def _setup(trainable: Trainable, preprocess: Preprocess, data: TrainData, params: TrainParams, files: TrainFiles,
-           *, device: torch.device, val_precision: Precision, checkpoint_every: int,
+           *, policy: Policy, checkpoint_every: int,
            on_step: Callable[[int], None] | None) -> Loop:
     """The loop's fixed parts, after the checks; rank 0 writes the params record (with the state's digest)."""
     ranks = distributed.current()
@@ -282,20 +283,19 @@ def _setup(trainable: Trainable, preprocess: Preprocess, data: TrainData, params
         files.state.parent.mkdir(parents=True, exist_ok=True)
     _check_sizes(data, params, ranks)
     steps_per_epoch = max(1, max(1, len(data.train) // params.batch_size) // params.grad_accum)
-    stepper = Stepper(trainable, preprocess, params, device=device, n_classes=data.n_classes,
+    stepper = Stepper(trainable, preprocess, params, policy=policy, n_classes=data.n_classes,
                       total_steps=steps_per_epoch * params.epochs, steps_per_epoch=steps_per_epoch)
     images = TrainImages(data.train, preprocess, params, crop_to_box=data.crop_to_box,
                          reduced_decode=data.reduced_decode)
-    validator = Validator(data, preprocess, device=device, precision=val_precision,
-                          memory_format=stepper.memory_format, batch_size=max(params.batch_size, VAL_BATCH_SIZE),
-                          rank=ranks.rank, world=ranks.world)
+    validator = Validator(data, preprocess, policy=policy, is_vit=trainable.is_vit,
+                          batch_size=max(params.batch_size, VAL_BATCH_SIZE), rank=ranks.rank, world=ranks.world)
     digest = cache_key({"params": params.to_dict(), "data": data.digest(), "format": STATE_FORMAT,
-                        "val_precision": val_precision.value,
+                        "val_precision": policy.precision.value,
                         "model": sorted((k, list(v.shape)) for k, v in trainable.model.state_dict().items())})
     if ranks.main:
         atomic_write_json(files.params, {"params": params.to_dict(), "digest": digest,
-                                         "val_precision": val_precision.value})
-    return Loop(trainable, params, data, files, device, ranks, stepper, images, validator, digest, steps_per_epoch,
+                                         "val_precision": policy.precision.value})
+    return Loop(trainable, params, data, files, policy, ranks, stepper, images, validator, digest, steps_per_epoch,
                 checkpoint_every, on_step)
 
 
@@ -451,7 +451,7 @@ def _outcome(loop: Loop, state: LoopState) -> TrainOutcome:
         train_cpu_s=float(spent["cpu"]), train_images=int(spent["images"]),
         images_per_s=spent["images"] / spent["step_wall"] if spent["step_wall"] > 0 else 0.0,
         peak_memory_mb=float(spent.get("peak_mb", 0.0)), precision=loop.params.precision,
-        val_precision=loop.validator.precision.value, resumed=state.resumed, start_val_top1=state.start_val,
+        val_precision=loop.policy.precision.value, resumed=state.resumed, start_val_top1=state.start_val,
         ranks=loop.ranks.world,
     )
 

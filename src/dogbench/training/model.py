@@ -122,11 +122,6 @@ class Trainable:
     def total_params(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
 
-    @property
-    def memory_format(self) -> torch.memory_format:
-        """channels_last for CNNs (oneDNN and cuDNN pick their fast NHWC kernels); ViTs gain nothing."""
-        return torch.preserve_format if self.is_vit else torch.channels_last
-
 
 def load_for_training(cfg: BackboneConfig, params: TrainParams) -> Backbone:
     """The backbone as ``run`` loads it, with ``params.drop_path`` as its stochastic-depth rate where the model

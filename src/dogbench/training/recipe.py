@@ -9,10 +9,8 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from dogbench.config import FINETUNE_METHODS, FinetuneConfig, Precision
-from dogbench.device import fast_bf16_matmul
+from dogbench.device import Policy
 from dogbench.errors import DogbenchError
 
 if TYPE_CHECKING:
@@ -70,17 +68,18 @@ class TrainParams:
         return d
 
 
-def training_precision(cfg: FinetuneConfig, device: torch.device) -> str:
-    """``finetune.precision`` resolved: auto is bf16 where bf16 matrix products are fast, else fp32."""
+def training_precision(cfg: FinetuneConfig, policy: Policy) -> str:
+    """``finetune.precision`` resolved: auto is the policy's training precision (bf16 where bf16 matrix products
+    are fast, else fp32)."""
     if cfg.precision is Precision.AUTO:
-        return "bf16" if fast_bf16_matmul(device) else "fp32"
+        return policy.train_precision.value
     if cfg.precision in (Precision.BF16, Precision.FP32):
         return cfg.precision.value
     raise TrainingError(f"finetune.precision {cfg.precision.value} is not supported: use auto, bf16 or fp32")
 
 
 def resolve_params(
-    cfg: FinetuneConfig, method: str, *, is_vit: bool, device: torch.device, **overrides: Any
+    cfg: FinetuneConfig, method: str, *, is_vit: bool, policy: Policy, **overrides: Any
 ) -> TrainParams:
     """The config's settings for ``method`` with its defaults filled in; ``overrides`` (a trial's suggestions:
     lr, layer_decay, weight_decay, lora_rank) win over both."""
@@ -88,7 +87,7 @@ def resolve_params(
         raise TrainingError(f"Unknown fine-tuning method '{method}'. Valid methods: {', '.join(FINETUNE_METHODS)}")
     d = METHOD_DEFAULTS[method]
     rank = int(cfg.lora_rank if cfg.lora_rank is not None else d.get("lora_rank", 8))
-    precision = training_precision(cfg, device)
+    precision = training_precision(cfg, policy)
     layer_decay = cfg.layer_decay if cfg.layer_decay is not None else (d["vit_layer_decay"] if is_vit else 1.0)
     params = TrainParams(
         method=method, epochs=cfg.epochs, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum,

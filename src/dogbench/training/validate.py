@@ -9,7 +9,6 @@ from torch import nn
 
 from dogbench import distributed
 from dogbench.backbones import Backbone, Preprocess
-from dogbench.config import Precision
 from dogbench.data import ImageError
 from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
@@ -21,18 +20,18 @@ VAL_BATCH_SIZE = 64  # the least validation batch (the training batch when large
 
 
 class Validator:
-    """Validation through the one forward path (``features.runner.ModelRunner``) at the precision that scores
-    test, so training picks its best epoch on the numbers the predictor gives. Under torchrun rank r scores
-    images r, r + N, ... and the correct answers are summed over the ranks."""
+    """Validation through the one forward path (``features.runner.ModelRunner``) at ``policy.precision``, the
+    precision that scores test, so training picks its best epoch on the numbers the predictor gives. Under
+    torchrun rank r scores images r, r + N, ... and the correct answers are summed over the ranks."""
 
-    def __init__(self, data: TrainData, preprocess: Preprocess, *, device: torch.device, precision: Precision,
-                 memory_format: torch.memory_format, batch_size: int, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, data: TrainData, preprocess: Preprocess, *, policy: Policy, is_vit: bool, batch_size: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.labels = data.val_labels[rank::world]
         self.images = ImageDataset.for_preprocess(data.val[rank::world], preprocess, crop_to_box=data.crop_to_box,
                                                   reduced_decode=data.reduced_decode,
                                                   decoder=effective_decoder(data.decoder, preprocess))
         self.preprocess, self.n_classes, self.world = preprocess, data.n_classes, world
-        self.device, self.precision, self.memory_format = device, precision, memory_format
+        self.policy, self.is_vit = policy, is_vit
         self.batches = [list(range(s, min(s + batch_size, len(self.images))))
                         for s in range(0, len(self.images), batch_size)]
 
@@ -40,8 +39,7 @@ class Validator:
         """(N, C) float32 logits of this rank's validation images (the eval transform, as predict decodes)."""
         module.eval()
         runner = ModelRunner(module, self.preprocess, feature_dim=self.n_classes,
-                             policy=Policy(self.device, self.precision, self.precision),
-                             is_vit=self.memory_format == torch.preserve_format)
+                             policy=self.policy, is_vit=self.is_vit)
         out = []
         for x, _, errors in iter_batches(self.images, self.batches, workers=0, prefetch=1, pin_memory=False):
             bad = [e for e in errors if e]
@@ -55,22 +53,23 @@ class Validator:
         right = int((self.logits(module).argmax(1) == self.labels).sum()) if len(self.labels) else 0
         if self.world == 1:
             return float(right / len(self.labels))
-        counts = distributed.all_sum(torch.tensor([right, len(self.labels)], dtype=torch.float64, device=self.device))
+        counts = distributed.all_sum(torch.tensor([right, len(self.labels)], dtype=torch.float64,
+                                                  device=self.policy.device))
         return float(counts[0] / counts[1])
 
 
 def validation_logits(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
-                      device: torch.device, precision: Precision) -> np.ndarray:
+                      policy: Policy) -> np.ndarray:
     """(N, C) logits of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch validation
-    computes them (``Validator``: the predictor's forward path at ``precision``)."""
-    trainable.model.to(device, memory_format=trainable.memory_format)
-    validator = Validator(data, backbone.preprocess, device=device, precision=precision,
-                          memory_format=trainable.memory_format, batch_size=max(params.batch_size, VAL_BATCH_SIZE))
+    computes them (``Validator``: the predictor's forward path at ``policy.precision``)."""
+    trainable.model.to(policy.device, memory_format=policy.memory_format(is_vit=trainable.is_vit))
+    validator = Validator(data, backbone.preprocess, policy=policy, is_vit=trainable.is_vit,
+                          batch_size=max(params.batch_size, VAL_BATCH_SIZE))
     return validator.logits(trainable.model)
 
 
 def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
-                    device: torch.device, precision: Precision) -> float:
+                    policy: Policy) -> float:
     """Top-1 on ``data.val`` as training's per-epoch validation scores it (``validation_logits``)."""
-    logits = validation_logits(trainable, backbone, data, params, device=device, precision=precision)
+    logits = validation_logits(trainable, backbone, data, params, policy=policy)
     return float((logits.argmax(1) == data.val_labels).mean())

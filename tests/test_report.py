@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,19 @@ def test_per_breed_compares_the_cnn_with_the_vit(runs: tuple[Path, Path, Path]) 
     a, b = comparable_pair(models)  # cnn-only/cnn comes first, but the CNN / ViT pair is preferred
     assert (a.key, b.key) == ("cnn-only/cnn", "both/vit")
     assert comparable_pair(models[:2]) is not None and comparable_pair(models[:1]) is None
+
+
+def test_explanations_from_before_calibration_are_made_again(runs: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A run folder whose explanations.json predates explain's calibrated top-3 gets them made again."""
+    _, run, _ = runs
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    records_file = old / "explanations" / "explanations.json"
+    records = json.loads(records_file.read_text())
+    assert records and all(r["calibrated"] is True for r in records)
+    stale = [{k: v for k, v in r.items() if k != "calibrated"} | {"top3": [["stale", 1.0]]} for r in records]
+    records_file.write_text(json.dumps(stale))
+    assert main(["report", str(old), "--quiet"]) == 0
+    again = json.loads(records_file.read_text())
+    assert [r["sample_id"] for r in again] == [r["sample_id"] for r in records]
+    assert all(r["calibrated"] is True and r["top3"] != [["stale", 1.0]] for r in again)

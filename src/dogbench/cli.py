@@ -18,7 +18,7 @@ from dogbench import __version__
 from dogbench.config import FROZEN, METHODS, ConfigError, RunConfig, load_config, resolve, saved_to_doc
 from dogbench.data.download import prepare_dataset
 from dogbench.errors import DogbenchError
-from dogbench.rundir import RunDir, RunFolderError
+from dogbench.rundir import RESULTS_FILE, RunDir, RunFolderError
 
 if TYPE_CHECKING:
     from dogbench.data import Dataset
@@ -354,7 +354,7 @@ def _pipeline(args: argparse.Namespace, cfg: RunConfig, dataset: Dataset, *, dat
     else:
         results, run_dir = pipeline.evaluate(cfg, dataset, data_s=data_s, start=start, progress=progress)
     print(results.summary_table())
-    print(f"results: {run_dir / 'results.json'}")
+    print(f"results: {run_dir / RESULTS_FILE}")
     return 0
 
 

@@ -200,8 +200,9 @@ def report_stage(run_dirs: list[Path], out_dir: Path, cfg: ReportConfig, *, prog
         for i, run in enumerate(runs):
             models = list(run.models.values())
             ids = select_examples(models, n=cfg.examples, seed=cfg.seed)[: cfg.explain]
-            if [r.get("sample_id") for r in run.explanations[:: len(models)]] == ids:
-                continue  # these very images are explained already
+            explained = [r.get("sample_id") for r in run.explanations[:: len(models)]]
+            if explained == ids and all(r.get("calibrated") for r in run.explanations):
+                continue  # these very images are explained already (with predict's calibrated top-3)
             try:
                 device = str(resolve_device(RunDir(run.path).read_config().features.device))
                 if progress:

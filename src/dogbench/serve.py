@@ -32,6 +32,7 @@ from dogbench.errors import DogbenchError
 from dogbench.explain import explain_pixels, overlay
 from dogbench.inference import LoadedRun, load_run, top_classes
 from dogbench.predictor import Predictor
+from dogbench.rundir import REPORT_HTML
 
 __all__ = ["Answer", "Demo", "ModelAnswer", "ServeConfig", "ServeError", "build_app", "serve"]
 
@@ -170,7 +171,7 @@ class Demo:
             image = Path(str(first.paths[row]))
             if image.is_file():
                 examples.append(Example(image, f"{truth} ({marks})"))
-        report = run.path / "report.html"
+        report = run.path / REPORT_HTML
         return cls(run, config, tuple(verdicts), tuple(caveats), tuple(examples),
                    report if report.is_file() else None)
 

@@ -41,6 +41,7 @@ from dogbench.report.sections_studies import (
     tuning_section,
 )
 from dogbench.results import verdict
+from dogbench.rundir import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
 def _caveats(runs: list[RunFolder]) -> list[str]:
@@ -200,13 +201,13 @@ def write_report(report: Report, out_dir: Path) -> ReportFiles:
     files_dir.mkdir(parents=True, exist_ok=True)
     for name, data in report.files.items():
         atomic_write_bytes(files_dir / name, data)
-    atomic_write_text(out_dir / "report.md", render_markdown(report))
-    atomic_write_text(out_dir / "report.html", render_html(report))
-    atomic_write_text(out_dir / "report.json", json.dumps({"title": report.title, "verdicts": report.verdicts,
+    atomic_write_text(out_dir / REPORT_MD, render_markdown(report))
+    atomic_write_text(out_dir / REPORT_HTML, render_html(report))
+    atomic_write_text(out_dir / REPORT_JSON, json.dumps({"title": report.title, "verdicts": report.verdicts,
                                                            "caveats": report.caveats,
                                                            "sections": [s.title for s in report.sections],
                                                            "files": sorted(report.files)}, indent=2) + "\n")
-    return ReportFiles(out_dir / "report.html", out_dir / "report.md", files_dir, report.verdicts)
+    return ReportFiles(out_dir / REPORT_HTML, out_dir / REPORT_MD, files_dir, report.verdicts)
 
 
 def make_report(run_dirs: Sequence[Path], out_dir: Path, *, examples: int = 12, confused_pairs: int = 8,

@@ -25,15 +25,8 @@ from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter
 from dogbench.heads import Head
 
 ImageInput = str | Path | Image.Image | np.ndarray  # a file, a PIL image, or an (H, W[, 3]) uint8 array
-
-
-
-Box = tuple[int, int, int, int]
-
-
-
+Box = tuple[int, int, int, int]  # (xmin, ymin, xmax, ymax) in original pixels, as Pascal-VOC annotations give it
 PROGRESS_FROM = 64  # images: shorter lists get no progress bar
-
 
 
 class Predictor:
@@ -145,7 +138,6 @@ class Predictor:
                     out[[rows[k] for k in good]] = proba
                 bar.update(len(rows))
         return out, errors
-
 
 
 def as_pil(image: ImageInput) -> Image.Image:

@@ -28,9 +28,8 @@ from dogbench.data import ImageError, display_names, load_image
 from dogbench.errors import DogbenchError
 from dogbench.heads import Head
 from dogbench.inference import top_classes
-from dogbench.predictor import Predictor
+from dogbench.predictor import Box, Predictor
 
-Box = tuple[int, int, int, int]  # (xmin, ymin, xmax, ymax) in original pixels, as Pascal-VOC annotations give it
 ROLLOUT, GRAD_CAM = "attention rollout", "grad-cam"
 METHODS = (ROLLOUT, GRAD_CAM)
 TOP_K = 3

@@ -97,7 +97,7 @@ def build_head(params: dict[str, Any], *, max_epochs: int, seed: int, device: st
     ``max_epochs`` applies to the epoch-trained kinds; the logistic head always runs to convergence."""
     cls = head_class(params["head"])
     rest = {k: v for k, v in params.items() if k != "head"}
-    if "max_epochs" in cls._get_param_names():
+    if "max_epochs" in cls().get_params():
         rest["max_epochs"] = max_epochs
     return cls(seed=seed, device=device, **rest)
 

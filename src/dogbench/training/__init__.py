@@ -29,13 +29,13 @@ from dogbench.training.recipe import (
     training_precision,
 )
 from dogbench.training.state import STATE_FORMAT, TrainFiles, load_state
-from dogbench.training.validate import Validator, validation_logits, validation_top1
+from dogbench.training.validate import Validator, validation_proba, validation_top1
 
 __all__ = [
     "DEFAULT_DROP_PATH", "METHOD_DEFAULTS", "STATE_FORMAT", "Classifier", "LoopState", "Stepper", "TrainData",
     "TrainFiles", "TrainImages", "TrainOutcome", "TrainParams", "Trainable", "TrainingError", "Validator",
     "base_name", "build_trainable", "epoch_batches", "export", "layer_map", "load_best", "load_for_training",
     "load_last", "load_state", "lora_targets", "lr_factor", "new_head", "param_groups", "resolve_params",
-    "sample_seed", "seeded", "set_train_mode", "train", "training_precision", "usable_batches", "validation_logits",
+    "sample_seed", "seeded", "set_train_mode", "train", "training_precision", "usable_batches", "validation_proba",
     "validation_top1", "wise_mix",
 ]

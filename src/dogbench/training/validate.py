@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import nn
 
 from dogbench import distributed
 from dogbench.backbones import Backbone, Preprocess
@@ -13,7 +12,7 @@ from dogbench.data import ImageError
 from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
 from dogbench.training.data import TrainData
-from dogbench.training.model import Trainable
+from dogbench.training.model import Classifier, Trainable
 from dogbench.training.recipe import TrainParams
 
 VAL_BATCH_SIZE = 64  # the least validation batch (the training batch when larger)
@@ -35,22 +34,29 @@ class Validator:
         self.batches = [list(range(s, min(s + batch_size, len(self.images))))
                         for s in range(0, len(self.images), batch_size)]
 
-    def logits(self, module: nn.Module) -> np.ndarray:
-        """(N, C) float32 logits of this rank's validation images (the eval transform, as predict decodes)."""
+    def proba(self, module: Classifier) -> np.ndarray:
+        """(N, C) float64 probabilities of this rank's validation images, computed as the predictor computes a
+        fine-tuned model's: the backbone's features through ``ModelRunner`` at ``policy.precision``, then the head
+        in float64 (``LinearHead.predict_proba``)."""
         module.eval()
-        runner = ModelRunner(module, self.preprocess, feature_dim=self.n_classes,
+        runner = ModelRunner(module.backbone, self.preprocess, feature_dim=module.head.in_features,
                              policy=self.policy, is_vit=self.is_vit)
-        out = []
+        feats = []
         for x, _, errors in iter_batches(self.images, self.batches, workers=0, prefetch=1, pin_memory=False):
             bad = [e for e in errors if e]
             if bad:
                 raise ImageError(bad[0])
-            out.append(runner(x))
-        return np.concatenate(out) if out else np.zeros((0, self.n_classes), np.float32)
+            feats.append(runner(x))
+        if not feats:
+            return np.zeros((0, self.n_classes), np.float64)
+        X = torch.from_numpy(np.concatenate(feats)).to(self.policy.device, torch.float64)
+        weight, bias = (p.detach().to(torch.float64) for p in (module.head.weight, module.head.bias))
+        with torch.inference_mode():
+            return torch.softmax(torch.nn.functional.linear(X, weight, bias), dim=1).cpu().numpy()
 
-    def top1(self, module: nn.Module) -> float:
+    def top1(self, module: Classifier) -> float:
         """Validation top-1 of ``module`` over every rank's images."""
-        right = int((self.logits(module).argmax(1) == self.labels).sum()) if len(self.labels) else 0
+        right = int((self.proba(module).argmax(1) == self.labels).sum()) if len(self.labels) else 0
         if self.world == 1:
             return float(right / len(self.labels))
         counts = distributed.all_sum(torch.tensor([right, len(self.labels)], dtype=torch.float64,
@@ -58,18 +64,18 @@ class Validator:
         return float(counts[0] / counts[1])
 
 
-def validation_logits(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
-                      policy: Policy) -> np.ndarray:
-    """(N, C) logits of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch validation
-    computes them (``Validator``: the predictor's forward path at ``policy.precision``)."""
+def validation_proba(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                     policy: Policy) -> np.ndarray:
+    """(N, C) probabilities of ``trainable.model`` on ``data.val`` in one process, as training's per-epoch
+    validation computes them (``Validator``: the predictor's forward path at ``policy.precision``)."""
     trainable.model.to(policy.device, memory_format=policy.memory_format(is_vit=trainable.is_vit))
     validator = Validator(data, backbone.preprocess, policy=policy, is_vit=trainable.is_vit,
                           batch_size=max(params.batch_size, VAL_BATCH_SIZE))
-    return validator.logits(trainable.model)
+    return validator.proba(trainable.model)
 
 
 def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
                     policy: Policy) -> float:
-    """Top-1 on ``data.val`` as training's per-epoch validation scores it (``validation_logits``)."""
-    logits = validation_logits(trainable, backbone, data, params, policy=policy)
-    return float((logits.argmax(1) == data.val_labels).mean())
+    """Top-1 on ``data.val`` as training's per-epoch validation scores it (``validation_proba``)."""
+    proba = validation_proba(trainable, backbone, data, params, policy=policy)
+    return float((proba.argmax(1) == data.val_labels).mean())

@@ -178,7 +178,9 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
     if f.trials == 0:
         trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, policy=policy, progress=progress)
         return trainable, base, outcome, {}
-    name = f"finetune-{bcfg.label}-{method}-{cache_key({'base': base.to_dict(), 'data': data.digest()})[:12]}"
+    # trials are scored at the validation precision: a study of another precision (or before it counted) is another
+    key = cache_key({"base": base.to_dict(), "data": data.digest(), "val_precision": policy.precision.value})
+    name = f"finetune-{bcfg.label}-{method}-{key[:12]}"
     defaults = {"lr": base.lr, "weight_decay": base.weight_decay,
                 **({"layer_decay": base.layer_decay} if is_vit and method in ("full", "lp-ft") else {}),
                 **({"lora_rank": base.lora_rank} if method == "lora" else {})}  # the first trial

@@ -13,4 +13,6 @@ fi
 venv="${DOGBENCH_VENV:-$repo/.venv}"
 cd "$repo"
 "$venv/bin/ruff" check src tests benchmarks
-exec "$venv/bin/python" -m pytest "$@"
+# One worker per core (DOGBENCH_TEST_WORKERS=0: no workers); a module's tests stay on one worker, which builds its
+# module-scoped runs once. Workers run torch on one thread each (tests/conftest.py).
+exec "$venv/bin/python" -m pytest -n "${DOGBENCH_TEST_WORKERS:-auto}" --dist loadscope "$@"

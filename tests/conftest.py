@@ -45,6 +45,11 @@ def pytest_configure(config: pytest.Config) -> None:
     import tempfile
 
     config.stash[CACHE_KEY] = os.environ["DOGBENCH_CACHE"] = tempfile.mkdtemp(prefix="dogbench-test-cache-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N workers share the cores, one thread each
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

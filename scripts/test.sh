@@ -14,5 +14,5 @@ venv="${DOGBENCH_VENV:-$repo/.venv}"
 cd "$repo"
 "$venv/bin/ruff" check src tests benchmarks
 # One worker per core (DOGBENCH_TEST_WORKERS=0: no workers); a module's tests stay on one worker, which builds its
-# module-scoped runs once. Workers run torch on one thread each (tests/conftest.py).
-exec "$venv/bin/python" -m pytest -n "${DOGBENCH_TEST_WORKERS:-auto}" --dist loadscope "$@"
+# module-scoped runs once; the longest modules go first (tests/conftest.py), each worker runs torch on one thread.
+exec "$venv/bin/python" -m pytest -n "${DOGBENCH_TEST_WORKERS:-auto}" --dist loadscope --no-loadscope-reorder "$@"

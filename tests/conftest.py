@@ -52,17 +52,6 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
-# The longest modules (pytest --durations), started first when pytest-xdist spreads modules over workers
-# (scripts/test.sh: --no-loadscope-reorder), so no long module is left running alone at the end.
-SLOW_FIRST = ("test_faults.py", "test_distributed_tune.py", "test_integration.py", "test_finetune.py",
-              "test_torchrun.py", "test_cli.py", "test_inference.py", "test_features.py", "test_explain.py")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every module keeps its own order
-
-
 def pytest_unconfigure(config: pytest.Config) -> None:
     import shutil
 

@@ -120,6 +120,13 @@ class Policy:
             yield
 
 
+def accelerator_indices(device: torch.device) -> list[int]:
+    """The CUDA device index ``device`` means ([] off CUDA): for RNG forks and DDP's ``device_ids``."""
+    if device.type != "cuda":
+        return []
+    return [device.index if device.index is not None else torch.cuda.current_device()]
+
+
 def cpu_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 

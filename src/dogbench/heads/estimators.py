@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from dogbench.config import HeadKind, Precision
-from dogbench.device import train_precision
+from dogbench.device import accelerator_indices, train_precision
 from dogbench.heads.files import load_head, write_head_files
 from dogbench.heads.fit import (
     PREDICT_CHUNK,
@@ -29,7 +29,6 @@ from dogbench.heads.fit import (
     FitResult,
     OnEpoch,
     lbfgs,
-    rng_devices,
     standardise,
     train_adamw,
 )
@@ -129,7 +128,7 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     ) -> Self:
         device = torch.device(self.device)
         # Init and dropout draw from torch's global RNG: seed it locally, leave the caller's state alone.
-        with torch.random.fork_rng(devices=rng_devices(device), device_type=device.type):
+        with torch.random.fork_rng(devices=accelerator_indices(device), device_type=device.type):
             torch.manual_seed(self.seed)
             module = self._build_module(data.n_features, len(data.classes)).to(device)
             if init is not None:

@@ -50,13 +50,6 @@ def standardise(X: np.ndarray, mean: np.ndarray, scale: np.ndarray, device: str 
     return torch.from_numpy((X - mean) / scale).to(device)
 
 
-def rng_devices(device: torch.device) -> list[int]:
-    """Accelerator indices whose RNG state training on ``device`` consumes (dropout masks)."""
-    if device.type != "cuda":
-        return []
-    return [device.index if device.index is not None else torch.cuda.current_device()]
-
-
 def _label_indices(classes: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Labels -> indices into the sorted ``classes``; labels not among them are an error."""
     idx = np.searchsorted(classes, y).clip(max=len(classes) - 1)

@@ -19,7 +19,7 @@ from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.config import Precision, RunConfig, crops_to_box
 from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
-from dogbench.device import Policy, train_precision
+from dogbench.device import Policy, resolve_device, train_precision
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import (
     ECE_BINS,
@@ -184,7 +184,7 @@ def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
 
 def torch_device(cfg: RunConfig) -> Any:
     """Where heads train, as a torch device: ``tune.device``, or with "auto" the features' device."""
-    return Policy.resolve(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device).device
+    return resolve_device(cfg.features.device if cfg.tune.device == "auto" else cfg.tune.device)
 
 
 def head_device(cfg: RunConfig) -> str:

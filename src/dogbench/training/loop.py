@@ -24,7 +24,7 @@ from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import Precision
-from dogbench.device import Policy, cpu_cores
+from dogbench.device import Policy, accelerator_indices, cpu_cores
 from dogbench.features.cache import cache_key
 from dogbench.training.data import TrainData, TrainImages, sample_seed, seeded, usable_batches
 from dogbench.training.model import Trainable, set_train_mode
@@ -101,9 +101,7 @@ class Stepper:
 
         if device.type == "cuda" and not self.params.freeze_bn_stats:
             nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # replaces the Classifier's children in place
-        index = device.index if device.index is not None else torch.cuda.current_device() \
-            if device.type == "cuda" else None
-        return DistributedDataParallel(self.model, device_ids=None if index is None else [index])
+        return DistributedDataParallel(self.model, device_ids=accelerator_indices(device) or None)
 
     @property
     def evaluated(self) -> nn.Module:
@@ -216,8 +214,7 @@ def train(
     val_top1)`` runs after each epoch's validation (an Optuna pruner raises from it; under torchrun on rank 0, the
     other ranks stop with it); ``on_step(step)`` after each optimizer step and its checkpoint, on every rank."""
     device = policy.device
-    accelerators = [device.index if device.index is not None else torch.cuda.current_device()] \
-        if device.type == "cuda" else []
+    accelerators = accelerator_indices(device)
     # dropout, drop-path and mixup draw from the global RNGs (the device's too): the caller's states are kept;
     # under torchrun each rank draws its own (seed + rank, as timm's train.py seeds them)
     seed = params.seed + distributed.current().rank

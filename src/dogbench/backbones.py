@@ -29,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from dogbench.config import BackboneConfig
 from dogbench.data.download import sha256_file
 from dogbench.errors import DogbenchError
+from dogbench.names import datasets_of_tag
 
 ALIASES: dict[str, str] = {
     "vit_s16": "vit_small_patch16_224.augreg_in21k_ft_in1k",  # = the reference's TF Hub vit_s16_fe
@@ -123,6 +124,7 @@ class BackboneInfo:
     params: int
     preprocess: Preprocess
     is_vit: bool
+    description: str | None = None  # the config's words for the weights (names.ModelName.title)
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Backbone:
     model: torch.nn.Module
     preprocess: Preprocess
     model_kwargs: dict[str, Any]
+    description: str | None = None
 
     @property
     def feature_dim(self) -> int:
@@ -153,6 +156,7 @@ class Backbone:
         return BackboneInfo(
             label=self.label, tag=self.tag, weights=self.weights, weights_sha256=self.weights_sha256,
             feature_dim=self.feature_dim, params=self.params, preprocess=self.preprocess, is_vit=self.is_vit,
+            description=self.description,
         )
 
 
@@ -283,18 +287,8 @@ def load_backbone(cfg: BackboneConfig) -> Backbone:
         model=model,
         preprocess=_preprocess(model, cfg),
         model_kwargs=kwargs,
+        description=cfg.description,
     )
-
-
-# Pretraining-tag tokens (timm's ``model.tag`` suffixes) naming data that contains ImageNet's photos, and what they are.
-IMAGENET_TAGS: dict[str, str] = {
-    "in1k": "ImageNet-1k", "in12k": "ImageNet-12k (a subset of ImageNet-21k)", "in21k": "ImageNet-21k",
-    "in22k": "ImageNet-22k", "inw21k": "ImageNet-21k (winter release)", "imagenet": "ImageNet",
-    "lvd142m": "LVD-142M (curated around ImageNet-1k/22k)",
-    # self-supervised recipes whose timm weights were trained on ImageNet-1k images (no labels)
-    "dino": "ImageNet-1k (DINO, self-supervised)", "mae": "ImageNet-1k (MAE, self-supervised)",
-    "fcmae": "ImageNet-1k (FCMAE, self-supervised)", "msn": "ImageNet-1k (MSN, self-supervised)",
-}
 
 
 @dataclass(frozen=True)
@@ -323,9 +317,7 @@ def pretraining_of(tag: str, weights: str) -> Pretraining:
         return Pretraining("", (), False)
     cfg = timm.models.get_pretrained_cfg(tag)
     pretrained_tag = tag.split(".", 1)[1] if "." in tag else (getattr(cfg, "tag", None) or "")
-    tokens = pretrained_tag.lower().replace("-", "_").split("_")
-    datasets = tuple(dict.fromkeys(IMAGENET_TAGS[t] for t in tokens if t in IMAGENET_TAGS))
-    return Pretraining(pretrained_tag, datasets, weights != "hub")
+    return Pretraining(pretrained_tag, datasets_of_tag(pretrained_tag), weights != "hub")
 
 
 HUB_HELP = (

@@ -74,6 +74,7 @@ class ModelResult:
     # fine-tuned rows: trainable_params, train_wall_s, train_cpu_s, train_img_s, peak_memory_mb, epochs_run,
     # best_epoch, history, params (the recipe as resolved), trials, base (the frozen row it was compared with)
     training: dict[str, Any] = field(default_factory=dict)
+    description: str | None = None  # the config's words for the weights (names.model_name reads it)
 
 
 @dataclass(frozen=True)

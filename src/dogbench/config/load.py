@@ -49,14 +49,14 @@ def parse_backbone_table(label: str, table: Mapping[str, Any]) -> BackboneConfig
     kwargs: dict[str, Any] = {}
     pre: dict[str, Any] = {}
     for key, value in table.items():
-        if key in ("model", "weights", "seed", "crop_to_box"):
+        if key in ("model", "weights", "seed", "crop_to_box", "description"):
             continue
         if key in PREPROCESS_KEYS:
             pre[key] = tuple(value) if isinstance(value, list) else value
         else:
             kwargs[key] = value
     fixed = {"model": table["model"], "weights": table.get("weights", "hub"), "seed": table.get("seed", 0),
-             "crop_to_box": table.get("crop_to_box")}
+             "crop_to_box": table.get("crop_to_box"), "description": table.get("description")}
     check_types(BackboneConfig, f"backbones.{label}", {**fixed, **pre})
     if fixed["weights"] not in ("hub", "random"):  # stored absolute: report, explain, predict run from anywhere
         fixed["weights"] = absolute_path(fixed["weights"])
@@ -129,8 +129,7 @@ def saved_to_doc(saved: Mapping[str, Any]) -> dict[str, Any]:
     doc["backbones"] = {}
     for b in saved.get("backbones", []):
         table = {"model": b["model"], "weights": b["weights"], "seed": b.get("seed", 0), **b.get("model_kwargs", {})}
-        if b.get("crop_to_box") is not None:
-            table["crop_to_box"] = b["crop_to_box"]
+        table.update({k: b[k] for k in ("crop_to_box", "description") if b.get(k) is not None})
         table.update({k: b[k] for k in PREPROCESS_KEYS if b.get(k) is not None})
         doc["backbones"][b["label"]] = table
     if saved.get("out") is not None:

@@ -120,6 +120,7 @@ class BackboneConfig:
     std: tuple[float, float, float] | None = None
     seed: int = 0  # initialisation seed for weights = "random"
     crop_to_box: bool | None = None  # None: data.crop_to_box; set per backbone by data.box_ablation
+    description: str | None = None  # the weights in your words ("saliency-tuned DINOv2 ViT-S/14"), for reports
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,7 @@ def finetune_backbone(
         cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
         pretraining=frozen.pretraining, leaky=frozen.leaky, architecture=bf.architecture,
         calibration=_calibration(data.val_labels, val_proba, y_test, test, temperature, refit=bool(refit)),
-        method=method, training=training,
+        method=method, training=training, description=info.description,
     )
     return result, dict(zip(test.sample_ids, test.correct.tolist(), strict=True))
 

@@ -366,6 +366,7 @@ def _model_result(label: str, dataset: Dataset, bf: BackboneFeatures, tuning: Tu
         architecture=bf.architecture,
         calibration=calibration,
         extra_test=extra_test,
+        description=info.description,
     )
 
 

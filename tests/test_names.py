@@ -39,7 +39,8 @@ def test_a_run_entry_is_named_by_its_description_data_and_weights() -> None:
              "pretraining": "lvd142m: LVD-142M (curated around ImageNet-1k/22k) (assumed from the timm tag: ...)",
              "description": "saliency-tuned DINOv2 ViT-S/14"}
     name = model_name(entry)
-    assert name.short == "saliency-tuned DINOv2 ViT-S/14 (LVD-142M (curated around ImageNet-1k/22k))"
+    assert name.short == "saliency-tuned DINOv2 ViT-S/14 (LVD-142M)"  # no nested brackets (issue 27)
+    assert name.in_sentence == "saliency-tuned DINOv2 ViT-S/14 pretrained on LVD-142M (vit)"
     assert name.full == ("vit is saliency-tuned DINOv2 ViT-S/14 (timm vit_small_patch14_dinov2), pretrained on "
                          "LVD-142M (curated around ImageNet-1k/22k), weights from a local file "
                          "(vit_small_patch14_dinov2.imgfocus.fp16.safetensors)")
@@ -48,3 +49,6 @@ def test_a_run_entry_is_named_by_its_description_data_and_weights() -> None:
     assert old.short == "EfficientNet-Lite0 (ImageNet-1k)" and old.weights == "timm's hub"
     random = model_name({"label": "r", "backbone": "resnet50", "weights": "random", "pretraining": "random init"})
     assert random.short == "ResNet-50" and random.weights == "random initialisation"
+    assert random.in_sentence == "ResNet-50 with random weights (r)"
+    dino = model_name({"label": "d", "backbone": "vit_base_patch16_224.dino"})  # "ImageNet-1k (DINO, ...)"
+    assert dino.short == "ViT-B/16 (ImageNet-1k)" and "ImageNet-1k (DINO, self-supervised)" in dino.full

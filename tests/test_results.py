@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dogbench.names import model_name
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes, verdict
 from dogbench.rundir import RunDir
 
@@ -20,12 +21,22 @@ def _comparison(delta: float, lo: float, hi: float, p: float) -> dict:
 
 def test_verdict_names_the_winner_and_whether_it_is_significant() -> None:
     assert verdict(_comparison(0.1006, 0.09, 0.11, 1e-40)).startswith("vit beats resnet by 10.06 points")
-    assert "significantly (paired" in verdict(_comparison(0.1006, 0.09, 0.11, 1e-40))
+    assert "significantly: paired" in verdict(_comparison(0.1006, 0.09, 0.11, 1e-40))
     loser = verdict(_comparison(-0.02, -0.03, -0.01, 0.001))
     assert loser.startswith("resnet beats vit by 2.00 points") and "significantly" in loser
     unsure = verdict(_comparison(0.004, -0.002, 0.01, 0.3))
     assert "not significantly" in unsure and "p = 0.3" in unsure
     assert "same test top-1" in verdict(_comparison(0.0, -0.01, 0.01, 1.0))
+
+
+def test_a_named_verdict_says_what_was_compared_and_keeps_the_labels() -> None:
+    """Issue 27: the models by name, the interval of the winner minus the loser, tiny p-values as a bound."""
+    names = {"vit": model_name({"label": "vit", "backbone": "vit_small_patch16_224.augreg_in21k_ft_in1k"}),
+             "resnet": model_name({"label": "resnet", "backbone": "resnet50", "weights": "random"})}
+    said = verdict(_comparison(-0.02, -0.03, -0.01, 1e-300), names)
+    assert said.startswith("ResNet-50 with random weights (resnet) beats ViT-S/16 pretrained on ImageNet-21k, "
+                           "ImageNet-1k (vit) by 2.00 points")
+    assert "CI of resnet - vit [+1.00, +3.00] points" in said and "p < 1e-100" in said
 
 
 def _model(label: str, top1: float, *, cached: bool) -> ModelResult:
@@ -70,7 +81,7 @@ def test_summary_table_holds_every_row_and_the_verdict(results: RunResults) -> N
     table = results.summary_table()
     assert "dogs (80 train / 20 val / 100 test, 4 classes, 1 skipped)" in table
     assert "0.8500 [0.8400, 0.8600]" in table and "cached" in table and "42.0" in table
-    assert "vit beats resnet by 10.00 points" in table
+    assert "vit_tag with random weights (vit) beats resnet_tag with random weights (resnet) by 10.00 points" in table
     assert "skipped a/b.jpg: bad" in table
     lines = table.splitlines()
     assert len({len(line.rstrip()) <= len(lines[1]) + 1 for line in lines[1:7]}) == 1

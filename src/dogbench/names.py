@@ -82,6 +82,9 @@ def datasets_of_tag(pretrained_tag: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(IMAGENET_TAGS[t] for t in tokens if t in IMAGENET_TAGS))
 
 
+_RANDOM = "random initialisation"
+
+
 @dataclass(frozen=True)
 class ModelName:
     """Who a run's model is: its label, a title, the timm tag, where the weights came from and what they saw."""
@@ -90,7 +93,8 @@ class ModelName:
     title: str  # the user's description, else the architecture's title
     tag: str
     weights: str  # "timm's hub weights", "random initialisation" or "a local file (NAME)"
-    pretraining: str  # the data in plain words ("ImageNet-1k"), "" when unknown or random
+    pretraining: str  # the data's names ("ImageNet-1k", "LVD-142M"), "" when unknown or random
+    pretraining_detail: str = ""  # the same with what each set is: "LVD-142M (curated around ImageNet-1k/22k)"
 
     @property
     def short(self) -> str:
@@ -98,9 +102,16 @@ class ModelName:
         return f"{self.title} ({self.pretraining})" if self.pretraining else self.title
 
     @property
+    def in_sentence(self) -> str:
+        """``EfficientNet-Lite0 pretrained on ImageNet-1k (cnn)``: a verdict's subject, label kept for the tables."""
+        seen = (f" pretrained on {self.pretraining}" if self.pretraining else
+                " with random weights" if self.weights == _RANDOM else "")
+        return f"{self.title}{seen} ({self.label})"
+
+    @property
     def full(self) -> str:
         """``cnn is EfficientNet-Lite0 (timm tf_efficientnet_lite0), pretrained on ImageNet-1k, weights from ...``"""
-        seen = f", pretrained on {self.pretraining}" if self.pretraining else ""
+        seen = f", pretrained on {self.pretraining_detail or self.pretraining}" if self.pretraining else ""
         return f"{self.label} is {self.title} (timm {self.tag}){seen}, weights from {self.weights}"
 
 
@@ -108,7 +119,7 @@ def _weights_words(weights: str) -> str:
     if weights == "hub":
         return "timm's hub"
     if weights == "random":
-        return "random initialisation"
+        return _RANDOM
     return f"a local file ({PurePath(weights).name})"
 
 
@@ -118,7 +129,14 @@ def model_name(result: Mapping[str, Any]) -> ModelName:
     recorded = str(result.get("pretraining", ""))  # "in1k: ImageNet-1k ...": the pretrained tag before the colon
     pretrained_tag = recorded.split(":", 1)[0] if ":" in recorded else tag.partition(".")[2]
     weights = str(result.get("weights", "hub"))
-    data = "" if weights == "random" else ", ".join(datasets_of_tag(pretrained_tag))
+    data = () if weights == "random" else datasets_of_tag(pretrained_tag)
     return ModelName(label=str(result.get("label", "?")),
                      title=str(result.get("description") or architecture_title(tag)),
-                     tag=tag, weights=_weights_words(weights), pretraining=data)
+                     tag=tag, weights=_weights_words(weights),
+                     pretraining=", ".join(dict.fromkeys(_dataset_name(d) for d in data)),
+                     pretraining_detail="; ".join(data))
+
+
+def _dataset_name(words: str) -> str:
+    """``LVD-142M (curated around ImageNet-1k/22k)`` -> ``LVD-142M``: the name without what it is."""
+    return words.split(" (", 1)[0]

@@ -10,10 +10,12 @@ import csv
 import io
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from dogbench.names import ModelName, model_name
 
 RESULTS_SCHEMA_VERSION = 3  # 3: fine-tuned rows (method, training); 2: calibration, extra_test, seeds, data_efficiency
 READABLE_SCHEMAS = (1, 2, RESULTS_SCHEMA_VERSION)
@@ -119,6 +121,10 @@ class RunResults:
         models = {label: ModelResult(**m) for label, m in d["models"].items()}
         return cls(**{**d, "models": models, "dataset": DatasetInfo(**d["dataset"])})
 
+    def names(self) -> dict[str, ModelName]:
+        """Each model's ``names.ModelName``, by label."""
+        return {label: model_name(asdict(m)) for label, m in self.models.items()}
+
     def csv_rows(self) -> list[dict[str, Any]]:
         rows = []
         for m in self.models.values():
@@ -178,14 +184,14 @@ class RunResults:
             *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows),
         ]
         if self.comparison:
-            lines += [line, verdict(self.comparison)]
+            lines += [line, verdict(self.comparison, self.names())]
         for name, info in self.extra_test.items():
             scored = ", ".join(
                 f"{m.label} {m.extra_test[name]['top1']:.4f} [{m.extra_test[name]['top1_ci95'][0]:.4f}, "
                 f"{m.extra_test[name]['top1_ci95'][1]:.4f}]" for m in self.models.values() if name in m.extra_test)
             lines.append(f"second test set {name} ({info['n']} images, {info['skipped']} skipped): test top-1 {scored}")
             if info["comparisons"]:
-                lines.append(f"  on {name}: {verdict(info['comparisons'][0])}")
+                lines.append(f"  on {name}: {verdict(info['comparisons'][0], self.names())}")
         if self.seeds.get("n", 1) > 1:
             per_model = ", ".join(f"{label} {t['tuned']['mean']:.4f}+-{t['tuned']['std']:.4f}"
                                   for label, t in self.seeds["models"].items())
@@ -211,16 +217,26 @@ class RunResults:
         return "\n".join(lines)
 
 
-def verdict(comparison: dict[str, Any]) -> str:
-    """One sentence: who is better on test top-1, by how much, and whether the difference is significant."""
+def p_value(p: float) -> str:
+    """An exact McNemar p as a reader takes it: ``p = 0.0312``, or ``p < 1e-100`` beyond double precision's use."""
+    return "p < 1e-100" if p < 1e-100 else f"p = {p:.3g}"
+
+
+def verdict(comparison: dict[str, Any], names: Mapping[str, ModelName] | None = None) -> str:
+    """One sentence: who is better on test top-1, by how much, and whether the difference is significant.
+
+    With ``names`` (label -> ``names.ModelName``) each model is named as a reader knows it, its label in brackets,
+    "EfficientNet-Lite0 pretrained on ImageNet-1k (cnn)", so tables can go on using the labels.
+    """
     a, b, delta = comparison["a"], comparison["b"], comparison["delta_top1"]
     lo, hi = comparison["delta_top1_ci95"]
     p = comparison["mcnemar_p"]
     significant = p < 0.05 and (lo > 0 or hi < 0)
+    named = {k: names[k].in_sentence if names and k in names else k for k in (a, b)}
     if delta == 0:
-        return f"{a} and {b} have the same test top-1 (McNemar p = {p:.3g})."
-    better, worse = (a, b) if delta > 0 else (b, a)
-    strength = "significantly" if significant else "but not significantly (at 5%)"
-    return (f"{better} beats {worse} by {abs(delta) * 100:.2f} points of test top-1, {strength} "
-            f"(paired bootstrap 95% CI of {a} - {b}: [{lo * 100:+.2f}, {hi * 100:+.2f}] points, exact McNemar "
-            f"p = {p:.3g}, n = {comparison['n']}).")
+        return f"{named[a]} and {named[b]} have the same test top-1 (McNemar {p_value(p)})."
+    better, worse, (lo, hi) = (a, b, (lo, hi)) if delta > 0 else (b, a, (-hi, -lo))
+    strength = "significantly" if significant else "but not significantly at 5%"
+    return (f"{named[better]} beats {named[worse]} by {abs(delta) * 100:.2f} points of test top-1, {strength}: "
+            f"paired bootstrap 95% CI of {better} - {worse} [{lo * 100:+.2f}, {hi * 100:+.2f}] points, "
+            f"exact McNemar {p_value(p)}, n = {comparison['n']} test images.")

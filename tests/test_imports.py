@@ -30,6 +30,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("protocols", "report"),
     ("inference",),
     ("explain",),
+    ("export",),
     ("pipeline", "bench", "serve"),
     ("cli", "__init__", "__main__"),
 )

@@ -27,6 +27,8 @@ from dogbench.data import (
     open_dataset,
     stratified_split,
 )
+from dogbench.data.images import check_image_file, image_files, not_an_image, read_image
+from dogbench.data.uploads import UploadError, UploadLimits, screen_upload
 
 SHARED_DATA = shared_dir() / "data"
 
@@ -397,15 +399,56 @@ def test_bad_images_raise_image_error_naming_the_path(bad_images_root: tuple[Pat
     ds = open_dataset(root)
     by_id = {s.sample_id: s for s in ds.samples}
     assert set(bad_ids) <= set(by_id)
+    said = {"train/red/truncated.jpg": "is corrupt or truncated", "train/red/empty.jpg": "is empty (0 bytes)",
+            "train/red/text.jpg": "is a text file, not an image, despite its .jpg name"}
+    assert set(said) == set(bad_ids)
     for sample_id in bad_ids:
-        with pytest.raises(ImageError, match="cannot read image") as info:
-            load_image(by_id[sample_id].path)
-        assert str(by_id[sample_id].path) in str(info.value)
+        path = str(by_id[sample_id].path)
+        header_only = () if sample_id.endswith("truncated.jpg") else (check_image_file,)  # its header is fine
+        for read in (load_image, read_image, *header_only):  # dogbench's words, the path said once
+            with pytest.raises(ImageError) as info:
+                read(by_id[sample_id].path)
+            message = str(info.value)
+            assert message.startswith(f"{path} {said[sample_id]}") and message.count(path) == 1, message
+            assert "cannot identify" not in message
     unusual = [by_id["train/green/cmyk.jpg"], by_id["train/blue/grey16.png"]]
     good = [s for s in ds.samples if s.sample_id not in bad_ids]
     assert all(load_image(s.path).mode == "RGB" for s in good + unusual)
     ramp = np.asarray(load_image(by_id["train/blue/grey16.png"].path))
     assert ramp[0, 0].tolist() == [0, 0, 0] and ramp[0, -1].tolist() == [255, 255, 255]
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"hello, I am a shopping list\n", "is a text file, not an image, despite its .jpg name"),
+    (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n", "is a PDF document, not an image, despite its .jpg name"),
+    (bytes(range(256)), "is not an image dogbench can read, despite its .jpg name"),
+])
+def test_a_file_that_is_no_image_gets_the_demos_sentence(content: bytes, said: str, tmp_path: Path) -> None:
+    """The CLI's and the demo's words for a file that is no image are one sentence (data.images.not_an_image)."""
+    path = tmp_path / "notadog.jpg"
+    path.write_bytes(content)
+    assert not_an_image(path) == said
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert str(info.value) == f"{path} {said}"
+    with pytest.raises(UploadError) as upload:
+        screen_upload(path, UploadLimits(), name="notadog.jpg")
+    assert str(upload.value).startswith(f"'notadog.jpg' {said}: upload ")
+
+
+def test_a_missing_path_or_a_folder_is_named_as_such(tmp_path: Path) -> None:
+    for read in (load_image, read_image, check_image_file):
+        with pytest.raises(ImageError, match=r"missing\.jpg does not exist$"):
+            read(tmp_path / "missing.jpg")
+        with pytest.raises(ImageError, match=r"is a folder, not an image$"):
+            read(tmp_path)
+
+
+def test_image_files_walks_a_folder_by_extension_skipping_hidden_entries(tmp_path: Path) -> None:
+    for rel in ("b/2.JPG", "b/1.png", "a.jpeg", "notes.txt", ".hidden.jpg", ".cache/3.jpg"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    assert image_files(tmp_path) == [tmp_path / "a.jpeg", tmp_path / "b" / "1.png", tmp_path / "b" / "2.JPG"]
 
 
 def test_decompression_bomb_becomes_image_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -2,24 +2,30 @@
 
 ``load_image`` is PIL (with reduced-size JPEG decoding); ``read_image`` decodes plain RGB and grey JPEGs with
 libjpeg-turbo through torchvision.io into uint8 tensors, and hands everything else to ``load_image``. Both raise
-``ImageError`` for a file that cannot be decoded.
+``ImageError`` for a file that cannot be decoded, in dogbench's words with the path once ("dogs/a.jpg is a text
+file, not an image, despite its .jpg name"; ``not_an_image`` words what a non-image is, for the demo too).
+``check_image_file`` reads a header only, and ``image_files`` walks a folder, for ``dogbench predict``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import ExifTags, Image
+from PIL import ExifTags, Image, UnidentifiedImageError
 
+from dogbench.data.datasets import IMAGE_EXTENSIONS
 from dogbench.errors import DogbenchError
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the report reads data/ without it
     import torch
 
-__all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "check_pixels", "clamp_box", "load_image", "read_image"]
+__all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "check_image_file", "check_pixels", "clamp_box", "image_files",
+           "load_image", "not_an_image", "pixel_count", "read_image"]
 
 # Reduced-size decoding keeps the decoded short side at REDUCING_GAP x the resize target or more, so that timm's
 # antialiased resize still shrinks at least that much and its filter, not libjpeg's DCT scaling, shapes the
@@ -27,10 +33,96 @@ __all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "check_pixels", "clamp_box",
 # and resized by 1.004: its EfficientNet-Lite0 features moved 11% (relative L2) from timm's pipeline, mosaics
 # of larger photos 11% on average (docs/whole-photos.md).
 REDUCING_GAP = 2
+_BOMB = re.compile(r"\((\d+) pixels\)")
 
 
 class ImageError(DogbenchError, ValueError):
-    """An image file cannot be decoded."""
+    """An image file cannot be decoded; the message starts with its path, then says why ("... does not exist")."""
+
+
+def _what_it_is(head: bytes) -> str | None:
+    """A guess at a non-image file from its first bytes, for the message."""
+    if head.startswith(b"%PDF"):
+        return "a PDF document"
+    if head.startswith(b"PK\x03\x04"):
+        return "a ZIP archive (or an Office document)"
+    stripped = head.lstrip()
+    if stripped[:5].lower() in (b"<?xml", b"<svg ") or b"<svg" in stripped[:256].lower():
+        return "an SVG or XML file (vector drawings are not accepted)"
+    if stripped[:5].lower() in (b"<!doc", b"<html"):
+        return "an HTML page"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return "a text file" if all(c.isprintable() or c in "\r\n\t" for c in text) else None
+
+
+def not_an_image(path: str | Path, *, name: str | None = None) -> str:
+    """What ``path``, a file no image decoder identifies, is, from its first bytes, as the end of a sentence that
+    starts with its name: "is a PDF document, not an image, despite its .jpg name", "is empty (0 bytes)", "is not
+    an image dogbench can read". ``name``: how the user knows it (its extension is used when ``path`` has none)."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    if not head:
+        return "is empty (0 bytes)"
+    ext = (path.suffix or os.path.splitext(name or "")[1]).lower()
+    named = f", despite its {ext} name" if ext else ""
+    what = _what_it_is(head)
+    return f"is {what}, not an image{named}" if what else f"is not an image dogbench can read{named}"
+
+
+def _unreadable(path: str | Path, err: BaseException) -> ImageError:
+    """``err`` from opening or decoding ``path`` as an ImageError in dogbench's words (the path once)."""
+    if isinstance(err, FileNotFoundError):
+        return ImageError(f"{path} does not exist")
+    if isinstance(err, IsADirectoryError):
+        return ImageError(f"{path} is a folder, not an image")
+    if isinstance(err, UnidentifiedImageError):
+        try:
+            return ImageError(f"{path} {not_an_image(path)}")
+        except OSError as again:  # it vanished or cannot be opened since PIL tried
+            return _unreadable(path, again)
+    if isinstance(err, OSError) and err.errno is not None:  # the file system's refusal, not the image's content
+        return ImageError(f"{path} could not be read ({err.strerror or err})")
+    return ImageError(f"{path} is corrupt or truncated ({str(err) or type(err).__name__})")
+
+
+def pixel_count(err: Image.DecompressionBombError) -> str:
+    """The pixel count PIL's decompression-bomb refusal names, worded: "400,000,000 pixels" ("too many pixels")."""
+    found = _BOMB.search(str(err))
+    return f"{int(found.group(1)):,} pixels" if found else "too many pixels"
+
+
+def _bomb(path: str | Path, err: Image.DecompressionBombError) -> ImageError:
+    limit = f"{2 * int(Image.MAX_IMAGE_PIXELS or 0):,}"
+    return ImageError(f"{path} has {pixel_count(err)}, over the {limit}-pixel limit (a decompression bomb?); "
+                      "refused before decoding")
+
+
+def check_image_file(path: str | Path) -> None:
+    """Raise ImageError unless ``path`` is a file whose header an image decoder identifies, with no more pixels
+    than ``check_pixels`` allows; nothing is decoded (a file corrupt past its header fails later, at decoding)."""
+    try:
+        with Image.open(path) as img:
+            size = img.size
+    except Image.DecompressionBombError as err:
+        raise _bomb(path, err) from None
+    except (OSError, ValueError, EOFError, SyntaxError) as err:
+        raise _unreadable(path, err) from None
+    check_pixels(size, path)
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files (by extension: ``IMAGE_EXTENSIONS``) under ``folder``, walked and sorted, hidden entries
+    skipped."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(parent) / f for f in files
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -69,7 +161,7 @@ def clamp_box(box: tuple[int, int, int, int], size: tuple[int, int], path: str |
     xmin, ymin = min(max(box[0], 0), width), min(max(box[1], 0), height)
     xmax, ymax = min(max(box[2], 0), width), min(max(box[3], 0), height)
     if xmax <= xmin or ymax <= ymin:
-        raise ImageError(f"cannot read image {path}: box {box} lies outside the {width}x{height} image")
+        raise ImageError(f"{path} has its box {box} outside the {width}x{height} image")
     return xmin, ymin, xmax, ymax
 
 
@@ -78,8 +170,8 @@ def check_pixels(size: tuple[int, int], path: str | Path) -> None:
     89.5 megapixels, which PIL itself only warns about below twice that): decoding it could take gigabytes."""
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and size[0] * size[1] > limit:
-        raise ImageError(f"cannot read image {path}: {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels is over "
-                         f"the {int(limit):,}-pixel limit (a decompression bomb?); refused before decoding")
+        raise ImageError(f"{path} has {size[0]} x {size[1]} = {size[0] * size[1]:,} pixels, over the "
+                         f"{int(limit):,}-pixel limit (a decompression bomb?); refused before decoding")
 
 
 def load_image(
@@ -116,9 +208,9 @@ def load_image(
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:  # PIL's own refusal at open, above twice MAX_IMAGE_PIXELS
-        raise ImageError(f"cannot read image {path}: {exc} (refused before decoding)") from None
+        raise _bomb(path, exc) from None
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
-        raise ImageError(f"cannot read image {path}: {exc or type(exc).__name__}") from exc
+        raise _unreadable(path, exc) from None
 
 
 def _reduction(region: tuple[int, int, int, int], min_side: int) -> float | None:
@@ -159,7 +251,7 @@ def read_image(
         x = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
     except RuntimeError as err:
         reason = str(err).rsplit(", ", 1)[-1]  # drop torchvision's "decode_jpeg, <file.cpp>:<line>, " prefix
-        raise ImageError(f"cannot read image {path}: {reason}") from None
+        raise ImageError(f"{path} is corrupt or truncated ({reason})") from None
     if box is not None:
         x = x[:, region[1] : region[3], region[0] : region[2]]
     return _orient(x, orientation).contiguous()

@@ -12,13 +12,12 @@ dogbench reads, see ``images._to_rgb``), transparency (composited on white).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from dogbench.data.images import ImageError
+from dogbench.data.images import ImageError, not_an_image, pixel_count
 
 __all__ = ["UPLOAD_FORMATS", "Screened", "UploadError", "UploadLimits", "screen_upload"]
 
@@ -26,7 +25,6 @@ __all__ = ["UPLOAD_FORMATS", "Screened", "UploadError", "UploadLimits", "screen_
 # MPO is what many phones write: a JPEG whose extra frames are previews or depth maps (not an animation).
 UPLOAD_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "HEIF", "AVIF")
 ACCEPTED = "a JPEG, PNG, WebP, GIF, BMP, TIFF or HEIC photo"
-_BOMB = re.compile(r"\((\d+) pixels\)")
 
 
 class UploadError(ImageError):
@@ -54,24 +52,6 @@ class Screened:
     notes: tuple[str, ...] = ()
 
 
-def _what_it_is(head: bytes) -> str | None:
-    """A guess at a non-image file from its first bytes, for the message."""
-    if head.startswith(b"%PDF"):
-        return "a PDF document"
-    if head.startswith(b"PK\x03\x04"):
-        return "a ZIP archive (or an Office document)"
-    stripped = head.lstrip()
-    if stripped[:5].lower() in (b"<?xml", b"<svg ") or b"<svg" in stripped[:256].lower():
-        return "an SVG or XML file (vector drawings are not accepted)"
-    if stripped[:5].lower() in (b"<!doc", b"<html"):
-        return "an HTML page"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return "a text file" if all(c.isprintable() or c in "\r\n\t" for c in text) else None
-
-
 def _mb(n: int) -> str:
     return f"{n / (1024 * 1024):.1f} MB"
 
@@ -97,18 +77,9 @@ def screen_upload(path: str | Path, limits: UploadLimits, *, name: str | None = 
             rawmode = str(img.tile[0].args) if img.tile else ""
             transparent = "transparency" in img.info
     except Image.DecompressionBombError as err:  # PIL's own cap (2 x MAX_IMAGE_PIXELS), before ours
-        found = _BOMB.search(str(err))
-        pixels = f"{int(found.group(1)):,} pixels" if found else "too many pixels"
-        raise UploadError(_too_many(name, pixels, limits)) from None
-    except UnidentifiedImageError:
-        with open(path, "rb") as handle:
-            head = handle.read(512)
-        what = _what_it_is(head)
-        ext = path.suffix.lower() if path.suffix else os.path.splitext(name)[1].lower()
-        named = f", despite its {ext} name" if ext else ""
-        if what:
-            raise UploadError(f"'{name}' is {what}, not an image{named}: upload {ACCEPTED}") from None
-        raise UploadError(f"'{name}' is not an image dogbench can read{named}: upload {ACCEPTED}") from None
+        raise UploadError(_too_many(name, pixel_count(err), limits)) from None
+    except UnidentifiedImageError:  # the sentence `dogbench predict` gives too
+        raise UploadError(f"'{name}' {not_an_image(path, name=name)}: upload {ACCEPTED}") from None
     except (OSError, ValueError, EOFError, SyntaxError) as err:
         raise UploadError(f"'{name}' is corrupt or truncated ({err}): upload the photo again, or another one") \
             from None

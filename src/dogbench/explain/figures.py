@@ -16,6 +16,8 @@ from PIL import Image, ImageDraw
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.explain.maps import Box, ExplainError, explain_image
 from dogbench.inference import LoadedRun
+from dogbench.names import architecture_title
+from dogbench.report import plots
 from dogbench.rundir import EXPLANATIONS_FILE
 
 
@@ -24,7 +26,7 @@ def overlay(
     heatmap: np.ndarray,
     *,
     alpha: float = 0.5,
-    cmap: str = "jet",
+    cmap: str = plots.HEATMAP_CMAP,
     box: Sequence[float] | None = None,
 ) -> Image.Image:
     """Blend a (H, W) heatmap in [0, 1], coloured with matplotlib's ``cmap``, over an (H, W, 3) uint8 image;
@@ -54,29 +56,13 @@ def side_by_side(
     image: np.ndarray, panels: Sequence[tuple[str, Image.Image, Sequence[tuple[str, float]]]],
     *, box: Sequence[float] | None = None,
 ) -> bytes:
-    """A PNG: the model input, then each (title, overlay, top-3) panel with its title and top-3 below."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+    """A PNG: the model input, then each (title, overlay, top-3) panel with its title and top-3 below, and the
+    heatmaps' colour scale with how to read it (the report's ``plots.explanation_figure``)."""
     first = Image.fromarray(image)
     if box is not None:
         ImageDraw.Draw(first).rectangle(list(box), outline=(255, 255, 255), width=2)
-    columns = [("input", first, ())] + list(panels)
-    fig = Figure(figsize=(3.0 * len(columns), 3.9), dpi=100)
-    FigureCanvasAgg(fig)
-    for k, (title, picture, top) in enumerate(columns):
-        ax = fig.add_subplot(1, len(columns), k + 1)
-        ax.imshow(picture)
-        ax.set_title(title, fontsize=9)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if top:
-            lines = "\n".join(f"{name.replace('_', ' ')[:28]}  {p:.0%}" for name, p in top)
-            ax.set_xlabel(lines, fontsize=8, loc="left")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    columns = [("input", np.asarray(first), ())] + [(t, np.asarray(p.convert("RGB")), top) for t, p, top in panels]
+    return plots.png(plots.explanation_figure(columns, heatmaps_from=1))
 
 
 # ---------------------------------------------------------------- a run's models
@@ -123,7 +109,7 @@ def explain_run(
             png = f"{stem}__{label.replace('/', '-')}.png"  # a fine-tuned model's label is <backbone>/<method>
             atomic_write_bytes(out_dir / png, _png(picture))
             tag = model.backbone.tag
-            panels.append((f"{label} ({tag.split('.')[0]}): {explanation.method}", picture, explanation.top3))
+            panels.append((f"{label}: {architecture_title(tag)}, {explanation.method}", picture, explanation.top3))
             records.append({
                 "image": str(path), "stem": stem, "label": label, "model": tag,
                 "method": explanation.method, "png": png, "figure": f"{stem}.png",

@@ -26,7 +26,6 @@ class Image:
     name: str  # file name under report_files/
     alt: str
     width: int | None = None  # display width in px (None: the figure's own, up to the page width)
-    wide: bool = False  # shown at its natural size in a scrolling frame (a 120-class confusion matrix)
 
 
 @dataclass(frozen=True)
@@ -67,10 +66,11 @@ class Cards:
 
 @dataclass(frozen=True)
 class Figure:
-    """An image with its caption."""
+    """An image with its caption, and a larger version to open below it (a 120-class confusion matrix)."""
 
     image: Image
     caption: str
+    full: Image | None = None
 
 
 Block = Figure | Table | Cards
@@ -88,7 +88,7 @@ class Section:
 
 @dataclass
 class Report:
-    """The whole report: headline (title, verdicts, caveats), sections and the image files they show."""
+    """The whole report: headline (title, verdicts, who is who, why, caveats), sections and their image files."""
 
     title: str
     subtitle: str
@@ -96,6 +96,8 @@ class Report:
     caveats: list[str]
     sections: list[Section]
     files: dict[str, bytes]  # report_files/<name> -> bytes
+    who: list[str] = field(default_factory=list)  # each model named in full (names.ModelName.full)
+    why: list[str] = field(default_factory=list)  # sentences with the run's evidence for the verdict
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     version: str = __version__
 
@@ -106,7 +108,7 @@ class Assets:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
 
-    def add(self, name: str, data: bytes, alt: str, width: int | None = None, *, wide: bool = False) -> Image:
+    def add(self, name: str, data: bytes, alt: str, width: int | None = None) -> Image:
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
         stem, dot, ext = safe.rpartition(".")
         unique, i = safe, 1
@@ -114,7 +116,7 @@ class Assets:
             i += 1
             unique = f"{stem}-{i}{dot}{ext}"
         self.files[unique] = data
-        return Image(unique, alt, width, wide)
+        return Image(unique, alt, width)
 
     def thumbnail(self, path: str, alt: str, px: int = THUMB_PX) -> Image | None:
         """A JPEG thumbnail of a dataset image, or None when the file cannot be read (moved, corrupt)."""

@@ -17,8 +17,7 @@ from typing import Any
 from jinja2 import Environment, PackageLoader
 
 from dogbench.atomic import atomic_write_bytes, atomic_write_text
-from dogbench.data import STANFORD_DOGS
-from dogbench.report import plots
+from dogbench.report import plots, why
 from dogbench.report.document import FILES_DIR, Assets, Cards, Cell, Figure, Image, Report, Table
 from dogbench.report.runs import ModelRun, RunFolder, all_models, comparisons, load_runs, select_examples
 from dogbench.report.sections import (
@@ -44,30 +43,10 @@ from dogbench.results import verdict
 from dogbench.rundir import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
-def _caveats(runs: list[RunFolder]) -> list[str]:
-    out = []
-    for run in runs:
-        prefix = f"{run.name}: " if len(runs) > 1 else ""
-        leaky = [f"{k} ({m['pretraining']})" for k, m in run.results["models"].items() if m.get("leaky")]
-        if leaky:
-            out.append(f"{prefix}Stanford Dogs is a subset of ImageNet, and {', '.join(leaky)} "
-                       f"{'was' if len(leaky) == 1 else 'were'} pretrained on ImageNet-family data: some test photos "
-                       "may have been seen in pretraining, so these accuracies may be optimistic (flag \"leaky\" in "
-                       "results.json). The comparison between equally exposed models is still fair.")
-        random = [k for k, m in run.results["models"].items() if m.get("weights") == "random"]
-        if random:
-            out.append(f"{prefix}{', '.join(random)} use randomly initialised weights: a smoke test, not a finding.")
-        ds = run.results["dataset"]
-        if ds.get("name") == STANFORD_DOGS and ds.get("split_source") != "official-lists":
-            out.append(f"{prefix}Stanford Dogs without its official lists: the train/test split was drawn with a seed "
-                       f"({ds.get('split_source')}), so the figures are not comparable with published ones.")
-        if ds.get("skipped"):
-            out.append(f"{prefix}{ds['skipped']} unreadable images were skipped (listed in results.json).")
-    return out
-
-
 def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[ModelRun]) -> list[str]:
-    """Each run's headline comparison (its first two backbones), then models of the same label across runs."""
+    """Each run's headline comparison (its first two backbones), then models of the same label across runs; the
+    models named as readers know them, their labels in brackets."""
+    names = why.model_names(models)
     out = []
     for run in runs:
         c = run.results.get("comparison")
@@ -75,13 +54,13 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
             prefix = f"{run.name}: " if len(runs) > 1 else ""
             if len(runs) > 1:
                 c = {**c, "a": f"{run.name}/{c['a']}", "b": f"{run.name}/{c['b']}"}
-            out.append(prefix + verdict(c))
+            out.append(prefix + verdict(c, names))
     tuned = {m.key: m.result["training"]["base"] for m in models if m.result.get("method", "frozen") != "frozen"}
     for c in comps:
         if c.get("across_runs") and c["a"].split("/", 1)[1] == c["b"].split("/", 1)[1]:
-            out.append("Across runs: " + verdict(c))
+            out.append("Across runs: " + verdict(c, names))
         elif c["a"] in tuned and c["b"].endswith(tuned[c["a"]]) and not c.get("across_runs"):
-            out.append("Fine-tuning: " + verdict(c))
+            out.append("Fine-tuning: " + verdict(c, names))
     if not out:
         out = ["Only one model: nothing to compare." if len(models) < 2 else
                f"{len(models)} models, but no two of them scored the same test images with the same classes: "
@@ -92,7 +71,7 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
 def headline(runs: list[RunFolder]) -> tuple[list[str], list[str]]:
     """The report's verdict sentences and caveats (the ImageNet overlap among them), without building the rest:
     what ``dogbench serve`` puts on its page."""
-    return _verdicts(runs, comparisons(runs), all_models(runs)), _caveats(runs)
+    return _verdicts(runs, comparisons(runs), all_models(runs)), why.caveats(runs)
 
 
 def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: int = 8, seed: int = 0,
@@ -118,8 +97,10 @@ def build_report(runs: list[RunFolder], *, examples: int = 12, confused_pairs: i
     ds = runs[0].results["dataset"]
     subtitle = (f"{', '.join(datasets)}: {ds['n_train']} train / {ds['n_val']} val / {ds['n_test']} test images, "
                 f"{ds['n_classes']} classes" + (f"; {len(runs)} runs combined" if len(runs) > 1 else ""))
-    title = "dogbench: " + " vs ".join(m.key for m in models)
-    return Report(title, subtitle, _verdicts(runs, comps, models), _caveats(runs), sections, assets.files)
+    names = why.model_names(models)
+    reasons = [s for run in runs for s in why.why(run)]
+    return Report(why.title(models, names), subtitle, _verdicts(runs, comps, models), why.caveats(runs), sections,
+                  assets.files, who=[names[m.key].full for m in models], why=reasons)
 
 
 # ---------------------------------------------------------------- writers
@@ -168,6 +149,9 @@ def render_markdown(report: Report) -> str:
              f"dogbench {report.version}, {report.created}", ""]
     for v in report.verdicts:
         lines += [f"**{_md_escape(v)}**", ""]
+    lines += [f"- {_md_escape(w)}" for w in report.who] + ([""] if report.who else [])
+    if report.why:
+        lines += [f"**Why.** {_md_escape(' '.join(report.why))}", ""]
     for c in report.caveats:
         lines += [f"> **Caveat.** {_md_escape(c)}", ""]
     for section in report.sections:
@@ -177,6 +161,8 @@ def render_markdown(report: Report) -> str:
         for block in section.blocks:
             if isinstance(block, Figure):
                 lines += [_md_cell(block.image), "", f"*{_md_escape(block.caption)}*", ""]
+                if block.full:
+                    lines += [f"[Full size, every breed named]({FILES_DIR}/{block.full.name})", ""]
             elif isinstance(block, Table):
                 lines += _md_table(block)
             else:

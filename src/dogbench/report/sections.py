@@ -9,11 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image as PILImage
 
 from dogbench.data import display_names
+from dogbench.names import model_name
 from dogbench.report import plots
 from dogbench.report.document import Assets, Card, Cards, Cell, Figure, Line, Section, Table
 from dogbench.report.runs import ModelRun, RunFolder, aligned
+from dogbench.report.why import same_as_probe
 from dogbench.rundir import EXPLANATIONS_DIR
 
 
@@ -52,7 +55,8 @@ def _summary_table(models: list[ModelRun]) -> Table:
         img_s = f"{r['throughput_img_s']:.1f}" if r.get("throughput_img_s") else "cached"
         device = f"{r['device']} ({r['precision']})"
         test = r["test"]
-        rows.append([m.key, _method(r), f"{pct(test['top1'])} {interval(test['top1_ci95'])}",
+        method = _method(r) + (" = the probe" if same_as_probe(r) else "")
+        rows.append([m.key, method, f"{pct(test['top1'])} {interval(test['top1_ci95'])}",
                      pct(test["top5"]), f"{test['macro_f1']:.4f}", pct(r["val"]["top1"]), *common,
                      f"{t.get('tune', 0):.1f}", f"{t.get('fit', 0) + t.get('train', 0):.1f}",
                      f"{t.get('evaluate', 0):.2f}", img_s, device])
@@ -67,9 +71,15 @@ def _summary_table(models: list[ModelRun]) -> Table:
                  "(the baseline's C sweep, refit and scoring together under tune s; fine-tuning under fit s); img/s "
                  "is extraction throughput (\"cached\": features came from the cache).")
 
+
 def summary_section(models: list[ModelRun], comps: list[dict[str, Any]]) -> Section:
-    """The summary table, and every paired comparison when there is more than one."""
-    section = Section("summary", "Summary", [], [_summary_table(models)])
+    """The summary table, and every paired comparison when there is more than one; a tuned head that scores
+    exactly as its probe says that the search found nothing better."""
+    same = [m for m in models if same_as_probe(m.result)]
+    notes = [f"{m.key}: the head search's best trial, a tuned {m.result['head'].get('kind', '?')} head, scores "
+             f"exactly as the logistic-regression probe with C swept on validation ({pct(m.result['test']['top1'])} "
+             "test top-1): the search found nothing better than the probe." for m in same]
+    section = Section("summary", "Summary", notes, [_summary_table(models)])
     if len(comps) > 1:
         rows: list[list[Cell]] = [[c["a"], c["b"], f"{c['delta_top1'] * 100:+.2f}",
                                    f"[{c['delta_top1_ci95'][0] * 100:+.2f}, {c['delta_top1_ci95'][1] * 100:+.2f}]",
@@ -86,9 +96,10 @@ def accuracy_section(models: list[ModelRun], assets: Assets, colours: dict[str, 
         "Test top-1 per model with its 95% bootstrap interval (hollow: the logistic-regression baseline on the same "
         "features), then against the forward pass's GFLOPs and the wall time of the model's stages (extraction, "
         "tuning, baseline, refit, evaluation; extraction counts 0 when the features came from the cache)."], [
-        Figure(assets.add("accuracy.png", plots.accuracy_intervals(points, colours), "accuracy with intervals"),
+        Figure(assets.add("accuracy.png", plots.png(plots.accuracy_intervals(points, colours)),
+                          "accuracy with intervals"),
                "Accuracy with intervals"),
-        Figure(assets.add("accuracy-vs-compute.png", plots.accuracy_vs_compute(points, colours),
+        Figure(assets.add("accuracy-vs-compute.png", plots.png(plots.accuracy_vs_compute(points, colours)),
                           "accuracy against compute"), "Accuracy against compute"),
     ])
 
@@ -131,6 +142,9 @@ def comparable_pair(models: list[ModelRun]) -> tuple[ModelRun, ModelRun] | None:
     return pairs[0] if pairs else None
 
 
+LEADERS = 5  # breeds per model in the per-breed table
+
+
 def per_breed_section(a: ModelRun, b: ModelRun, assets: Assets, colours: dict[str, str]) -> Section:
     """Per-breed accuracy of two models on their common test images, and the breeds where each leads most."""
     ia, ib = aligned(a, b)
@@ -138,24 +152,35 @@ def per_breed_section(a: ModelRun, b: ModelRun, assets: Assets, colours: dict[st
     keep = np.isfinite(ra) & np.isfinite(rb)
     names = [n for n, k in zip(display_names(a.classes), keep, strict=True) if k]
     ra, rb = ra[keep], rb[keep]
-    scatter = assets.add("per-breed-scatter.png", plots.per_breed_scatter(names, ra, rb, a.key, b.key, colours),
+    scatter = assets.add("per-breed-scatter.png",
+                         plots.png(plots.per_breed_scatter(names, ra, rb, a.key, b.key, colours)),
                          f"per-breed accuracy, {a.key} against {b.key}")
     bars = assets.add("per-breed-differences.png",
-                      plots.breed_differences(names, ra, rb, a.key, b.key, colours),
+                      plots.png(plots.breed_differences(names, ra, rb, a.key, b.key, colours)),
                       "breeds where the models differ most")
-    diff = rb - ra
-    order = np.argsort(diff, kind="stable")
-    leaders = [i for i in order[::-1][:5] if diff[i] > 0] + [i for i in order[:5] if diff[i] < 0]
-    rows: list[list[Cell]] = [[names[i], pct(ra[i]), pct(rb[i]), f"{diff[i] * 100:+.1f}"] for i in leaders]
     return Section(
         "per-breed", "Per-breed accuracy",
         [f"One point per breed: {a.key}'s accuracy on that breed's test images against {b.key}'s. Points above "
          f"the diagonal are breeds where {b.key} is better. Per-breed figures rest on few images each (about "
          f"{int(round(len(ia) / max(len(names), 1)))} per breed here), so single breeds move by whole images."],
-        [Figure(scatter, "Per-breed accuracy"), Figure(bars, "Largest per-breed differences"),
-         Table(["breed", a.key, b.key, f"{b.key} - {a.key} (points)"], rows or [["(no breed differs)", "", "", ""]],
-               "The five breeds where each model leads most")],
+        [Figure(scatter, "Per-breed accuracy; the breeds that differ most are named where their names fit"),
+         Figure(bars, "Largest per-breed differences"), leaders_table(names, ra, rb, a, b)],
     )
+
+
+def leaders_table(names: Sequence[str], ra: np.ndarray, rb: np.ndarray, a: ModelRun, b: ModelRun) -> Table:
+    """``LEADERS`` breeds per model, where it leads most (or trails least), in a column "winner - loser" whose
+    sign reads like the verdict: the model with the higher accuracy on these images first."""
+    (win, r_win), (lose, r_lose) = sorted(((a, ra), (b, rb)), key=lambda m: -float(np.mean(m[0].correct)))
+    diff = r_win - r_lose
+    order = np.argsort(-diff, kind="stable")
+    k = min(LEADERS, len(names) // 2)
+    rows: list[list[Cell]] = []
+    for model, picks in ((win, order[:k]), (lose, order[::-1][:k])):
+        rows += [[model.key, names[i], pct(r_win[i]), pct(r_lose[i]), f"{diff[i] * 100:+.1f}"] for i in picks]
+    return Table(["leads", "breed", win.key, lose.key, f"{win.key} - {lose.key} (points)"], rows,
+                 f"The {k} breeds where each model leads most; a negative difference in {lose.key}'s rows means "
+                 f"{win.key} is ahead even there.")
 
 
 def confusion_section(models: list[ModelRun], assets: Assets, *, pairs: int) -> Section:
@@ -168,10 +193,18 @@ def confusion_section(models: list[ModelRun], assets: Assets, *, pairs: int) -> 
         names = display_names(m.classes)
         n = len(m.classes)
         confusion = np.bincount(m.y_true * n + m.y_pred, minlength=n * n).reshape(n, n)
-        img = assets.add(f"confusion-{m.key}.png", plots.confusion_figure(names, confusion, m.key),
-                         f"confusion matrix of {m.key}", wide=n > 40)
-        section.blocks.append(Figure(img, f"{m.key}: confusion matrix ({n} classes)"
-                                     + ("; shown at full size, scroll sideways" if n > 40 else "")))
+        order = plots.breed_order(confusion)
+        full = assets.add(f"confusion-{m.key}.png", plots.png(plots.confusion_figure(names, confusion, m.key, order)),
+                          f"confusion matrix of {m.key}")
+        if n > plots.FULL_SIZE_ABOVE:
+            fitted = assets.add(f"confusion-{m.key}-fitted.png",
+                                plots.png(plots.confusion_figure(names, confusion, m.key, order, fitted=True)),
+                                f"confusion matrix of {m.key}, fitted to the page")
+            section.blocks.append(Figure(fitted, f"{m.key}: confusion matrix ({n} classes); the most-confused "
+                                                 "pairs are named below, every breed in the full-size matrix",
+                                         full=full))
+        else:
+            section.blocks.append(Figure(full, f"{m.key}: confusion matrix ({n} classes)"))
         if pairs <= 0:
             continue
         off = confusion.copy()
@@ -212,8 +245,8 @@ def calibration_section(models: list[ModelRun], assets: Assets) -> Section | Non
         before, after = cal["test"]["before"], cal["test"]["after"]
         rows.append([m.key, f"{cal['temperature']:.3f}", f"{before['ece']:.4f}", f"{after['ece']:.4f}",
                      f"{before['nll']:.4f}", f"{after['nll']:.4f}", f"{before['brier']:.4f}", f"{after['brier']:.4f}"])
-        png = plots.reliability_diagram(cal["reliability"]["before"], cal["reliability"]["after"], m.key,
-                                        cal["temperature"])
+        png = plots.png(plots.reliability_diagram(cal["reliability"]["before"], cal["reliability"]["after"], m.key,
+                                                  cal["temperature"]))
         section.blocks.append(Figure(assets.add(f"reliability-{m.key}.png", png, f"{m.key} reliability diagram"),
                                      f"{m.key}: reliability diagram on the test images (bars: accuracy per "
                                      "confidence bin; the dashed diagonal is perfect calibration)"))
@@ -253,28 +286,51 @@ def examples_section(models: list[ModelRun], ids: list[str], assets: Assets) -> 
 
 
 def explanations_section(runs: list[RunFolder], assets: Assets, notes: Sequence[str] = ()) -> Section | None:
-    """The runs' explanation figures (``dogbench explain`` records), and ``notes`` on what was not explained."""
-    records = [(run, r) for run in runs for r in run.explanations]
-    if not records and not notes:
-        return None
+    """The runs' explanations (``dogbench explain`` records): per photo, the photo and each model's overlay with
+    its name, method and calibrated top-3, under one colour scale; ``notes`` say what was not explained."""
     section = Section("explanations", "Where the models look", [
         "The same test images through each model: attention rollout for ViTs (attention of the class token, heads "
         "averaged with the identity added, multiplied through the layers) and Grad-CAM for CNNs (gradients of the "
         "predicted breed's score at the last convolutional stage), overlaid on the image as the model sees it "
         "(after its resize and centre crop). Under each overlay, the model's top-3 breeds with the calibrated "
-        "probabilities that dogbench predict gives."])
-    seen: set[tuple[str, str]] = set()
-    for run, record in records:  # one record per (image, model); the side-by-side figure holds them all
-        figure = record["figure"]
-        png = run.path / EXPLANATIONS_DIR / figure
-        if (run.name, figure) in seen or not png.is_file():
-            continue
-        seen.add((run.name, figure))
-        img = assets.add(f"explain-{Path(figure).name}", png.read_bytes(),
-                         f"explanations for {record.get('sample_id') or record['image']}")
-        section.blocks.append(Figure(img, record.get("caption") or Path(record["image"]).name))
+        "probabilities that dogbench predict gives. " + plots.READING_GUIDE])
+    for run in runs:
+        figures: dict[str, list[dict[str, Any]]] = {}
+        for record in run.explanations:  # one record per (image, model)
+            figures.setdefault(record["figure"], []).append(record)
+        for figure, records in figures.items():
+            png = _explanation_png(run, records)
+            if png is None:
+                continue
+            img = assets.add(f"explain-{Path(figure).name}", png,
+                             f"explanations for {records[0].get('sample_id') or records[0]['image']}")
+            section.blocks.append(Figure(img, records[0].get("caption") or Path(records[0]["image"]).name))
     section.paragraphs += list(notes)
     return section if section.blocks or notes else None
+
+
+def _explanation_png(run: RunFolder, records: list[dict[str, Any]]) -> bytes | None:
+    """One photo's figure, drawn from the run's overlays; the stored side-by-side figure when an overlay is
+    missing; None when neither is there."""
+    folder = run.path / EXPLANATIONS_DIR
+    overlays = [folder / r["png"] for r in records]
+    if not all(o.is_file() for o in overlays):
+        stored = folder / records[0]["figure"]
+        return stored.read_bytes() if stored.is_file() else None
+    panels: list[tuple[str, np.ndarray, Sequence[tuple[str, float]]]] = []
+    try:
+        with PILImage.open(records[0]["image"]) as photo:
+            photo = photo.convert("RGB")
+            photo.thumbnail((448, 448))
+            panels.append(("photo", np.asarray(photo), ()))
+    except (OSError, ValueError):
+        pass  # a moved photo: the overlays still show the model's view of it
+    for r, path in zip(records, overlays, strict=True):
+        title = model_name(run.results["models"].get(r["label"], {"label": r["label"], "backbone": r["model"]})).title
+        with PILImage.open(path) as overlay:
+            panels.append((f"{r['label']}: {title}, {r['method']}", np.asarray(overlay.convert("RGB")),
+                           [(name, float(p)) for name, p in r["top3"]]))
+    return plots.png(plots.explanation_figure(panels, heatmaps_from=len(panels) - len(records)))
 
 
 def architecture_section(models: list[ModelRun]) -> Section | None:

@@ -42,7 +42,7 @@ def ladder_section(models: list[ModelRun], comps: list[dict[str, Any]], assets: 
         rows.append([base_key, method, params, f"{pct(r['test']['top1'])} {interval(r['test']['top1_ci95'])}", delta,
                      f"{cost:.0f}", f"{t['train_img_s']:.1f}" if t else "-",
                      f"{t['peak_memory_mb']:.0f}" if t else "-", f"{t['best_epoch']}/{t['epochs_run']}" if t else "-"])
-    png = plots.ladder(rungs)
+    png = plots.png(plots.ladder(rungs))
     return Section("ladder", "Fine-tuning ladder", [
         "How much does fine-tuning add, and at what cost? Every method trained on the same training split, chose "
         "its best epoch (and its recipe, with finetune.trials) on the same validation split, and was scored once on "
@@ -71,14 +71,15 @@ def tuning_section(models: list[ModelRun], assets: Assets) -> Section:
         trials = study.trials
         numbers = np.array([t.number for t in trials])
         values = np.array([np.nan if t.value is None else t.value for t in trials], dtype=float)
-        hist = plots.optimisation_history(numbers, values, [t.state for t in trials], [t.head for t in trials], m.key)
+        states, heads = [t.state for t in trials], [t.head for t in trials]
+        hist = plots.png(plots.optimisation_history(numbers, values, states, heads, m.key))
         section.blocks.append(Figure(assets.add(f"optuna-history-{m.key}.png", hist, f"{m.key} optimisation history"),
                                      f"{m.key}: {len(trials)} trials, "
                                      f"{sum(t.state == 'COMPLETE' for t in trials)} complete, "
                                      f"{sum(t.state == 'PRUNED' for t in trials)} pruned"))
         if study.importance:
             n_complete = sum(t.state == "COMPLETE" for t in trials)
-            imp = plots.parameter_importance(study.importance, m.key, n_complete)
+            imp = plots.png(plots.parameter_importance(study.importance, m.key, n_complete))
             section.blocks.append(Figure(assets.add(f"optuna-importance-{m.key}.png", imp,
                                                     f"{m.key} hyper-parameter importance"),
                                          f"{m.key}: hyper-parameter importance, fANOVA over {n_complete} complete "
@@ -161,7 +162,7 @@ def efficiency_section(runs: list[RunFolder], assets: Assets, colours: dict[str,
     if not curves:
         return None
     d = next(r.results["data_efficiency"] for r in runs if r.results.get("data_efficiency", {}).get("models"))
-    png = plots.data_efficiency(curves, colours)
+    png = plots.png(plots.data_efficiency(curves, colours))
     return Section("efficiency", "Data efficiency", [
         f"How many labelled photos per breed does each backbone need? Test top-1 with k training images per class "
         f"(drawn from the training split with {d['seeds']} seeds; the validation split stays whole for choosing C "

@@ -73,3 +73,43 @@ def check_page(html: Path, screenshot: Path, *, width: int = 1280) -> PageCheck:
         finally:
             browser.close()
     return PageCheck(n_images, broken, console, page_errors, failed, text, screenshot)
+
+
+@dataclass(frozen=True)
+class LayoutCheck:
+    page_errors: list[str]
+    covered: list[str]  # anchors whose target starts under the sticky navigation after its link is followed
+    too_wide: list[str]  # figures (alt texts) wider than the viewport, or "page" when the page scrolls sideways
+
+
+COVERED_JS = """id => { const nav = document.querySelector('nav').getBoundingClientRect();
+  return document.getElementById(id).getBoundingClientRect().top < nav.bottom - 1; }"""
+TOO_WIDE_JS = """() => { const w = window.innerWidth;
+  const wide = Array.from(document.querySelectorAll('figure > img'))
+    .filter(i => i.getBoundingClientRect().right > w || i.getBoundingClientRect().width > w).map(i => i.alt);
+  return document.documentElement.scrollWidth > w ? wide.concat(['page']) : wide; }"""
+
+
+def check_layout(html: Path, *, width: int = 1280, height: int = 900) -> LayoutCheck:
+    """Follow every link of the page's navigation and say which targets the sticky bar covers; list figures
+    wider than the viewport; collect page errors."""
+    from playwright.sync_api import sync_playwright
+
+    chromium = chromium_or_skip()
+    errors: list[str] = []
+    covered = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(html.resolve().as_uri(), wait_until="load")
+            too_wide = page.evaluate(TOO_WIDE_JS)
+            for link in page.query_selector_all("nav a"):
+                target = (link.get_attribute("href") or "#").removeprefix("#")
+                link.click()
+                if page.evaluate(COVERED_JS, target):
+                    covered.append(target)
+        finally:
+            browser.close()
+    return LayoutCheck(errors, covered, too_wide)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from browser import check_page
+from browser import check_layout, check_page
 from dogbench.cli import main
 from dogbench.config import ConfigError, resolve
 from dogbench.report import ReportError, load_runs, select_examples
@@ -49,7 +49,7 @@ def test_run_writes_a_self_contained_report(runs: tuple[Path, Path, Path]) -> No
     sources = re.findall(r'<img[^>]* src="([^"]*)"', html)
     assert sources and all(s.startswith("data:image/") for s in sources)  # nothing to fetch: opens offline
     assert not re.search(r'(?:href|src)="(?:https?:)?//', html)
-    assert verdict(results["comparison"]) in html.replace("&#39;", "'")
+    assert _named_verdict(results) in html.replace("&#39;", "'")
     for header in ("test top-1 [95% CI]", "top-5", "macro-F1", "params", "GFLOPs", "img/s", "device"):
         assert header in html
     for section in ("Accuracy and compute", "Per-breed accuracy", "Confusions", "Head search (Optuna)",
@@ -72,7 +72,7 @@ def test_markdown_report_links_files_that_exist(runs: tuple[Path, Path, Path]) -
     for link in links:
         assert (run / link).is_file(), link
         assert (run / link).read_bytes()[:4] in (b"\x89PNG", b"\xff\xd8\xff\xe0", b"\xff\xd8\xff\xdb")
-    assert md.startswith("# dogbench: cnn vs vit")
+    assert md.startswith("# test\\_resnet vs test\\_vit\n")  # the backbones by name, not by label (issue 27)
 
 
 def test_random_weights_are_not_leaky_and_say_so(runs: tuple[Path, Path, Path]) -> None:
@@ -90,9 +90,65 @@ def test_the_page_renders_in_headless_chromium(runs: tuple[Path, Path, Path]) ->
     assert page.broken_images == [] and page.console_errors == [] and page.page_errors == []
     assert page.failed_requests == []
     results = json.loads((run / "results.json").read_text())
-    assert verdict(results["comparison"]) in page.text
+    assert _named_verdict(results) in page.text
     assert "test top-1 [95% CI]" in page.text
     assert page.screenshot.stat().st_size > 50_000
+
+
+def _named_verdict(results: dict) -> str:
+    from dogbench.names import model_name
+
+    return verdict(results["comparison"], {k: model_name(m) for k, m in results["models"].items()})
+
+
+def test_the_report_names_its_models_and_says_why(runs: tuple[Path, Path, Path]) -> None:
+    """Issue 27: the title and the verdict name the backbones, the labels stay in brackets; who is who in full;
+    a why paragraph with the run's numbers; no nested brackets in the caveats."""
+    _, run, _ = runs
+    report = json.loads((run / "report.json").read_text())
+    assert report["title"] == "test_resnet vs test_vit"
+    assert re.match(r"test_(resnet|vit) with random weights \((cnn|vit)\) beats test_(resnet|vit) with random "
+                    r"weights \((cnn|vit)\) by \d+\.\d\d points", report["verdicts"][0]) or \
+        "have the same test top-1" in report["verdicts"][0]
+    md = (run / "report.md").read_text()
+    assert "- cnn is test\\_resnet (timm test\\_resnet), weights from random initialisation" in md
+    results = json.loads((run / "results.json").read_text())
+    probe = {k: m["baseline"]["test"]["top1"] * 100 for k, m in results["models"].items()}
+    assert "**Why.** " in md and all(f"{v:.1f}%" in md.split("**Why.** ")[1].split("\n")[0] for v in probe.values())
+    for caveat in report["caveats"]:
+        assert not re.search(r"\([^()]*\(", caveat), caveat
+
+
+def test_the_page_keeps_anchors_clear_of_the_navigation_and_fits_1280(runs: tuple[Path, Path, Path],
+                                                                       tmp_path: Path) -> None:
+    """Every section the navigation links to starts below the sticky bar; no figure is wider than the window;
+    and the check itself fails on a page without the anchor offsets and with an over-wide figure."""
+    _, run, _ = runs
+    good = check_layout(run / "report.html")
+    assert good.page_errors == [] and good.covered == [] and good.too_wide == []
+    html = (run / "report.html").read_text()
+    broken = re.sub(r"\[id\] \{ scroll-margin-top[^}]*\}", "", html).replace(
+        "figure img { max-width: 100%;", "figure img { min-width: 1400px;")
+    (tmp_path / "broken.html").write_text(broken)
+    bad = check_layout(tmp_path / "broken.html")
+    assert bad.covered and "page" in bad.too_wide
+
+
+def test_the_breeds_where_each_model_leads_are_five_each_in_the_verdicts_direction() -> None:
+    from dogbench.report.sections import LEADERS, leaders_table
+
+    rng = np.random.default_rng(0)
+    a, b = _model(rng.random(300) < 0.3, "a"), _model(rng.random(300) < 0.8, "b")  # b wins
+    names = [f"breed {i}" for i in range(12)]
+    ra, rb = rng.uniform(0.0, 0.5, 12), rng.uniform(0.4, 1.0, 12)
+    ra[3], rb[3] = 0.9, 0.1  # the one breed where a leads
+    table = leaders_table(names, ra, rb, a, b)
+    assert table.header[-1] == "b - a (points)" and table.header[2:4] == ["b", "a"]
+    assert [row[0] for row in table.rows] == ["b"] * LEADERS + ["a"] * LEADERS
+    diffs = [float(row[-1]) for row in table.rows]
+    assert diffs[:LEADERS] == sorted(diffs[:LEADERS], reverse=True) and diffs[0] > 0
+    assert diffs[LEADERS] == -80.0 and table.rows[LEADERS][1] == "breed 3"
+    assert diffs[LEADERS:] == sorted(diffs[LEADERS:])
 
 
 def test_several_runs_combine_into_one_comparison(runs: tuple[Path, Path, Path], capsys: pytest.CaptureFixture
@@ -108,7 +164,7 @@ def test_several_runs_combine_into_one_comparison(runs: tuple[Path, Path, Path],
     # the same CNN features, another study seed: compared on the same test images across the runs
     report = json.loads((out / "report.json").read_text())
     assert report["verdicts"][0].startswith("both: ") and "cnn-only: " not in " ".join(report["verdicts"])
-    assert [v for v in report["verdicts"] if v.startswith("Across runs: both/cnn")]
+    assert [v for v in report["verdicts"] if v.startswith("Across runs: test_resnet with random weights (both/cnn)")]
     assert "McNemar p" in html and "Every paired comparison" in html
 
 

@@ -178,9 +178,10 @@ def leaders_table(names: Sequence[str], ra: np.ndarray, rb: np.ndarray, a: Model
     rows: list[list[Cell]] = []
     for model, picks in ((win, order[:k]), (lose, order[::-1][:k])):
         rows += [[model.key, names[i], pct(r_win[i]), pct(r_lose[i]), f"{diff[i] * 100:+.1f}"] for i in picks]
-    return Table(["leads", "breed", win.key, lose.key, f"{win.key} - {lose.key} (points)"], rows,
-                 f"The {k} breeds where each model leads most; a negative difference in {lose.key}'s rows means "
-                 f"{win.key} is ahead even there.")
+    return Table(["best against the other", "breed", win.key, lose.key, f"{win.key} - {lose.key} (points)"], rows,
+                 f"The {k} breeds where each model does best against the other; in {lose.key}'s rows, only a "
+                 f"negative difference means {lose.key} leads, 0 is a tie and a positive one means {win.key} is "
+                 "ahead even there.")
 
 
 def confusion_section(models: list[ModelRun], assets: Assets, *, pairs: int) -> Section:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import socket
@@ -298,7 +299,89 @@ def test_explain_writes_an_overlay_per_model_for_a_photo(tiny_run: tuple[Path, P
         assert str(out / r["png"]) in printed
     assert (out / f"{photo.stem}.png").is_file() and f"side by side: {out / (photo.stem + '.png')}" in printed
     assert main(["explain", str(base / "run"), str(base / "nope.jpg")]) == 2
-    assert "No such image file" in capsys.readouterr().err
+    assert f"{base / 'nope.jpg'} does not exist" in capsys.readouterr().err
+
+
+def _one_photo(data: Path, breed: str) -> Path:
+    return sorted(p for p in (data / "test" / breed).iterdir() if p.suffix in (".jpg", ".png"))[0]
+
+
+def test_explain_writes_outside_the_run_folder_by_default(tiny_run: tuple[Path, Path, dict], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    base, data, _ = tiny_run
+    run = base / "run"
+    photo = _one_photo(data, "owl")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*")}
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", str(run), str(photo)]) == 0
+    out = tmp_path / "explanations" / "run"  # explanations/<the run folder's name> in the current folder
+    assert [r["label"] for r in json.loads((out / "explanations.json").read_text())] == ["cnn", "vit"]
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before, "the run folder was written"
+    assert f"explanations: {out}" in capsys.readouterr().out
+
+
+def test_predict_gives_a_line_to_each_missing_or_unreadable_file_and_predicts_the_rest(
+        tiny_run: tuple[Path, Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base, data, _ = tiny_run
+    photo, missing, text = _one_photo(data, "cat"), tmp_path / "missing.jpg", tmp_path / "notadog.jpg"
+    text.write_text("hello, I am a shopping list\n")
+    run = str(base / "run")
+    assert main(["predict", run, str(missing), str(photo), str(text), "--top-k", "2", "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split()[:2] for line in lines if line.startswith(str(photo))] == [[str(photo), "cnn"],
+                                                                                  [str(photo), "vit"]]
+    assert [line.split() for line in lines if str(missing) in line] == [[str(missing), "-", "does", "not", "exist"]]
+    said = [line for line in lines if str(text) in line]
+    assert len(said) == 1 and said[0].count(str(text)) == 1, said  # the path once
+    assert said[0].split(None, 2)[2] == "is a text file, not an image, despite its .jpg name"
+    assert "cannot identify" not in out and "cannot read image" not in out
+    assert f"predicted 1 image with cnn, vit ({run}); 2 files missing or unreadable" in err
+    # JSON: one entry per file in the order given, the errors in dogbench's words
+    assert main(["predict", run, str(missing), str(photo), str(text), "--format", "json", "--quiet"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert [(p["image"], p["error"]) for p in doc["predictions"]] == [
+        (str(missing), f"{missing} does not exist"), (str(photo), None),
+        (str(text), f"{text} is a text file, not an image, despite its .jpg name")]
+    # --strict stops at the first one, before any model is loaded
+    assert main(["predict", run, str(photo), str(missing), "--strict", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and f"{missing} does not exist (--strict stops" in err and "Traceback" not in err
+
+
+def test_predict_exits_2_when_nothing_could_be_predicted(tiny_run: tuple[Path, Path, dict], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    base, _, _ = tiny_run
+    text, empty = tmp_path / "notadog.jpg", tmp_path / "empty.png"
+    text.write_text("not a dog\n")
+    empty.write_bytes(b"")
+    assert main(["predict", str(base / "run"), str(text), str(empty), str(tmp_path / "gone.jpg")]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "nothing could be predicted: none of the 3 files given could be read" in err
+    assert f"{text} is a text file" in err and f"{empty} is empty (0 bytes)" in err
+    assert f"{tmp_path / 'gone.jpg'} does not exist" in err and "Traceback" not in err
+
+
+def test_strict_keeps_what_was_predicted_before_a_file_corrupt_past_its_header(
+        tiny_run: tuple[Path, Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base, data, _ = tiny_run
+    photo = _one_photo(data, "dog")
+    from PIL import Image
+
+    cut, buffer = tmp_path / "cut.jpg", io.BytesIO()
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buffer, format="JPEG")
+    cut.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])  # the header is fine, the pixels stop halfway
+    run = str(base / "run")
+    assert main(["predict", run, str(photo), str(cut), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith(str(cut)) and "is corrupt or truncated" in line for line in out.splitlines())
+    assert main(["predict", run, str(photo), str(cut), "--strict", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert [line.split()[:2] for line in out.splitlines() if line.startswith(str(photo))] == [
+        [str(photo), "cnn"], [str(photo), "vit"]]  # predicted before the bad file: written, not lost
+    assert str(cut) not in out and f"{cut} is corrupt or truncated" in err and "--strict" in err
 
 
 def test_models_prints_the_vit_paper_rows_from_the_models(capsys: pytest.CaptureFixture) -> None:

@@ -434,6 +434,8 @@ def test_a_file_that_is_no_image_gets_the_demos_sentence(content: bytes, said: s
     with pytest.raises(UploadError) as upload:
         screen_upload(path, UploadLimits(), name="notadog.jpg")
     assert str(upload.value).startswith(f"'notadog.jpg' {said}: upload ")
+    named_so = path.rename(tmp_path / "notes.txt")  # no "despite" for a name that does not claim an image
+    assert not_an_image(named_so) == said.removesuffix(", despite its .jpg name")
 
 
 def test_a_missing_path_or_a_folder_is_named_as_such(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ __all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "check_image_file", "check_p
 # of larger photos 11% on average (docs/whole-photos.md).
 REDUCING_GAP = 2
 _BOMB = re.compile(r"\((\d+) pixels\)")
+_IMAGE_NAMES = IMAGE_EXTENSIONS | {".jfif", ".heic", ".heif", ".avif"}  # extensions that claim a photo
 
 
 class ImageError(DogbenchError, ValueError):
@@ -60,15 +61,16 @@ def _what_it_is(head: bytes) -> str | None:
 
 def not_an_image(path: str | Path, *, name: str | None = None) -> str:
     """What ``path``, a file no image decoder identifies, is, from its first bytes, as the end of a sentence that
-    starts with its name: "is a PDF document, not an image, despite its .jpg name", "is empty (0 bytes)", "is not
-    an image dogbench can read". ``name``: how the user knows it (its extension is used when ``path`` has none)."""
+    starts with its name: "is a PDF document, not an image, despite its .jpg name" (an image's extension is
+    named), "is empty (0 bytes)", "is not an image dogbench can read". ``name``: how the user knows it (its
+    extension is used when ``path`` has none)."""
     path = Path(path)
     with open(path, "rb") as handle:
         head = handle.read(512)
     if not head:
         return "is empty (0 bytes)"
     ext = (path.suffix or os.path.splitext(name or "")[1]).lower()
-    named = f", despite its {ext} name" if ext else ""
+    named = f", despite its {ext} name" if ext in _IMAGE_NAMES else ""
     what = _what_it_is(head)
     return f"is {what}, not an image{named}" if what else f"is not an image dogbench can read{named}"
 

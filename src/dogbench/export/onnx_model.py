@@ -1,15 +1,19 @@
 """The ONNX file: resized and centre-cropped uint8 pixels (B, 3, H, W) in, calibrated probabilities out.
 
 Normalisation is inside the graph, computed as dogbench computes it (``Preprocess.normalize``), so a caller only
-resizes and crops. Written by torch's TorchScript exporter: the torch.export-based one takes 5 to 15 times longer
-on a CPU (7 s against 1.4 s for a tiny ResNet, 20 s for EfficientNet-Lite0) and, below opset 18, writes another
-opset than asked for. Checked with onnxruntime before the export counts as written.
+resizes and crops (the file's metadata says how: "preprocess", and the class names: "label_names"). Written by
+torch's TorchScript exporter: the torch.export-based one takes 5 to 15 times longer on a CPU (7 s against 1.4 s
+for a tiny ResNet, 20 s for EfficientNet-Lite0) and, below opset 18, writes another opset than asked for.
+Checked with onnxruntime before the export counts as written.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,9 +56,10 @@ def check_opset(opset: int | None) -> None:
                           f"export: choose --opset {MIN_OPSET} to {max_opset()}, or leave it out for torch's default")
 
 
-def write_onnx(model: nn.Module, preprocess: Preprocess, path: Path, *, example: torch.Tensor,
-               opset: int | None) -> int:
-    """Write ``model`` with its preprocessing as ``path`` (dynamic batch); the opset written."""
+def write_onnx(model: nn.Module, preprocess: Preprocess, path: Path, *, example: torch.Tensor, opset: int | None,
+               metadata: Mapping[str, Any]) -> int:
+    """Write ``model`` with its preprocessing as ``path`` (dynamic batch), ``metadata`` (and the resize and crop
+    the input needs, "preprocess") JSON-encoded as the file's metadata properties; the opset written."""
     import onnx
 
     check_opset(opset)
@@ -69,8 +74,11 @@ def write_onnx(model: nn.Module, preprocess: Preprocess, path: Path, *, example:
         except (RuntimeError, ValueError) as err:
             raise ExportError(f"torch {torch.__version__} could not write the model as ONNX opset "
                               f"{opset or 'default'}: {str(err).strip().splitlines()[0]}") from None
-    return int(next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import
-                    if o.domain in ("", "ai.onnx")))
+    proto = onnx.load(str(path))
+    onnx.helper.set_model_props(proto, {k: json.dumps(v) for k, v in {**metadata,
+                                                                       "preprocess": preprocess.to_dict()}.items()})
+    onnx.save(proto, str(path))
+    return int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")))
 
 
 def onnx_proba(path: Path, pixels: torch.Tensor) -> np.ndarray:

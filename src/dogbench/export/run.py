@@ -115,7 +115,7 @@ def _parity(fmt: Format, proba: np.ndarray, reference: np.ndarray, source: str, 
     check = ParityCheck(fmt, len(reference), source, float(np.abs(proba - reference).max()),
                         int((proba.argmax(1) == reference.argmax(1)).sum()), tolerance)
     if not check.max_abs_diff <= tolerance:
-        raise ExportError(f"The {fmt.value} export disagrees with dogbench's predict path: {check.describe()}; "
+        raise ExportError(f"The {fmt.value} export disagrees with dogbench's predict path: {check.figures()}; "
                           "nothing was written")
     return check
 
@@ -144,7 +144,8 @@ def _write(tmp: Path, predictor: Predictor, classes: tuple[str, ...], cfg: Expor
     if Format.ONNX in cfg.formats:
         features = copy.deepcopy(predictor.backbone.model).float().to(memory_format=torch.contiguous_format)
         model = nn.Sequential(features, folded_head(head, len(classes), temperature)).eval()
-        opset = write_onnx(model, preprocess, tmp / ONNX_FILE, example=pixels, opset=cfg.opset)
+        opset = write_onnx(model, preprocess, tmp / ONNX_FILE, example=pixels, opset=cfg.opset,
+                           metadata={"label_names": list(classes), "dogbench": record})
         checks.append(_parity(Format.ONNX, onnx_proba(tmp / ONNX_FILE, pixels), reference, source, cfg.tolerance))
     if Format.SPACE in cfg.formats:
         write_space(tmp)

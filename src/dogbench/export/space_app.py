@@ -36,6 +36,7 @@ def classify(image: Image.Image | None) -> dict[str, float]:
 demo = gr.Interface(
     classify, gr.Image(type="pil", label="Photo"), gr.Label(num_top_classes=TOP_K, label="Breed"),
     title=ABOUT.get("title", "Image classifier"), description=ABOUT.get("summary", ""), flagging_mode="never",
+    api_name="predict",
 )
 
 if __name__ == "__main__":

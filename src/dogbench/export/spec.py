@@ -80,9 +80,12 @@ class ParityCheck:
     top1_agree: int  # images whose most probable class is the same
     tolerance: float
 
+    def figures(self) -> str:
+        return (f"max |p - p_predict| = {self.max_abs_diff:.2e} (tolerance {self.tolerance:g}), top-1 agrees on "
+                f"{self.top1_agree} of {self.n_images} ({self.source})")
+
     def describe(self) -> str:
-        return (f"{self.format.value}: max |p - p_predict| = {self.max_abs_diff:.2e} (tolerance {self.tolerance:g}), "
-                f"top-1 agrees on {self.top1_agree} of {self.n_images} ({self.source})")
+        return f"{self.format.value}: {self.figures()}"
 
 
 @dataclass(frozen=True)

@@ -218,7 +218,8 @@ def test_every_command_that_reads_a_corrupt_run_file_names_it_and_exits_2(
     photo = RunDir(tiny[0]).read_predictions("cnn").paths[0]
     run, cache = str(run_dir), str(tiny[2])
     predict, evaluate = ["predict", run, photo, "--quiet"], ["evaluate", run, "--cache-dir", cache, "--quiet"]
-    report, explain = ["report", run, "--explain", "0", "--quiet"], ["explain", run, photo]
+    report = ["report", run, "--explain", "0", "--quiet"]
+    explain = ["explain", run, photo, "--out", str(tmp_path / "explain")]  # not ./explanations: the cwd
     readers = {  # the commands that read this file (main() turns every DogbenchError into exit 2, no traceback;
         # anything else would propagate here and fail the test)
         "config.json": [predict, evaluate, explain] + ([report] if how != "missing" else []),  # report: defaults

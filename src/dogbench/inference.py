@@ -12,7 +12,6 @@ and ``explain`` shows what ``predict`` says.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from PIL import Image
 from dogbench.backbones import Backbone, load_backbone
 from dogbench.config import FROZEN, BackboneConfig, FeatureConfig, Precision, RunConfig, crops_to_box
 from dogbench.data import IMAGE_EXTENSIONS, display_names
+from dogbench.data.images import image_files
 from dogbench.device import Policy
 from dogbench.errors import DogbenchError
 from dogbench.features import feature_settings
@@ -216,12 +216,7 @@ def collect_images(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = []
-            for folder, dirs, files in os.walk(p):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [Path(folder) / f for f in files
-                          if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-            out += sorted(found)
+            out += image_files(p)
         elif p.is_file():
             out.append(p)
         else:

@@ -53,7 +53,6 @@ HEAD_DIR = "head"
 PREDICTIONS_FILE = "predictions.npz"
 EXPLANATIONS_DIR = "explanations"
 EXPLANATIONS_FILE = "explanations.json"
-PHOTO_EXPLANATIONS_DIR = "explanations/photos"
 OPTUNA_FILE = "optuna.db"
 FINETUNED_FILE = "model.json"  # what a fine-tuned model is: base backbone, method, training record
 FINETUNED_WEIGHTS = "backbone.safetensors"
@@ -114,10 +113,6 @@ class RunDir:
     @property
     def explanations_dir(self) -> Path:
         return self.path / EXPLANATIONS_DIR
-
-    @property
-    def photo_explanations_dir(self) -> Path:
-        return self.path / PHOTO_EXPLANATIONS_DIR
 
     def tuning_path(self, label: str) -> Path:
         return self.path / label / TUNING_FILE

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import socket
 import subprocess
 import warnings
@@ -22,6 +23,7 @@ os.environ.setdefault("SCIPY_ARRAY_API", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import scipy.io  # noqa: E402
+from filelock import FileLock  # noqa: E402
 from PIL import Image  # noqa: E402
 
 CLASS_COLOURS = (
@@ -328,10 +330,22 @@ def official_slice(root: Path, breeds: tuple[str, ...]) -> Path:
 
 @pytest.fixture(scope="session")
 def real_run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """`dogbench run` on six real breeds with the real weights: shared by the integration and demo tests."""
+    """`dogbench run` on six real breeds with the real weights: shared by the integration and demo tests, which
+    only read it. Under xdist the first worker to ask makes it in the session's base folder and the others wait
+    for it (a lock), so the run is made once per session, not once per worker."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return _make_real_run(tmp_path_factory.mktemp("real"))
+    shared = tmp_path_factory.getbasetemp().parent  # this session's, above every worker's own
+    with FileLock(str(shared / "real-run.lock")):
+        if not (shared / "real" / "run" / "results.json").is_file():
+            shutil.rmtree(shared / "real", ignore_errors=True)
+            _make_real_run(shared / "real")
+    return shared / "real" / "run"
+
+
+def _make_real_run(base: Path) -> Path:
     from dogbench.cli import main
 
-    base = tmp_path_factory.mktemp("real")
     data = official_slice(base / "dogs", BREEDS)
     args = [
         "run", "--data", str(data), "--out", str(base / "run"), "--cache-dir", str(base / "cache"), "--quiet",

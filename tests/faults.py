@@ -8,10 +8,10 @@ write fails with ENOSPC after half its bytes) or ``disk:B`` (a real full disk: t
 with B free bytes, so whichever write comes first fails, SQLite's and torch's included; ``--disk`` mounts it,
 which needs root). Under ``--torchrun`` a point is ``R/write:N`` etc.: armed in rank R of a 2-rank torchrun.
 
-The harness imports dogbench and torch once, then forks a child per command (no torch op runs in the parent, so
-the children's thread pools start clean): the hurt command, then the same command again, whose results must
-equal an uninterrupted run's. Under ``--torchrun`` each command is a torchrun launch of this file, whose ranks
-arm their point and call ``cli.main``.
+The harness imports what a run imports once (``preload``), then forks a child per command (no torch op runs in
+the parent, so the children's thread pools start clean): the hurt command, then the same command again, whose
+results must equal an uninterrupted run's. Under ``--torchrun`` each command is a torchrun launch of this file,
+whose ranks arm their point and call ``cli.main``.
 
 The injection lives here, not in the product: the child wraps ``dogbench.atomic.atomic_open`` and
 ``training.Stepper.optimizer_step`` before it calls ``cli.main``.
@@ -242,13 +242,24 @@ def disk_points(total: int, n: int, *, seed: int, least: int = 4096) -> list[str
     return [f"disk:{int(least * math.exp(span * (i + rng.random()) / n))}" for i in range(n)]
 
 
+def preload() -> None:
+    """Import what a ``dogbench run`` imports (torch, timm, optuna, sklearn, matplotlib: seconds per command),
+    once, in the harness: the forked children start from it. No torch op runs here, so no thread pool starts."""
+    import dogbench.cli  # noqa: F401
+    import dogbench.explain  # noqa: F401
+    import dogbench.pipeline  # noqa: F401
+    import dogbench.protocols.finetune  # noqa: F401
+    import dogbench.report.render  # noqa: F401
+    import dogbench.training  # noqa: F401
+
+
 def campaign(make_argv: Callable[[Path], list[str]], root: Path, n: int, *, full_disk: int = 0, disk: int = 0,
              torchrun: bool = False, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
     """An uninterrupted reference run, then ``n`` seeded kill points, ``full_disk`` injected ENOSPC points and
     ``disk`` real full disks (a tmpfs): each a fresh folder, the command hurt there, then run again until it
     completes; every completed run's results must equal the reference's. ``torchrun``: every command is a
     2-rank torchrun and the kill points are armed in one rank each (no disk points)."""
-    import dogbench.cli  # noqa: F401 - imported once here (torch too); the forked children start from it
+    preload()
     from conftest import tmpfs
 
     runner = run_torchrun if torchrun else run_child

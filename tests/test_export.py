@@ -60,8 +60,31 @@ def photos(tiny_run: Path) -> list[Path]:
 def exported(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory):
     """The frozen row in every format (the timm format, ONNX, a Space), checked on the run's own test images."""
     out = tmp_path_factory.mktemp("exports") / "cnn"
-    report = export_run(tiny_run, out, ExportConfig(formats=(Format.TIMM, Format.ONNX, Format.SPACE)), model="cnn")
+    report = export_run(tiny_run, out, ExportConfig(formats=(Format.TIMM, Format.ONNX, Format.SPACE), check_images=4),
+                        model="cnn")
     return out, report
+
+
+@pytest.fixture(scope="module")
+def space_server(exported, tmp_path_factory: pytest.TempPathFactory):
+    """`python app.py` in a copy of the Space folder (beside nothing of dogbench's), on a free port of 127.0.0.1;
+    (url, process), or None without gradio. Started by the first test, so that it boots (importing gradio and
+    timm takes seconds) while the other tests run."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        yield None
+        return
+    space = shutil.copytree(exported[0], tmp_path_factory.mktemp("space") / "space")
+    port = free_port()
+    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("GRADIO_SERVER_NAME", None)
+    server = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    yield f"http://127.0.0.1:{port}/", server
+    server.terminate()
+    server.wait(timeout=30)
+    server.stdout.close()
 
 
 def _plain_timm(folder: Path, photos: list[Path]) -> np.ndarray:
@@ -86,6 +109,7 @@ def _onnx(folder: Path, photos: list[Path]) -> np.ndarray:
 # ---------------------------------------------------------------- the formats reproduce predict
 
 
+@pytest.mark.usefixtures("space_server")  # starts booting now, for the Space test at the end
 def test_plain_timm_reproduces_predicts_calibrated_probabilities(tiny_run, photos, exported) -> None:
     out, report = exported
     want = dogbench.load_run(tiny_run).predict_proba(photos)["cnn"]
@@ -93,6 +117,10 @@ def test_plain_timm_reproduces_predicts_calibrated_probabilities(tiny_run, photo
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert [c.format for c in report.checks] == [Format.TIMM, Format.ONNX]
     assert all(c.max_abs_diff <= 1e-5 and c.top1_agree == c.n_images for c in report.checks)
+    written = {p.name: p.stat().st_size for p in out.iterdir()}
+    assert report.to_dict()["files"] == written and set(written) == {"config.json", "model.safetensors", "model.onnx",
+                                                                       "README.md", "app.py", "requirements.txt"}
+    assert "exported cnn (test_resnet): asked for" in report.summary()
     # the temperature is in the classifier: undoing it changes the numbers
     assert np.abs(got - _softmax(np.log(want) * TEMPERATURE)).max() > 1e-3
     config = json.loads((out / "config.json").read_text())
@@ -288,28 +316,17 @@ def test_the_card_holds_the_runs_figures(tiny_run, exported) -> None:
 
 
 def test_the_space_folder_runs_as_it_is_and_answers_with_predicts_top1(tiny_run, photos, exported,
-                                                                       tmp_path: Path) -> None:
+                                                                       space_server) -> None:
     gradio_or_skip()
     from gradio_client import Client, handle_file
 
-    out = exported[0]
-    assert {"app.py", "requirements.txt"} <= {p.name for p in out.iterdir()}
-    assert "timm>=" in (out / "requirements.txt").read_text()
-    space = shutil.copytree(out, tmp_path / "space")  # elsewhere, beside nothing of dogbench's
-    port = free_port()
-    env = {**os.environ, "GRADIO_SERVER_PORT": str(port), "GRADIO_ANALYTICS_ENABLED": "False"}
-    env.pop("GRADIO_SERVER_NAME", None)
-    server = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
-    try:
-        client = _client(Client, f"http://127.0.0.1:{port}/", server)
-        want = dogbench.load_run(tiny_run).predict(photos[:2], top_k=1)
-        for photo, prediction in zip(photos[:2], want, strict=True):
-            answer = client.predict(handle_file(str(photo)), api_name="/predict")
-            assert answer["label"] == prediction.top["cnn"][0][0], (photo.name, answer)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    assert {"app.py", "requirements.txt"} <= {p.name for p in exported[0].iterdir()}
+    assert "timm>=" in (exported[0] / "requirements.txt").read_text()
+    client = _client(Client, *space_server)
+    want = dogbench.load_run(tiny_run).predict(photos[:2], top_k=1)
+    for photo, prediction in zip(photos[:2], want, strict=True):
+        answer = client.predict(handle_file(str(photo)), api_name="/predict")
+        assert answer["label"] == prediction.top["cnn"][0][0], (photo.name, answer)
 
 
 def _client(client_class, url: str, server: subprocess.Popen, timeout: float = 90.0):

@@ -70,6 +70,12 @@ CASES = {  # id: (argv with {placeholders}, what stderr must say)
     "serve port": (["serve", "{run}", "--port", "70000"], "port must be 0..65535, got 70000 (--port)"),
     "serve megapixels": (["serve", "{run}", "--max-megapixels", "0"], "max_megapixels must be positive, got 0.0"),
     "evaluate not a run": (["evaluate", "{photos}"], "give `dogbench evaluate` the folder a run wrote"),
+    "export not a run": (["export", "{photos}", "--out", "{base}/x"], "give `dogbench export` the folder a run wrote"),
+    "export format": (["export", "{run}", "--out", "{base}/x", "--format", "onxx"],
+                      "Unknown export format 'onxx'. Did you mean 'onnx'? Known: timm, onnx, space"),
+    "export out": (["export", "{run}", "--out", "{photos}"], "--out {photos} exists and is not an empty folder"),
+    "export opset": (["export", "{run}", "--out", "{base}/x", "--opset", "0"], "opset must be at least 1, got 0"),
+    "export photos": (["export", "{run}", "--out", "{base}/x", "--photos", "{missing}"], "{missing} is not a file"),
 }
 
 
@@ -83,7 +89,8 @@ def test_argument_errors_come_before_any_heavy_import(case: str, places: dict[st
     assert heavy == [], f"imported before the error was printed: {heavy}"
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"], ["explain", "--help"], ["--version"]])
+@pytest.mark.parametrize("argv", [["--help"], ["predict", "--help"], ["explain", "--help"], ["export", "--help"],
+                                  ["--version"]])
 def test_help_imports_nothing_heavy(argv: list[str], places: dict[str, Path]) -> None:
     code, out, _, heavy = _dogbench(*argv, cwd=places["base"])
     assert code == 0 and out.startswith(("usage: dogbench", "dogbench "))

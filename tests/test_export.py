@@ -380,3 +380,14 @@ def test_efficientnet_lite0_export_agrees_with_predict_on_real_photos(tmp_path: 
     assert (plain.argmax(1) == predicted.argmax(1)).all()
     np.testing.assert_allclose(plain, decoded_with_pil, atol=1e-4)
     np.testing.assert_allclose(_onnx(tmp_path / "out", photos[:4]), decoded_with_pil[:4], atol=1e-4)
+
+
+def test_the_export_command_writes_the_folder_and_says_what_and_why(tiny_run, tmp_path: Path, capsys) -> None:
+    """`dogbench export RUN --out DIR`: the best model by validation top-1 (said so), timm's format, its checks."""
+    out = tmp_path / "best"
+    assert main(["export", str(tiny_run), "--out", str(out), "--format", "timm"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("exported cnn") and "the best by validation top-1" in printed.splitlines()[0]
+    assert "check timm: max |p - p_predict|" in printed
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    assert main(["export", str(tiny_run), "--out", str(out)]) == 2  # never over an export

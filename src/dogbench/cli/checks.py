@@ -12,7 +12,8 @@ from pathlib import Path
 from dogbench.errors import DogbenchError
 
 STRICT = "(--strict stops at the first missing or unreadable file)"
-RUN_READERS = ("predict", "explain", "serve", "evaluate")  # the commands whose RUN_DIR must be a run folder already
+# the commands whose RUN_DIR must be a run folder already
+RUN_READERS = ("predict", "explain", "serve", "evaluate", "export")
 
 
 class ArgumentError(DogbenchError, ValueError):
@@ -47,6 +48,7 @@ class Bound:
 
 BOUNDS: dict[str, tuple[Bound, ...]] = {
     "predict": (Bound("--top-k", 1), Bound("--batch-size", 1)),
+    "export": (Bound("--opset", 1),),
     "serve": (Bound("--port", 0, 65535), Bound("--concurrency", 1), Bound("--examples", 0),
               Bound("--max-upload-mb", positive=True), Bound("--max-megapixels", positive=True)),
 }
@@ -69,6 +71,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ArgumentError(f"--out {args.out} is a folder: give the file to write the output to")
     if args.command in RUN_READERS:
         check_run_folder(args.command, args.run_dir)
+    if args.command == "export":
+        _check_export(args)
     if args.command in ("predict", "explain"):
         _check_photos(args)
 
@@ -107,6 +111,19 @@ def _check_photos(args: argparse.Namespace) -> None:
         raise ArgumentError(f"{missing[0]} {STRICT}")
     if len(missing) == len(paths):
         raise ArgumentError(nothing_readable(missing))
+
+
+def _check_export(args: argparse.Namespace) -> None:
+    """export: the formats known, ``--out`` new or empty, every photo there."""
+    from dogbench.export.spec import parse_formats
+
+    parse_formats(args.format)
+    if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
+        raise ArgumentError(f"--out {args.out} exists and is not an empty folder: give a new folder (an export is "
+                            "written whole or not at all, never over another)")
+    missing = [str(p) for p in args.photos if not p.is_file()]
+    if missing:
+        raise ArgumentError(f"--photos: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a file")
 
 
 def nothing_readable(errors: Sequence[str]) -> str:

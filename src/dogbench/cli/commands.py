@@ -25,7 +25,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
         print(models_command(args.names, as_json=args.json))
         return 0
-    commands = {"report": _report, "explain": _explain, "serve": _serve}
+    commands = {"report": _report, "explain": _explain, "serve": _serve, "export": _export}
     return commands[args.command](args) if args.command in commands else run_job(args)
 
 
@@ -77,6 +77,14 @@ def _explain(args: argparse.Namespace) -> int:
     for figure in dict.fromkeys(r["figure"] for r in records):
         print(f"side by side: {out / figure}")
     print(f"explanations: {out.resolve()}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from dogbench.export import ExportConfig, export_run, parse_formats
+
+    config = ExportConfig(formats=parse_formats(args.format), opset=args.opset, photos=tuple(args.photos))
+    print(export_run(args.run_dir, args.out, config, model=args.model).summary())
     return 0
 
 

@@ -15,6 +15,7 @@ EPILOG = """examples:
   dogbench run --backbone vit=vit_small_patch14_dinov2@w.safetensors,img_size=224 --set 'tune.heads=["linear"]'
   dogbench predict runs/shared-dev dog.jpg photos/ --top-k 3 --format json
   dogbench evaluate runs/shared-dev                           # its config.json is the source of truth
+  dogbench export runs/shared-dev --out exports/best --format timm,onnx,space   # the best model, out of dogbench
 """
 
 
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_explain(sub)
     _add_predict(sub)
     _add_serve(sub)
+    _add_export(sub)
     _add_models(sub)
     return parser
 
@@ -170,6 +172,23 @@ def _add_serve(sub: Any) -> None:
                        "(default 2)")
     serve.add_argument("--examples", type=int, default=8, help="test photos of the run offered as examples "
                        "(default 8)")
+
+
+def _add_export(sub: Any) -> None:
+    """``export``: one model of a run in timm's own format, ONNX and a Hugging Face Space, with a model card."""
+    help_text = ("write one model of a finished run (LoRA merged, head and calibration folded in) as timm's own "
+                 "format, ONNX or a Hugging Face Space, with a model card; each format checked against predict")
+    export = sub.add_parser("export", help=help_text, description=help_text)
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench run` wrote")
+    export.add_argument("--out", type=Path, required=True, help="the export folder (new or empty); written whole "
+                        "or not at all")
+    export.add_argument("--model", help="the row to export, e.g. cnn or vit/lora (default: the best by validation "
+                        "top-1, said so)")
+    export.add_argument("--format", default="timm,onnx", help="comma-separated: timm, onnx, space (default "
+                        "timm,onnx)")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the installed torch's exporter default)")
+    export.add_argument("--photos", nargs="+", type=Path, default=(), metavar="PHOTO", help="photos the exported "
+                        "formats are checked on against predict (default: the run's own test images)")
 
 
 def _add_models(sub: Any) -> None:

@@ -3,32 +3,26 @@
 ``export_run(run, out, ExportConfig(...))`` writes the folder (config.json + model.safetensors via timm's
 ``save_for_hf``, model.onnx, README.md as a Hugging Face model card, app.py for a Space), each format checked
 against dogbench's predict path; ``load_export(folder)`` reads a timm export back as a classifier.
+
+Names load on first use (PEP 562): ``spec``'s checks run in the CLI before torch is imported.
 """
 
-from dogbench.export.loaded import ExportedModel, load_export
-from dogbench.export.run import choose_model, export_run
-from dogbench.export.spec import (
-    TOLERANCE,
-    ExportConfig,
-    ExportError,
-    ExportReport,
-    Format,
-    ParityCheck,
-    parse_formats,
-)
-from dogbench.export.timm_model import MLPNotExpressible
+from __future__ import annotations
 
-__all__ = [
-    "TOLERANCE",
-    "ExportConfig",
-    "ExportError",
-    "ExportReport",
-    "ExportedModel",
-    "Format",
-    "MLPNotExpressible",
-    "ParityCheck",
-    "choose_model",
-    "export_run",
-    "load_export",
-    "parse_formats",
-]
+import importlib
+from typing import Any
+
+_HOMES = {
+    "TOLERANCE": "spec", "ExportConfig": "spec", "ExportError": "spec", "ExportReport": "spec", "Format": "spec",
+    "ParityCheck": "spec", "parse_formats": "spec",
+    "ExportedModel": "loaded", "load_export": "loaded",
+    "choose_model": "run", "export_run": "run",
+    "MLPNotExpressible": "timm_model",
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'dogbench.export' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"dogbench.export.{_HOMES[name]}"), name)

@@ -1,6 +1,8 @@
-"""`dogbench serve`: uploads screened from their header (bad files get a sentence, not a traceback), every model
-of a tiny fine-tuned run answers through the one inference path (the same numbers as `predict`), the Gradio API
-classifies a file, big uploads are refused at the door, and the server listens on loopback only unless told.
+"""`dogbench serve`: uploads screened from their header (bad files get a sentence, not a traceback, and leave no
+picture), every model of a tiny fine-tuned run answers through the one inference path (the same numbers as
+`predict`), the answer says whether the models agree and, for the run's own test photos, the true breed and who
+got it; the Gradio API classifies a file, no request leaves a warning, big uploads are refused at the door, and
+the server listens on loopback only unless told.
 
 The browser test of the real page on real photos is in test_serve_browser.py.
 """
@@ -12,6 +14,7 @@ import json
 import os
 import socket
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -158,11 +161,99 @@ def test_every_model_answers_with_predicts_numbers_and_shows_where_it_looked(dem
 
 
 def test_the_page_words_come_from_the_run(demo) -> None:
+    from dogbench.names import model_name
+    from dogbench.report import load_runs
+
     assert demo.verdicts and all(isinstance(v, str) and v for v in demo.verdicts)
     assert any("randomly initialised" in c for c in demo.caveats)
     assert demo.report is not None and demo.report.name == "report.html"
     assert 1 <= len(demo.examples) <= 4 and all(e.path.is_file() for e in demo.examples)
-    assert all(("right" in e.caption or "wrong" in e.caption) for e in demo.examples)
+    assert all(e.truth == e.path.parent.name for e in demo.examples)  # test/<class>/<photo>: the true breed
+    results = load_runs([demo.run.path])[0].results["models"]
+    assert {label: demo.name_of(label) for label in demo.run.models} == {
+        label: model_name(results[label]) for label in demo.run.models}
+
+
+def _answer(*says: tuple[str, str], truth: str | None = None):
+    """An answer where each (label, breed) model says breed first."""
+    from dogbench.serve import Answer, ModelAnswer
+
+    return Answer("dog.jpg", tuple(ModelAnswer(label, "tag", ((breed, 0.6), ("other", 0.4)), 1.0)
+                                   for label, breed in says), truth=truth)
+
+
+def test_agreement_and_the_true_breed_in_words() -> None:
+    assert _answer(("cnn", "pug"), ("vit", "pug")).agreement == "Both models agree: pug."
+    assert _answer(("a", "pug"), ("b", "pug"), ("c", "pug")).agreement == "All 3 models agree: pug."
+    assert _answer(("cnn", "pug")).agreement == "One model: pug."
+    assert _answer(("cnn", "pug"), ("vit", "chow")).agreement == "The models disagree: cnn says pug; vit says chow."
+    assert _answer(("a", "pug"), ("b", "chow"), ("c", "pug")).agreement == \
+        "The models disagree: a and c say pug; b says chow."
+    assert _answer(("cnn", "pug"), ("vit", "chow")).verdict == ""  # an upload: nobody knows the true breed
+    both_wrong = _answer(("cnn", "Italian greyhound"), ("vit", "Italian greyhound"), truth="whippet")
+    assert both_wrong.agreement == "Both models agree: Italian greyhound."
+    assert both_wrong.verdict == "The true breed is whippet: both models got it wrong."
+    assert _answer(("cnn", "pug"), ("vit", "pug"), truth="pug").verdict == \
+        "The true breed is pug: both models got it right."
+    assert _answer(("cnn", "pug"), ("vit", "chow"), ("lora", "chow"), truth="chow").verdict == \
+        "The true breed is chow: vit and lora got it right, cnn got it wrong."
+
+
+def test_an_example_says_its_true_breed_and_who_got_it(demo, tmp_path: Path) -> None:
+    import shutil
+
+    from dogbench.report import load_runs
+    from dogbench.serve import page_values
+    from dogbench.serve.page import PER_MODEL
+
+    stored = load_runs([demo.run.path])[0].models
+    labels = list(demo.run.models)
+    for example in demo.examples:
+        answer = demo.answer(example.path)
+        assert answer.error is None and answer.truth == example.truth
+        values = page_values(answer, demo)
+        shown_name = example.path.name.replace("_", "\\_")  # Markdown-escaped
+        assert values[1] == f"Answered **{shown_name}**, a test photo of this run."
+        assert values[2] == f"**{answer.agreement}** {answer.verdict}"
+        assert f"The true breed is {example.truth}: " in answer.verdict
+        titles = values[3:3 + PER_MODEL * len(labels):PER_MODEL]
+        for label, model, title in zip(labels, answer.models, titles, strict=True):
+            right = model.breed == example.truth
+            assert title.startswith(f"**{label}** — {demo.name_of(label).short}<br>")
+            assert ("✓ **right**" in title, "✗ **wrong**" in title) == (right, not right), title
+            run = stored[label]  # the run's own test prediction for this photo agrees with the live answer
+            row = [str(p) for p in run.paths].index(str(example.path))
+            assert bool(run.correct[row]) == right, (label, example.path.name)
+    copy = Path(shutil.copy(demo.examples[0].path, tmp_path / "my dog.png"))
+    assert demo.answer(copy).truth is None  # an upload is never claimed to be an example
+
+
+def test_refused_uploads_get_dogbenchs_sentence_and_leave_no_picture(demo, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from dogbench.serve import page_values
+
+    monkeypatch.setattr(demo, "upload_root", tmp_path)
+    pdf = tmp_path / "letter.pdf"
+    Image.new("RGB", (60, 40), "white").save(pdf)  # a real PDF, as Pillow writes one
+    assert pdf.read_bytes().startswith(b"%PDF")
+    text = tmp_path / "notes.txt"
+    text.write_text("Rex, 3 years old, loves the beach\n")
+    empty = tmp_path / "dog.jpg"
+    empty.write_bytes(b"")
+    n = len(demo.run.models)
+    for path, words in ((pdf, "'letter.pdf' is a PDF document, not an image"),
+                        (text, "'notes.txt' is a text file, not an image"), (empty, "'dog.jpg' is empty (0 bytes)")):
+        answer = demo.answer_payload({"path": str(path), "orig_name": path.name, "url": None})
+        assert answer.models == () and answer.photo is None and words in answer.error, answer.error
+        values = page_values(answer, demo)
+        assert values[0] is None  # the photo box is emptied: no broken picture of a PDF
+        assert values[1].startswith("**Could not answer.** ") and words in values[1].replace("\\", "")
+        assert not any(isinstance(v, Image.Image) for v in values)
+        assert [v["visible"] for v in values[-n:]] == [False] * n  # the models' panels are hidden
+    photo = demo.answer_payload({"path": str(demo.examples[0].path)})
+    values = page_values(photo, demo)
+    assert isinstance(values[0], Image.Image) and values[0].mode == "RGB"  # an answer shows the photo it read
+    assert [v["visible"] for v in values[-n:]] == [True] * n
 
 
 def test_bad_uploads_are_answers_with_a_sentence(demo, tmp_path: Path, png_bomb: Path) -> None:
@@ -219,11 +310,13 @@ def test_page_values_never_carry_a_traceback(demo, monkeypatch: pytest.MonkeyPat
         raise RuntimeError("secret internal detail /srv/models")
 
     monkeypatch.setattr(demo, "answer", boom)
-    answer = serve._safe(lambda: demo.answer("x"), {"orig_name": "dog.jpg"})
+    answer = serve.page._safe(lambda: demo.answer("x"), {"orig_name": "dog.jpg"})
     assert answer.error.startswith("Something went wrong on the server while answering 'dog.jpg' (RuntimeError)")
     assert "secret" not in answer.error and "Traceback" not in answer.error
-    values = serve._page_values(answer, list(demo.run.models.values()))
-    assert values[0].startswith("**Could not answer.**") and values[2:] == [None, None, ""] * 4
+    values = serve.page_values(answer, demo)
+    assert values[0] is None and values[1].startswith("**Could not answer.**")
+    assert values[3:3 + 4 * 4] == [v for label in demo.run.models
+                                   for v in (f"**{label}** — {demo.name_of(label).short}", None, None, "")]
 
 
 def test_options_are_checked_and_the_cli_says_what_is_wrong(tmp_path: Path, capsys) -> None:
@@ -273,9 +366,25 @@ def test_gradio_client_classifies_a_file(server, demo, tiny_run, tmp_path: Path)
     bad.write_text("hello\n")
     doc = client.predict(handle_file(str(bad)), 5, api_name="/classify")
     assert doc["models"] == {} and "is a text file, not an image" in doc["error"]
-    page = client.predict(handle_file(str(bad)), api_name="/explain")  # what the page shows
-    assert page[0].startswith("**Could not answer.** 'bad.jpg' is a text file")
+    page = client.predict(handle_file(str(bad)), api_name="/explain")  # what the page shows: upload, photo, status
+    assert page[1] is None and page[2].startswith("**Could not answer.** 'bad.jpg' is a text file")
     assert server.share_url is None  # never a public link
+
+
+def test_no_request_leaves_a_warning(server, tiny_run) -> None:
+    """Gradio's traffic summary (pandas) warned four lines per request under pandas 3; nothing may warn per request."""
+    from gradio_client import Client, handle_file
+
+    client = Client(server.local_url, verbose=False)
+    photo = handle_file(str(_photos(tiny_run[1])[0]))
+    client.predict(photo, 3, api_name="/classify")  # a first request may import (and warn) once
+    with warnings.catch_warnings(record=True) as caught:  # the server's threads warn into the same record
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert client.predict(photo, 3, api_name="/classify")["error"] is None
+            assert client.predict(photo, api_name="/explain")[2].startswith("Answered ")
+    assert [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+            if w.category is not ResourceWarning] == []  # (unclosed event loops: the client's, not a request's)
 
 
 def test_a_forged_api_call_cannot_read_the_servers_files(server) -> None:

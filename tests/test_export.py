@@ -391,3 +391,22 @@ def test_the_export_command_writes_the_folder_and_says_what_and_why(tiny_run, tm
     assert "check timm: max |p - p_predict|" in printed
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
     assert main(["export", str(tiny_run), "--out", str(out)]) == 2  # never over an export
+
+
+def test_the_card_renders_in_headless_chromium_with_the_runs_figures(tiny_run, exported, tmp_path: Path) -> None:
+    """The card as a Hub page shows it: its Markdown (after the metadata header) rendered with tables, in Chromium."""
+    from markdown_it import MarkdownIt
+
+    from browser import check_page
+
+    out, _ = exported
+    body = (out / "README.md").read_text().split("---\n", 2)[2]
+    html = tmp_path / "card.html"
+    rendered = MarkdownIt("commonmark").enable("table").render(body)
+    html.write_text(f"<!doctype html><meta charset='utf-8'><body>{rendered}")
+    page = check_page(html, tmp_path / "card.png")
+    assert page.page_errors == [] and page.console_errors == [] and page.broken_images == []
+    m = json.loads((tiny_run / "results.json").read_text())["models"]["cnn"]
+    text = " ".join(page.text.split())
+    assert f"{m['test']['top1'] * 100:.2f}%" in text
+    assert "top-5 accuracy\t" in page.text and "| top-5 accuracy |" not in text  # a table's cells, not its source

@@ -410,3 +410,17 @@ def test_the_card_renders_in_headless_chromium_with_the_runs_figures(tiny_run, e
     text = " ".join(page.text.split())
     assert f"{m['test']['top1'] * 100:.2f}%" in text
     assert "top-5 accuracy\t" in page.text and "| top-5 accuracy |" not in text  # a table's cells, not its source
+
+
+def test_serve_takes_an_export_folder_and_runs_its_space_app(tiny_run, exported, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dogbench serve EXPORT_DIR` runs the export's Space app; a run folder still gets the full demo."""
+    from dogbench.export import space
+    from dogbench.export.spec import is_export
+
+    out, _ = exported
+    assert is_export(out) and not is_export(tiny_run) and not is_export(tmp_path)
+    served = []
+    monkeypatch.setattr(space, "serve_export", lambda folder, **kw: served.append((Path(folder), kw)))
+    assert main(["serve", str(out), "--port", "0"]) == 0
+    assert served == [(out, {"host": "127.0.0.1", "port": 0})]

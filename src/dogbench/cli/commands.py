@@ -90,6 +90,13 @@ def _export(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from dogbench.device import resolve_device
+    from dogbench.export.spec import is_export
+
+    if is_export(args.run_dir):
+        from dogbench.export import serve_export
+
+        serve_export(args.run_dir, host=args.host, port=args.port)
+        return 0
     from dogbench.serve import ServeConfig, serve
 
     config = ServeConfig(host=args.host, port=args.port, device=args.device, max_upload_mb=args.max_upload_mb,

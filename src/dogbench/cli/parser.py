@@ -160,7 +160,8 @@ def _add_serve(sub: Any) -> None:
     help_text = "a web page (Gradio) where every model of a run answers uploaded photos and shows where it looked"
     serve = sub.add_parser("serve", help=help_text, description=help_text + "; binds 127.0.0.1 unless --host says "
                            "otherwise, and never opens a public share link")
-    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench run` wrote")
+    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench run` wrote, or an "
+                       "export folder (`dogbench export`: its one model, served by its Space app)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                        "only; 0.0.0.0 for every interface)")
     serve.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any free port)")

@@ -14,7 +14,7 @@ from typing import Any
 
 _HOMES = {
     "TOLERANCE": "spec", "ExportConfig": "spec", "ExportError": "spec", "ExportReport": "spec", "Format": "spec",
-    "ParityCheck": "spec", "parse_formats": "spec",
+    "ParityCheck": "spec", "parse_formats": "spec", "is_export": "spec", "serve_export": "space",
     "ExportedModel": "loaded", "load_export": "loaded",
     "choose_model": "run", "export_run": "run",
     "MLPNotExpressible": "timm_model",

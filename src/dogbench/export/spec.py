@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -17,6 +18,17 @@ CHECK_IMAGES = 16  # the run's own test images an export is checked on when no p
 
 class ExportError(DogbenchError, ValueError):
     """An export that cannot be made: the message names the problem and the valid choices."""
+
+
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` holds a dogbench export (timm's config.json with its "dogbench" record) and no run."""
+    config = Path(folder) / "config.json"
+    if not (Path(folder) / "model.safetensors").is_file() or (Path(folder) / "results.json").exists():
+        return False
+    try:
+        return isinstance(json.loads(config.read_text()).get("dogbench"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 class Format(StrEnum):

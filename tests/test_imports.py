@@ -16,6 +16,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "atomic", "locks", "names"),
     ("config",),
     ("device", "distributed"),
+    ("track",),
     ("data",),
     ("backbones",),
     ("architecture",),

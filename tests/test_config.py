@@ -336,7 +336,7 @@ def test_closed_choices_are_str_enums_saved_as_their_plain_values() -> None:
 def test_saved_config_keeps_its_key_order() -> None:
     saved = resolve({}).to_dict()
     assert list(saved) == ["data", "backbones", "features", "tune", "finetune", "evaluate", "shots", "bench", "report",
-                           "out"]
+                           "track", "out"]
     assert list(saved["tune"]) == ["trials", "timeout_s", "heads", "max_epochs", "storage", "seed", "baseline",
                                    "pruner", "device", "study", "heartbeat_s", "grace_s"]
     assert list(saved["finetune"])[:3] == ["methods", "epochs", "batch_size"] and list(saved["finetune"])[-3:] == [

@@ -231,7 +231,7 @@ def resolve(
 EXECUTION_KEYS = (
     "out", "data.strict", "data.download", "data.data_url", "features.device", "features.batch_size",
     "features.num_workers", "features.prefetch", "features.cache_dir", "features.reuse_host_memory", "tune.device",
-    "bench", "report",
+    "bench", "report", "track",
     "evaluate.seeds", "shots", "data.extra_test",  # analyses that add to the results without changing the rest
     "finetune.methods", "finetune.checkpoint_every",  # rows added method by method; how often state is saved
     "tune.storage", "tune.study", "tune.heartbeat_s", "tune.grace_s",  # where the study lives, how workers watch

@@ -59,6 +59,13 @@ class Pruner(StrEnum):
     NONE = "none"
 
 
+class TrackTo(StrEnum):
+    """Where a run's curves and figures go besides its folder (``[track] to``)."""
+
+    TENSORBOARD = "tensorboard"  # event files under RUN/tensorboard/
+    MLFLOW = "mlflow"  # an MLflow store or tracking server (track.mlflow_uri)
+
+
 class Decoder(StrEnum):
     """How images are decoded: AUTO = libjpeg-turbo and a uint8 tensor resize where they apply, PIL = timm's own."""
 
@@ -317,6 +324,16 @@ class ReportConfig(Section):
 
 
 @dataclass(frozen=True)
+class TrackConfig(Section):
+    """Trackers that observe a run (rank 0 only); one that fails is a warning, never a failed run."""
+
+    to: tuple[TrackTo, ...] = (TrackTo.TENSORBOARD,)  # [] = none; ["tensorboard", "mlflow"] for a team's server
+    mlflow_uri: str | None = None  # None = sqlite:///<run folder>/../mlflow.db; or a server, http://host:5000
+
+    parsers = {"to": comma_list}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """Every section, the backbones and the run folder: what ``resolve`` returns and ``config.json`` holds."""
 
@@ -329,6 +346,7 @@ class RunConfig:
     shots: ShotsConfig = ShotsConfig()
     bench: BenchConfig = BenchConfig()
     report: ReportConfig = ReportConfig()
+    track: TrackConfig = TrackConfig()
     out: str | None = None  # run folder; default runs/<timestamp>
 
     def to_dict(self) -> dict[str, Any]:
@@ -347,6 +365,7 @@ SECTIONS: dict[str, type[Section]] = {
     "shots": ShotsConfig,
     "bench": BenchConfig,
     "report": ReportConfig,
+    "track": TrackConfig,
 }
 
 

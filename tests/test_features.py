@@ -185,6 +185,8 @@ def test_key_is_stable_and_changes_with_what_changes_the_numbers(dataset: Datase
     path = dataset.samples[3].path
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    assert _key(base, dataset) == key  # content-keyed: a touched file is the same image
+    path.write_bytes(path.read_bytes() + b"\0")
     assert _key(base, dataset) != key
 
 
@@ -245,10 +247,12 @@ def test_strict_stops_at_the_first_bad_file_and_keeps_earlier_chunks(
     root, bad_ids = bad_images_root
     dataset = open_dataset(root)
     backbone = _backbone()
-    cfg = _cfg(tmp_path)
-    ordered = sorted(s.sample_id for s in dataset.samples)  # extraction runs in sample-id order
+    chunk = 2
+    cfg = _cfg(tmp_path, chunk_size=chunk, batch_size=1)
+    content = dataset.content_ids(with_boxes=False)  # extraction runs in content order (then sample id)
+    ordered = [sid for _, sid in sorted(zip(content, (s.sample_id for s in dataset.samples), strict=True))]
     first_bad = min(i for i, sid in enumerate(ordered) if sid in bad_ids)
-    assert first_bad >= CHUNK, "the fixture should have a complete chunk before the first bad image"
+    assert first_bad >= chunk, "the fixture should have a complete chunk before the first bad image"
 
     with pytest.raises(ImageError) as err:
         extract_features(backbone, dataset, cfg=cfg, strict=True, progress=False)
@@ -256,14 +260,14 @@ def test_strict_stops_at_the_first_bad_file_and_keeps_earlier_chunks(
     assert ordered[first_bad] in str(err.value)
     entry = FeatureCache(tmp_path).entry(_key(backbone, dataset))
     assert not entry.is_complete()
-    done = first_bad // CHUNK
+    done = first_bad // chunk
     assert all(entry.has_chunk(i) for i in range(done))
     assert not entry.has_chunk(done)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         resumed = extract_features(backbone, dataset, cfg=cfg, progress=False)
-    assert resumed.n_computed == len(dataset.samples) - done * CHUNK
+    assert resumed.n_computed == len(dataset.samples) - done * chunk
     assert len(resumed.skipped) == len(bad_ids)
 
 

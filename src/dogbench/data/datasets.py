@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from dogbench.data.content import file_digests
 from dogbench.errors import DogbenchError
 
 __all__ = [
@@ -86,23 +87,28 @@ class Dataset:
             raise ValueError(f"Unknown split {name!r}. Valid splits: {', '.join(SPLITS)}")
         return tuple(s for s in self.samples if s.split == name)
 
-    def fingerprint(self, *, with_boxes: bool) -> str:
-        """sha256 over each sample's id, file size and mtime (and box when `with_boxes`): the pixels' identity.
+    def content_ids(self, *, with_boxes: bool, memo_dir: Path | None = None) -> tuple[str, ...]:
+        """Each sample's identity for the feature cache, in sample order: the sha256 of its file's bytes (with
+        its box when `with_boxes`). Neither the layout nor the sample id is in it, so the same image listed by
+        folders, a labels file or a ``datasets`` folder is the same row. ``memo_dir``: see ``file_digests``."""
+        try:
+            digests = file_digests([s.path for s in self.samples], memo_dir=memo_dir)
+        except FileNotFoundError as exc:
+            raise DataNotFoundError(f"{exc.filename} was removed after the dataset was opened; reopen it") from exc
+        if not with_boxes:
+            return tuple(digests)
+        return tuple(f"{d}:{s.box}" for d, s in zip(digests, self.samples, strict=True))
 
-        Labels, splits and class names are left out: features are extracted for every image once and those
-        are applied when the cached features are loaded, so re-splitting does not force a re-extraction.
-        Samples are hashed in sample_id order, which a new split seed does not change.
+    def fingerprint(self, *, with_boxes: bool, memo_dir: Path | None = None) -> str:
+        """sha256 over the samples' ``content_ids``, sorted: the pixels' identity.
+
+        Labels, splits, class names, sample ids and the layout are left out: features are extracted for every
+        image once and labels and splits are applied when the cached features are loaded, so re-splitting or
+        re-listing the same files does not force a re-extraction.
         """
         digest = hashlib.sha256()
-        for s in sorted(self.samples, key=lambda s: s.sample_id):
-            try:
-                st = s.path.stat()
-            except FileNotFoundError as exc:
-                raise DataNotFoundError(
-                    f"{s.path} was removed after the dataset was opened; reopen it"
-                ) from exc
-            box = f"\t{s.box}" if with_boxes else ""
-            digest.update(f"{s.sample_id}\t{st.st_size}\t{st.st_mtime_ns}{box}\n".encode())
+        for content_id in sorted(self.content_ids(with_boxes=with_boxes, memo_dir=memo_dir)):
+            digest.update(f"{content_id}\n".encode())
         return digest.hexdigest()
 
 

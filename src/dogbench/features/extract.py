@@ -62,17 +62,17 @@ class FeatureSet:
 
 def feature_key(
     backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision, reduced_decode: bool = True,
-    decoder: str = "auto", compiled: bool = False,
+    decoder: str = "auto", compiled: bool = False, memo_dir: Path | None = None,
 ) -> str:
-    """The cache key: every image (id, size, mtime; box when cropping), model, weights, preprocessing (reduced
+    """The cache key: every image's content (sha256; box when cropping), model, weights, preprocessing (reduced
     JPEG decoding included), precision, torch.compile.
 
-    Labels and the train/test split are not in it: every image of the dataset is extracted, and they are
-    applied on load.
+    Labels, the train/test split, sample ids and the dataset's layout are not in it: every image of the dataset
+    is extracted, and labels and splits are applied on load. ``memo_dir``: where file digests are remembered.
     """
     return cache_key(
         {
-            "images": dataset.fingerprint(with_boxes=crop_to_box),
+            "images": dataset.fingerprint(with_boxes=crop_to_box, memo_dir=memo_dir),
             "timm_tag": backbone.tag,
             "model_kwargs": backbone.model_kwargs,
             "weights_sha256": backbone.weights_sha256,
@@ -114,21 +114,22 @@ def extract_features(
 ) -> FeatureSet:
     """Features for every sample of ``dataset``, from the cache when present, else computed and cached.
 
-    Rows are in sample-id order, whatever order the dataset lists its samples in (train first, test next):
-    a new train/test split of the same images is then the same cache entry. ``runner`` (a model already on
+    Rows are in sample-id order, whatever order the dataset lists its samples in (train first, test next). The
+    cache entry's rows are in content order (``Dataset.content_ids``): a new split, or the same files listed by
+    another layout, is then the same cache entry. ``runner`` (a model already on
     its device, e.g. compiled once for several calls) must come from ``ModelRunner.create`` with ``cfg``.
     ``policy``: the command's device policy (resolved from ``cfg`` when not given).
     """
-    dataset = dataclasses.replace(dataset, samples=tuple(sorted(dataset.samples, key=lambda s: s.sample_id)))
+    memo_dir = default_cache_dir() / "content"
+    dataset, sample_ids = _content_order(dataset, crop_to_box=crop_to_box, memo_dir=memo_dir)
     policy = policy or Policy.resolve(cfg.device, cfg.precision)
     device, precision = policy.device, policy.precision
     key = feature_key(
         backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
-        decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile,
+        decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile, memo_dir=memo_dir,
     )
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
     entry = FeatureCache(cache_root).entry(key)
-    sample_ids = [s.sample_id for s in dataset.samples]
     n_computed, extract_s, batch_size = 0, 0.0, None
     ranks = distributed.current()
     if ranks.world > 1:  # rank 0 decides for all whether anything is computed (a barrier waits on every rank)
@@ -142,12 +143,22 @@ def extract_features(
             backbone, dataset, entry, cfg=cfg, policy=policy, runner=runner,
             crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
     if strict and not cached.ok.all():
-        first = cached.sample_ids[int(np.argmin(cached.ok))]
-        raise ImageError(f"{first}: {cached.errors[first]} (--strict stops here)")
+        first = min(np.flatnonzero(~cached.ok), key=lambda i: dataset.samples[i].sample_id)
+        reason = cached.errors[sample_ids[first]]
+        raise ImageError(f"{dataset.samples[first].sample_id}: {reason} (--strict stops here)")
     return _to_feature_set(
         cached, dataset, n_computed=n_computed, extract_s=extract_s, device=device, precision=precision,
         batch_size=batch_size,
     )
+
+
+def _content_order(dataset: Dataset, *, crop_to_box: bool, memo_dir: Path) -> tuple[Dataset, list[str]]:
+    """``dataset`` with its samples in the cache entry's row order (content id, then sample id) and the entry's
+    row ids (the content ids): the same images make the same entry whichever layout listed them."""
+    content = dataset.content_ids(with_boxes=crop_to_box, memo_dir=memo_dir)
+    order = sorted(range(len(content)), key=lambda i: (content[i], dataset.samples[i].sample_id))
+    samples = tuple(dataset.samples[i] for i in order)
+    return dataclasses.replace(dataset, samples=samples), [content[i] for i in order]
 
 
 def _extract_locally(
@@ -248,17 +259,20 @@ def _to_feature_set(
     cached: CachedFeatures, dataset: Dataset, *, n_computed: int, extract_s: float, device: torch.device,
     precision: Precision, batch_size: int | None,
 ) -> FeatureSet:
-    """The readable rows, with labels and splits from the dataset (its ids equal the cache's, in order)."""
-    ok = cached.ok
-    skipped = tuple((sid, cached.errors[sid]) for sid, good in zip(cached.sample_ids, ok, strict=True) if not good)
+    """The readable rows in sample-id order, with labels and splits from the dataset (its samples are the
+    cache's rows, in order)."""
+    ids = [s.sample_id for s in dataset.samples]
+    skipped = tuple(sorted((sid, cached.errors[cid]) for sid, cid, good
+                           in zip(ids, cached.sample_ids, cached.ok, strict=True) if not good))
     for sid, reason in skipped:
         warnings.warn(f"skipped unreadable image {sid}: {reason}", stacklevel=2)
+    rows = np.array(sorted(np.flatnonzero(cached.ok), key=lambda i: ids[i]), dtype=np.int64)
     return FeatureSet(
         key=cached.key,
-        features=np.ascontiguousarray(cached.features[ok]),
-        sample_ids=tuple(sid for sid, good in zip(cached.sample_ids, ok, strict=True) if good),
-        labels=np.asarray([s.label for s in dataset.samples], dtype=np.int64)[ok],
-        splits=np.asarray([s.split for s in dataset.samples])[ok],
+        features=np.ascontiguousarray(cached.features[rows]),
+        sample_ids=tuple(ids[i] for i in rows),
+        labels=np.asarray([s.label for s in dataset.samples], dtype=np.int64)[rows],
+        splits=np.asarray([s.split for s in dataset.samples])[rows],
         skipped=skipped,
         cache_hit=n_computed == 0,
         extract_s=extract_s,

@@ -103,7 +103,7 @@ def _check_top_level(doc: Mapping[str, Any]) -> None:
 def _absolute_inputs(sections: dict[str, Any]) -> None:
     """Input paths made absolute in place, so every command finds them from any working directory."""
     data, features, tune = sections["data"], sections["features"], sections["tune"]
-    if data.root is not None:
+    if data.root is not None and "://" not in data.root:  # hf://owner/name is a hub name, not a path
         data = dataclasses.replace(data, root=absolute_path(data.root))
     if data.extra_test:
         data = dataclasses.replace(data, extra_test=tuple(absolute_path(p) for p in data.extra_test))

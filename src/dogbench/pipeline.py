@@ -12,12 +12,13 @@ baseline, evaluation and the report run once, on rank 0, over the features every
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dogbench import distributed
+from dogbench import distributed, track
 from dogbench.config import ReportConfig, RunConfig
 from dogbench.data import Dataset
 from dogbench.device import resolve_device
@@ -34,7 +35,7 @@ from dogbench.protocols.frozen import (
 )
 from dogbench.protocols.seeds import add_seeds
 from dogbench.results import RunResults
-from dogbench.rundir import RunDir, new_run_dir
+from dogbench.rundir import REPORT_HTML, SUMMARY_FILE, RunDir, new_run_dir
 from dogbench.training import TrainingError
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ def tune(
 ) -> tuple[dict[str, Tuning], Path]:
     """``dogbench tune``: features (cached) and tuning; the run folder gets config.json and the tunings."""
     run = run_folder(cfg)
-    with run.lock():
+    with run.lock(), track.session(cfg, run.path):
         _, _, tunings = _extract_and_tune(cfg, run, dataset, progress=progress, force=force)
     return tunings, run.path
 
@@ -111,7 +112,7 @@ def evaluate(
     if not cfg.out:
         raise DogbenchError("dogbench evaluate needs the run folder that `dogbench tune` wrote: `dogbench evaluate R`")
     run = RunDir(cfg.out)
-    with run.lock():
+    with run.lock(), track.session(cfg, run.path):
         check_devices(cfg)
         cfg = run.settle_config(cfg)
         missing = [b.label for b in cfg.backbones if not run.tuning_path(b.label).is_file()]
@@ -135,7 +136,7 @@ def run(
     """
     start = time.perf_counter() if start is None else start
     run = run_folder(cfg)
-    with run.lock():
+    with run.lock(), track.session(cfg, run.path):
         cfg, extracted, tuning = _extract_and_tune(cfg, run, dataset, progress=progress, force=force)
         results = _evaluate_and_report(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start,
                                        progress=progress)
@@ -155,7 +156,23 @@ def _evaluate_and_report(
     if cfg.shots.shots:
         results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
     _report_after(cfg, run.path, progress=progress)
+    track.active().finish(_finals(run, results))
     return results
+
+
+def _finals(run: RunDir, results: RunResults) -> track.Finals:
+    """What the trackers get at the end: the results, the run's files, the report's figures of each row."""
+    from dogbench.report.document import FILES_DIR
+
+    figures: dict[str, dict[str, Path]] = {"confusion": {}, "reliability": {}}
+    for label in results.models:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)  # as the report names its files
+        for kind, rows in figures.items():
+            path = run.path / FILES_DIR / f"{kind}-{safe}.png"
+            if path.is_file():
+                rows[label] = path
+    files = (run.results_path, run.path / SUMMARY_FILE, run.path / REPORT_HTML)
+    return track.Finals(json.loads(run.results_path.read_text()), files, figures)
 
 
 def _report_after(cfg: RunConfig, run_dir: Path, *, progress: bool) -> None:

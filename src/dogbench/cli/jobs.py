@@ -50,7 +50,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         "classes": "data.classes",
         "download": "data.download", "compile": "bench.compare_compile", "recipe": "bench.recipe",
         "train": "bench.train",
-        "seeds": "evaluate.seeds", "epochs": "finetune.epochs",
+        "seeds": "evaluate.seeds", "epochs": "finetune.epochs", "track": "track.to",
     }
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)

@@ -57,7 +57,15 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config key, e.g. --set tune.timeout_s=60 or --set backbones.vit.img_size=224 "
                    "(applied after --config and --backbone; repeatable)")
+    p.add_argument("--track", type=_trackers, metavar="TRACKERS", help="where curves and figures go besides the "
+                   "run folder: tensorboard (RUN/tensorboard/, the default), mlflow (track.mlflow_uri), both "
+                   "comma-separated, or none (track.to)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _trackers(text: str) -> str | list[str]:
+    """``--track none`` -> no tracker; anything else goes to track.to's own check."""
+    return [] if text.strip() == "none" else text
 
 
 def build_parser() -> argparse.ArgumentParser:

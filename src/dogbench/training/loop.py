@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dogbench import distributed
+from dogbench import distributed, track
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Backbone, Preprocess
 from dogbench.config import Precision
@@ -244,6 +244,8 @@ def run_loop(loop: Loop, state: LoopState, *, label: str, progress: bool,
         while not state.done and state.epoch < params.epochs:
             train_one_epoch(loop, state, pool, bar)
             top1 = end_epoch(loop, state)
+            if loop.ranks.main:  # after the checkpoint that holds the epoch: a resumed run logs only later ones
+                track.active().epoch(loop.files.state.parent, state.history[-1])
             if progress:
                 bar.set_postfix(val_top1=f"{top1:.4f}", best=f"{state.best['val_top1']:.4f}")
             if stop_requested(loop, state.epoch, top1, on_epoch):

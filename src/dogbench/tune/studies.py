@@ -30,6 +30,7 @@ import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from dogbench import track
 from dogbench.config import PRUNERS
 from dogbench.errors import DogbenchError
 from dogbench.locks import locked
@@ -429,6 +430,7 @@ def _run_trial(worker: _Worker, trial: optuna.Trial, objective: Objective, lost:
             raise
         return _requeue(worker, trial, err, lost)
     worker.backend.finished(told)
+    track.active().trial(worker.plan.name, told.number, told.params, told.value)
     return lost
 
 

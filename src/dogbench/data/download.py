@@ -25,6 +25,8 @@ from dogbench.data.datasets import (
     open_dataset,
     select_classes,
 )
+from dogbench.data.hf import is_hf_data, open_hf
+from dogbench.data.labels import is_label_file, open_label_file
 from dogbench.errors import DogbenchError
 from dogbench.locks import locked
 
@@ -391,9 +393,18 @@ def _fetch_archives(folder: Path, base: str, archives: tuple[Archive, ...], miss
 
 
 def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:
-    """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast."""
-    root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url, progress=progress)
-    dataset = select_classes(open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed), cfg.classes)
+    """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast.
+    ``data.root`` may also be a labels file (``data.labels``) or Hugging Face data (``data.hf``)."""
+    root = cfg.root
+    if root is not None and is_label_file(root):
+        opened = open_label_file(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    elif root is not None and is_hf_data(root):
+        opened = open_hf(root, images_dir=default_cache_dir() / "images", test_fraction=cfg.test_fraction,
+                         seed=cfg.split_seed)
+    else:
+        root = prepare_stanford_dogs(cfg.root, download=cfg.download, base_url=cfg.data_url, progress=progress)
+        opened = open_dataset(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
+    dataset = select_classes(opened, cfg.classes)
     trained = sorted({dataset.classes[s.label] for s in dataset.samples if s.split == "train"})
     if len(trained) < 2:  # one class is no benchmark: every classifier would score 1.0
         raise DatasetLayoutError(f"{root} has training images of {len(trained)} class(es) ({', '.join(trained)}): "

@@ -1,5 +1,6 @@
-"""Data: datasets (layouts, splits on samples), download (verify, resume, safe extract), images (decode, RGB, EXIF),
-uploads (files from strangers, screened from their header before decoding)."""
+"""Data: datasets (layouts, splits on samples), listing (the rows every listed layout feeds), labels (CSV, TSV,
+text), hf (Hugging Face datasets), content (file digests: the feature cache's key), download (verify, resume,
+safe extract), images (decode, RGB, EXIF), uploads (files from strangers, screened before decoding)."""
 
 from dogbench.data.datasets import (
     IMAGE_EXTENSIONS,

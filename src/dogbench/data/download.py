@@ -359,7 +359,8 @@ def _given_folder(folder: Path, archives: tuple[Archive, ...]) -> Path:
         raise DataNotFoundError(
             f"--data {folder} does not exist or is not a folder. Accepted: a dataset folder "
             "(Stanford Dogs Images/, Kaggle images/Images/, train/<class>/ + test/<class>/, or <class>/ "
-            f"folders) or a folder holding {', '.join(a.filename for a in archives)}"
+            f"folders), a folder holding {', '.join(a.filename for a in archives)}, a labels file (.csv, .tsv, "
+            ".txt), a Hugging Face datasets folder or parquet file, or hf://owner/name"
         )
     has_archives = any((folder / a.filename).is_file() for a in archives)
     try:

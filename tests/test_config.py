@@ -338,7 +338,7 @@ def test_saved_config_keeps_its_key_order() -> None:
     assert list(saved) == ["data", "backbones", "features", "tune", "finetune", "evaluate", "shots", "bench", "report",
                            "track", "out"]
     assert list(saved["tune"]) == ["trials", "timeout_s", "heads", "max_epochs", "storage", "seed", "baseline",
-                                   "pruner", "device", "study", "heartbeat_s", "grace_s"]
+                                   "pruner", "device", "study", "heartbeat_s", "grace_s", "metric"]
     assert list(saved["finetune"])[:3] == ["methods", "epochs", "batch_size"] and list(saved["finetune"])[-3:] == [
         "trials", "pruner", "seed"]
 

@@ -66,6 +66,24 @@ class TrackTo(StrEnum):
     MLFLOW = "mlflow"  # an MLflow store or tracking server (track.mlflow_uri)
 
 
+class Balance(StrEnum):
+    """Imbalanced classes: NONE, WEIGHTS = class-weighted loss (n / (K n_k)), SAMPLER = class-balanced draws of
+    each epoch's rows (full-batch solvers, the logistic head's L-BFGS, use the weights instead)."""
+
+    NONE = "none"
+    WEIGHTS = "weights"
+    SAMPLER = "sampler"
+
+
+class TuneMetric(StrEnum):
+    """The validation score that chooses heads, trials and epochs: top-1, balanced top-1 (mean per-class recall),
+    or macro-F1."""
+
+    TOP1 = "top1"
+    BALANCED_TOP1 = "balanced_top1"
+    MACRO_F1 = "macro_f1"
+
+
 class Decoder(StrEnum):
     """How images are decoded: AUTO = libjpeg-turbo and a uint8 tensor resize where they apply, PIL = timm's own."""
 
@@ -105,6 +123,7 @@ class DataConfig(Section):
     data_url: str | None = None  # mirror for the official archives
     extra_test: tuple[str, ...] = ()  # second test sets: folders whose class names are the dataset's
     classes: int | tuple[str, ...] | None = None  # a subset: the first N classes, or names; None = all
+    balance: Balance = Balance.NONE  # imbalanced classes: none | weights (weighted loss) | sampler (balanced draws)
 
     constraints = {"val_fraction": Interval(0, 1, closed="neither")}
     checks = (_at_least_two_classes,)
@@ -173,6 +192,7 @@ class TuneConfig(Section):
     study: str | None = None  # the shared study's name; default: derived from the backbone and features
     heartbeat_s: int = 10  # a worker's heartbeat period (Optuna's RDBStorage heartbeat)
     grace_s: int = 60  # a silent worker's trial is failed and queued again this long after its last heartbeat
+    metric: TuneMetric = TuneMetric.TOP1  # what chooses heads, trials, epochs: top1 | balanced_top1 | macro_f1
 
     constraints = {
         "trials": Interval(1), "heads": Each(OneOf(HeadKind)), "device": DEVICE, "heartbeat_s": Interval(1),

@@ -64,6 +64,7 @@ class ClassificationMetrics:
     top1: float
     top5: float  # top-min(5, C)
     macro_f1: float
+    balanced_top1: float  # mean per-class recall over the classes that have samples (balanced accuracy)
     per_class: dict[str, float]  # recall per class, for the classes that have samples
     confusion: np.ndarray  # (C, C) int64, rows = true class, cols = predicted class
     n: int
@@ -74,6 +75,7 @@ class ClassificationMetrics:
             "top1": self.top1,
             "top5": self.top5,
             "macro_f1": self.macro_f1,
+            "balanced_top1": self.balanced_top1,
             "per_class": dict(self.per_class),
             "confusion": self.confusion.tolist(),
             "n": self.n,
@@ -83,11 +85,13 @@ class ClassificationMetrics:
 def classification_metrics(
     y_true: np.ndarray, proba: np.ndarray, *, class_names: Sequence[str] | None = None
 ) -> ClassificationMetrics:
-    """Top-1, top-5, macro-F1, per-class recall and the confusion matrix from (n, C) scores.
+    """Top-1, top-5, macro-F1, balanced top-1, per-class recall and the confusion matrix from (n, C) scores.
 
     Macro-F1 averages over the classes present in ``y_true`` or in the predictions, as
     ``sklearn.metrics.f1_score(average="macro")`` does; ``per_class`` leaves out classes without
-    samples (their recall is undefined) so the result stays valid JSON.
+    samples (their recall is undefined) so the result stays valid JSON. Balanced top-1 is the mean of those
+    recalls, as ``sklearn.metrics.balanced_accuracy_score``: on imbalanced data it does not reward ignoring the
+    rare classes.
     """
     y_true, proba = _check_scores(y_true, proba)
     n, n_classes = proba.shape
@@ -110,6 +114,7 @@ def classification_metrics(
         top1=float((rank < 1).mean()),
         top5=float((rank < min(5, n_classes)).mean()),
         macro_f1=float(f1.mean()),
+        balanced_top1=float((tp[support > 0] / support[support > 0]).mean()),
         per_class={name: float(tp[i] / support[i]) for i, name in enumerate(class_names) if support[i] > 0},
         confusion=confusion,
         n=n,

@@ -140,7 +140,7 @@ class RunResults:
                 **common, "method": method, "val_top1": m.val["top1"],
                 "test_top1": m.test["top1"], "test_top1_ci_lo": m.test["top1_ci95"][0],
                 "test_top1_ci_hi": m.test["top1_ci95"][1], "test_top5": m.test["top5"],
-                "test_macro_f1": m.test["macro_f1"],
+                "test_macro_f1": m.test["macro_f1"], "test_balanced_top1": m.test.get("balanced_top1", ""),
                 "fit_s": round(m.timing_s.get("tune", 0) + m.timing_s.get("fit", 0) + m.timing_s.get("train", 0), 3),
             })
             if m.baseline:
@@ -149,6 +149,7 @@ class RunResults:
                     "test_top1": m.baseline["test"]["top1"], "test_top1_ci_lo": m.baseline["test"]["top1_ci95"][0],
                     "test_top1_ci_hi": m.baseline["test"]["top1_ci95"][1], "test_top5": m.baseline["test"]["top5"],
                     "test_macro_f1": m.baseline["test"]["macro_f1"],
+                    "test_balanced_top1": m.baseline["test"].get("balanced_top1", ""),
                     "fit_s": round(m.timing_s.get("baseline", 0), 3),
                 })
         return rows
@@ -162,13 +163,14 @@ class RunResults:
         return out.getvalue()
 
     def summary_table(self) -> str:
-        header = ["model", "method", "val top1", "test top1 [95% CI]", "top5", "macro-F1", "params", "GFLOPs",
-                  "extract s", "tune+fit s", "img/s"]
+        header = ["model", "method", "val top1", "test top1 [95% CI]", "top5", "macro-F1", "bal. top1", "params",
+                  "GFLOPs", "extract s", "tune+fit s", "img/s"]
         rows = [
             [
                 r["label"], r["method"], f"{r['val_top1']:.4f}",
                 f"{r['test_top1']:.4f} [{r['test_top1_ci_lo']:.4f}, {r['test_top1_ci_hi']:.4f}]",
-                f"{r['test_top5']:.4f}", f"{r['test_macro_f1']:.4f}", f"{r['params'] / 1e6:.1f}M",
+                f"{r['test_top5']:.4f}", f"{r['test_macro_f1']:.4f}",
+                f"{r['test_balanced_top1']:.4f}" if r["test_balanced_top1"] != "" else "-", f"{r['params'] / 1e6:.1f}M",
                 f"{r['gflops']:.2f}", f"{r['extract_s']:.1f}", f"{r['fit_s']:.1f}",
                 f"{r['throughput_img_s']:.1f}" if r["throughput_img_s"] != "" else "cached",
             ]
@@ -185,6 +187,8 @@ class RunResults:
         ]
         if self.comparison:
             lines += [line, verdict(self.comparison, self.names())]
+        if note := selection_note(self.config):
+            lines.append(note)
         for name, info in self.extra_test.items():
             scored = ", ".join(
                 f"{m.label} {m.extra_test[name]['top1']:.4f} [{m.extra_test[name]['top1_ci95'][0]:.4f}, "
@@ -220,6 +224,17 @@ class RunResults:
 def p_value(p: float) -> str:
     """An exact McNemar p as a reader takes it: ``p = 0.0312``, or ``p < 1e-100`` beyond double precision's use."""
     return "p < 1e-100" if p < 1e-100 else f"p = {p:.3g}"
+
+
+def selection_note(config: Mapping[str, Any]) -> str | None:
+    """What chose the heads and how classes were balanced, when not the defaults (top-1, none); None otherwise."""
+    metric = config.get("tune", {}).get("metric", "top1")
+    balance = config.get("data", {}).get("balance", "none")
+    if metric == "top1" and balance == "none":
+        return None
+    return (f"heads, trials and epochs chosen on validation {metric.replace('_', ' ')} (tune.metric; 'val top1' "
+            f"holds it), classes balanced by {balance} (data.balance); the paired tests still compare per-image "
+            "correctness on test (top-1).")
 
 
 def verdict(comparison: dict[str, Any], names: Mapping[str, ModelName] | None = None) -> str:

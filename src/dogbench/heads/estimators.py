@@ -19,7 +19,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
-from dogbench.config import HeadKind, Precision
+from dogbench.config import Balance, HeadKind, Precision, TuneMetric
 from dogbench.device import accelerator_indices, train_precision
 from dogbench.heads.files import load_head, write_head_files
 from dogbench.heads.fit import (
@@ -75,6 +75,8 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     standardize: bool
     seed: int
     device: str
+    balance: str
+    val_metric: str
 
     def _build_module(self, n_features: int, n_classes: int) -> nn.Module:
         raise NotImplementedError
@@ -89,6 +91,8 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         problems = self._param_problems()
         if problems:
             raise ValueError(f"Invalid {type(self).__name__} parameters: " + "; ".join(problems))
+        _parse_choice(Balance, self.balance, "balance")
+        _parse_choice(TuneMetric, self.val_metric, "val_metric")
 
     def fit(
         self,
@@ -98,9 +102,10 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
         eval_set: tuple[np.ndarray, np.ndarray] | None = None,
         on_epoch: OnEpoch | None = None,
     ) -> Self:
-        """Train on (X, y); with ``eval_set``, the AdamW heads stop early on its top-1 and keep the best epoch, and
-        ``on_epoch(epoch, val_top1)`` runs after each epoch (the logistic head: once, after the solve); whatever
-        it raises (e.g. ``optuna.TrialPruned``) propagates."""
+        """Train on (X, y); with ``eval_set``, the AdamW heads stop early on its ``val_metric`` (top-1 by default)
+        and keep the best epoch, and ``on_epoch(epoch, score)`` runs after each epoch (the logistic head: once,
+        after the solve); whatever it raises (e.g. ``optuna.TrialPruned``) propagates. ``balance``: none, weights
+        (class-weighted loss) or sampler (class-balanced epochs; the logistic head weighs its full batch)."""
         self._check_params()
         X, y = validate_data(self, X, y, dtype=np.float32, order="C")
         if eval_set is not None:
@@ -241,6 +246,7 @@ class _EpochHead(_TorchHead):
             module, data.X, data.y, val=data.val, lr=self.lr, weight_decay=self.weight_decay,
             label_smoothing=self.label_smoothing, batch_size=self.batch_size, max_epochs=self.max_epochs,
             patience=self.patience, seed=self.seed, on_epoch=on_epoch, bf16=self._bf16(data.X.device),
+            balance=Balance(self.balance), metric=TuneMetric(self.val_metric),
         )
 
     def _bf16(self, device: torch.device) -> bool:
@@ -264,6 +270,8 @@ class LogisticHead(_TorchHead):
         max_iter: int = 1000,
         tol: float = 1e-4,
         standardize: bool = True,
+        balance: Balance | str = "none",
+        val_metric: TuneMetric | str = "top1",
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
@@ -272,6 +280,8 @@ class LogisticHead(_TorchHead):
         self.max_iter = max_iter
         self.tol = tol
         self.standardize = standardize
+        self.balance = balance
+        self.val_metric = val_metric
         self.seed = seed
         self.device = device
 
@@ -298,7 +308,8 @@ class LogisticHead(_TorchHead):
     def _train_module(self, module: nn.Module, data: FeatureData, on_epoch: OnEpoch | None) -> FitResult:
         return lbfgs(
             module, data.X, data.y, val=data.val, C=self.C, label_smoothing=self.label_smoothing,
-            max_iter=self.max_iter, tol=self.tol, on_epoch=on_epoch,
+            max_iter=self.max_iter, tol=self.tol, on_epoch=on_epoch, balance=Balance(self.balance),
+            metric=TuneMetric(self.val_metric),
         )
 
 
@@ -318,6 +329,8 @@ class LinearHead(_EpochHead):
         batch_size: int = 256,
         precision: Precision | str = "auto",
         standardize: bool = True,
+        balance: Balance | str = "none",
+        val_metric: TuneMetric | str = "top1",
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
@@ -329,6 +342,8 @@ class LinearHead(_EpochHead):
         self.batch_size = batch_size
         self.precision = precision
         self.standardize = standardize
+        self.balance = balance
+        self.val_metric = val_metric
         self.seed = seed
         self.device = device
 
@@ -373,6 +388,8 @@ class MLPHead(_EpochHead):
         batch_size: int = 256,
         precision: Precision | str = "auto",
         standardize: bool = True,
+        balance: Balance | str = "none",
+        val_metric: TuneMetric | str = "top1",
         seed: int = 0,
         device: str = "cpu",
     ) -> None:
@@ -388,6 +405,8 @@ class MLPHead(_EpochHead):
         self.batch_size = batch_size
         self.precision = precision
         self.standardize = standardize
+        self.balance = balance
+        self.val_metric = val_metric
         self.seed = seed
         self.device = device
 

@@ -18,7 +18,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_array, check_X_y, column_or_1d
 from torch import nn
 
-from dogbench.config import Precision
+from dogbench.config import Balance, Precision, TuneMetric
 
 PREDICT_CHUNK = 8192  # rows per forward pass at inference
 
@@ -31,7 +31,7 @@ class FitResult:
 
     n_epochs: int
     best_epoch: int
-    best_val_top1: float | None
+    best_val_top1: float | None  # the best validation score in the head's metric (top-1 unless another is set)
     history: list[dict[str, Any]]
 
 
@@ -130,27 +130,63 @@ class FastDropout(nn.Module):
         return f"p={self.p}"
 
 
-def top1(module: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
-    """Top-1 accuracy of ``module`` on (X, y), evaluated in chunks without autograd."""
+def _predictions(module: nn.Module, X: torch.Tensor) -> torch.Tensor:
     module.eval()
-    correct = 0
     with torch.inference_mode():
-        for start in range(0, X.shape[0], PREDICT_CHUNK):
-            logits = module(X[start : start + PREDICT_CHUNK])
-            correct += int((logits.argmax(dim=1) == y[start : start + PREDICT_CHUNK]).sum())
-    return correct / X.shape[0]
+        return torch.cat([module(X[start : start + PREDICT_CHUNK]).argmax(dim=1)
+                          for start in range(0, X.shape[0], PREDICT_CHUNK)])
+
+
+def val_scores(module: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Every ``TuneMetric`` of ``module`` on (X, y): top-1; balanced top-1, the mean recall of the classes present
+    in ``y`` (scikit-learn's ``balanced_accuracy_score``); macro-F1 over the classes in ``y`` or predicted."""
+    pred = _predictions(module, X)
+    n_classes = int(max(int(y.max()), int(pred.max()))) + 1
+    confusion = torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    tp, support, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
+    seen, present = support > 0, (support + predicted) > 0
+    return {
+        TuneMetric.TOP1.value: float(tp.sum() / X.shape[0]),
+        TuneMetric.BALANCED_TOP1.value: float((tp[seen] / support[seen]).mean()),
+        TuneMetric.MACRO_F1.value: float((2 * tp[present] / (support[present] + predicted[present])).mean()),
+    }
+
+
+def _validate(module: nn.Module, val: tuple[torch.Tensor, torch.Tensor], metric: str, record: dict[str, Any]) -> float:
+    """Score ``val`` into ``record`` (``val_top1``, and ``val_<metric>`` for another metric); the metric's value."""
+    scores = val_scores(module, *val)
+    record["val_top1"] = scores[TuneMetric.TOP1.value]
+    if metric != TuneMetric.TOP1:
+        record[f"val_{metric}"] = scores[metric]
+    return scores[metric]
+
+
+def balanced_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-class loss weights n / (K n_k) (scikit-learn's ``class_weight="balanced"``): every class weighs the same
+    in total; a class without rows gets 0."""
+    counts = torch.bincount(y, minlength=n_classes).double()
+    weights = torch.where(counts > 0, y.shape[0] / (n_classes * counts.clamp(min=1)), torch.zeros_like(counts))
+    return weights.float()
+
+
+def _loss(logits: torch.Tensor, y: torch.Tensor, *, label_smoothing: float,
+          weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy, each row weighted by its class's ``weight`` (sum over rows / n, as scikit-learn's)."""
+    if weight is None:
+        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+    return (F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none") * weight[y]).mean()
 
 
 def _epoch_loss(
     module: nn.Module, optimizer: torch.optim.Optimizer, X: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-    label_smoothing: float, bf16: bool,
+    label_smoothing: float, bf16: bool, weight: torch.Tensor | None = None,
 ) -> float:
     """One optimiser step per ``batch_size`` rows of (X, y), in order; the mean training loss over the rows."""
     loss_sum = torch.zeros((), device=X.device)
     for start in range(0, X.shape[0], batch_size):
         xb, yb = X[start : start + batch_size], y[start : start + batch_size]
         with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(module(xb), yb, label_smoothing=label_smoothing)
+            loss = _loss(module(xb), yb, label_smoothing=label_smoothing, weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -173,28 +209,38 @@ def train_adamw(
     seed: int,
     on_epoch: OnEpoch | None,
     bf16: bool = False,
+    balance: str = Balance.NONE,
+    metric: str = TuneMetric.TOP1,
 ) -> FitResult:
     """Mini-batch AdamW at a constant learning rate (a refit for ``best_epoch`` epochs retraces the validated run);
-    with ``val``, early stopping that restores the best epoch's weights. ``bf16``: forward and backward under bf16
-    autocast (weights, optimiser and validation stay fp32)."""
+    with ``val``, early stopping on ``metric`` that restores the best epoch's weights. ``bf16``: forward and
+    backward under bf16 autocast (weights, optimiser and validation stay fp32). ``balance``: weights = a
+    class-weighted loss; sampler = each epoch draws its n rows with replacement, every class equally likely
+    (seeded like the shuffle)."""
     n = X.shape[0]  # X: (n, d) float32 standardised, y: (n,) int64 class indices
     fused = X.device.type in ("cpu", "cuda")  # one kernel per step instead of a loop over parameters
     optimizer = torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
     shuffle = torch.Generator().manual_seed(seed)
     precision = (Precision.BF16 if bf16 else Precision.FP32).value
     history: list[dict[str, Any]] = []
+    n_classes = int(y.max()) + 1 if balance != Balance.NONE else 0  # y indexes the classes: every one has rows
+    weight = balanced_weights(y, n_classes) if balance == Balance.WEIGHTS else None
+    row_p = balanced_weights(y, n_classes)[y].cpu().double() if balance == Balance.SAMPLER else None
     best_epoch, best_top1, best_state = 0, -1.0, None
     for epoch in range(1, max_epochs + 1):
         module.train()
-        perm = torch.randperm(n, generator=shuffle).to(X.device)
+        if row_p is None:
+            perm = torch.randperm(n, generator=shuffle).to(X.device)
+        else:
+            perm = torch.multinomial(row_p, n, replacement=True, generator=shuffle).to(X.device)
         # one gather per epoch; the batches are views of it
         loss = _epoch_loss(module, optimizer, X[perm], y[perm], batch_size=batch_size,
-                           label_smoothing=label_smoothing, bf16=bf16)
+                           label_smoothing=label_smoothing, bf16=bf16, weight=weight)
         record: dict[str, Any] = {"epoch": epoch, "train_loss": loss, "precision": precision}
         history.append(record)
         if val is None:
             continue
-        record["val_top1"] = val_top1 = top1(module, *val)
+        val_top1 = _validate(module, val, metric, record)
         if val_top1 > best_top1:
             best_epoch, best_top1 = epoch, val_top1
             best_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
@@ -220,11 +266,16 @@ def lbfgs(
     max_iter: int,
     tol: float,
     on_epoch: OnEpoch | None,
+    balance: str = Balance.NONE,
+    metric: str = TuneMetric.TOP1,
 ) -> FitResult:
     """Minimise mean cross-entropy + ||W||^2 / (2 C n) (bias unpenalised) by full-batch L-BFGS with a strong-Wolfe
     line search, until the largest gradient entry is at most ``tol``, progress stalls, or ``max_iter`` runs out
-    (then a ConvergenceWarning). One "epoch": the solve; its record holds loss, iterations and ``converged``."""
+    (then a ConvergenceWarning). One "epoch": the solve; its record holds loss, iterations and ``converged``.
+    ``balance`` weights or sampler: each row's loss weighted by n / (K n_k) (a full batch has no draws to balance:
+    the weights are the sampler's expectation); ``metric``: the validation score reported."""
     l2 = 1.0 / (C * X.shape[0])
+    weight = balanced_weights(y, module.out_features) if balance != Balance.NONE else None
     optimizer = torch.optim.LBFGS(
         module.parameters(), lr=1.0, max_iter=max_iter, max_eval=25 * max_iter, tolerance_grad=tol,
         tolerance_change=1e-9, history_size=20, line_search_fn="strong_wolfe",
@@ -232,7 +283,7 @@ def lbfgs(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(module(X), y, label_smoothing=label_smoothing)
+        loss = _loss(module(X), y, label_smoothing=label_smoothing, weight=weight)
         loss = loss + 0.5 * l2 * module.weight.pow(2).sum()
         loss.backward()
         return loss
@@ -248,8 +299,9 @@ def lbfgs(
         warnings.warn(f"L-BFGS stopped after {iterations} iterations with largest gradient {gradient:.2g} > tol "
                       f"{tol:g} (C={C:g}); raise max_iter or tol", ConvergenceWarning, stacklevel=4)
     record: dict[str, Any] = {"epoch": 1, "train_loss": loss, "iterations": iterations, "converged": converged}
-    if val is not None:
-        record["val_top1"] = top1(module, *val)
-        if on_epoch is not None:
-            on_epoch(1, record["val_top1"])
-    return FitResult(1, iterations, record.get("val_top1"), [record])
+    if val is None:
+        return FitResult(1, iterations, None, [record])
+    score = _validate(module, val, metric, record)
+    if on_epoch is not None:
+        on_epoch(1, score)
+    return FitResult(1, iterations, score, [record])

@@ -40,6 +40,7 @@ from dogbench.tune import (
     BaselineResult,
     TuneResult,
     build_head,
+    fixed_params,
     make_logistic,
     sweep_logistic_C,
     tune_head,
@@ -177,6 +178,7 @@ def tuning_digest(cfg: RunConfig, feature_key: str) -> str:
         "features": feature_key, "val_fraction": cfg.data.val_fraction, "split_seed": cfg.data.split_seed,
         "heads": list(t.heads), "max_epochs": t.max_epochs, "seed": t.seed, "search_space": SEARCH_SPACE_VERSION,
         "pruner": t.pruner, "baseline": t.baseline,
+        **fixed_params(balance=cfg.data.balance, metric=t.metric),  # only where not the default: older runs match
         # the AdamW heads' precision follows the device (device.train_precision): another may train them otherwise
         "head_precision": train_precision(torch_device(cfg)).value,
     })
@@ -209,13 +211,13 @@ def tune_backbone(cfg: RunConfig, run: RunDir, label: str, bf: BackboneFeatures,
     if cfg.tune.baseline and baseline is None:  # first: the search starts from the baseline's solution
         with times.measure("baseline"):
             baseline = sweep_logistic_C(X[splits.train], y[splits.train], X[splits.val], y[splits.val],
-                                        device=head_device(cfg))
+                                        device=head_device(cfg), balance=cfg.data.balance, metric=cfg.tune.metric)
     with times.measure("tune"):  # the study's own lock (SQLite) is taken by the study runner
         tuned = tune_head(
             X[splits.train], y[splits.train], X[splits.val], y[splits.val], cfg=cfg.tune, storage=storage,
             study_name=f"{cfg.tune.study}-{label}" if cfg.tune.study else f"{label}-{digest[:16]}",
             device=head_device(cfg), progress=progress,
-            baseline=baseline if cfg.tune.baseline else None,
+            baseline=baseline if cfg.tune.baseline else None, balance=cfg.data.balance,
         )
     tuning = Tuning(digest, tuned, baseline if cfg.tune.baseline else None, times.wall, times.cpu)
     run.write_tuning(label, tuning.to_dict())
@@ -285,7 +287,8 @@ def evaluate_backbone(
     if tuning.baseline is not None:
         with times.measure("baseline"):
             fit_rows = np.concatenate([splits.train, splits.val])
-            probe = make_logistic(tuning.baseline.C, device=head_device(cfg)).fit(X[fit_rows], y[fit_rows])
+            probe = make_logistic(tuning.baseline.C, device=head_device(cfg), balance=cfg.data.balance)
+            probe.fit(X[fit_rows], y[fit_rows])
             probe_scores = _probe_scores(probe, X[splits.test], y_test, dataset, cfg)
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
@@ -461,11 +464,13 @@ def refit_and_score(
     repeated analyses (seeds, data efficiency) on cached features."""
     out, sweep = {}, None
     if cfg.tune.baseline:
-        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val], device=head_device(cfg))
-        probe = make_logistic(sweep.C, device=head_device(cfg)).fit(X[fit], y[fit])
+        sweep = sweep_logistic_C(X[train], y[train], X[val], y[val], device=head_device(cfg),
+                                 balance=cfg.data.balance, metric=cfg.tune.metric)
+        probe = make_logistic(sweep.C, device=head_device(cfg), balance=cfg.data.balance).fit(X[fit], y[fit])
         out["baseline"] = full_proba(probe.predict_proba(X[test]), probe.classes_, n_classes)
     tuned = tune_head(X[train], y[train], X[val], y[val], cfg=dataclasses.replace(cfg.tune, trials=trials, seed=seed),
-                      storage=None, study_name=study_name, device=head_device(cfg), progress=False, baseline=sweep)
+                      storage=None, study_name=study_name, device=head_device(cfg), progress=False, baseline=sweep,
+                      balance=cfg.data.balance)
     head = build_head(tuned.best_params, max_epochs=tuned.best_epoch, seed=seed, device=head_device(cfg))
     head.fit(X[fit], y[fit])
     out["tuned"] = full_proba(head.predict_proba(X[test]), head.classes_, n_classes)

@@ -26,7 +26,7 @@ def test_scores(
     ci = bootstrap_ci(correct, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
     scores = {
         "top1": metrics.top1, "top1_ci95": list(ci), "top5": metrics.top5, "macro_f1": metrics.macro_f1,
-        "per_class": metrics.per_class, "n": metrics.n,
+        "balanced_top1": metrics.balanced_top1, "per_class": metrics.per_class, "n": metrics.n,
     }
     return scores, metrics, correct
 

@@ -44,8 +44,14 @@ def _method(result: dict[str, Any]) -> str:
     return f"{method} fine-tuning"
 
 
+def _balanced(test: dict[str, Any]) -> str:
+    """Balanced top-1 as a percentage; "-" for results written before it was recorded."""
+    return pct(test["balanced_top1"]) if "balanced_top1" in test else "-"
+
+
 def _summary_table(models: list[ModelRun]) -> Table:
-    header = ["model", "method", "test top-1 [95% CI]", "top-5", "macro-F1", "val top-1", "params", "GFLOPs",
+    header = ["model", "method", "test top-1 [95% CI]", "top-5", "macro-F1", "bal. top-1", "val top-1", "params",
+              "GFLOPs",
               "extract s", "tune s", "fit s", "eval s", "img/s", "device"]
     rows: list[list[Cell]] = []
     for m in models:
@@ -57,7 +63,7 @@ def _summary_table(models: list[ModelRun]) -> Table:
         test = r["test"]
         method = _method(r) + (" = the probe" if same_as_probe(r) else "")
         rows.append([m.key, method, f"{pct(test['top1'])} {interval(test['top1_ci95'])}",
-                     pct(test["top5"]), f"{test['macro_f1']:.4f}", pct(r["val"]["top1"]), *common,
+                     pct(test["top5"]), f"{test['macro_f1']:.4f}", _balanced(test), pct(r["val"]["top1"]), *common,
                      f"{t.get('tune', 0):.1f}", f"{t.get('fit', 0) + t.get('train', 0):.1f}",
                      f"{t.get('evaluate', 0):.2f}", img_s, device])
         base = r.get("baseline") or {}
@@ -65,9 +71,11 @@ def _summary_table(models: list[ModelRun]) -> Table:
             bt = base["test"]
             rows.append([m.key, f"logistic regression (C={base['C']:.3g})",
                          f"{pct(bt['top1'])} {interval(bt['top1_ci95'])}", pct(bt["top5"]), f"{bt['macro_f1']:.4f}",
-                         pct(base["val"]["top1"]), *common, f"{t.get('baseline', 0):.1f}", "", "", img_s, device])
-    return Table(header, rows, "Test top-1 with its 95% bootstrap interval; val top-1 is the best trial's (tuned head) "
-                 "or the swept C's (baseline), a fine-tuned model's best epoch's. Seconds are wall time per stage "
+                         _balanced(bt), pct(base["val"]["top1"]), *common, f"{t.get('baseline', 0):.1f}", "", "",
+                         img_s, device])
+    return Table(header, rows, "Test top-1 with its 95% bootstrap interval; bal. top-1 is balanced accuracy (the mean "
+                 "per-class recall); val top-1 is the best trial's (tuned head) or the swept C's (baseline), a "
+                 "fine-tuned model's best epoch's, in tune.metric when another is set. Seconds are wall time per stage "
                  "(the baseline's C sweep, refit and scoring together under tune s; fine-tuning under fit s); img/s "
                  "is extraction throughput (\"cached\": features came from the cache).")
 

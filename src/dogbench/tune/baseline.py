@@ -11,8 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from dogbench.config import Balance, TuneMetric
 from dogbench.heads import FeatureData, LogisticHead
-from dogbench.tune.space import LogisticSolutions, baseline_params, logistic_key
+from dogbench.tune.space import LogisticSolutions, baseline_params, fixed_params, logistic_key
 
 BASELINE_CS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
 
@@ -20,8 +21,8 @@ BASELINE_CS: tuple[float, ...] = tuple(10.0**e for e in range(-4, 3))
 @dataclass(frozen=True)
 class BaselineResult:
     C: float
-    val_top1: float
-    curve: dict[str, float]  # str(C) -> validation top-1
+    val_top1: float  # in tune.metric (top-1 by default)
+    curve: dict[str, float]  # str(C) -> validation score
     seconds: float
     # the sweep's fitted heads by (C, label smoothing 0): they seed the search in this process; not saved
     heads: dict[tuple[float, float], LogisticHead] = field(default_factory=dict, compare=False, repr=False)
@@ -34,10 +35,11 @@ class BaselineResult:
         return cls(C=d["C"], val_top1=d["val_top1"], curve=d["curve"], seconds=d["seconds"])
 
 
-def make_logistic(C: float, *, device: str = "cpu") -> LogisticHead:
+def make_logistic(C: float, *, device: str = "cpu", balance: str = Balance.NONE,
+                  metric: str = TuneMetric.TOP1) -> LogisticHead:
     """The baseline probe: standardise, then multinomial L2 logistic regression (scikit-learn's objective),
-    solved by full-batch L-BFGS."""
-    return LogisticHead(C=C, device=device)
+    solved by full-batch L-BFGS; class-weighted with ``balance``, scored on validation by ``metric``."""
+    return LogisticHead(C=C, device=device, **fixed_params(balance=balance, metric=metric))
 
 
 def sweep_logistic_C(
@@ -48,9 +50,12 @@ def sweep_logistic_C(
     *,
     Cs: Sequence[float] = BASELINE_CS,
     device: str = "cpu",
+    balance: str = Balance.NONE,
+    metric: str = TuneMetric.TOP1,
 ) -> BaselineResult:
-    """Coarse decade sweep of C, then one refinement step at half decades around the best. Each fit
-    warm-starts from the nearest C already solved (a regularisation path); the rows are prepared once."""
+    """Coarse decade sweep of C, then one refinement step at half decades around the best, by validation
+    ``metric``. Each fit warm-starts from the nearest C already solved (a regularisation path); the rows are
+    prepared once. ``balance``: weights or sampler = a class-weighted loss (``data.balance``)."""
     start = time.perf_counter()
     data = FeatureData.from_arrays(X_train, y_train, eval_set=(X_val, y_val), device=device)
     solved = LogisticSolutions()
@@ -59,7 +64,8 @@ def sweep_logistic_C(
     def score(C: float) -> float:
         if C not in curve:
             key = logistic_key(baseline_params(C))
-            head = make_logistic(C, device=device).fit_prepared(data, init=solved.nearest(key))
+            head = make_logistic(C, device=device, balance=balance, metric=metric)
+            head.fit_prepared(data, init=solved.nearest(key))
             solved.add(key, head)
             curve[C] = float(head.best_val_top1_)
         return curve[C]

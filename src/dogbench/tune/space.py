@@ -21,7 +21,7 @@ import optuna
 import torch
 from sklearn.exceptions import ConvergenceWarning
 
-from dogbench.config import TuneConfig
+from dogbench.config import Balance, TuneConfig, TuneMetric
 from dogbench.errors import DogbenchError
 from dogbench.heads import FeatureData, Head, LogisticHead, head_class
 from dogbench.tune.studies import StudyPlan, make_pruner, run_study
@@ -39,13 +39,14 @@ WARM_STARTS_KEPT = 32  # solved logistic heads kept to warm-start later trials (
 class TuneResult:
     study_name: str
     storage: str
-    best_params: dict[str, Any]  # {"head": kind, hyper-parameters...}
-    best_val_top1: float
+    best_params: dict[str, Any]  # {"head": kind, hyper-parameters...; balance and val_metric when not the default}
+    best_val_top1: float  # the best trial's validation score in ``metric``
     best_epoch: int  # epochs to train when refitting on train+val
     n_trials: int  # trials in the study (complete + pruned + failed), this run's and earlier ones
     n_complete: int
     n_pruned: int
     history: list[dict[str, Any]] = field(default_factory=list)  # per trial: number, value, state, params
+    metric: str = TuneMetric.TOP1.value  # the validation score that chose heads, trials and epochs
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +59,7 @@ class TuneResult:
             "n_complete": self.n_complete,
             "n_pruned": self.n_pruned,
             "history": self.history,
+            "metric": self.metric,
         }
 
     @classmethod
@@ -141,9 +143,11 @@ def make_objective(
     seed: int,
     device: str = "cpu",
     solved: Mapping[tuple[float, float], LogisticHead] = (),
+    fixed: Mapping[str, Any] | None = None,
 ) -> Callable[[optuna.Trial], float]:
-    """objective(trial) -> validation top-1 of the trial's head: the best epoch's for the epoch-trained kinds
-    (reported every epoch so the pruner can stop them), the converged model's for the logistic kind.
+    """objective(trial) -> validation score of the trial's head (its ``val_metric``, top-1 unless ``fixed`` sets
+    another): the best epoch's for the epoch-trained kinds (reported every epoch so the pruner can stop them), the
+    converged model's for the logistic kind. ``fixed``: parameters every head gets (``fixed_params``).
 
     ``solved``: logistic heads already fitted on these rows (the baseline sweep's), reused for their own
     configuration and as warm starts. The rows are prepared at the first trial, once per study."""
@@ -151,7 +155,7 @@ def make_objective(
     logistic = LogisticSolutions(solved)
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest_head_params(trial, heads=heads)
+        params = {**suggest_head_params(trial, heads=heads), **(fixed or {})}
         if params["head"] == "logistic":
             key = logistic_key(params)
             head = logistic.get(key)
@@ -178,6 +182,13 @@ def make_objective(
     return objective
 
 
+def fixed_params(*, balance: str = Balance.NONE, metric: str = TuneMetric.TOP1) -> dict[str, Any]:
+    """The head parameters a study does not search (``data.balance``, ``tune.metric``), where not the default: they
+    join every trial's parameters and the best ones, so the refit, calibration and saved head use them too."""
+    fixed = {"balance": Balance(balance).value, "val_metric": TuneMetric(metric).value}
+    return {k: v for k, v in fixed.items() if v not in (Balance.NONE.value, TuneMetric.TOP1.value)}
+
+
 def tune_head(
     X_train: np.ndarray,
     y_train: np.ndarray,
@@ -190,6 +201,7 @@ def tune_head(
     device: str = "cpu",
     progress: bool = True,
     baseline: BaselineResult | None = None,
+    balance: str = Balance.NONE,
 ) -> TuneResult:
     """Run (or resume) the head study until it holds ``cfg.trials`` finished trials or ``cfg.timeout_s`` passes.
 
@@ -197,9 +209,11 @@ def tune_head(
     sweep's own fitted head when the sweep ran in this process; its other heads warm-start logistic trials. On a
     local storage the search runs on an in-memory copy, each finished trial written back as it ends (a stored
     report per epoch costs more than a linear head's epoch on SQLite); a server is searched directly, by as
-    many workers as share the study."""
+    many workers as share the study. ``cfg.metric`` scores trials and epochs; ``balance``: ``data.balance``."""
+    fixed = fixed_params(balance=balance, metric=cfg.metric)
     objective = make_objective(X_train, y_train, X_val, y_val, heads=cfg.heads, max_epochs=cfg.max_epochs,
-                               seed=cfg.seed, device=device, solved=baseline.heads if baseline is not None else {})
+                               seed=cfg.seed, device=device, solved=baseline.heads if baseline is not None else {},
+                               fixed=fixed)
     start = baseline_params(baseline.C) if baseline is not None and "logistic" in cfg.heads else None
     plan = StudyPlan(name=study_name, storage=storage, trials=cfg.trials, seed=cfg.seed, start=start,
                      pruner=make_pruner(cfg.pruner, max_epochs=cfg.max_epochs), timeout_s=cfg.timeout_s,
@@ -217,11 +231,12 @@ def tune_head(
     return TuneResult(
         study_name=study_name,
         storage=storage,
-        best_params=dict(best.params),
+        best_params={**best.params, **fixed},
         best_val_top1=float(best.value),
         best_epoch=int(best.user_attrs["best_epoch"]),
         n_trials=len(history),
         n_complete=sum(h["state"] == "COMPLETE" for h in history),
         n_pruned=sum(h["state"] == "PRUNED" for h in history),
         history=history,
+        metric=TuneMetric(cfg.metric).value,
     )

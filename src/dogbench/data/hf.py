@@ -27,9 +27,13 @@ _INSTALL = "pip install 'dogbench[hf]' (the Hugging Face datasets library)"
 
 
 def _parquet_files(path: Path) -> list[Path]:
+    """``path`` itself, or the parquet files up to three folders down (``data/train-*.parquet``,
+    ``<config>/<split>/*.parquet``): an image folder's tree is not walked to its leaves."""
     if path.is_file():
         return [path] if path.suffix == ".parquet" else []
-    return sorted(path.rglob("*.parquet")) if path.is_dir() else []
+    if not path.is_dir():
+        return []
+    return sorted(f for pattern in ("*.parquet", "*/*.parquet", "*/*/*.parquet") for f in path.glob(pattern))
 
 
 def is_hf_data(data: str | Path) -> bool:

@@ -18,7 +18,7 @@ COLUMNS = ("path", "label")  # required; "split" is optional
 
 def is_label_file(path: str | Path) -> bool:
     """Whether ``--data`` names a labels file (by its suffix), present or not."""
-    return Path(path).suffix.lower() in LABEL_FILES
+    return Path(path).suffix.lower() in LABEL_FILES and not Path(path).expanduser().is_dir()
 
 
 def _relative(text: str, where: str) -> str:

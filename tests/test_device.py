@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from dogbench.cli import main
 from dogbench.device import resolve_device
@@ -29,9 +30,13 @@ def test_cuda_without_cuda_and_unknown_names(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_predict_on_a_missing_device_exits_2_before_loading(tmp_path, capsys: pytest.CaptureFixture[str],
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from dogbench.config import resolve
+    from dogbench.rundir import RunDir
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    photo = tmp_path / "x.jpg"
-    photo.write_bytes(b"")
+    RunDir(tmp_path / "run").write_config(resolve({}, backbone_specs=["cnn=test_resnet@random"]))  # no models
+    photo = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(photo)
     assert main(["predict", str(tmp_path / "run"), str(photo), "--device", "cuda:7"]) == 2
     err = capsys.readouterr().err
     assert "CUDA is not available" in err and "Traceback" not in err

@@ -130,14 +130,14 @@ def load_run(
     cfg = run.read_config()
     if not cfg.backbones:
         raise RunFolderError(f"{run.config_path} lists no backbones")
+    features = cfg.features if batch_size is None else _with_batch(cfg.features, batch_size)
+    policy = Policy.resolve(device, features.precision)  # once, before anything else is read or loaded
     results = run.read_results() if require_heads or run.results_path.is_file() else None
     classes = run_classes(run, cfg)
     if classes is None:
         if require_heads:
             raise RunFolderError(f"{run.path} has no tuned heads yet: run `{run.rebuild('head')}` first")
         classes = ()
-    features = cfg.features if batch_size is None else _with_batch(cfg.features, batch_size)
-    policy = Policy.resolve(device, features.precision)  # once, before any model is loaded
     models: dict[str, Predictor] = {}
     for bcfg in cfg.backbones:
         backbone = load_backbone(bcfg)

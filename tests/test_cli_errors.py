@@ -74,8 +74,8 @@ CASES = {  # id: (argv with {placeholders}, what stderr must say)
     "export format": (["export", "{run}", "--out", "{base}/x", "--format", "onxx"],
                       "Unknown export format 'onxx'. Did you mean 'onnx'? Known: timm, onnx, space"),
     "export out": (["export", "{run}", "--out", "{photos}"], "--out {photos} exists and is not an empty folder"),
-    "export opset": (["export", "{run}", "--out", "{base}/x", "--opset", "0"], "opset must be at least 1, got 0"),
-    "export photos": (["export", "{run}", "--out", "{base}/x", "--photos", "{missing}"], "{missing} is not a file"),
+    "export opset": (["export", "{run}", "--out", "{base}/x", "--opset", "0"], "opset must be at least 14, got 0"),
+    "export photos": (["export", "{run}", "--out", "{base}/x", "--photos", "{missing}"], "{missing} does not exist"),
 }
 
 

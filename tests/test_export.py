@@ -27,6 +27,7 @@ import dogbench
 from conftest import CNN, DEV, ORIGINALS, free_port, gradio_or_skip, make_class_folder_layout
 from dogbench.cli import main
 from dogbench.export import ExportConfig, ExportError, Format, MLPNotExpressible, export_run, load_export
+from dogbench.export.onnx_model import max_opset
 
 onnxruntime = pytest.importorskip("onnxruntime", reason="onnxruntime comes with the export extra")
 
@@ -236,7 +237,7 @@ def test_bad_input_is_refused_by_name_and_nothing_is_written(tiny_run, tmp_path:
     cases = [
         (dict(model="dog"), "has no model 'dog'. Its models: cnn, cnn/lora"),
         (dict(cfg=ExportConfig(formats=("onnx",), opset=99)),
-         "cannot write ONNX opset 99 for this export: choose --opset 14 to 2"),
+         f"cannot write ONNX opset 99 for this export: choose --opset 14 to {max_opset()}, or"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -390,6 +391,9 @@ def test_the_export_command_writes_the_folder_and_says_what_and_why(tiny_run, tm
     assert printed.startswith("exported cnn") and "the best by validation top-1" in printed.splitlines()[0]
     assert "check timm: max |p - p_predict|" in printed
     assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in out.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # as any folder this user makes, not mkdtemp's 0700
     assert main(["export", str(tiny_run), "--out", str(out)]) == 2  # never over an export
 
 
@@ -424,3 +428,16 @@ def test_serve_takes_an_export_folder_and_runs_its_space_app(tiny_run, exported,
     monkeypatch.setattr(space, "serve_export", lambda folder, **kw: served.append((Path(folder), kw)))
     assert main(["serve", str(out), "--port", "0"]) == 0
     assert served == [(out, {"host": "127.0.0.1", "port": 0})]
+
+
+def test_onnx_without_its_extra_is_refused_in_words_before_anything_is_written(tiny_run, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"--format onnx needs onnxruntime: pip install 'dogbench\[export\]', or "
+                                          "export --format timm"):
+        export_run(tiny_run, out, ExportConfig(formats=("onnx",)))
+    assert not out.exists() and list(tmp_path.iterdir()) == []

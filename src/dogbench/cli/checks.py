@@ -48,7 +48,7 @@ class Bound:
 
 BOUNDS: dict[str, tuple[Bound, ...]] = {
     "predict": (Bound("--top-k", 1), Bound("--batch-size", 1)),
-    "export": (Bound("--opset", 1),),
+    "export": (Bound("--opset", 14),),  # export.onnx_model.MIN_OPSET, without importing torch
     "serve": (Bound("--port", 0, 65535), Bound("--concurrency", 1), Bound("--examples", 0),
               Bound("--max-upload-mb", positive=True), Bound("--max-megapixels", positive=True)),
 }
@@ -121,9 +121,9 @@ def _check_export(args: argparse.Namespace) -> None:
     if args.out.exists() and (not args.out.is_dir() or any(args.out.iterdir())):
         raise ArgumentError(f"--out {args.out} exists and is not an empty folder: give a new folder (an export is "
                             "written whole or not at all, never over another)")
-    missing = [str(p) for p in args.photos if not p.is_file()]
+    missing = [str(p) for p in args.photos if not p.exists()]
     if missing:
-        raise ArgumentError(f"--photos: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not a file")
+        raise ArgumentError(f"--photos: {', '.join(missing)} {'does' if len(missing) == 1 else 'do'} not exist")
 
 
 def nothing_readable(errors: Sequence[str]) -> str:

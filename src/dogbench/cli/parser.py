@@ -26,7 +26,10 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
         p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench tune` or `run` wrote")
     p.add_argument("--config", type=Path, help="TOML config file (see README)")
     p.add_argument("--data", help="dataset folder: Stanford Dogs (official or Kaggle layout, or the .tar "
-                   "archives) or class-per-folder images; default: the Stanford Dogs cache, downloaded if missing")
+                   "archives) or class-per-folder images; a labels file (.csv/.tsv path,label[,split]; .txt); a "
+                   "Hugging Face datasets folder, parquet file(s) or hf://owner/name; or a name: pets, flowers102, "
+                   "cifar10, cifar100, fgvc-aircraft, stanford-cars, cub200 (in the data cache, downloaded if "
+                   "torchvision can); default: the Stanford Dogs cache, downloaded if missing")
     p.add_argument("--backbone", action="append", default=[], metavar="LABEL=SPEC",
                    help="LABEL=MODEL[@WEIGHTS][,key=value...]; MODEL an alias or timm tag; WEIGHTS hub (default), "
                    "random or a file; repeatable (default: vit=vit_s16, resnet=resnet50)")
@@ -196,8 +199,9 @@ def _add_export(sub: Any) -> None:
     export.add_argument("--format", default="timm,onnx", help="comma-separated: timm, onnx, space (default "
                         "timm,onnx)")
     export.add_argument("--opset", type=int, help="ONNX opset (default: the installed torch's exporter default)")
-    export.add_argument("--photos", nargs="+", type=Path, default=(), metavar="PHOTO", help="photos the exported "
-                        "formats are checked on against predict (default: the run's own test images)")
+    export.add_argument("--photos", nargs="+", type=Path, default=(), metavar="PATH", help="photos (files or "
+                        "folders) the exported formats are checked on against predict, the first 16 of them "
+                        "(default: 16 of the run's own test images)")
 
 
 def _add_models(sub: Any) -> None:

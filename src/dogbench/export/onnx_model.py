@@ -41,6 +41,16 @@ class PixelsToProbabilities(nn.Module):
         return torch.softmax(self.model(x), dim=1)
 
 
+def check_onnx_installed() -> None:
+    """Refuse the onnx format, before anything is written, where its extra is not installed."""
+    import importlib.util
+
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ExportError(f"--format onnx needs {' and '.join(missing)}: pip install 'dogbench[export]', or export "
+                          "--format timm")
+
+
 def max_opset() -> int:
     """The newest opset both the installed torch exporter and onnx know."""
     import onnx

@@ -24,7 +24,7 @@ from dogbench.config import Precision
 from dogbench.device import Policy
 from dogbench.errors import DogbenchError
 from dogbench.export.card import CardFacts, config_digest, model_card
-from dogbench.export.onnx_model import ONNX_FILE, check_opset, onnx_proba, write_onnx
+from dogbench.export.onnx_model import ONNX_FILE, check_onnx_installed, check_opset, onnx_proba, write_onnx
 from dogbench.export.space import write_space
 from dogbench.export.spec import ExportConfig, ExportError, ExportReport, Format, ParityCheck
 from dogbench.export.timm_model import classifier_model, folded_head, save_timm
@@ -38,15 +38,17 @@ CARD_FILE = "README.md"
 
 
 def choose_model(results: RunResults, model: str | None, run: Path) -> tuple[str, str]:
-    """(label, why): the one asked for, else the best by validation top-1 (the first of equals)."""
+    """(label, why): the one asked for, else the best on validation by the run's ``tune.metric`` (the figure
+    every row records as its validation score), the first of equals."""
     labels = list(results.models)
     if model is not None:
         if model not in results.models:
             raise ExportError(f"The run {run} has no model {model!r}. Its models: {', '.join(labels)}")
         return model, "asked for"
+    metric = str(results.config.get("tune", {}).get("metric", "top1")).replace("top1", "top-1").replace("_", " ")
     best = max(labels, key=lambda label: results.models[label].val["top1"])
     others = "; ".join(f"{label} {results.models[label].val['top1']:.4f}" for label in labels if label != best)
-    return best, (f"the best by validation top-1 ({results.models[best].val['top1']:.4f}"
+    return best, (f"the best by validation {metric} ({results.models[best].val['top1']:.4f}"
                   f"{', against ' + others if others else ''})")
 
 
@@ -163,6 +165,7 @@ def export_run(run_dir: str | Path, out: str | Path, cfg: ExportConfig | None = 
     results = _finished(run)
     label, why = choose_model(results, model, run.path)
     if Format.ONNX in cfg.formats:
+        check_onnx_installed()
         check_opset(cfg.opset)
     predictor, classes, note = _predictor(run, label)
     if predictor.head is None:
@@ -181,6 +184,9 @@ def export_run(run_dir: str | Path, out: str | Path, cfg: ExportConfig | None = 
         facts = CardFacts(label, why, run.path.name, cfg.formats, opset, tuple(checks), __version__)
         (tmp / CARD_FILE).write_text(model_card(results, facts))
         files = tuple(sorted((str(p.relative_to(tmp)), p.stat().st_size) for p in tmp.rglob("*") if p.is_file()))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would leave the export readable by its writer alone
         _check_out(out)  # nobody filled it meanwhile
         os.replace(tmp, out)  # an empty folder is replaced as a whole
     except BaseException:

@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from dogbench.atomic import atomic_write_json
+from dogbench.atomic import atomic_write_bytes, atomic_write_json
 
-__all__ = ["file_digest", "file_digests"]
+__all__ = ["file_digest", "file_digests", "store_bytes"]
 
 _CHUNK = 1 << 20
 
@@ -54,3 +54,14 @@ def file_digests(paths: Sequence[Path], *, memo_dir: Path | None) -> list[str]:
         memo.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(memo, digests)
     return digests
+
+
+def store_bytes(data: bytes, folder: Path, suffix: str) -> Path:
+    """``data`` written once to ``folder/<sha256[:2]>/<sha256><suffix>`` (content-addressed): images that come
+    embedded (a ``datasets`` cell, a CIFAR batch) become files that ``data.images`` decodes like any other."""
+    digest = hashlib.sha256(data).hexdigest()
+    target = folder / digest[:2] / f"{digest}{suffix}"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+    return target

@@ -8,11 +8,10 @@ and their features are cached by content: the same photos in class folders share
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from dogbench.atomic import atomic_write_bytes
+from dogbench.data.content import store_bytes
 from dogbench.data.datasets import IMAGE_EXTENSIONS, DataNotFoundError, Dataset, DatasetLayoutError
 from dogbench.data.listing import Row, from_rows
 from dogbench.errors import DogbenchError
@@ -110,15 +109,10 @@ def _stored(image: dict[str, Any], images_dir: Path) -> Path:
         if path and Path(path).is_file():
             return Path(path)
         raise DatasetLayoutError(f"an image cell has neither bytes nor a readable file ({path!r})")
-    digest = hashlib.sha256(data).hexdigest()
     suffix = next((ext for magic, ext in _MAGIC if data.startswith(magic)), None)
     if suffix is None:
         suffix = Path(path or "").suffix.lower() if Path(path or "").suffix.lower() in IMAGE_EXTENSIONS else ".img"
-    target = images_dir / digest[:2] / f"{digest}{suffix}"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(target, data)
-    return target
+    return store_bytes(data, images_dir, suffix)
 
 
 def _row(image: dict[str, Any], label: int | None, i: int, split: str | None, names: tuple[str, ...],

@@ -87,6 +87,10 @@ def backbone_spec_table(spec: str) -> tuple[str, dict[str, Any]]:
     return label.strip(), table
 
 
+# data.root values that name a dataset (data/named.py), kept as written like hf://owner/name; ./pets is a folder
+DATASET_NAMES = ("pets", "flowers102", "cifar10", "cifar100", "fgvc-aircraft", "stanford-cars", "cub200")
+
+
 def _check_top_level(doc: Mapping[str, Any]) -> None:
     valid_top = [*SECTIONS, "backbones", "out"]
     for key in doc:
@@ -103,7 +107,7 @@ def _check_top_level(doc: Mapping[str, Any]) -> None:
 def _absolute_inputs(sections: dict[str, Any]) -> None:
     """Input paths made absolute in place, so every command finds them from any working directory."""
     data, features, tune = sections["data"], sections["features"], sections["tune"]
-    if data.root is not None and "://" not in data.root:  # hf://owner/name is a hub name, not a path
+    if data.root is not None and "://" not in data.root and data.root not in DATASET_NAMES:  # names, not paths
         data = dataclasses.replace(data, root=absolute_path(data.root))
     if data.extra_test:
         data = dataclasses.replace(data, extra_test=tuple(absolute_path(p) for p in data.extra_test))
@@ -161,7 +165,7 @@ def _anchor_paths(doc: dict[str, Any], base: Path) -> dict[str, Any]:
         return str(base / value) if isinstance(value, str) and not Path(value).expanduser().is_absolute() else value
 
     data = doc.get("data")
-    if isinstance(data, dict) and "root" in data:
+    if isinstance(data, dict) and "root" in data and data["root"] not in DATASET_NAMES:
         data["root"] = anchored(data["root"])
     if isinstance(data, dict) and isinstance(data.get("extra_test"), list):
         data["extra_test"] = [anchored(p) for p in data["extra_test"]]

@@ -1,6 +1,7 @@
 """Data: datasets (layouts, splits on samples), listing (the rows every listed layout feeds), labels (CSV, TSV,
-text), hf (Hugging Face datasets), content (file digests: the feature cache's key), download (verify, resume,
-safe extract), images (decode, RGB, EXIF), uploads (files from strangers, screened before decoding)."""
+text), hf (Hugging Face datasets), named (pets, cifar10, cub200, ... by name), content (file digests: the feature
+cache's key), download (verify, resume, safe extract), images (decode, RGB, EXIF), uploads (files from strangers,
+screened before decoding)."""
 
 from dogbench.data.datasets import (
     IMAGE_EXTENSIONS,
@@ -20,12 +21,14 @@ from dogbench.data.datasets import (
     stratified_split,
 )
 from dogbench.data.images import ImageError, clamp_box, load_image, read_image
+from dogbench.data.named import NAMED, imagenet_overlap
 from dogbench.data.uploads import UPLOAD_FORMATS, Screened, UploadError, UploadLimits, screen_upload
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "UPLOAD_FORMATS",
     "LAYOUTS",
+    "NAMED",
     "SPLITS",
     "STANFORD_DOGS",
     "DataNotFoundError",
@@ -39,6 +42,7 @@ __all__ = [
     "clamp_box",
     "detect_layout",
     "display_names",
+    "imagenet_overlap",
     "load_image",
     "open_dataset",
     "read_image",

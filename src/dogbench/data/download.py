@@ -27,6 +27,7 @@ from dogbench.data.datasets import (
 )
 from dogbench.data.hf import is_hf_data, open_hf
 from dogbench.data.labels import is_label_file, open_label_file
+from dogbench.data.named import NAMED, open_named
 from dogbench.errors import DogbenchError
 from dogbench.locks import locked
 
@@ -395,9 +396,12 @@ def _fetch_archives(folder: Path, base: str, archives: tuple[Archive, ...], miss
 
 def prepare_dataset(cfg: DataConfig, *, progress: bool = True) -> Dataset:
     """Find (or download) the data and open it: the first stage, torch-free, so a missing dataset fails fast.
-    ``data.root`` may also be a labels file (``data.labels``) or Hugging Face data (``data.hf``)."""
+    ``data.root`` may also be a labels file (``data.labels``), Hugging Face data (``data.hf``) or a dataset's
+    name (``data.named``: torchvision is imported for those)."""
     root = cfg.root
-    if root is not None and is_label_file(root):
+    if root in NAMED:
+        opened = open_named(root, cache_dir=default_cache_dir(), download=cfg.download)
+    elif root is not None and is_label_file(root):
         opened = open_label_file(root, test_fraction=cfg.test_fraction, seed=cfg.split_seed)
     elif root is not None and is_hf_data(root):
         opened = open_hf(root, images_dir=default_cache_dir() / "images", test_fraction=cfg.test_fraction,

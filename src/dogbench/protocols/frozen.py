@@ -18,7 +18,7 @@ import numpy as np
 from dogbench.architecture import describe_model
 from dogbench.backbones import BackboneInfo, load_backbone, measure_gflops, pretraining_of
 from dogbench.config import Precision, RunConfig, crops_to_box
-from dogbench.data import STANFORD_DOGS, Dataset, open_dataset, relabel_to, stratified_split
+from dogbench.data import Dataset, imagenet_overlap, open_dataset, relabel_to, stratified_split
 from dogbench.device import Policy, resolve_device, train_precision
 from dogbench.errors import DogbenchError
 from dogbench.evaluate import (
@@ -365,7 +365,7 @@ def _model_result(label: str, dataset: Dataset, bf: BackboneFeatures, tuning: Tu
         cpu_s={k: round(v, 4) for k, v in times.cpu.items()},
         throughput_img_s=feats.throughput_img_s,
         pretraining=pretraining.describe(),
-        leaky=pretraining.imagenet and dataset.name == STANFORD_DOGS,
+        leaky=pretraining.imagenet and imagenet_overlap(dataset),
         architecture=bf.architecture,
         calibration=calibration,
         extra_test=extra_test,

@@ -19,7 +19,7 @@ import safetensors.torch
 from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes
 from dogbench.backbones import load_backbone
-from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
+from dogbench.config import FROZEN, BackboneConfig, Balance, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import Policy
 from dogbench.errors import DogbenchError
@@ -445,6 +445,9 @@ def finetune_stage(
                       f"({', '.join(methods) or 'no fine-tuning'}): no weights are mixed", stacklevel=2)
     if not methods:
         return results
+    if cfg.data.balance is not Balance.NONE:
+        warnings.warn(f"data.balance = {cfg.data.balance.value} balances the frozen heads only: fine-tuning "
+                      f"({', '.join(methods)}) does not balance yet (unweighted loss, plain sampling)", stacklevel=2)
     policy = Policy.resolve(cfg.features.device, cfg.features.precision, cfg.finetune.precision)
     models = dict(results.models)
     correct: dict[str, dict[str, bool]] = {}

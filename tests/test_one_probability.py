@@ -36,10 +36,8 @@ def calibrated_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     for label in LABELS:
         meta_path = RunDir(run_dir).head_dir(label) / META_FILE
         meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "temperature": 2.5}))
-    records_file = run_dir / "explanations" / EXPLANATIONS_FILE
-    records = json.loads(records_file.read_text())  # made before the new temperature: the report makes them again
-    records_file.write_text(json.dumps([{k: v for k, v in r.items() if k != "calibrated"} for r in records]))
-    return run_dir, Path(records[0]["image"])
+    records = json.loads((run_dir / "explanations" / EXPLANATIONS_FILE).read_text())
+    return run_dir, Path(records[0]["image"])  # explained with the old temperature: the report makes them again
 
 
 def _top3(pairs) -> list[tuple[str, float]]:
@@ -81,7 +79,7 @@ def test_predict_explain_report_and_demo_show_one_top3(calibrated_run: tuple[Pat
     for label in LABELS:
         _same(f"report panel {label}", _top3(panels[label]), want[label])
     records = json.loads((run_dir / "explanations" / EXPLANATIONS_FILE).read_text())
-    assert all(r["calibrated"] is True for r in records)  # made again, with the temperature now in the heads
+    assert all(r["calibrated"] is True and r["head"] == RunDir(run_dir).head_digest(r["label"]) for r in records)
 
     demo = Demo.from_run_dir(run_dir, ServeConfig(top_k=3))
     answer = demo.answer(photo, explain=False).to_dict()  # what /classify returns, before its top-k cut

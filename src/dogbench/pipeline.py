@@ -218,8 +218,10 @@ def report_stage(run_dirs: list[Path], out_dir: Path, cfg: ReportConfig, *, prog
             models = list(run.models.values())
             ids = select_examples(models, n=cfg.examples, seed=cfg.seed)[: cfg.explain]
             explained = [r.get("sample_id") for r in run.explanations[:: len(models)]]
-            if explained == ids and all(r.get("calibrated") for r in run.explanations):
-                continue  # these very images are explained already (with predict's calibrated top-3)
+            heads = {label: RunDir(run.path).head_digest(label) for label in run.models}
+            if explained == ids and all(r.get("calibrated") and r.get("head") == heads.get(r["label"])
+                                        for r in run.explanations):
+                continue  # these very images, explained with today's heads (predict's calibrated top-3)
             try:
                 device = str(resolve_device(RunDir(run.path).read_config().features.device))
                 if progress:

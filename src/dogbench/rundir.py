@@ -24,6 +24,7 @@ rebuilds it; nothing else in the folder is touched.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import time
 import zipfile
@@ -119,6 +120,16 @@ class RunDir:
 
     def head_dir(self, label: str) -> Path:
         return self.path / label / HEAD_DIR
+
+    def head_digest(self, label: str) -> str:
+        """sha256 over ``label``'s head files (its weights, temperature, identity); "" without a head. What
+        explanations record, so that a refitted or recalibrated head makes them stale."""
+        folder = self.head_dir(label)
+        files = sorted(f for f in folder.iterdir() if f.is_file()) if folder.is_dir() else []
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        return digest.hexdigest() if files else ""
 
     def predictions_path(self, label: str) -> Path:
         return self.path / label / PREDICTIONS_FILE

@@ -18,7 +18,7 @@ from dogbench.explain.maps import Box, ExplainError, explain_image
 from dogbench.inference import LoadedRun
 from dogbench.names import architecture_title
 from dogbench.report import plots
-from dogbench.rundir import EXPLANATIONS_FILE
+from dogbench.rundir import EXPLANATIONS_FILE, RunDir
 
 
 def overlay(
@@ -90,10 +90,11 @@ def explain_run(
     ``images`` are paths or (path, box) pairs (box in original pixels: drawn on the overlays, or the crop the
     models see when the run used ``data.crop_to_box``). Per image: ``<stem>__<label>.png`` (overlay) for each
     model and ``<stem>.png`` (input | overlays with titles and top-3). Returns one record per (image, model):
-    {image, stem, label, model, method, png, figure, top3 [[name, calibrated p]], target, calibrated}, plus
-    ``extra[i]``'s fields for the i-th image (e.g. its sample id).
+    {image, stem, label, model, method, png, figure, top3 [[name, calibrated p]], target, calibrated, head (the
+    head files' digest: ``RunDir.head_digest``)}, plus ``extra[i]``'s fields for the i-th image (e.g. its sample id).
     """
     out_dir = Path(out_dir)
+    heads = {label: RunDir(run.path).head_digest(label) for label in run.models}
     records: list[dict[str, Any]] = []
     used: set[str] = set()
     for i, entry in enumerate(images):
@@ -114,7 +115,8 @@ def explain_run(
                 "image": str(path), "stem": stem, "label": label, "model": tag,
                 "method": explanation.method, "png": png, "figure": f"{stem}.png",
                 "top3": [[name, round(p, 6)] for name, p in explanation.top3],
-                "target": explanation.target, "calibrated": True, **(extra[i] if extra else {}),
+                "target": explanation.target, "calibrated": True, "head": heads[label],
+                **(extra[i] if extra else {}),
             })
         first = explanations[0]  # the input panel shows the first backbone's view (input sizes may differ)
         atomic_write_bytes(out_dir / f"{stem}.png", side_by_side(first.image, panels, box=first.box))

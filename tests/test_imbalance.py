@@ -156,3 +156,8 @@ def test_a_balanced_run_records_its_metric_and_balanced_scores(balanced_run: tup
     summary = (out / "summary.txt").read_text()
     assert "bal. top1" in summary
     assert "chosen on validation balanced top1 (tune.metric" in summary and "balanced by weights" in summary
+    from dogbench.report import load_runs
+    from dogbench.report.why import caveats
+
+    said = " ".join(caveats(load_runs([out])))  # the report and the demo say it under the verdict
+    assert "chosen on validation balanced top1" in said and "paired tests still compare per-image correctness" in said

@@ -12,8 +12,8 @@ Layout (``R`` = the run folder)::
     R/<label>/<method>/              a fine-tuned model (row "<label>/<method>"): model.json, backbone.safetensors
                                      (LoRA merged), adapter.safetensors (LoRA), head/, predictions.npz, train/<key>/
                                      (state.pt, best-epoch<N>.safetensors, params.json: one per trained configuration)
-    R/explanations/                  the report's overlays + explanations.json
-    R/explanations/photos/           `dogbench explain`'s overlays (default --out)
+    R/explanations/                  the report's overlays + explanations.json (`dogbench explain` writes to
+                                     ./explanations/<run> instead, never into the run folder)
     R/report.html, report.md, report.json, report_files/
     R/.lock                          held by a process writing into the folder
 

@@ -109,8 +109,9 @@ def _caveat(m: ModelResult, name: ModelName) -> list[str]:
         return []
     return ["## Caveat: the test photos may have been seen in pretraining", "",
             f"The backbone was pretrained on {name.pretraining_detail or name.pretraining}, which holds ImageNet's "
-            "photos, and Stanford Dogs is a subset of ImageNet: some test photos (or near-copies) were likely in "
-            "the pretraining data, so the test figures above may be optimistic for new photos."]
+            "photos, and the test photos may be among them (Stanford Dogs is a subset of ImageNet): some test "
+            "photos (or near-copies) were likely in the pretraining data, so the test figures above may be "
+            "optimistic for new photos."]
 
 
 def _usage(facts: CardFacts, preprocess: dict[str, Any]) -> list[str]:

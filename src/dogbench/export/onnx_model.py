@@ -28,7 +28,8 @@ MIN_OPSET = 14  # scaled_dot_product_attention (ViTs) needs 14
 
 
 class PixelsToProbabilities(nn.Module):
-    """uint8 pixels -> normalised float32 -> the timm model -> softmax (its classifier holds the temperature)."""
+    """uint8 pixels -> normalised float32 -> the backbone and the folded head (standardisation and temperature in
+    its weights) -> softmax."""
 
     def __init__(self, model: nn.Module, preprocess: Preprocess) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ import numpy as np
 from dogbench.data import STANFORD_DOGS
 from dogbench.names import ModelName, model_name
 from dogbench.report.runs import ModelRun, RunFolder, aligned
+from dogbench.results import selection_note
 
 SAME = 1e-12  # two accuracies this close are the same count of right answers
 
@@ -28,9 +29,12 @@ def title(models: list[ModelRun], names: dict[str, ModelName]) -> str:
 
 
 def same_as_probe(result: dict[str, Any]) -> bool:
-    """A frozen model whose tuned head scores exactly as its C-swept logistic-regression probe on the test images."""
+    """A frozen model whose tuned head is its C-swept logistic-regression probe: a logistic head with the
+    probe's C, no label smoothing, and the same test top-1."""
     base = result.get("baseline") or {}
-    return (result.get("method", "frozen") == "frozen" and bool(base)
+    params = (result.get("head") or {}).get("params") or {}
+    return (result.get("method", "frozen") == "frozen" and bool(base) and params.get("head") == "logistic"
+            and params.get("C") == base.get("C") and not params.get("label_smoothing")
             and abs(result["test"]["top1"] - base["test"]["top1"]) < SAME)
 
 
@@ -142,7 +146,10 @@ def _leaky(run: RunFolder) -> list[str]:
         return []
     which = "both models" if len(leaky) == 2 == len(run.results["models"]) else \
         ("the model" if len(leaky) == 1 else "these models")
-    out = [f"Stanford Dogs is a subset of ImageNet, and {which} {'was' if len(leaky) == 1 else 'were'} pretrained "
+    dataset = run.results.get("dataset", {}).get("name", "")
+    overlap = ("Stanford Dogs is a subset of ImageNet" if dataset == "stanford-dogs" else
+               f"{dataset or 'This dataset'}'s photos may be among ImageNet-family photos")
+    out = [f"{overlap}, and {which} {'was' if len(leaky) == 1 else 'were'} pretrained "
            f"on ImageNet-family data: {'; '.join(_pretrained_on(k, m) for k, m in leaky)}.",
            "Some test photos may have been seen in pretraining, so these accuracies may be optimistic; results.json "
            "flags such models as leaky. The comparison between equally exposed models is still fair."]
@@ -166,6 +173,9 @@ def caveats(runs: list[RunFolder]) -> list[str]:
                        f"({ds.get('split_source')}), so the figures are not comparable with published ones.")
         if ds.get("skipped"):
             out.append(f"{prefix}{ds['skipped']} unreadable images were skipped (listed in results.json).")
+        note = selection_note(run.results.get("config", {}))
+        if note:
+            out.append(f"{prefix}{note[0].upper()}{note[1:]}")
     return out
 
 

@@ -159,6 +159,19 @@ def test_parquet_files_read_like_the_saved_folder(folders: Dataset, tmp_path: Pa
     _same_listing(from_parquet, from_folder)
 
 
+def test_parquet_files_without_split_names_are_one_set_split_with_the_seed(folders: Dataset, tmp_path: Path) -> None:
+    saved = datasets.load_from_disk(str(save_hf(folders, tmp_path / "hf")))
+    for i, split in enumerate(("train", "test")):
+        saved[split].to_parquet(str(tmp_path / "pq" / f"part-{i}.parquet"))
+    unsplit = open_hf(tmp_path / "pq", images_dir=tmp_path / "images", test_fraction=0.25, seed=0)
+    assert unsplit.split_source != "listed" and len(unsplit.split("test")) > 0  # not all "train"
+    assert len(unsplit.samples) == len(folders.samples)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "train.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DatasetLayoutError, match="Cannot read the parquet files of"):
+        open_hf(tmp_path / "bad", images_dir=tmp_path / "images", test_fraction=0.25, seed=0)
+
+
 def test_a_datasets_folder_without_a_classlabel_is_one_line_exit_2(folders: Dataset, tmp_path: Path,
                                                                    capsys) -> None:
     hf = save_hf(folders, tmp_path / "hf", class_label=False)
@@ -208,9 +221,11 @@ def _check_shared(results: list[dict]) -> None:
 def test_the_same_images_in_three_layouts_share_their_features(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.mktemp("layouts")
     data = make_class_folder_layout(base / "data", classes=("cat", "dog", "fox"), n_train=6, n_test=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:  # convergence and the like; never a skipped image
+        warnings.simplefilter("always")
         _check_shared(_three_runs(base, data))
+    assert not [str(w.message) for w in caught if "image" in str(w.message) and ("skipped" in str(w.message)
+                                                                               or "unreadable" in str(w.message))]
 
 
 @pytest.mark.skipif(not (shared_dir() / "data").exists(), reason="../shared/data is absent")
@@ -223,6 +238,8 @@ def test_real_dogs_in_three_layouts_share_their_features(tmp_path_factory: pytes
             target = base / "data" / ("train" if i < 6 else "test") / breed / photo.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(photo, target)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:  # convergence and the like; never a skipped image
+        warnings.simplefilter("always")
         _check_shared(_three_runs(base, base / "data"))
+    assert not [str(w.message) for w in caught if "image" in str(w.message) and ("skipped" in str(w.message)
+                                                                               or "unreadable" in str(w.message))]

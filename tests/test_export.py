@@ -428,6 +428,8 @@ def test_serve_takes_an_export_folder_and_runs_its_space_app(tiny_run, exported,
     monkeypatch.setattr(space, "serve_export", lambda folder, **kw: served.append((Path(folder), kw)))
     assert main(["serve", str(out), "--port", "0"]) == 0
     assert served == [(out, {"host": "127.0.0.1", "port": 0})]
+    with pytest.warns(UserWarning, match="--max-upload-mb, --concurrency do not apply to an export folder"):
+        assert main(["serve", str(out), "--port", "0", "--max-upload-mb", "5", "--concurrency", "4"]) == 0
 
 
 def test_onnx_without_its_extra_is_refused_in_words_before_anything_is_written(tiny_run, tmp_path: Path,

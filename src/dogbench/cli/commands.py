@@ -93,8 +93,15 @@ def _serve(args: argparse.Namespace) -> int:
     from dogbench.export.spec import is_export
 
     if is_export(args.run_dir):
+        from dogbench.cli.parser import build_parser
         from dogbench.export import serve_export
 
+        defaults = build_parser().parse_args(["serve", str(args.run_dir)])
+        ignored = [f"--{k.replace('_', '-')}" for k in ("device", "max_upload_mb", "max_megapixels", "concurrency",
+                                                       "examples") if getattr(args, k) != getattr(defaults, k)]
+        if ignored:
+            warnings.warn(f"{', '.join(ignored)} do not apply to an export folder: its Space app serves one model "
+                          "on the CPU with Gradio's own upload handling", stacklevel=1)
         serve_export(args.run_dir, host=args.host, port=args.port)
         return 0
     from dogbench.serve import ServeConfig, serve

@@ -1,8 +1,9 @@
 """``dogbench predict``: photos (files and folders) -> every model's top-k breeds as a table, JSON or CSV.
 
 A missing or unreadable file is a line of the output that says why, and the other photos are still predicted;
-``--strict`` stops at the first one instead (exit 2, after writing what was predicted before it). Every file's
-header is read before any model is loaded, so a batch with nothing readable in it fails in about a second.
+``--strict`` stops at the first one instead, exit 2: a file whose header is bad stops it before any model is
+loaded (nothing is written); one that only fails to decode stops it after what was predicted before it is written.
+Every file's header is read before any model is loaded, so a batch with nothing readable fails in about a second.
 """
 
 from __future__ import annotations

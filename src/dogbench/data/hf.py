@@ -51,14 +51,15 @@ def _datasets() -> Any:
     return datasets
 
 
-def _split_of(name: str) -> str:
-    """A parquet file's split from its name (``train-00000-of-00002.parquet``, ``data/test/...``); else train."""
+def _split_of(name: str) -> str | None:
+    """A parquet file's split from its name (``train-00000-of-00002.parquet``, ``data/test/...``); None when no
+    part of it names one (the files then make one unsplit set, split with the seed like a single file)."""
     parts = Path(name).with_suffix("").parts
     for part in reversed(parts):
         head = part.split("-", 1)[0].lower()
         if head in SPLIT_NAMES:
             return head
-    return "train"
+    return None
 
 
 def _load(datasets: Any, data: str) -> dict[str | None, Any]:
@@ -67,26 +68,29 @@ def _load(datasets: Any, data: str) -> dict[str | None, Any]:
         name = data[len(HUB_PREFIX):]
         try:
             loaded = datasets.load_dataset(name)
-        except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated: all one message to the user
+        except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated, a config to choose: one line each
             reason = str(exc).split("\n", 1)[0]
-            raise DataNotFoundError(
-                f"Cannot load {data} from the Hugging Face hub ({reason}). Without internet here: on a machine "
-                f"with it run datasets.load_dataset({name!r}).save_to_disk('FOLDER'), copy FOLDER here and pass "
-                "--data FOLDER") from None
+            offline = isinstance(exc, ConnectionError | OSError | TimeoutError) or "offline" in reason.lower() or \
+                "connect" in reason.lower()
+            advice = (f" Without internet here: on a machine with it run datasets.load_dataset({name!r})"
+                      ".save_to_disk('FOLDER'), copy FOLDER here and pass --data FOLDER" if offline else "")
+            raise DataNotFoundError(f"Cannot load {data} from the Hugging Face hub: {reason}.{advice}") from None
         return dict(loaded)
     path = Path(data).expanduser()
     if any((path / m).is_file() for m in SAVED_MARKERS):
         loaded = datasets.load_from_disk(str(path))
         return dict(loaded) if isinstance(loaded, datasets.DatasetDict) else {None: loaded}
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     parts: dict[str | None, list[Any]] = {}
-    for file in _parquet_files(path):
-        rel = str(file.relative_to(path)) if path.is_dir() else file.name
-        parts.setdefault(_split_of(rel) if path.is_dir() else None, []).append(pq.read_table(file))
-    import pyarrow as pa
-
-    return {split: datasets.Dataset(pa.concat_tables(tables)) for split, tables in parts.items()}
+    try:
+        for file in _parquet_files(path):
+            rel = str(file.relative_to(path)) if path.is_dir() else file.name
+            parts.setdefault(_split_of(rel) if path.is_dir() else None, []).append(pq.read_table(file))
+        return {split: datasets.Dataset(pa.concat_tables(tables)) for split, tables in parts.items()}
+    except (pa.ArrowException, OSError) as err:
+        raise DatasetLayoutError(f"Cannot read the parquet files of {path}: {str(err).splitlines()[0]}") from None
 
 
 def _columns(datasets: Any, features: Any, where: str) -> tuple[str, str]:

@@ -362,11 +362,13 @@ def test_efficientnet_lite0_export_agrees_with_predict_on_real_photos(tmp_path: 
             folder = tmp_path / "dogs" / ("train" if i < 5 else "test") / breed
             folder.mkdir(parents=True, exist_ok=True)
             (folder / shot.name).symlink_to(shot)
-    assert main(["run", "--data", str(tmp_path / "dogs"), "--out", str(tmp_path / "run"), "--cache-dir",
-                 str(tmp_path / "cache"), "--backbone", f"cnn=tf_efficientnet_lite0@{CNN}", *FAST]) == 0
+    assert main(["finetune", "--data", str(tmp_path / "dogs"), "--out", str(tmp_path / "run"), "--cache-dir",
+                 str(tmp_path / "cache"), "--backbone", f"cnn=tf_efficientnet_lite0@{CNN}", *FAST, "--methods",
+                 "lora", "--epochs", "1", "--set", "finetune.batch_size=4"]) == 0  # a frozen and a LoRA row
     photos = sorted((ORIGINALS / "Images").rglob("*.jpg"))[::4][:20]
-    report = export_run(tmp_path / "run", tmp_path / "out", ExportConfig(photos=tuple(photos), check_images=20))
-    assert report.label == "cnn" and report.why.startswith("the best by validation top-1")
+    report = export_run(tmp_path / "run", tmp_path / "out", ExportConfig(photos=tuple(photos), check_images=20),
+                        model="cnn")
+    assert report.label == "cnn" and report.why == "asked for"
     onnx_check = next(c for c in report.checks if c.format is Format.ONNX)  # onnxruntime on predict's pixels
     assert onnx_check.n_images == 20 and onnx_check.max_abs_diff <= 1e-4 and onnx_check.top1_agree == 20
 
@@ -381,6 +383,14 @@ def test_efficientnet_lite0_export_agrees_with_predict_on_real_photos(tmp_path: 
     assert (plain.argmax(1) == predicted.argmax(1)).all()
     np.testing.assert_allclose(plain, decoded_with_pil, atol=1e-4)
     np.testing.assert_allclose(_onnx(tmp_path / "out", photos[:4]), decoded_with_pil[:4], atol=1e-4)
+
+    lora = export_run(tmp_path / "run", tmp_path / "lora", ExportConfig(formats=("timm",), photos=tuple(photos),
+                                                                         check_images=20),
+                      model="cnn/lora")  # the fine-tuned row, its LoRA merged (ONNX: the same graph as above)
+    assert [(c.n_images, c.top1_agree) for c in lora.checks] == [(20, 20)]
+    assert max(c.max_abs_diff for c in lora.checks) <= 1e-4
+    tuned = dogbench.load_run(tmp_path / "run").models["cnn/lora"].predict_proba(photos)[0]
+    assert (_plain_timm(tmp_path / "lora", photos).argmax(1) == tuned.argmax(1)).all()
 
 
 def test_the_export_command_writes_the_folder_and_says_what_and_why(tiny_run, tmp_path: Path, capsys) -> None:

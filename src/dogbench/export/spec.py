@@ -11,8 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from dogbench.errors import DogbenchError
+from dogbench.rundir import RESULTS_FILE
 
 TOLERANCE = 1e-4  # largest probability difference an exported model may show against dogbench's predict path
+CONFIG_FILE = "config.json"  # timm's, written by save_for_hf
+WEIGHTS_FILE = "model.safetensors"
+DOGBENCH_KEY = "dogbench"  # config.json's record of where the export came from (timm ignores it)
 CHECK_IMAGES = 16  # the run's own test images an export is checked on when no photos are given
 
 
@@ -22,11 +26,11 @@ class ExportError(DogbenchError, ValueError):
 
 def is_export(folder: Path) -> bool:
     """Whether ``folder`` holds a dogbench export (timm's config.json with its "dogbench" record) and no run."""
-    config = Path(folder) / "config.json"
-    if not (Path(folder) / "model.safetensors").is_file() or (Path(folder) / "results.json").exists():
+    config = Path(folder) / CONFIG_FILE
+    if not (Path(folder) / WEIGHTS_FILE).is_file() or (Path(folder) / RESULTS_FILE).exists():
         return False
     try:
-        return isinstance(json.loads(config.read_text()).get("dogbench"), dict)
+        return isinstance(json.loads(config.read_text()).get(DOGBENCH_KEY), dict)
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -24,13 +24,10 @@ import torch
 from torch import nn
 
 from dogbench.backbones import Backbone
-from dogbench.export.spec import ExportError
+from dogbench.export.spec import CONFIG_FILE, DOGBENCH_KEY, WEIGHTS_FILE, ExportError
 from dogbench.heads import Activation, Head, MLPHead
 
 ABSENT = -1e4  # logit of a class the head never saw: exp(-1e4 - max) is 0 in float32
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-DOGBENCH_KEY = "dogbench"  # config.json's record of where the export came from (timm ignores it)
 ACTIVATIONS: dict[Activation, type[nn.Module]] = {Activation.GELU: nn.GELU, Activation.RELU: nn.ReLU}
 
 

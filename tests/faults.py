@@ -245,11 +245,14 @@ def disk_points(total: int, n: int, *, seed: int, least: int = 4096) -> list[str
 def preload() -> None:
     """Import what a ``dogbench run`` imports (torch, timm, optuna, sklearn, matplotlib: seconds per command),
     once, in the harness: the forked children start from it. No torch op runs here, so no thread pool starts."""
+    import torch.utils.tensorboard  # noqa: F401 - the default tracker's writer
+
     import dogbench.cli  # noqa: F401
     import dogbench.explain  # noqa: F401
     import dogbench.pipeline  # noqa: F401
     import dogbench.protocols.finetune  # noqa: F401
     import dogbench.report.render  # noqa: F401
+    import dogbench.track  # noqa: F401
     import dogbench.training  # noqa: F401
 
 

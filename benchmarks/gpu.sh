@@ -1,11 +1,13 @@
 #!/bin/bash
 # The GPU figures of docs/BENCHMARKS.md part 7 (run from the repository root on a CUDA machine):
 #   bash benchmarks/gpu.sh OUT [PARTS]      PARTS: any of env bf16 fp32 vits oom tune base w15 b128 b128w15 tunecpu
+#                                                  ft ddp export serve (fine-tuning full and LoRA in bf16, torchrun on
+#                                                  one GPU, export parity of the fine-tuned run, the demo under load)
 # Data: the first PER_CLASS images (sorted names) of each class folder of SRC, each copied COPIES times into
 # /tmp/dogs-xCOPIES (class folders; distinct files with the same bytes). On the H100 of part 7, SRC was a
 # copy of that 20-per-class slice carried to the machine. Results: OUT/res.tgz, re-packed after every step.
 # PY: the Python to use (dogbench is run from src/ through PYTHONPATH, so the machine's torch is kept).
-OUT=${1:?out dir}; PARTS=${2:-"env bf16 fp32 vits oom tune"}; BUDGET=${BUDGET:-570}
+OUT=${1:?out dir}; PARTS=${2:-"env bf16 ft ddp export serve fp32 vits oom tune"}; BUDGET=${BUDGET:-570}
 SRC=${SRC:-../shared/data/stanford-dogs-dev/Images}; PER_CLASS=${PER_CLASS:-20}
 PY=${PY:-python3}; IMAGES=${IMAGES:-8192}; REPEATS=${REPEATS:-3}; COPIES=${COPIES:-4}; BIG_IMAGES=${BIG_IMAGES:-4096}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -42,5 +44,12 @@ base) run base 120 $BENCH $BB --images $IMAGES --no-recipe --out $RES/base $EXTR
 w15) run w15 120 $BENCH $BB --images $IMAGES --no-recipe --set features.num_workers=15 --out $RES/w15 $EXTRA;;
 b128) run b128 120 $BENCH $BB --images $IMAGES --no-recipe --batch-size 128 --out $RES/b128 $EXTRA;;
 b128w15) run b128w15 120 $BENCH $BB --images $IMAGES --no-recipe --batch-size 128 --set features.num_workers=15 --out $RES/b128w15 $EXTRA;;
+ft) run ft 200 $PY -m dogbench.cli finetune --data $DATA --out $RES/ft --cache-dir $RES/cache --backbone vit_s16=vit_s16@random \
+  --methods full,lora --epochs 1 --trials 2 --set features.precision='"bf16"' --set finetune.precision='"bf16"' \
+  --set report.enabled=false --quiet;;
+ddp) run ddp 120 $PY -m torch.distributed.run --standalone --nproc-per-node 1 -m dogbench.cli extract --data $DATA \
+  --out $RES/ddp --cache-dir $RES/cache-ddp $BB --quiet;;
+export) run export 90 $PY -m dogbench.cli export $RES/ft --out $RES/export --format timm,onnx;;
+serve) run serve 120 $PY benchmarks/serve_load.py --run $RES/ft --users 20 --rounds 3 --json $RES/serve.json;;
 esac; done
 echo "=== done after $SECONDS s"; ls -la $OUT

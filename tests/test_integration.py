@@ -128,13 +128,15 @@ def test_predict_names_every_original_photo_and_the_api_agrees(
     photos = collect_images([images])
     assert [p["image"] for p in doc["predictions"]] == [str(p) for p in photos] and len(photos) == 80
     assert all(p["error"] is None and len(p["models"]["cnn"]) == 5 for p in doc["predictions"])
-    api = dogbench.load_run(real_run_dir).predict(photos, top_k=5)
-    for printed, answer in zip(doc["predictions"], api, strict=True):
+    every = slice(None, None, 4)  # the API on 20 of the 80 photos, every breed: a quarter of its time
+    api = dogbench.load_run(real_run_dir).predict(photos[every], top_k=5)
+    for printed, answer in zip(doc["predictions"][every], api, strict=True):
         for label in ("cnn", "vit"):
             assert [t["breed"] for t in printed["models"][label]] == [b for b, _ in answer.top[label]]
             assert [t["p"] for t in printed["models"][label]] == pytest.approx([q for _, q in answer.top[label]],
                                                                                  abs=1e-9)
     # the originals are the dev set's breeds: the CNN's top-1 on these whole photos (6-way here)
     truth = [p.parent.name.split("-", 1)[1].replace("_", " ") for p in photos]
-    top1 = sum(a.top["cnn"][0][0] == t for a, t in zip(api, truth, strict=True)) / len(photos)
+    top1 = sum(m["cnn"][0]["breed"] == t for m, t in zip((p["models"] for p in doc["predictions"]), truth,
+                                                          strict=True)) / len(photos)
     assert top1 >= 0.6, top1

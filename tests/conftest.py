@@ -291,14 +291,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def postgres_url() -> str:
-    url = os.environ.get("DOGBENCH_TEST_POSTGRES")
+def service_url(variable: str, what: str, example: str) -> str:
+    """The URL of a server ``.ci/run`` starts (``variable``): skipped without it, a failure under CI."""
+    url = os.environ.get(variable)
     if not url:
-        why = "no PostgreSQL server: set DOGBENCH_TEST_POSTGRES=postgresql://USER@HOST:PORT/DB (.ci/run starts one)"
+        why = f"no {what} server: set {variable}={example} (.ci/run starts one)"
         if os.environ.get("CI"):
             pytest.fail(why)
         pytest.skip(why)
     return url
+
+
+def postgres_url() -> str:
+    return service_url("DOGBENCH_TEST_POSTGRES", "PostgreSQL", "postgresql://USER@HOST:PORT/DB")
 
 
 # ---------------------------------------------------------------- a real run on a slice of ../shared

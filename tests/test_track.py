@@ -175,12 +175,9 @@ def test_an_unreachable_mlflow_server_is_one_warning_and_the_same_results(
 
 
 def test_a_real_mlflow_server_reads_back_a_tiny_run(tracked, tmp_path: Path) -> None:
-    url = os.environ.get("DOGBENCH_TEST_MLFLOW")
-    if not url:
-        why = "no MLflow server: set DOGBENCH_TEST_MLFLOW=http://127.0.0.1:PORT (.ci/run starts one)"
-        if os.environ.get("CI"):
-            pytest.fail(why)
-        pytest.skip(why)
+    from conftest import service_url
+
+    url = service_url("DOGBENCH_TEST_MLFLOW", "MLflow", "http://127.0.0.1:PORT")
     base, _, _ = tracked
     run = tmp_path / "run"
     args = ["run", "--data", str(base / "data"), "--out", str(run), *CNN, "--cache-dir", str(base / "cache"),

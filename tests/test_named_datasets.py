@@ -248,24 +248,3 @@ def test_a_failed_download_is_the_same_one_line(cache: Path, monkeypatch: pytest
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no network" in err and "downloading is off" not in err, err
     assert f"download {NAMED['pets'].source}" in err
-
-
-class _Stop(Exception):
-    """Raised where fine-tuning would start training: the test only needs what happens before."""
-
-
-@pytest.mark.parametrize("balance", ["weights", "none"])
-def test_fine_tuning_says_once_that_it_does_not_balance(balance: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from dogbench.protocols import finetune
-
-    def stop(*args: object) -> None:
-        raise _Stop
-
-    monkeypatch.setattr(finetune, "Policy", type("Policy", (), {"resolve": staticmethod(stop)}))
-    cfg = from_mapping({"data": {"balance": balance}, "finetune": {"methods": ["frozen", "lora"]}})
-    with warnings.catch_warnings(record=True) as caught, pytest.raises(_Stop):
-        warnings.simplefilter("always")
-        finetune.finetune_stage(cfg, None, None, {}, {}, None)  # type: ignore[arg-type]
-    said = [str(w.message) for w in caught if "balance" in str(w.message)]
-    assert said == ([f"data.balance = {balance} balances the frozen heads only: fine-tuning (lora) does not "
-                     "balance yet (unweighted loss, plain sampling)"] if balance != "none" else [])

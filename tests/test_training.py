@@ -309,14 +309,14 @@ def test_wise_mix_interpolates_the_weights_and_keeps_counters() -> None:
 
 def test_standalone_validation_scores_the_best_epoch_as_training_did(data: TrainData, tmp_path: Path) -> None:
     """WiSE-FT compares its mixes with training's own validation figure: the two scorers must agree."""
-    from dogbench.training import load_best, validation_top1
+    from dogbench.training import load_best, validation_score
 
     params = params_for("full", "cnn", epochs=2)
     backbone = load_for_training(TINY["cnn"], params)
     t = build_trainable(backbone, data.n_classes, params)
     out = train(t, backbone, data, params, train_files(tmp_path), policy=POLICY, progress=False)
     load_best(t, out.best_path)
-    assert validation_top1(t, backbone, data, params, policy=POLICY) == out.best_val_top1
+    assert validation_score(t, backbone, data, params, policy=POLICY) == out.best_val_top1
 
 
 def test_a_training_state_that_would_run_code_is_refused_and_its_payload_never_runs(data: TrainData,

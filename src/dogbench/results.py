@@ -232,9 +232,9 @@ def selection_note(config: Mapping[str, Any]) -> str | None:
     balance = config.get("data", {}).get("balance", "none")
     if metric == "top1" and balance == "none":
         return None
-    return (f"frozen heads and their trials chosen on validation {metric.replace('_', ' ')} (tune.metric; 'val "
-            f"top1' holds it), classes balanced by {balance} (data.balance; fine-tuned rows are neither); the "
-            "paired tests still compare per-image correctness on test (top-1).")
+    return (f"heads, trials and fine-tuning epochs chosen on validation {metric.replace('_', ' ')} (tune.metric; "
+            f"'val top1' holds it), classes balanced by {balance} (data.balance, frozen and fine-tuned rows alike); "
+            "the paired tests still compare per-image correctness on test (top-1).")
 
 
 def verdict(comparison: dict[str, Any], names: Mapping[str, ModelName] | None = None) -> str:

@@ -138,15 +138,21 @@ def _predictions(module: nn.Module, X: torch.Tensor) -> torch.Tensor:
 
 
 def val_scores(module: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
-    """Every ``TuneMetric`` of ``module`` on (X, y): top-1; balanced top-1, the mean recall of the classes present
-    in ``y`` (scikit-learn's ``balanced_accuracy_score``); macro-F1 over the classes in ``y`` or predicted."""
+    """Every ``TuneMetric`` of ``module`` on (X, y) (``confusion_scores``)."""
     pred = _predictions(module, X)
     n_classes = int(max(int(y.max()), int(pred.max()))) + 1
-    confusion = torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes).view(n_classes, n_classes)
+    return confusion_scores(torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
+                            .view(n_classes, n_classes))
+
+
+def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:
+    """Every ``TuneMetric`` from a (true, predicted) count matrix: top-1; balanced top-1, the mean recall of the
+    classes with rows (scikit-learn's ``balanced_accuracy_score``); macro-F1 over the classes with rows or
+    predictions. Fine-tuning's validation sums the matrix over its ranks first."""
     tp, support, predicted = confusion.diag().double(), confusion.sum(1).double(), confusion.sum(0).double()
     seen, present = support > 0, (support + predicted) > 0
     return {
-        TuneMetric.TOP1.value: float(tp.sum() / X.shape[0]),
+        TuneMetric.TOP1.value: float(tp.sum() / support.sum()),
         TuneMetric.BALANCED_TOP1.value: float((tp[seen] / support[seen]).mean()),
         TuneMetric.MACRO_F1.value: float((2 * tp[present] / (support[present] + predicted[present])).mean()),
     }
@@ -169,12 +175,18 @@ def balanced_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
     return weights.float()
 
 
-def _loss(logits: torch.Tensor, y: torch.Tensor, *, label_smoothing: float,
-          weight: torch.Tensor | None) -> torch.Tensor:
-    """Mean cross-entropy, each row weighted by its class's ``weight`` (sum over rows / n, as scikit-learn's)."""
+def weighted_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, label_smoothing: float = 0.0,
+                           weight: torch.Tensor | None) -> torch.Tensor:
+    """Mean cross-entropy, each row weighted by its class's ``weight`` (sum over rows / n, as scikit-learn's).
+    ``target``: class indices, or (n, C) soft targets (mixup / cutmix, smoothing already in them), whose row
+    weight is the targets' mix of the class weights."""
+    if target.ndim == 2:
+        loss = -(target * F.log_softmax(logits, dim=-1)).sum(-1)
+        return (loss if weight is None else loss * (target @ weight.to(target.dtype))).mean()
     if weight is None:
-        return F.cross_entropy(logits, y, label_smoothing=label_smoothing)
-    return (F.cross_entropy(logits, y, label_smoothing=label_smoothing, reduction="none") * weight[y]).mean()
+        return F.cross_entropy(logits, target, label_smoothing=label_smoothing)
+    return (F.cross_entropy(logits, target, label_smoothing=label_smoothing, reduction="none")
+            * weight[target]).mean()
 
 
 def _epoch_loss(
@@ -186,7 +198,7 @@ def _epoch_loss(
     for start in range(0, X.shape[0], batch_size):
         xb, yb = X[start : start + batch_size], y[start : start + batch_size]
         with torch.autocast(X.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = _loss(module(xb), yb, label_smoothing=label_smoothing, weight=weight)
+            loss = weighted_cross_entropy(module(xb), yb, label_smoothing=label_smoothing, weight=weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -283,7 +295,7 @@ def lbfgs(
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = _loss(module(X), y, label_smoothing=label_smoothing, weight=weight)
+        loss = weighted_cross_entropy(module(X), y, label_smoothing=label_smoothing, weight=weight)
         loss = loss + 0.5 * l2 * module.weight.pow(2).sum()
         loss.backward()
         return loss

@@ -19,7 +19,7 @@ import safetensors.torch
 from dogbench import distributed
 from dogbench.atomic import atomic_write_bytes
 from dogbench.backbones import load_backbone
-from dogbench.config import FROZEN, BackboneConfig, Balance, RunConfig, crops_to_box
+from dogbench.config import FROZEN, BackboneConfig, RunConfig, crops_to_box
 from dogbench.data import Dataset, Sample
 from dogbench.device import Policy
 from dogbench.errors import DogbenchError
@@ -55,7 +55,7 @@ from dogbench.training import (
     load_state,
     resolve_params,
     train,
-    validation_top1,
+    validation_score,
     wise_mix,
 )
 from dogbench.tune import StudyPlan, make_logistic, make_pruner, run_study, sweep_logistic_C
@@ -174,7 +174,7 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
     state) or on a database server (``tune.storage``), shared by as many workers as run it: exactly
     ``finetune.trials`` finished trials in all, a seed per worker, a dead worker's trial run again (``run_study``)."""
     f = cfg.finetune
-    base = resolve_params(f, method, is_vit=is_vit, policy=policy)
+    base = resolve_params(f, method, is_vit=is_vit, policy=policy, balance=cfg.data.balance, metric=cfg.tune.metric)
     if f.trials == 0:
         trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, policy=policy, progress=progress)
         return trainable, base, outcome, {}
@@ -396,10 +396,10 @@ def _wise(cfg: RunConfig, bcfg: BackboneConfig, trainable: Any, data: TrainData,
     backbone = load_for_training(bcfg, params)
     start = build_trainable(backbone, data.n_classes, params, head_init=probe).model.state_dict()
     tuned = {k: v.detach().clone() for k, v in trainable.model.state_dict().items()}
-    curve = {1.0: validation_top1(trainable, backbone, data, params, policy=policy)}
+    curve = {1.0: validation_score(trainable, backbone, data, params, policy=policy)}
     for alpha in sorted(set(cfg.finetune.wise) - {1.0}):
         trainable.model.load_state_dict(wise_mix(start, tuned, alpha))
-        curve[alpha] = validation_top1(trainable, backbone, data, params, policy=policy)
+        curve[alpha] = validation_score(trainable, backbone, data, params, policy=policy)
     best = max(curve, key=lambda a: (curve[a], a))
     trainable.model.load_state_dict(wise_mix(start, tuned, best))
     return {"alpha": best, "val_top1": curve[best], "curve": {str(a): v for a, v in sorted(curve.items())}}
@@ -445,9 +445,6 @@ def finetune_stage(
                       f"({', '.join(methods) or 'no fine-tuning'}): no weights are mixed", stacklevel=2)
     if not methods:
         return results
-    if cfg.data.balance is not Balance.NONE:
-        warnings.warn(f"data.balance = {cfg.data.balance.value} balances the frozen heads only: fine-tuning "
-                      f"({', '.join(methods)}) does not balance yet (unweighted loss, plain sampling)", stacklevel=2)
     policy = Policy.resolve(cfg.features.device, cfg.features.precision, cfg.finetune.precision)
     models = dict(results.models)
     correct: dict[str, dict[str, bool]] = {}

@@ -1,7 +1,15 @@
 """Fine-tuning one timm backbone with a linear head: recipe, model, data, state, validation and the loop
 (docs/notes/training.md tells the whole story)."""
 
-from dogbench.training.data import TrainData, TrainImages, epoch_batches, sample_seed, seeded, usable_batches
+from dogbench.training.data import (
+    TrainData,
+    TrainImages,
+    draw_probabilities,
+    epoch_batches,
+    sample_seed,
+    seeded,
+    usable_batches,
+)
 from dogbench.training.loop import LoopState, Stepper, TrainOutcome, train
 from dogbench.training.model import (
     Classifier,
@@ -29,7 +37,7 @@ from dogbench.training.recipe import (
     training_precision,
 )
 from dogbench.training.state import STATE_FORMAT, TrainFiles, load_state
-from dogbench.training.validate import Validator, validation_proba, validation_top1
+from dogbench.training.validate import Validator, validation_proba, validation_score
 
 __all__ = [
     "DEFAULT_DROP_PATH", "METHOD_DEFAULTS", "STATE_FORMAT", "Classifier", "LoopState", "Stepper", "TrainData",
@@ -37,5 +45,5 @@ __all__ = [
     "base_name", "build_trainable", "epoch_batches", "export", "layer_map", "load_best", "load_for_training",
     "load_last", "load_state", "lora_targets", "lr_factor", "new_head", "param_groups", "resolve_params",
     "sample_seed", "seeded", "set_train_mode", "train", "training_precision", "usable_batches", "validation_proba",
-    "validation_top1", "wise_mix",
+    "validation_score", "wise_mix", "draw_probabilities",
 ]

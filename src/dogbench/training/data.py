@@ -89,20 +89,31 @@ class TrainImages:
             return self.transform(image)
 
 
-def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int) -> list[np.ndarray]:
+def draw_probabilities(labels: np.ndarray) -> np.ndarray:
+    """Each training image's chance of a draw under ``data.balance = sampler``: every class (with images) equally
+    likely, the images of a class equally likely within it."""
+    counts = np.bincount(labels)
+    return 1.0 / (counts[labels] * np.count_nonzero(counts))
+
+
+def epoch_batches(n: int, batch_size: int, *, seed: int, epoch: int,
+                  draw: np.ndarray | None = None) -> list[np.ndarray]:
     """The epoch's shuffled micro-batches (seeded by (seed, epoch)); the last incomplete one is dropped (batch
-    norm and a stable step size want full batches) unless there is only one."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    norm and a stable step size want full batches) unless there is only one. ``draw``: the images' draw
+    probabilities (``draw_probabilities``): the epoch is then n draws with replacement, seeded the same way, so a
+    replayed or resumed epoch draws the same images."""
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n) if draw is None else rng.choice(n, size=n, replace=True, p=draw)
     full = n // batch_size
     if full == 0:
         return [order]
     return [order[i * batch_size : (i + 1) * batch_size] for i in range(full)]
 
 
-def usable_batches(n: int, params: TrainParams, *, epoch: int) -> list[np.ndarray]:
+def usable_batches(n: int, params: TrainParams, *, epoch: int, draw: np.ndarray | None = None) -> list[np.ndarray]:
     """The epoch's batches that make whole optimizer steps (``grad_accum`` micro-batches each; all of them when
     there are fewer than one step's worth)."""
-    batches = epoch_batches(n, params.batch_size, seed=params.seed, epoch=epoch)
+    batches = epoch_batches(n, params.batch_size, seed=params.seed, epoch=epoch, draw=draw)
     if len(batches) >= params.grad_accum:
         return batches[: len(batches) - len(batches) % params.grad_accum]
     return batches

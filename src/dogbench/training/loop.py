@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from dogbench import distributed, track
 from dogbench.atomic import atomic_write_bytes, atomic_write_json
 from dogbench.backbones import Backbone, Preprocess
-from dogbench.config import Precision
+from dogbench.config import Balance, Precision, TuneMetric
 from dogbench.device import Policy, accelerator_indices, cpu_cores
 from dogbench.features.cache import cache_key
-from dogbench.training.data import TrainData, TrainImages, sample_seed, seeded, usable_batches
+from dogbench.heads.fit import balanced_weights
+from dogbench.training.data import TrainData, TrainImages, draw_probabilities, sample_seed, seeded, usable_batches
 from dogbench.training.model import Trainable, set_train_mode
-from dogbench.training.recipe import TrainingError, TrainParams, lr_factor, param_groups
+from dogbench.training.recipe import TrainingError, TrainParams, loss_function, lr_factor, param_groups
 from dogbench.training.state import STATE_FORMAT, TrainFiles, load_state, rng_state, save_state, set_rng_state, tensors
 from dogbench.training.validate import VAL_BATCH_SIZE, Validator
 
@@ -67,8 +68,8 @@ class Stepper:
     (``forward_model``; ``model`` stays the plain module)."""
 
     def __init__(self, trainable: Trainable, preprocess: Preprocess, params: TrainParams, *, policy: Policy,
-                 n_classes: int, total_steps: int, steps_per_epoch: int) -> None:
-        from timm.loss import SoftTargetCrossEntropy
+                 n_classes: int, total_steps: int, steps_per_epoch: int,
+                 class_weights: torch.Tensor | None = None) -> None:
 
         self.model, self.preprocess, self.params, self.policy = trainable.model, preprocess, params, policy
         self.device, self.memory_format = policy.device, policy.memory_format(is_vit=trainable.is_vit)
@@ -90,8 +91,8 @@ class Stepper:
 
             self.mixer = Mixup(mixup_alpha=params.mixup, cutmix_alpha=params.cutmix,
                                label_smoothing=params.label_smoothing, num_classes=n_classes)
-        self.loss_fn = SoftTargetCrossEntropy() if self.mixer is not None else nn.CrossEntropyLoss(
-            label_smoothing=params.label_smoothing)
+        self.loss_fn = loss_function(params, mixed=self.mixer is not None, class_weights=class_weights,
+                                     device=self.device)
 
     def _parallel(self, device: torch.device) -> nn.Module:
         """The module the forward pass runs: DDP around ``model`` under torchrun (CUDA batch norms synced)."""
@@ -238,7 +239,7 @@ def run_loop(loop: Loop, state: LoopState, *, label: str, progress: bool,
                desc=f"{params.method} {label}" + (f" ({loop.ranks.world} ranks)" if loop.ranks.world > 1 else ""),
                disable=not (progress and loop.ranks.main))
     if params.method == "lp-ft" and not state.resumed:  # where LP-FT starts: the probe's head, pretrained
-        state.start_val = loop.validator.top1(loop.trainable.model)
+        state.start_val = loop.validator.scores(loop.trainable.model)[params.metric]
     pool = ThreadPoolExecutor(max_workers=cpu_cores(), thread_name_prefix="train-decode")
     try:
         while not state.done and state.epoch < params.epochs:
@@ -282,8 +283,11 @@ def _setup(trainable: Trainable, preprocess: Preprocess, data: TrainData, params
         files.state.parent.mkdir(parents=True, exist_ok=True)
     _check_sizes(data, params, ranks)
     steps_per_epoch = max(1, max(1, len(data.train) // params.batch_size) // params.grad_accum)
+    weights = balanced_weights(torch.from_numpy(data.train_labels.astype(np.int64)), data.n_classes) \
+        if params.balance == Balance.WEIGHTS else None
     stepper = Stepper(trainable, preprocess, params, policy=policy, n_classes=data.n_classes,
-                      total_steps=steps_per_epoch * params.epochs, steps_per_epoch=steps_per_epoch)
+                      total_steps=steps_per_epoch * params.epochs, steps_per_epoch=steps_per_epoch,
+                      class_weights=weights)
     images = TrainImages(data.train, preprocess, params, crop_to_box=data.crop_to_box,
                          reduced_decode=data.reduced_decode)
     validator = Validator(data, preprocess, policy=policy, is_vit=trainable.is_vit,
@@ -323,7 +327,17 @@ def _resume(loop: Loop) -> LoopState:
 
 
 def _plan(loop: Loop, epoch: int) -> list[np.ndarray]:
-    return usable_batches(len(loop.data.train), loop.params, epoch=epoch)
+    """The epoch's micro-batches of image indices (class-balanced draws under ``data.balance = sampler``)."""
+    draw = draw_probabilities(loop.data.train_labels) if loop.params.balance == Balance.SAMPLER else None
+    return usable_batches(len(loop.data.train), loop.params, epoch=epoch, draw=draw)
+
+
+def _augment_keys(loop: Loop, state: LoopState, rows: np.ndarray) -> np.ndarray:
+    """What seeds each image's augmentation in this epoch: its index, or under the sampler (which may draw an
+    image twice in an epoch) the draw's position, so each draw gets its own crop."""
+    if loop.params.balance != Balance.SAMPLER:
+        return rows
+    return len(loop.data.train) + state.position * loop.params.batch_size + np.arange(len(rows))
 
 
 def train_one_epoch(loop: Loop, state: LoopState, pool: ThreadPoolExecutor, bar: Any) -> None:
@@ -348,10 +362,10 @@ def train_one_epoch(loop: Loop, state: LoopState, pool: ThreadPoolExecutor, bar:
 def train_batch(loop: Loop, state: LoopState, batches: list[np.ndarray], decoded: list[Any]) -> None:
     """Forward and backward of micro-batch ``state.position`` (``decoded``: this rank's images of it)."""
     rows = batches[state.position]
-    local = loop.mine(rows)
+    local, keys = loop.mine(rows), loop.mine(_augment_keys(loop, state, rows))
     seed, epoch = loop.params.seed, state.epoch
-    x = torch.stack([loop.images.augment(img, sample_seed(seed, epoch, int(i)))
-                     for img, i in zip(decoded, local, strict=True)])
+    x = torch.stack([loop.images.augment(img, sample_seed(seed, epoch, int(k)))
+                     for img, k in zip(decoded, keys, strict=True)])
     last = (state.position + 1) % loop.params.grad_accum == 0 or state.position + 1 == len(batches)
     loss = loop.stepper.forward_backward(x, torch.from_numpy(loop.data.train_labels[local].astype(np.int64)),
                                          sync=last)
@@ -378,11 +392,13 @@ def optimizer_step(loop: Loop, state: LoopState, bar: Any, t0: float, *, epoch_e
 def end_epoch(loop: Loop, state: LoopState) -> float:
     """Validate the epoch, keep its weights when it is the best so far, count epochs without improvement,
     save the state, and remove best-epoch files the state no longer names; the epoch's validation top-1."""
-    evaluated = loop.stepper.evaluated
-    top1 = loop.validator.top1(evaluated)
+    evaluated, metric = loop.stepper.evaluated, loop.params.metric
+    scores = loop.validator.scores(evaluated)
+    top1 = scores[metric]  # tune.metric's value (top-1 by default): what picks the best epoch and prunes trials
     state.history.append({"epoch": state.epoch + 1, "train_loss": state.epoch_loss[0] / max(1, state.epoch_loss[1]),
-                          "val_top1": top1, "lr": float(loop.stepper.optimizer.param_groups[0]["lr"]),
-                          "step": state.step})
+                          "val_top1": scores[TuneMetric.TOP1.value],
+                          **({f"val_{metric}": top1} if metric != TuneMetric.TOP1 else {}),
+                          "lr": float(loop.stepper.optimizer.param_groups[0]["lr"]), "step": state.step})
     if top1 > state.best["val_top1"]:
         # a file per best epoch, written before the state that names it: a kill between the two leaves the
         # state's own best file in place (the newer one is replaced when the epoch is replayed)

@@ -6,12 +6,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from dogbench.config import FINETUNE_METHODS, FinetuneConfig, Precision
+import torch
+from torch import nn
+
+from dogbench.config import FINETUNE_METHODS, Balance, FinetuneConfig, Precision, TuneMetric
 from dogbench.device import Policy
 from dogbench.errors import DogbenchError
+from dogbench.heads.fit import weighted_cross_entropy
 
 if TYPE_CHECKING:
     from dogbench.training.model import Trainable
@@ -61,10 +67,17 @@ class TrainParams:
     precision: str  # "bf16" or "fp32" (what autocast runs)
     grad_checkpointing: bool
     seed: int
+    balance: str = Balance.NONE.value  # data.balance: none | weights (class-weighted loss) | sampler (balanced draws)
+    metric: str = TuneMetric.TOP1.value  # tune.metric: the validation score that picks the epoch and the trial
 
     def to_dict(self) -> dict[str, Any]:
+        """The fields, less ``balance`` and ``metric`` at their defaults: a state saved before they existed is
+        still this training's (its digest is unchanged)."""
         d = dataclasses.asdict(self)
         d["crop_scale"] = list(self.crop_scale)
+        for key, default in (("balance", Balance.NONE.value), ("metric", TuneMetric.TOP1.value)):
+            if d[key] == default:
+                del d[key]
         return d
 
 
@@ -79,10 +92,12 @@ def training_precision(cfg: FinetuneConfig, policy: Policy) -> str:
 
 
 def resolve_params(
-    cfg: FinetuneConfig, method: str, *, is_vit: bool, policy: Policy, **overrides: Any
+    cfg: FinetuneConfig, method: str, *, is_vit: bool, policy: Policy, balance: str = Balance.NONE,
+    metric: str = TuneMetric.TOP1, **overrides: Any
 ) -> TrainParams:
     """The config's settings for ``method`` with its defaults filled in; ``overrides`` (a trial's suggestions:
-    lr, layer_decay, weight_decay, lora_rank) win over both."""
+    lr, layer_decay, weight_decay, lora_rank) win over both. ``balance`` and ``metric``: ``data.balance`` and
+    ``tune.metric``."""
     if method not in FINETUNE_METHODS:
         raise TrainingError(f"Unknown fine-tuning method '{method}'. Valid methods: {', '.join(FINETUNE_METHODS)}")
     d = METHOD_DEFAULTS[method]
@@ -102,6 +117,7 @@ def resolve_params(
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * rank, lora_dropout=cfg.lora_dropout,
         partial_blocks=cfg.partial_blocks, freeze_bn_stats=cfg.freeze_bn_stats, patience=cfg.patience,
         precision=precision, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed,
+        balance=Balance(balance).value, metric=TuneMetric(metric).value,
     )
     return dataclasses.replace(params, **overrides)
 
@@ -145,3 +161,17 @@ def lr_factor(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def loss_function(params: TrainParams, *, mixed: bool, class_weights: torch.Tensor | None,
+                  device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss: cross-entropy with label smoothing, on mixup / cutmix's soft targets when they mix
+    (timm's ``SoftTargetCrossEntropy``), each row weighted by its class's ``class_weights`` (``data.balance =
+    weights``: n / (K n_k), as the frozen heads weight theirs)."""
+    if class_weights is not None:
+        return partial(weighted_cross_entropy, weight=class_weights.to(device), label_smoothing=params.label_smoothing)
+    if mixed:
+        from timm.loss import SoftTargetCrossEntropy
+
+        return SoftTargetCrossEntropy()
+    return nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)

@@ -11,6 +11,7 @@ from dogbench.backbones import Backbone, Preprocess
 from dogbench.data import ImageError
 from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
+from dogbench.heads.fit import confusion_scores
 from dogbench.training.data import TrainData
 from dogbench.training.model import Classifier, Trainable
 from dogbench.training.recipe import TrainParams
@@ -54,14 +55,14 @@ class Validator:
         with torch.inference_mode():
             return torch.softmax(torch.nn.functional.linear(X, weight, bias), dim=1).cpu().numpy()
 
-    def top1(self, module: Classifier) -> float:
-        """Validation top-1 of ``module`` over every rank's images."""
-        right = int((self.proba(module).argmax(1) == self.labels).sum()) if len(self.labels) else 0
-        if self.world == 1:
-            return float(right / len(self.labels))
-        counts = distributed.all_sum(torch.tensor([right, len(self.labels)], dtype=torch.float64,
-                                                  device=self.policy.device))
-        return float(counts[0] / counts[1])
+    def scores(self, module: Classifier) -> dict[str, float]:
+        """Every ``TuneMetric`` of ``module`` on the validation images of every rank (their confusion counts
+        summed over the ranks)."""
+        pred, k = self.proba(module).argmax(1), self.n_classes
+        confusion = torch.from_numpy(np.bincount(self.labels * k + pred, minlength=k * k).reshape(k, k))
+        if self.world > 1:
+            confusion = distributed.all_sum(confusion.to(self.policy.device, torch.float64)).cpu()
+        return confusion_scores(confusion)
 
 
 def validation_proba(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
@@ -74,8 +75,10 @@ def validation_proba(trainable: Trainable, backbone: Backbone, data: TrainData, 
     return validator.proba(trainable.model)
 
 
-def validation_top1(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
-                    policy: Policy) -> float:
-    """Top-1 on ``data.val`` as training's per-epoch validation scores it (``validation_proba``)."""
-    proba = validation_proba(trainable, backbone, data, params, policy=policy)
-    return float((proba.argmax(1) == data.val_labels).mean())
+def validation_score(trainable: Trainable, backbone: Backbone, data: TrainData, params: TrainParams, *,
+                     policy: Policy) -> float:
+    """``params.metric`` (top-1 by default) on ``data.val``, as training's per-epoch validation scores it
+    (``validation_proba``)."""
+    pred, k = validation_proba(trainable, backbone, data, params, policy=policy).argmax(1), data.n_classes
+    confusion = np.bincount(data.val_labels * k + pred, minlength=k * k).reshape(k, k)
+    return confusion_scores(torch.from_numpy(confusion))[params.metric]

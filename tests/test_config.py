@@ -339,8 +339,8 @@ def test_saved_config_keeps_its_key_order() -> None:
                            "track", "out"]
     assert list(saved["tune"]) == ["trials", "timeout_s", "heads", "max_epochs", "storage", "seed", "baseline",
                                    "pruner", "device", "study", "heartbeat_s", "grace_s", "metric"]
-    assert list(saved["finetune"])[:3] == ["methods", "epochs", "batch_size"] and list(saved["finetune"])[-3:] == [
-        "trials", "pruner", "seed"]
+    assert list(saved["finetune"])[:3] == ["methods", "epochs", "batch_size"] and list(saved["finetune"])[-5:] == [
+        "trials", "pruner", "seed", "re_prob", "budget_s"]
 
 
 def test_every_declaration_names_a_field_of_its_section() -> None:

@@ -84,6 +84,16 @@ class TuneMetric(StrEnum):
     MACRO_F1 = "macro_f1"
 
 
+class Tta(StrEnum):
+    """Test-time augmentation: each image's probabilities averaged over views of it. NONE = the one centre crop,
+    FLIP = it and its mirror (timm's validate.py, fastai's tta), FLIP_CROPS = those and the four corner crops of
+    the resized image with their mirrors (ten views, as the ten-crop evaluation of AlexNet / ResNet)."""
+
+    NONE = "none"
+    FLIP = "flip"
+    FLIP_CROPS = "flip+crops"
+
+
 class Decoder(StrEnum):
     """How images are decoded: AUTO = libjpeg-turbo and a uint8 tensor resize where they apply, PIL = timm's own."""
 
@@ -251,11 +261,14 @@ class FinetuneConfig(Section):
     trials: int = 0  # Optuna trials over lr, layer decay, weight decay (and LoRA rank) on validation; 0 = defaults
     pruner: Pruner = Pruner.HYPERBAND  # multi-fidelity pruning of trials on per-epoch validation top-1
     seed: int = 0
+    re_prob: float = 0.0  # random erasing probability (timm's create_transform re_prob; 0 = off); DeiT uses 0.25
+    budget_s: float | None = None  # wall seconds the recipe search may spend (finetune.trials at most); None = no limit
 
     constraints = {
         "methods": NonEmpty(Method), "epochs": Interval(1), "batch_size": Interval(1), "grad_accum": Interval(1),
         "partial_blocks": Interval(1), "trials": Interval(0), "checkpoint_every": Interval(0),
         "lora_rank": Interval(1), "patience": Interval(1), "ema_decay": Interval(0, 1, closed="left"),
+        "re_prob": Interval(0, 1), "budget_s": Interval(1),
         "wise": Each(Interval(0, 1, hint="0 = the start, 1 = the fine-tuned weights")),
     }
     checks = (_no_fp16_training, _crop_scale_in_unit)
@@ -269,6 +282,7 @@ class EvalConfig(Section):
     n_bootstrap: int = 2000
     seed: int = 0
     seeds: int = 1  # repeat split, search, refit and scoring with seeds 0..N-1 (seed 0 is the run itself)
+    tta: Tta = Tta.NONE  # test-time augmentation of test scoring, predict, serve and export: none | flip | flip+crops
 
     constraints = {"seeds": Interval(1)}
 

@@ -197,7 +197,7 @@ KILL_SCRIPT = textwrap.dedent("""
     from dogbench.training import build_trainable, load_for_training, train
     images, out, kill_at = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
     data = make_data(images)
-    params = params_for("full", "vit", epochs=2, drop_path=0.2, color_jitter=0.4)
+    params = params_for("full", "vit", epochs=2, drop_path=0.2, color_jitter=0.4, **{recipe!r})
     backbone = load_for_training(TINY["vit"], params)
     t = build_trainable(backbone, data.n_classes, params)
     def on_step(step):
@@ -210,8 +210,11 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 def test_sigkill_mid_epoch_then_the_same_command_gives_bitwise_equal_weights(tmp_path: Path) -> None:
+    """With the recipe's random parts on (drop-path, colour jitter, random erasing, mixup / cutmix, whose draws
+    come from numpy's global RNG, and the EMA, whose weights are the best epoch's)."""
     script = tmp_path / "train_once.py"
-    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent)))
+    recipe = {"ema_decay": 0.9, "mixup": 0.8, "cutmix": 1.0, "re_prob": 0.5}
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).parent), recipe=recipe))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def run(out: Path, kill_at: int) -> subprocess.CompletedProcess:
@@ -236,11 +239,15 @@ def test_sigkill_mid_epoch_then_the_same_command_gives_bitwise_equal_weights(tmp
     assert a["model"].keys() == b["model"].keys()
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["ema"] is not None and a["ema"].keys() == b["ema"].keys()
+    for k in a["ema"]:
+        assert torch.equal(a["ema"][k], b["ema"][k]), k
+    assert not all(torch.equal(a["ema"][k], a["model"][k.removeprefix("module.")]) for k in a["ema"])
     assert a["best"] == b["best"]
     best_a = safetensors.torch.load_file(tmp_path / "whole" / f"best-epoch{a['best']['epoch']}.safetensors")
     best_b = safetensors.torch.load_file(tmp_path / "killed" / f"best-epoch{b['best']['epoch']}.safetensors")
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
-    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert a["history"] == b["history"]
 
 
 def test_a_corrupt_training_state_is_named_and_nothing_is_overwritten(data: TrainData, tmp_path: Path) -> None:
@@ -294,6 +301,35 @@ def test_the_optional_recipe_parts_train_and_resume(data: TrainData, tmp_path: P
     again = train(build_trainable(load_for_training(TINY["vit"], params), data.n_classes, params), backbone, data,
                   params, train_files(tmp_path), policy=POLICY, progress=False)
     assert again.resumed and again.history == out.history
+
+
+@pytest.mark.parametrize("re_prob", [0.0, 1.0])
+def test_random_erasing_puts_a_noise_box_into_every_view_at_1_and_none_at_0(re_prob: float, tmp_path: Path) -> None:
+    """A flat grey image stays flat through crop and flip: any other pixel is erasing's noise, inside one box;
+    the same seed gives the same view (a replayed epoch's pixels)."""
+    from PIL import Image
+
+    from dogbench.training import TrainImages
+
+    params = params_for("full", "cnn", re_prob=re_prob, color_jitter=0.0)
+    assert ("re_prob" in params.to_dict()) == (re_prob > 0)  # at 0, saved states keep their digest
+    path = tmp_path / "grey.png"
+    Image.new("RGB", (40, 36), (120, 120, 120)).save(path)
+    images = TrainImages([Sample(path, "grey", 0, "train", None)], load_for_training(TINY["cnn"], params).preprocess,
+                         params, crop_to_box=False, reduced_decode=False)
+    decoded = images.decode(0)
+    for seed in range(8):
+        x = images.augment(decoded, seed)
+        assert x.dtype == torch.uint8 and x.shape == (3, 32, 32)
+        assert torch.equal(x, images.augment(decoded, seed))
+        erased = (x != 120).any(dim=0)
+        if re_prob == 0:
+            assert not erased.any()
+            continue
+        rows, cols = erased.any(dim=1).nonzero().flatten(), erased.any(dim=0).nonzero().flatten()
+        assert len(rows) and len(cols), f"seed {seed}: nothing erased"
+        box = erased[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.float().mean() > 0.9 and erased.sum() == box.sum()  # noise fills one rectangle
 
 
 def test_wise_mix_interpolates_the_weights_and_keeps_counters() -> None:

@@ -1,5 +1,6 @@
-"""Training data: the split's images, their seeded augmentation (timm's training transform, seeded per
-(seed, epoch, image) so a replayed epoch sees the same pixels) and the seeded order of an epoch's batches."""
+"""Training data: the split's images, their seeded augmentation (timm's training transform and random erasing,
+seeded per (seed, epoch, image) so a replayed epoch sees the same pixels) and the seeded order of an epoch's
+batches."""
 
 from __future__ import annotations
 
@@ -64,11 +65,13 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class TrainImages:
     """Training images: decoded (reduced-size for large JPEGs) in a thread pool ahead of the step that needs
     them, then augmented by timm's training transform (random resized crop, flip, colour jitter or RandAugment)
-    in the training thread, seeded per (seed, epoch, image) so a resumed epoch sees the same pixels."""
+    and random erasing in the training thread, seeded per (seed, epoch, image) so a resumed epoch sees the same
+    pixels."""
 
     def __init__(self, samples: Sequence[Sample], preprocess: Preprocess, params: TrainParams, *,
                  crop_to_box: bool, reduced_decode: bool) -> None:
         from timm.data import create_transform
+        from timm.data.random_erasing import RandomErasing
 
         self.samples = tuple(samples)
         self.crop_to_box = crop_to_box
@@ -79,14 +82,32 @@ class TrainImages:
             auto_augment=params.randaugment, interpolation=preprocess.interpolation, mean=preprocess.mean,
             std=preprocess.std,
         )
+        # timm's uint8 (prefetcher) transform leaves erasing to its loader, after normalisation: done here instead,
+        # per image, in timm's train.py mode (per-pixel normal noise in normalised units)
+        self.eraser = RandomErasing(params.re_prob, mode="pixel", device="cpu") if params.re_prob > 0 else None
+        self.mean = torch.tensor(preprocess.mean).view(-1, 1, 1)
+        self.std = torch.tensor(preprocess.std).view(-1, 1, 1)
 
     def decode(self, index: int) -> Any:
         sample = self.samples[index]
         return load_image(sample.path, box=sample.box if self.crop_to_box else None, min_side=self.min_side)
 
     def augment(self, image: Any, seed: int) -> torch.Tensor:
+        """One image's (3, H, W) uint8 training view, the same for the same ``seed``."""
         with seeded(seed):
-            return self.transform(image)
+            x = self.transform(image)
+            return x if self.eraser is None else self.erase(x)
+
+    def erase(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with timm's random erasing (at its chance ``re_prob``): the box's noise, drawn in normalised
+        units, back in uint8 pixels (clipped to 0..255) so that normalising on the device gives timm's values."""
+        noise = torch.full(x.shape, float("nan"))
+        self.eraser(noise)  # writes noise into the erased box, leaves NaN elsewhere
+        box = ~noise.isnan()
+        if not box.any():
+            return x
+        pixels = ((self.mean + self.std * noise) * 255).round().clamp(0, 255).to(torch.uint8)
+        return torch.where(box, pixels, x)
 
 
 def draw_probabilities(labels: np.ndarray) -> np.ndarray:

@@ -69,13 +69,14 @@ class TrainParams:
     seed: int
     balance: str = Balance.NONE.value  # data.balance: none | weights (class-weighted loss) | sampler (balanced draws)
     metric: str = TuneMetric.TOP1.value  # tune.metric: the validation score that picks the epoch and the trial
+    re_prob: float = 0.0  # random erasing: each training image's chance of an erased (noise-filled) box
 
     def to_dict(self) -> dict[str, Any]:
-        """The fields, less ``balance`` and ``metric`` at their defaults: a state saved before they existed is
-        still this training's (its digest is unchanged)."""
+        """The fields, less ``balance``, ``metric`` and ``re_prob`` at their defaults: a state saved before they
+        existed is still this training's (its digest is unchanged)."""
         d = dataclasses.asdict(self)
         d["crop_scale"] = list(self.crop_scale)
-        for key, default in (("balance", Balance.NONE.value), ("metric", TuneMetric.TOP1.value)):
+        for key, default in (("balance", Balance.NONE.value), ("metric", TuneMetric.TOP1.value), ("re_prob", 0.0)):
             if d[key] == default:
                 del d[key]
         return d
@@ -117,7 +118,7 @@ def resolve_params(
         lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * rank, lora_dropout=cfg.lora_dropout,
         partial_blocks=cfg.partial_blocks, freeze_bn_stats=cfg.freeze_bn_stats, patience=cfg.patience,
         precision=precision, grad_checkpointing=cfg.grad_checkpointing, seed=cfg.seed,
-        balance=Balance(balance).value, metric=TuneMetric(metric).value,
+        balance=Balance(balance).value, metric=TuneMetric(metric).value, re_prob=cfg.re_prob,
     )
     return dataclasses.replace(params, **overrides)
 

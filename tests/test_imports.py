@@ -32,7 +32,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("inference",),
     ("explain",),
     ("export",),
-    ("pipeline", "bench", "serve"),
+    ("pipeline", "bench", "serve", "screen"),
     ("cli", "__init__", "__main__"),
 )
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}

@@ -13,7 +13,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "dogbench"
 
 # Upstream first. A package (data, features, protocols, report) is one layer: its modules may import each other.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "atomic", "locks", "names"),
+    ("errors", "atomic", "locks", "names", "ledger"),
     ("config",),
     ("device", "distributed"),
     ("track",),

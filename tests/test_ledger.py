@@ -1,0 +1,49 @@
+"""The test-set ledger: appends from concurrent processes all land, a torn line is skipped, counts by test set."""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+from dogbench.ledger import LEDGER_FILE, WARN_AFTER, Scoring, looks, read, record
+
+
+def _scoring(test_set: str = "t1", model: str = "cnn", config: str = "c1", when: float = 1e9) -> Scoring:
+    return Scoring(test_set=test_set, model=model, config=config, run="/runs/a", images=400, time=when)
+
+
+def _append_many(cache: str, worker: int) -> None:
+    for i in range(25):
+        record(Path(cache), [_scoring(model=f"m{worker}", config=f"c{i}")])
+
+
+def test_concurrent_appends_all_land_and_counts_are_by_test_set(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(tmp_path), w)) for w in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert all(p.exitcode == 0 for p in procs)
+    assert len(read(tmp_path)) == 75
+    record(tmp_path, [_scoring(test_set="t2")])
+    seen = looks(tmp_path, "t1")
+    assert (seen.scorings, seen.configs, seen.models) == (75, 25, 3) and seen.too_many
+    assert looks(tmp_path, "t2").scorings == 1 and not looks(tmp_path, "t2").too_many
+    assert looks(tmp_path, "t3").scorings == 0 and "not been scored" in looks(tmp_path, "t3").sentence()
+
+
+def test_a_torn_last_line_is_skipped_and_the_sentence_counts_in_words(tmp_path: Path) -> None:
+    record(tmp_path, [_scoring(), _scoring(config="c2")])
+    with open(tmp_path / LEDGER_FILE, "a", encoding="utf-8") as f:
+        f.write('{"test_set": "t1", "mod')  # a writer killed mid-line
+    seen = looks(tmp_path, "t1")
+    assert seen.scorings == 2
+    assert seen.sentence().startswith("This test set has been scored 2 times since 2001-09-09, by 2 configurations "
+                                      "and 1 model")
+    record(tmp_path, [_scoring(config="c3")])  # the next append starts on a line of its own
+    assert looks(tmp_path, "t1").scorings == 3
+    record(tmp_path, [_scoring(config=f"c{i}") for i in range(WARN_AFTER - 3)])
+    assert looks(tmp_path, "t1").scorings == WARN_AFTER and "optimistic" not in looks(tmp_path, "t1").sentence()
+    record(tmp_path, [_scoring()])
+    assert "treat its figures as optimistic" in looks(tmp_path, "t1").sentence()

@@ -194,19 +194,49 @@ def test_finetune_trials_tune_the_recipe_on_validation_with_a_pruner(tmp_path: P
     out = tmp_path / "run"
     args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "vit=test_vit@random,img_size=32",
             "--cache-dir", str(tmp_path / "cache"), "--methods", "lora", *FAST, "--set", "finetune.trials=3",
-            "--set", "report.enabled=false"]
+            "--set", "finetune.pruner=halving", "--set", "report.enabled=false"]
     assert main(args) == 0
     row = json.loads((out / "results.json").read_text())["models"]["vit/lora"]
     trials = row["training"]["trials"]
-    assert trials["n_trials"] == 3 and set(trials["best_params"]) == {"lr", "weight_decay", "lora_rank"}
+    parts = {"ema", "mixup", "randaugment", "re_prob"}  # the recipe's parts, on or off (issue 29)
+    assert trials["n_trials"] == 3 and set(trials["best_params"]) == {"lr", "weight_decay", "lora_rank", *parts}
+    assert trials["stopped_by"] == "trials" and trials["budget_s"] is None
     study = optuna.load_study(study_name=trials["study"], storage=f"sqlite:///{out / 'optuna.db'}")
     first = study.trials[0]
     assert first.params["lr"] == pytest.approx(1e-3) and first.params["lora_rank"] == 8  # the defaults first
+    assert first.params["re_prob"] == 0 and not any(first.params[p] for p in ("ema", "mixup", "randaugment"))
+    assert trials["n_pruned"] == sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
+    best, trained = trials["best_params"], row["training"]["params"]  # the best trial's parts are what trained
+    assert (trained["ema_decay"] > 0, trained["mixup"] > 0, trained["randaugment"] is not None) == (
+        best["ema"], best["mixup"], best["randaugment"])
+    assert trained.get("re_prob", 0.0) == pytest.approx(best["re_prob"])
     assert all(t.intermediate_values for t in study.trials)  # per-epoch validation top-1, for the pruner
     assert row["val"]["top1"] == pytest.approx(trials["best_val_top1"])
     assert row["training"]["params"]["lr"] == pytest.approx(trials["best_params"]["lr"])
     assert len(list((out / "vit" / "lora" / "train").iterdir())) == len({tuple(sorted(t.params.items()))
                                                                           for t in study.trials})
+
+
+def test_a_wall_time_budget_stops_the_recipe_search_and_the_best_finished_trial_wins(tmp_path: Path) -> None:
+    """finetune.budget_s=1 against trials of seconds: the first trial (the configured recipe) finishes, no other
+    starts, and the row says the budget stopped the search."""
+    import optuna
+
+    from conftest import make_class_folder_layout
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
+    out = tmp_path / "run"
+    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
+            "--cache-dir", str(tmp_path / "cache"), "--methods", "lora", *FAST, "--set", "finetune.trials=5",
+            "--set", "finetune.budget_s=1", "--set", "report.enabled=false"]
+    assert main(args) == 0
+    row = json.loads((out / "results.json").read_text())["models"]["cnn/lora"]
+    trials = row["training"]["trials"]
+    assert (trials["n_trials"], trials["stopped_by"], trials["budget_s"]) == (1, "budget", 1)
+    study = optuna.load_study(study_name=trials["study"], storage=f"sqlite:///{out / 'optuna.db'}")
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE]
+    assert study.trials[0].duration.total_seconds() > 1  # what makes the budget bind
+    assert row["val"]["top1"] == pytest.approx(trials["best_val_top1"])
 
 
 def _tiny_cnn_finetune(tmp_path: Path, *settings: str) -> dict:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import time
 import warnings
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from dogbench.features.cache import cache_key
 from dogbench.heads import fitted_linear_head, head_identity
 from dogbench.predictor import Predictor
 from dogbench.protocols.frozen import BackboneFeatures, Tuning, head_device, validation_temperature
+from dogbench.protocols.recipe_search import RECIPE_SPACE_VERSION, search_record, start_params, suggest_recipe
 from dogbench.protocols.scoring import compare_all, test_scores
 from dogbench.results import ModelResult, RunResults
 from dogbench.rundir import (
@@ -103,21 +105,6 @@ def probe_head(cfg: RunConfig, bf: BackboneFeatures, tuning: Tuning, n_classes: 
     return full_w.astype(np.float32), full_b.astype(np.float32)
 
 
-def _suggest(trial: optuna.Trial, method: str, base: TrainParams, *, is_vit: bool) -> dict[str, Any]:
-    """A trial's recipe: lr around the method's default (/10 .. x10), weight decay, layer decay for ViTs (full,
-    lp-ft) and the LoRA rank."""
-    out: dict[str, Any] = {
-        "lr": trial.suggest_float("lr", base.lr / 10, base.lr * 10, log=True),
-        "weight_decay": trial.suggest_float("weight_decay", 1e-5, 0.1, log=True),
-    }
-    if is_vit and method in ("full", "lp-ft"):
-        out["layer_decay"] = trial.suggest_float("layer_decay", 0.5, 1.0)
-    if method == "lora":
-        out["lora_rank"] = trial.suggest_categorical("lora_rank", [4, 8, 16])
-        out["lora_alpha"] = 2.0 * out["lora_rank"]
-    return out
-
-
 @dataclass(frozen=True)
 class TrainJob:
     """One configuration to train: what every rank needs to build the same model and data (picklable: under
@@ -169,9 +156,10 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
                    is_vit: bool, probe: tuple[np.ndarray, np.ndarray] | None, policy: Policy, progress: bool
                    ) -> tuple[Any, TrainParams, TrainOutcome, dict[str, Any]]:
     """The method's model: its default recipe (``finetune.trials = 0``), or the best of an Optuna study over
-    the recipe on validation, pruned on per-epoch validation top-1. The study lives in the run folder's SQLite
-    file (resumable: a trial killed mid-way is re-run with its parameters and continues from its training
-    state) or on a database server (``tune.storage``), shared by as many workers as run it: exactly
+    the recipe (``protocols.recipe_search``) on validation, pruned on per-epoch validation top-1, within
+    ``finetune.budget_s`` wall seconds (no trial starts after it; the best finished trial wins). The study lives
+    in the run folder's SQLite file (resumable: a trial killed mid-way is re-run with its parameters and continues
+    from its training state) or on a database server (``tune.storage``), shared by as many workers as run it:
     ``finetune.trials`` finished trials in all, a seed per worker, a dead worker's trial run again (``run_study``)."""
     f = cfg.finetune
     base = resolve_params(f, method, is_vit=is_vit, policy=policy, balance=cfg.data.balance, metric=cfg.tune.metric)
@@ -179,23 +167,23 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
         trainable, outcome = _train_once(cfg, run, bcfg, data, base, probe=probe, policy=policy, progress=progress)
         return trainable, base, outcome, {}
     # trials are scored at the validation precision: a study of another precision (or before it counted) is another
-    key = cache_key({"base": base.to_dict(), "data": data.digest(), "val_precision": policy.precision.value})
+    key = cache_key({"base": base.to_dict(), "data": data.digest(), "val_precision": policy.precision.value,
+                     "space": RECIPE_SPACE_VERSION})
     name = f"finetune-{bcfg.label}-{method}-{key[:12]}"
-    defaults = {"lr": base.lr, "weight_decay": base.weight_decay,
-                **({"layer_decay": base.layer_decay} if is_vit and method in ("full", "lp-ft") else {}),
-                **({"lora_rank": base.lora_rank} if method == "lora" else {})}  # the first trial
+    steps = max(1, len(data.train) // base.batch_size // base.grad_accum)
+
+    def recipe(trial: optuna.Trial) -> TrainParams:
+        return dataclasses.replace(base, **suggest_recipe(trial, method, base, is_vit=is_vit, steps_per_epoch=steps))
 
     def objective(trial: optuna.Trial) -> float:
-        params = dataclasses.replace(base, **_suggest(trial, method, base, is_vit=is_vit))
-
         def report(epoch: int, val_top1: float) -> None:
             trial.report(val_top1, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
         try:
-            _, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, policy=policy, progress=progress,
-                                     on_epoch=report)
+            _, outcome = _train_once(cfg, run, bcfg, data, recipe(trial), probe=probe, policy=policy,
+                                     progress=progress, on_epoch=report)
         except TrainingError as err:
             if "loss became" not in str(err):
                 raise
@@ -203,18 +191,17 @@ def tune_and_train(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, method: st
         return outcome.best_val_top1
 
     plan = StudyPlan(name=name, storage=cfg.tune.storage or run.default_storage(), trials=f.trials, seed=f.seed,
-                     pruner=make_pruner(f.pruner, max_epochs=f.epochs, min_epochs=1), start=defaults,
+                     pruner=make_pruner(f.pruner, max_epochs=f.epochs, min_epochs=1),
+                     start=start_params(method, base, is_vit=is_vit), timeout_s=f.budget_s or math.inf,
                      heartbeat_s=cfg.tune.heartbeat_s, grace_s=cfg.tune.grace_s, progress=progress)
     trials, best = run_study(plan, objective)  # resumable: a trial killed mid-way resumes its training state
     if best is None:
         raise DogbenchError(f"No fine-tuning trial of {bcfg.label}/{method} completed ({len(trials)} pruned or "
-                            "failed): raise finetune.trials or finetune.epochs, or use finetune.pruner=none")
-    params = dataclasses.replace(base, **_suggest(optuna.trial.FixedTrial(best.params), method, base, is_vit=is_vit))
+                            "failed): raise finetune.trials, finetune.epochs or finetune.budget_s, or use "
+                            "finetune.pruner=none")
+    params = recipe(optuna.trial.FixedTrial(best.params))
     trainable, outcome = _train_once(cfg, run, bcfg, data, params, probe=probe, policy=policy, progress=progress)
-    states = [t.state.name for t in trials]
-    return trainable, params, outcome, {"study": name, "n_trials": len(trials),
-                                        "n_pruned": states.count("PRUNED"), "best_params": best.params,
-                                        "best_val_top1": best.value}
+    return trainable, params, outcome, search_record(name, trials, best, wanted=f.trials, budget_s=f.budget_s)
 
 
 def finetune_backbone(

@@ -197,6 +197,16 @@ def calibration_metrics(y_true: np.ndarray, proba: np.ndarray) -> dict[str, floa
             "brier": brier_score(y_true, proba)}
 
 
+def average_views(per_view: np.ndarray, temperature: float | None) -> np.ndarray:
+    """Test-time augmentation's one rule: an image's probabilities are the mean over its views (axis 0 of a
+    (V, N, C) stack) of each view's probabilities, temperature-scaled first when ``temperature`` is given."""
+    per_view = np.asarray(per_view, dtype=np.float64)
+    assert per_view.ndim == 3, f"per-view probabilities are (V, N, C), got {per_view.shape}"
+    if len(per_view) == 1:  # one view: its probabilities as they are, bit for bit
+        return per_view[0] if temperature is None else apply_temperature(per_view[0], temperature)
+    return np.mean([p if temperature is None else apply_temperature(p, temperature) for p in per_view], axis=0)
+
+
 def apply_temperature(proba: np.ndarray, temperature: float) -> np.ndarray:
     """softmax(log p / T): temperature scaling of probabilities (the log-probabilities are the logits up to a
     per-row constant, which softmax ignores). T > 1 softens, T < 1 sharpens; the argmax never changes."""

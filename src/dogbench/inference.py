@@ -1,8 +1,8 @@
 """Photos -> breed probabilities with a finished run's models: ``load_run(path)`` and its ``predict``.
 
 Each model of a run is a ``Predictor`` (dogbench.predictor): its backbone, preprocessing, tuned head and the
-run's feature settings, so ``predict`` on a run's test images gives the probabilities of its ``predictions.npz``,
-and ``explain`` shows what ``predict`` says.
+run's feature settings and its test-time views (``evaluate.tta``), so ``predict`` on a run's test images gives
+the probabilities of its ``predictions.npz``, and ``explain`` shows what ``predict`` says.
 
     >>> run = load_run("runs/shared-dev")                      # doctest: +SKIP
     >>> run.predict(["dog.jpg"], top_k=3)[0].top["cnn"]        # doctest: +SKIP
@@ -149,7 +149,7 @@ def load_run(
             head = _checked_head(run, cfg, bcfg, bcfg.label, backbone, features=features, policy=own,
                                  feature_key=recorded.feature_key if recorded else None, what="head")
         models[bcfg.label] = Predictor(bcfg.label, backbone, head, classes=classes, features=features,
-                                       crop_to_box=crops_to_box(cfg, bcfg), policy=own)
+                                       crop_to_box=crops_to_box(cfg, bcfg), policy=own, tta=cfg.evaluate.tta)
     for method in (m for m in cfg.finetune.methods if m != FROZEN):
         for bcfg in cfg.backbones:
             record = run.read_finetuned(bcfg.label, method)
@@ -177,7 +177,7 @@ def finetuned_model(
     head = _checked_head(run, cfg, bcfg, label, backbone, features=features, policy=policy, feature_key=None,
                          what="finetune")
     return Predictor(label, backbone, head, classes=classes, features=features, crop_to_box=crops_to_box(cfg, bcfg),
-                     policy=policy)
+                     policy=policy, tta=cfg.evaluate.tta)
 
 
 def _checked_head(

@@ -2,7 +2,9 @@
 
 The ``Predictor`` is the one inference path: photos go through the very ``ImageDataset`` and ``ModelRunner``
 that extraction used, at the run's recorded precision, so ``predict``, ``explain``, the demo, the report and
-fine-tuning's test scores all see the same numbers for the same photo.
+fine-tuning's test scores all see the same numbers for the same photo. With test-time augmentation
+(``evaluate.tta``) an image's probabilities are the mean over its views of their calibrated probabilities
+(``evaluate.average_views``), wherever it is scored.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dogbench.backbones import Backbone
-from dogbench.config import FeatureConfig
+from dogbench.config import FeatureConfig, Tta
 from dogbench.data import ImageError, Sample
 from dogbench.device import Policy, resolve_workers
 from dogbench.errors import DogbenchError
-from dogbench.evaluate import apply_temperature, full_proba
-from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
+from dogbench.evaluate import average_views, full_proba
+from dogbench.features import PLAIN, ImageDataset, ModelRunner, effective_decoder, iter_batches, views_for
 from dogbench.heads import Head
 
 ImageInput = str | Path | Image.Image | np.ndarray  # a file, a PIL image, or an (H, W[, 3]) uint8 array
@@ -31,11 +33,12 @@ PROGRESS_FROM = 64  # images: shorter lists get no progress bar
 
 class Predictor:
     """One backbone + its preprocessing + its tuned head, run as the command's ``policy`` says (the run's recorded
-    precision for a finished run), decoding as the run extracted features."""
+    precision for a finished run), decoding as the run extracted features; ``tta``: the run's test-time views."""
 
     def __init__(
         self, label: str, backbone: Backbone, head: Head | None, *, classes: Sequence[str],
         features: FeatureConfig | None = None, crop_to_box: bool = False, policy: Policy | None = None,
+        tta: Tta = Tta.NONE,
     ) -> None:
         features = features or FeatureConfig()
         self.label = label
@@ -43,6 +46,8 @@ class Predictor:
         self.head = head
         self.classes = tuple(classes)  # the dataset's class names; head labels index them
         self.crop_to_box = crop_to_box
+        self.tta = Tta(tta)
+        self.views = views_for(self.tta)
         self.features_cfg = features
         self.decoder = effective_decoder(features.decoder, backbone.preprocess)
         self.runner = ModelRunner.create(
@@ -107,13 +112,23 @@ class Predictor:
         """The head's calibration (fitted on the validation split), None when it has none."""
         return getattr(self.head, "temperature_", None)
 
-    def proba_of_features(self, feats: np.ndarray) -> np.ndarray:
-        """(B, n_classes) float64 probabilities over every class of the run's dataset, temperature-scaled with
-        the head's calibration when it has one (the probabilities of the run's ``predictions.npz``)."""
+    def raw_proba_of_features(self, feats: np.ndarray) -> np.ndarray:
+        """(B, n_classes) float64 probabilities over every class of the run's dataset, before calibration."""
         if self.head is None:
             raise DogbenchError(f"'{self.label}' has no tuned head in this run: run `dogbench evaluate` on it first")
-        proba = full_proba(self.head.predict_proba(feats), self.head.classes_, len(self.classes))
-        return proba if self.temperature is None else apply_temperature(proba, self.temperature)
+        return full_proba(self.head.predict_proba(feats), self.head.classes_, len(self.classes))
+
+    def view_proba(self, x: torch.Tensor, *, plain: bool = False, features: np.ndarray | None = None) -> np.ndarray:
+        """(V, B, n_classes) uncalibrated probabilities of a uint8 batch from ``pixels``, one slice per view
+        (``plain``: the plain view's alone); ``features``: the plain view's, when already computed."""
+        feats = [features if view == PLAIN and features is not None else self.features(view.apply(x))
+                 for view in (self.views[:1] if plain else self.views)]
+        return np.stack([self.raw_proba_of_features(f) for f in feats])
+
+    def proba_of_batch(self, x: torch.Tensor, *, features: np.ndarray | None = None) -> np.ndarray:
+        """(B, n_classes) calibrated probabilities of a uint8 batch, averaged over the views (the probabilities
+        of the run's ``predictions.npz``); ``features``: the plain view's, when already computed."""
+        return average_views(self.view_proba(x, features=features), self.temperature)
 
     def predict_proba(
         self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False,
@@ -122,7 +137,21 @@ class Predictor:
         """(N, n_classes) probabilities (NaN rows for unreadable images) and the error text per image ("" = ok).
         ``strict``: an unreadable image raises ImageError instead. ``boxes``: each file's annotated box, used
         when the run crops to boxes."""
+        per_view, errors = self.predict_views(images, strict=strict, progress=progress, boxes=boxes)
         out = np.full((len(images), len(self.classes)), np.nan)
+        ok = np.asarray([not e for e in errors], dtype=bool)
+        if ok.any():
+            out[ok] = average_views(per_view[:, ok], self.temperature)
+        return out, errors
+
+    def predict_views(
+        self, images: Sequence[ImageInput], *, strict: bool = True, progress: bool = False,
+        boxes: Sequence[Box | None] | None = None, plain: bool = False,
+    ) -> tuple[np.ndarray, list[str]]:
+        """(V, N, n_classes) uncalibrated probabilities per view (NaN for unreadable images) and the error
+        texts, as ``predict_proba`` takes them (fine-tuning's test scoring calibrates them itself); ``plain``:
+        the plain view's alone (V = 1: validation)."""
+        out = np.full((1 if plain else len(self.views), len(images), len(self.classes)), np.nan)
         errors = [""] * len(images)
         with tqdm(total=len(images), unit="img", desc=f"predict {self.label}",
                   disable=not progress or len(images) < PROGRESS_FROM) as bar:
@@ -134,8 +163,7 @@ class Predictor:
                 for r, e in bad:
                     errors[r] = e
                 if good:
-                    proba = self.proba_of_features(self.features(x[good]))
-                    out[[rows[k] for k in good]] = proba
+                    out[:, [rows[k] for k in good]] = self.view_proba(x[good], plain=plain)
                 bar.update(len(rows))
         return out, errors
 

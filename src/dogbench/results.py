@@ -77,6 +77,9 @@ class ModelResult:
     # best_epoch, history, params (the recipe as resolved), trials, base (the frozen row it was compared with)
     training: dict[str, Any] = field(default_factory=dict)
     description: str | None = None  # the config's words for the weights (names.model_name reads it)
+    # evaluate.tta other than none: views, n_views, single_view (the plain view's test scores), comparison (paired,
+    # with against without the views); ``test`` holds the scores with them. Empty, and left out of the JSON, without
+    tta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,11 @@ class RunResults:
     schema_version: int = RESULTS_SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        for row in out["models"].values():  # a run without test-time augmentation writes what it always wrote
+            if not row["tta"]:
+                del row["tta"]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunResults:
@@ -154,6 +161,12 @@ class RunResults:
                 })
         return rows
 
+    def tta_lines(self) -> list[str]:
+        """Each row scored with test-time augmentation: its single-view top-1 and the paired verdict."""
+        return [f"{m.label} with {m.tta['views']} test-time augmentation ({m.tta['n_views']} views; the table's test "
+                f"columns): single view test top-1 {m.tta['single_view']['top1']:.4f}; " + verdict(m.tta["comparison"])
+                for m in self.models.values() if m.tta]
+
     def to_csv(self) -> str:
         rows = self.csv_rows()
         out = io.StringIO()
@@ -189,6 +202,7 @@ class RunResults:
             lines += [line, verdict(self.comparison, self.names())]
         if note := selection_note(self.config):
             lines.append(note)
+        lines += self.tta_lines()
         for name, info in self.extra_test.items():
             scored = ", ".join(
                 f"{m.label} {m.extra_test[name]['top1']:.4f} [{m.extra_test[name]['top1_ci95'][0]:.4f}, "

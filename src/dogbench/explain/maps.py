@@ -342,7 +342,8 @@ def explain_image(model: Predictor, image_path: str | Path, *, box: Box | None =
 
     The photo is decoded, resized and cropped by the model's own inference path (``Predictor.pixels``: the decoder,
     reduced-size decoding and box crop that extraction and ``predict`` use) and scored by ``predict``'s
-    ``Predictor.proba_of_features``, so the top-3 is ``predict``'s, probabilities included.
+    ``Predictor.proba_of_batch`` (over the run's test-time views), so the top-3 is ``predict``'s, probabilities
+    included.
     ``box`` (xmin, ymin, xmax, ymax, original pixels) is the crop the model sees when the run cropped to boxes,
     else it is mapped into input pixels for drawing (``Explanation.box``).
     """
@@ -357,7 +358,8 @@ def explain_image(model: Predictor, image_path: str | Path, *, box: Box | None =
 
 def explain_pixels(model: Predictor, x_u8: torch.Tensor, *, features: np.ndarray | None = None) -> Explanation:
     """Explain one uint8 (1, 3, H, W) model input from ``Predictor.pixels``: rollout (ViT) or Grad-CAM of the breed
-    the head predicts (CNN), and the top-3 of ``Predictor.proba_of_features`` (calibrated: ``predict``'s numbers).
+    the head predicts (CNN), and the top-3 of ``Predictor.proba_of_batch`` (calibrated, over the run's test-time
+    views: ``predict``'s numbers).
     ``features``: ``model.features(x_u8)`` when the caller has them already (one forward pass fewer)."""
     pixels = np.ascontiguousarray(x_u8[0].permute(1, 2, 0).numpy())
     backbone, head = model.backbone, model.head
@@ -366,7 +368,7 @@ def explain_pixels(model: Predictor, x_u8: torch.Tensor, *, features: np.ndarray
     top3: tuple[tuple[str, float], ...] = ()
     column = None
     if head is not None:
-        proba = model.proba_of_features(model.features(x_u8) if features is None else features)[0]
+        proba = model.proba_of_batch(x_u8, features=features)[0]
         top3 = top_classes(proba, display_names(model.classes), TOP_K)
         # Grad-CAM's target is the head's own column of the predicted class (temperature keeps the argmax)
         column = int(np.flatnonzero(np.asarray(head.classes_).astype(int) == int(np.argmax(proba)))[0])

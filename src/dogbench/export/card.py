@@ -62,6 +62,9 @@ def _figures(m: ModelResult, n_test: int) -> list[str]:
         before, after = cal["test"]["before"]["ece"], cal["test"]["after"]["ece"]
         rows.append(f"| calibration error (ECE, {cal.get('bins', 15)} bins) | {before:.4f} before, {after:.4f} after "
                     f"temperature scaling (T = {cal.get('temperature', 1.0):.4g}, fitted on validation) |")
+    if m.tta:
+        rows.append(f"| test-time augmentation | {m.tta['views']} ({m.tta['n_views']} views, averaged: the figures "
+                    f"above); single view, as this exported model runs: top-1 {_pct(m.tta['single_view']['top1'])} |")
     return [f"## Results on the held-out test split ({n_test} images)", "", "| metric | value |", "|---|---|",
             *rows]
 

@@ -68,16 +68,22 @@ def _finished(run: RunDir) -> RunResults:
 
 
 def _predictor(run: RunDir, label: str) -> tuple[Predictor, tuple[str, ...], str]:
-    """``label``'s predictor at fp32 on the CPU (the precision of every export), its class names, and a note when
-    the run scored in another precision."""
+    """``label``'s single-view predictor at fp32 on the CPU (the precision and view of every export: test-time
+    augmentation is not folded into the exported model), its class names, and a note when the run scored in
+    another precision or over several views."""
     try:
         loaded = load_run(run.path, device="cpu")
     except DogbenchError as err:
         raise ExportError(f"{run.path} is not a finished run, its model {label!r} cannot be loaded: {err}") from None
     p = loaded.models[label]
-    if p.runner.precision is Precision.FP32:
+    if p.runner.precision is Precision.FP32 and len(p.views) == 1:
         return p, loaded.classes, ""
-    note = f"the run scored {label} in {p.runner.precision.value}; the export is fp32 and was checked against fp32"
+    notes = [f"the run scored {label} in {p.runner.precision.value}; the export is fp32 and was checked against "
+             "fp32"] if p.runner.precision is not Precision.FP32 else []
+    if len(p.views) > 1:
+        notes.append(f"the run scored {label} with {p.tta.value} test-time augmentation ({len(p.views)} views); the "
+                     "exported model is single-view, checked against predict's single-view probabilities")
+    note = "; ".join(notes)
     return (Predictor(label, p.backbone, p.head, classes=p.classes, features=p.features_cfg,
                       crop_to_box=p.crop_to_box, policy=Policy.resolve("cpu", Precision.FP32)), loaded.classes, note)
 

@@ -36,6 +36,7 @@ from dogbench.features.cache import (
     ids_digest,
 )
 from dogbench.features.runner import ImageDataset, ModelRunner, effective_decoder, iter_batches
+from dogbench.features.views import PLAIN, View
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,14 @@ class FeatureSet:
 
 def feature_key(
     backbone: Backbone, dataset: Dataset, *, crop_to_box: bool, precision: Precision, reduced_decode: bool = True,
-    decoder: str = "auto", compiled: bool = False, memo_dir: Path | None = None,
+    decoder: str = "auto", compiled: bool = False, memo_dir: Path | None = None, view: View = PLAIN,
 ) -> str:
     """The cache key: every image's content (sha256; box when cropping), model, weights, preprocessing (reduced
     JPEG decoding included), precision, torch.compile.
 
     Labels, the train/test split, sample ids and the dataset's layout are not in it: every image of the dataset
     is extracted, and labels and splits are applied on load. ``memo_dir``: where file digests are remembered.
+    A test-time view other than the plain one (``features.views``) is in the key, so views never share an entry.
     """
     return cache_key(
         {
@@ -79,6 +81,7 @@ def feature_key(
             "preprocess": backbone.preprocess.to_dict(),
             **_settings(crop_to_box=crop_to_box, precision=precision, reduced_decode=reduced_decode, decoder=decoder,
                         compiled=compiled),
+            **({"view": view.name} if view != PLAIN else {}),  # the plain view keeps the keys it always had
         }
     )
 
@@ -111,6 +114,7 @@ def extract_features(
     progress: bool = True,
     runner: ModelRunner | None = None,
     policy: Policy | None = None,
+    view: View = PLAIN,
 ) -> FeatureSet:
     """Features for every sample of ``dataset``, from the cache when present, else computed and cached.
 
@@ -118,7 +122,8 @@ def extract_features(
     cache entry's rows are in content order (``Dataset.content_ids``): a new split, or the same files listed by
     another layout, is then the same cache entry. ``runner`` (a model already on
     its device, e.g. compiled once for several calls) must come from ``ModelRunner.create`` with ``cfg``.
-    ``policy``: the command's device policy (resolved from ``cfg`` when not given).
+    ``policy``: the command's device policy (resolved from ``cfg`` when not given). ``view``: the test-time view
+    of every model input (``features.views``), cached under its own key.
     """
     memo_dir = default_cache_dir() / "content"
     dataset, sample_ids = _content_order(dataset, crop_to_box=crop_to_box, memo_dir=memo_dir)
@@ -127,6 +132,7 @@ def extract_features(
     key = feature_key(
         backbone, dataset, crop_to_box=crop_to_box, precision=precision, reduced_decode=cfg.reduced_decode,
         decoder=effective_decoder(cfg.decoder, backbone.preprocess), compiled=cfg.compile, memo_dir=memo_dir,
+        view=view,
     )
     cache_root = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"
     entry = FeatureCache(cache_root).entry(key)
@@ -135,13 +141,13 @@ def extract_features(
     if ranks.world > 1:  # rank 0 decides for all whether anything is computed (a barrier waits on every rank)
         cached, n_computed, extract_s, batch_size = _extract_sharded(
             ranks, backbone, dataset, entry, cfg=cfg, policy=policy, runner=runner,
-            crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
+            crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids, view=view)
     elif entry.is_complete():
         cached = entry.load(sample_ids=sample_ids)
     else:
         cached, n_computed, extract_s, batch_size = _extract_locally(
             backbone, dataset, entry, cfg=cfg, policy=policy, runner=runner,
-            crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids)
+            crop_to_box=crop_to_box, strict=strict, progress=progress, sample_ids=sample_ids, view=view)
     if strict and not cached.ok.all():
         first = min(np.flatnonzero(~cached.ok), key=lambda i: dataset.samples[i].sample_id)
         reason = cached.errors[sample_ids[first]]
@@ -163,7 +169,7 @@ def _content_order(dataset: Dataset, *, crop_to_box: bool, memo_dir: Path) -> tu
 
 def _extract_locally(
     backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig, policy: Policy,
-    runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool, sample_ids: list[str],
+    runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool, sample_ids: list[str], view: View,
 ) -> tuple[CachedFeatures, int, float, int | None]:
     """One process: (the cached entry, images computed, seconds, batch size), under the entry's lock."""
     with entry.lock():  # a second process on this key waits here, then reads the entry
@@ -178,7 +184,7 @@ def _extract_locally(
         entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
         n_computed = _extract_missing(
             runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
-            strict=strict, progress=progress, desc=f"extract {backbone.label}",
+            strict=strict, progress=progress, desc=f"extract {backbone.label}", view=view,
         )
         extract_s = time.perf_counter() - start
         cached = entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
@@ -205,7 +211,7 @@ def _entry_meta(backbone: Backbone, dataset: Dataset, cfg: FeatureConfig, sample
 def _extract_sharded(
     ranks: distributed.Ranks, backbone: Backbone, dataset: Dataset, entry: CacheEntry, *, cfg: FeatureConfig,
     policy: Policy, runner: ModelRunner | None, crop_to_box: bool, strict: bool, progress: bool,
-    sample_ids: list[str],
+    sample_ids: list[str], view: View,
 ) -> tuple[CachedFeatures, int, float, int | None]:
     """Extraction under torchrun: rank 0 starts (or resumes) the entry under its lock and settles the batch
     size; rank r computes the missing chunks whose index is r modulo the world size (the batches one process
@@ -233,7 +239,7 @@ def _extract_sharded(
     n_computed = _extract_missing(
         runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
         progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
-        shard=(ranks.rank, ranks.world))
+        shard=(ranks.rank, ranks.world), view=view)
     distributed.barrier()
     if ranks.main:
         with entry.lock():
@@ -295,6 +301,7 @@ def _extract_missing(
     progress: bool,
     desc: str,
     shard: tuple[int, int] = (0, 1),
+    view: View = PLAIN,
 ) -> int:
     """Compute and write every chunk that is not on disk yet (of this rank's ``shard``: chunk index modulo the
     world size); returns the number of images computed."""
@@ -326,7 +333,7 @@ def _extract_missing(
             if bad and strict:
                 raise ImageError(f"{dataset.samples[bad[0][0]].sample_id}: {bad[0][1]} (--strict stops here)")
             backoff = runner.max_rows
-            feats = runner(x)
+            feats = runner(view.apply(x))
             assert feats.shape == (len(index), runner.feature_dim), f"features {feats.shape}"
             if runner.max_rows != backoff:  # an out-of-memory back-off: a resume must run the same rows per pass
                 entry.update_meta(max_rows=runner.max_rows)

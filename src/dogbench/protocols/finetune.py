@@ -32,6 +32,7 @@ from dogbench.predictor import Predictor
 from dogbench.protocols.frozen import BackboneFeatures, Tuning, head_device, validation_temperature
 from dogbench.protocols.recipe_search import RECIPE_SPACE_VERSION, search_record, start_params, suggest_recipe
 from dogbench.protocols.scoring import compare_all, test_scores
+from dogbench.protocols.tta import score_views, tta_comparisons
 from dogbench.results import ModelResult, RunResults
 from dogbench.rundir import (
     ADAPTER_FILE,
@@ -254,7 +255,7 @@ def finetune_backbone(
         cpu_s={"train": round(outcome.train_cpu_s, 4)}, throughput_img_s=None,
         pretraining=frozen.pretraining, leaky=frozen.leaky, architecture=bf.architecture,
         calibration=_calibration(data.val_labels, val_proba, y_test, test, temperature, refit=bool(refit)),
-        method=method, training=training, description=info.description,
+        method=method, training=training, description=info.description, tta=test.tta,
     )
     return result, dict(zip(test.sample_ids, test.correct.tolist(), strict=True))
 
@@ -281,7 +282,7 @@ class _Exporter:
                                     history=self.outcome.history)
         model = Predictor(self.label, loaded, fitted, classes=self.dataset.classes, features=self.cfg.features,
                           crop_to_box=crops_to_box(self.cfg, self.bcfg),
-                          policy=self.policy)
+                          policy=self.policy, tta=self.cfg.evaluate.tta)
         return model, fitted, adapter
 
     def save_head(self, model: Predictor, head: Any, temperature: float | None) -> None:
@@ -304,22 +305,24 @@ class _TestScores:
     proba: np.ndarray
     scores: dict[str, Any]
     correct: np.ndarray
+    tta: dict[str, Any]  # the row's test-time augmentation record (protocols.tta); {} without
 
 
 def _score_test(cfg: RunConfig, run: RunDir, label: str, model: Predictor, dataset: Dataset,
                 samples: list[Sample], y_test: np.ndarray, temperature: float | None) -> _TestScores:
-    """Test's probabilities through ``model``, calibrated, scored, and written to ``<label>/predictions.npz``."""
-    raw = _proba(model, tuple(samples))
-    proba = apply_temperature(raw, temperature)
-    scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
+    """Test's probabilities through ``model`` (the mean over its views of their calibrated probabilities), scored,
+    and written to ``<label>/predictions.npz``."""
     test_ids = [s.sample_id for s in samples]
+    scored = score_views(cfg, label, _proba(model, samples, plain=False), temperature, y_test, dataset, test_ids)
+    raw, proba = scored.raw, scored.proba
+    scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
     run.write_predictions(label, Predictions(
         sample_ids=np.asarray(test_ids), y_true=y_test, proba=proba.astype(np.float32), confusion=metrics.confusion,
         paths=np.asarray([str(s.path) for s in samples]),
         boxes=np.asarray([s.box or NO_BOX for s in samples], dtype=np.int64).reshape(-1, 4),
         classes=tuple(dataset.classes), proba_uncalibrated=raw.astype(np.float32),
     ))
-    return _TestScores(test_ids, raw, proba, scores, np.asarray(correct))
+    return _TestScores(test_ids, raw, proba, scores, np.asarray(correct), scored.record)
 
 
 def _calibration(y_val: np.ndarray, val_proba: np.ndarray, y_test: np.ndarray, test: _TestScores,
@@ -414,11 +417,12 @@ def _refit(cfg: RunConfig, run: RunDir, bcfg: BackboneConfig, bf: BackboneFeatur
         "wise_alpha": wise.get("alpha"), "history": out.history}
 
 
-def _proba(model: Predictor, samples: tuple[Sample, ...] | list[Sample]) -> np.ndarray:
-    """Uncalibrated probabilities of ``samples`` through the inference path (boxes when the run crops)."""
-    proba, _ = model.predict_proba([s.path for s in samples], strict=True,
-                                   boxes=[s.box for s in samples] if model.crop_to_box else None)
-    return proba
+def _proba(model: Predictor, samples: tuple[Sample, ...] | list[Sample], *, plain: bool = True) -> np.ndarray:
+    """Uncalibrated probabilities of ``samples`` through the inference path (boxes when the run crops): the
+    plain view's (N, C), or with ``plain = False`` every test-time view's (V, N, C)."""
+    per_view, _ = model.predict_views([s.path for s in samples], strict=True,
+                                      boxes=[s.box for s in samples] if model.crop_to_box else None, plain=plain)
+    return per_view[0] if plain else per_view
 
 
 def finetune_stage(
@@ -456,6 +460,7 @@ def finetune_stage(
             comparisons += compare_all({f"{label}/{method}": correct[f"{label}/{method}"], label: correct[label]}, cfg)
     for method in methods:  # the backbones against each other, method by method
         comparisons += compare_all({f"{label}/{method}": correct[f"{label}/{method}"] for label in labels}, cfg)
+    comparisons += tta_comparisons(models[f"{label}/{method}"] for method in methods for label in labels)
     timing = {**results.timing_s, "finetune": round(time.perf_counter() - start, 4)}
     timing["total"] = round(timing.get("total", 0.0) + timing["finetune"], 4)
     results = dataclasses.replace(results, models=models, comparisons=comparisons, timing_s=timing)

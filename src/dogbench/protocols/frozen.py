@@ -33,6 +33,7 @@ from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import Head, head_identity
 from dogbench.protocols.scoring import compare_all, environment, test_scores
+from dogbench.protocols.tta import check_tta, extract_views, score_views, tta_comparisons, view_proba
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
 from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
 from dogbench.tune import (
@@ -68,6 +69,7 @@ class BackboneFeatures:
     architecture: dict[str, Any]  # architecture.describe_model of the loaded model (layers, D, MLP, heads...)
     extra: dict[str, FeatureSet] = field(default_factory=dict)  # second test sets (data.extra_test) by name
     crop_to_box: bool = False  # whether its images were cropped to their boxes (config.crops_to_box)
+    views: dict[str, FeatureSet] = field(default_factory=dict)  # the test split's other TTA views (protocols.tta)
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
     """Load each backbone and get its features from the cache (the dataset's and each second test set's),
     computing what is missing."""
     check_dataset(dataset)
+    check_tta(cfg)
     if cfg.data.box_ablation and not any(s.box for s in dataset.samples):
         raise DogbenchError(f"data.box_ablation compares box-cropped and whole images, but {dataset.root} has no "
                             "annotated boxes (Stanford Dogs' Annotation/ folder); turn it off or add the annotations")
@@ -145,6 +148,7 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
                 backbone, dataset, cfg=cfg.features, crop_to_box=crop, strict=cfg.data.strict, progress=progress,
                 policy=policy,
             )
+            views = extract_views(cfg, backbone, dataset, crop_to_box=crop, policy=policy, progress=progress)
         with times.measure("extra_test"):
             extra = {name: extract_features(backbone, ds, cfg=cfg.features, crop_to_box=crop,
                                             strict=cfg.data.strict, progress=progress, policy=policy)
@@ -154,7 +158,7 @@ def extract_stage(cfg: RunConfig, dataset: Dataset, *, progress: bool = True) ->
                 raise DogbenchError(f"Second test set {name} ({extra_sets[name].root}) has no readable image")
         splits = make_splits(feats, val_fraction=cfg.data.val_fraction, seed=cfg.data.split_seed)
         arch = describe_model(backbone.model, name=bcfg.model, tag=backbone.tag).to_dict()
-        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch, extra, crop)
+        out[bcfg.label] = BackboneFeatures(backbone.info(), feats, splits, gflops, times, arch, extra, crop, views)
         del backbone  # frees the model (and its device memory) before the next one is loaded
     return out
 
@@ -272,7 +276,9 @@ def evaluate_backbone(
     with times.measure("fit"):
         head = _refit_head(cfg, run, dataset, label, bf, tuning, temperature)
     with times.measure("evaluate"):
-        raw, proba = _head_proba(head, X[splits.test], temperature, n_classes)
+        per_view = view_proba(head, X[splits.test], bf.views, test_ids, n_classes)
+        scored = score_views(cfg, label, per_view, temperature, y_test, dataset, test_ids)
+        raw, proba = scored.raw, scored.proba
         scores, metrics, correct = test_scores(y_test, proba, dataset, cfg)
         _write_test_predictions(run, label, dataset, test_ids, y_test, proba, raw, metrics.confusion)
         calibration = {
@@ -295,7 +301,7 @@ def evaluate_backbone(
     with times.measure("extra_test"):
         extra_scores, extra_correct = _extra_test_scores(cfg, dataset, bf, head, temperature, probe)
     result = _model_result(label, dataset, bf, tuning, head, test=scores, baseline=baseline,
-                           calibration=calibration, extra_test=extra_scores)
+                           calibration=calibration, extra_test=extra_scores, tta=scored.record)
     return result, dict(zip(test_ids, correct.tolist(), strict=True)), extra_correct
 
 
@@ -347,7 +353,7 @@ def _extra_test_scores(cfg: RunConfig, dataset: Dataset, bf: BackboneFeatures, h
 
 def _model_result(label: str, dataset: Dataset, bf: BackboneFeatures, tuning: Tuning, head: Head, *,
                   test: dict[str, Any], baseline: dict[str, Any], calibration: dict[str, Any],
-                  extra_test: dict[str, Any]) -> ModelResult:
+                  extra_test: dict[str, Any], tta: dict[str, Any]) -> ModelResult:
     feats, info, best, times = bf.features, bf.info, tuning.tune, bf.times
     pretraining = pretraining_of(info.tag, info.weights)
     return ModelResult(
@@ -370,6 +376,7 @@ def _model_result(label: str, dataset: Dataset, bf: BackboneFeatures, tuning: Tu
         calibration=calibration,
         extra_test=extra_test,
         description=info.description,
+        tta=tta,
     )
 
 
@@ -439,7 +446,7 @@ def evaluate_stage(
     results = RunResults(
         models=models,
         comparison=comparisons[0] if comparisons else None,
-        comparisons=comparisons,
+        comparisons=comparisons + tta_comparisons(models.values()),  # the headline compares backbones only
         dataset=DatasetInfo(
             name=dataset.name, root=str(dataset.root), layout=dataset.layout, split_source=dataset.split_source,
             n_train=len(splits.train), n_val=len(splits.val), n_test=len(splits.test),

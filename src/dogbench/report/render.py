@@ -44,8 +44,9 @@ from dogbench.rundir import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
 def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[ModelRun]) -> list[str]:
-    """Each run's headline comparison (its first two backbones), then models of the same label across runs; the
-    models named as readers know them, their labels in brackets."""
+    """Each run's headline comparison (its first two backbones), then models of the same label across runs, each
+    fine-tuned model against its frozen head, each model with and without test-time augmentation; the models named
+    as readers know them, their labels in brackets."""
     names = why.model_names(models)
     out = []
     for run in runs:
@@ -61,6 +62,8 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
             out.append("Across runs: " + verdict(c, names))
         elif c["a"] in tuned and c["b"].endswith(tuned[c["a"]]) and not c.get("across_runs"):
             out.append("Fine-tuning: " + verdict(c, names))
+        elif c.get("tta"):  # a model with its test-time views against itself on one view (protocols.tta)
+            out.append("Test-time augmentation: " + verdict(c, names))
     if not out:
         out = ["Only one model: nothing to compare." if len(models) < 2 else
                f"{len(models)} models, but no two of them scored the same test images with the same classes: "

@@ -1,7 +1,7 @@
 """The demo without a web server: a run's models, loaded once, answering photos.
 
 ``Demo`` screens an upload from its header (``data.uploads``), then sends it through every model's own inference
-path (``Predictor.pixels`` -> ``features`` -> ``proba_of_features``, exactly what ``dogbench predict`` does, so
+path (``Predictor.pixels`` -> ``proba_of_batch``, the run's test-time views too: what ``dogbench predict`` does, so
 both give the same breeds and calibrated probabilities) and explains it from the same pixels
 (``explain.explain_pixels``: attention rollout for ViTs, Grad-CAM for CNNs). Every answer says how long each model
 took and whether the models agree; for one of the run's own test photos (an example) it also says the true breed
@@ -233,7 +233,7 @@ class Demo:
             if errors[0]:
                 raise ImageError(errors[0])
             feats = model.features(x)
-            top = top_classes(model.proba_of_features(feats)[0], self.run.classes, self.config.top_k)
+            top = top_classes(model.proba_of_batch(x, features=feats)[0], self.run.classes, self.config.top_k)
             latency = (time.perf_counter() - start) * 1000
             if not explain:
                 return ModelAnswer(model.label, model.backbone.tag, top, latency)

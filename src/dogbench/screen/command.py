@@ -1,0 +1,71 @@
+"""``dogbench screen`` end to end: candidates (``--backbone`` specs and a zoo), the rungs, the finalists' run,
+the leaderboard."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from dogbench.backbones import pretraining_of, resolve_model_name
+from dogbench.config import BackboneConfig, RunConfig, parse_backbone_table
+from dogbench.data import Dataset
+from dogbench.errors import DogbenchError
+from dogbench.screen.board import leaderboard, summary_lines, write
+from dogbench.screen.run import Contender, ScreenOutcome, run_rungs
+from dogbench.screen.zoo import Candidate, load_zoo
+
+RUN_FOLDER = "finalists"  # the finalists' run, inside the screen's folder
+
+
+@dataclasses.dataclass(frozen=True)
+class ScreenRequest:
+    """What the command line asked: the candidates, how many finalists, the budget, where it goes."""
+
+    backbones: tuple[BackboneConfig, ...]
+    zoo: str | None
+    finalists: int
+    budget_images: int | None
+    budget_s: float | None
+    out: Path
+
+
+def candidates(request: ScreenRequest) -> tuple[list[BackboneConfig], dict[str, dict[str, Any]]]:
+    """The backbones to screen (the given ones, then the zoo's) and what each was pretrained on; one label once."""
+    zoo: tuple[Candidate, ...] = load_zoo(request.zoo) if request.zoo else ()
+    cfgs = list(request.backbones) + [parse_backbone_table(c.name, {"model": c.tag}) for c in zoo]
+    about = {c.name: {"pretraining": c.pretraining, "leaky": c.leaky, "family": c.family.value} for c in zoo}
+    for b in request.backbones:
+        p = pretraining_of(resolve_model_name(b.model), b.weights)
+        about[b.label] = {"pretraining": b.description or p.describe(), "leaky": p.imagenet}
+    labels = [c.label for c in cfgs]
+    twice = sorted({x for x in labels if labels.count(x) > 1})
+    if twice:
+        raise DogbenchError(f"candidate label{'s' if len(twice) > 1 else ''} {', '.join(twice)} given twice: each "
+                            "--backbone LABEL and zoo name must be unique")
+    if len(cfgs) < 2:
+        raise DogbenchError("a screen ranks two or more backbones: give --zoo NAME or several --backbone specs")
+    return cfgs, about
+
+
+def screen(cfg: RunConfig, dataset: Dataset, request: ScreenRequest, *, progress: bool = True
+           ) -> tuple[ScreenOutcome, list[dict[str, Any]]]:
+    """Rungs over the candidates on the training images, then the finalists' ``dogbench run`` (tuned heads,
+    test scored once, paired comparisons) in ``out/finalists``, then the leaderboard in ``out``."""
+    from dogbench.pipeline import run
+
+    cfgs, about = candidates(request)
+    request.out.mkdir(parents=True, exist_ok=True)
+    outcome = run_rungs(cfg, dataset, [Contender(c) for c in cfgs], finalists=request.finalists,
+                        budget_images=request.budget_images, budget_s=request.budget_s, progress=progress)
+    chosen = tuple(c for c in cfgs if c.label in outcome.finalists)
+    _, run_path = run(dataclasses.replace(cfg, backbones=chosen, out=str(request.out / RUN_FOLDER)), dataset,
+                      progress=progress)
+    tested = json.loads((run_path / "results.json").read_text())["models"]
+    rows = leaderboard(outcome, about, tested)
+    lines = summary_lines(rows, outcome, len(dataset.split("train")))
+    print("\n".join(lines))
+    write(request.out, rows, outcome, lines)
+    return outcome, rows
+

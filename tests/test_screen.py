@@ -1,0 +1,88 @@
+"""``dogbench screen`` on a tiny dataset with small random timm models: successive halving that never decodes a
+test image, a candidate whose weights cannot be loaded skipped with its reason, the finalists' own run, the
+leaderboard, the plan's arithmetic and a budget too small named with the smallest that works."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_class_folder_layout
+from dogbench.config import from_mapping, parse_backbone_spec
+from dogbench.data import open_dataset
+from dogbench.screen.board import SCREEN_FILE, pareto_front
+from dogbench.screen.command import RUN_FOLDER, ScreenRequest, screen
+from dogbench.screen.rungs import BudgetError, nested_ranks, plan
+
+SPECS = ("r0=test_resnet@random,input_size=32", "r1=test_resnet@random,input_size=32,seed=1",
+         "v0=test_vit@random,img_size=32", "v1=test_vit@random,img_size=32,seed=1",
+         "r2=test_resnet@random,input_size=32,seed=2")
+
+
+def test_the_plan_halves_candidates_doubles_images_and_names_the_smallest_budget() -> None:
+    counts = np.full(10, 16)
+    p = plan(counts, 8, 3)
+    assert [(r.enter, r.per_class) for r in p.rungs] == [(8, 4), (4, 8), (3, 16)] and p.whole_split
+    assert p.extracted == 8 * 40 + 4 * 40 + 3 * 80  # each rung extracts only the images it adds
+    tight = plan(counts, 8, 3, budget_images=600)
+    assert not tight.whole_split and tight.extracted <= 600 and tight.rungs[-1].per_class < 16
+    with pytest.raises(BudgetError, match="the smallest that works is 160 images"):
+        plan(counts, 8, 3, budget_images=100)
+    ranks = nested_ranks(np.repeat(np.arange(3), 5), seed=0)
+    assert sorted(ranks[:5]) == list(range(5)) and sorted(ranks[10:]) == list(range(5))
+
+
+def test_pareto_front_keeps_the_points_nothing_beats() -> None:
+    assert pareto_front([0.9, 0.8, 0.7, 0.85], [10, 5, 6, 10]) == [True, True, False, False]
+
+
+def test_a_screen_reads_no_test_image_skips_what_cannot_load_and_runs_its_finalists(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from dogbench.features import runner
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=3)
+    dataset = open_dataset(data)
+    test_paths = {s.path for s in dataset.split("test")}
+    decoded: list[Path] = []
+    for name in ("load_image", "read_image"):
+        real = getattr(runner, name)
+
+        def spy(path, *args, _real=real, **kwargs):
+            decoded.append(Path(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(runner, name, spy)
+    monkeypatch.setattr("dogbench.pipeline.run", lambda cfg, ds, **kw: _finalists_only(cfg, tmp_path))
+    cfg = from_mapping({"features": {"cache_dir": str(tmp_path / "cache")}, "evaluate": {"n_bootstrap": 100}})
+    broken = parse_backbone_spec(f"gone=test_resnet@{tmp_path / 'missing.safetensors'}")
+    request = ScreenRequest(tuple(parse_backbone_spec(s) for s in SPECS) + (broken,), None, 2, None, None,
+                            tmp_path / "screen")
+    outcome, rows = screen(cfg, dataset, request, progress=False)
+    assert decoded and not set(decoded) & test_paths  # the rungs decoded training images only
+    assert [r.enter for r in outcome.plan.rungs] == [6, 3, 2] and outcome.rungs_run == 3
+    assert len(outcome.finalists) == 2
+    saved = json.loads((tmp_path / "screen" / SCREEN_FILE).read_text())
+    assert [r["label"] for r in saved["leaderboard"]] == [r["label"] for r in rows] and len(rows) == 6
+    gone = next(r for r in rows if r["label"] == "gone")
+    assert gone["cv"] is None and "could not be loaded" in gone["skipped"]
+    reached = {r["label"]: r["rung"] for r in rows}
+    assert sorted(reached.values()) == [0, 1, 1, 2, 3, 3] and {k for k, v in reached.items() if v == 3} == set(
+        outcome.finalists)
+    assert all(r["test"] is not None for r in rows if r["finalist"])
+    assert outcome.extracted == 5 * 6 + 3 * 6 + 2 * 12  # 2, 4 and 8 images per class of 3 classes: the increments
+    assert "finalists (test scored once, in their run)" in capsys.readouterr().out
+    again, _ = screen(cfg, dataset, request, progress=False)
+    assert again.extracted == 0 and again.finalists == outcome.finalists  # every rung's features were cached
+
+
+def _finalists_only(cfg, base: Path) -> tuple[None, Path]:
+    """Stands in for ``pipeline.run``: a results.json with the finalists' rows (the real run is tested elsewhere)."""
+    out = base / "fake-run"
+    out.mkdir(exist_ok=True)
+    models = {b.label: {"val": {"top1": 0.5}, "test": {"top1": 0.4, "top1_ci95": [0.2, 0.6]}} for b in cfg.backbones}
+    (out / "results.json").write_text(json.dumps({"models": models}))
+    assert cfg.out.endswith(RUN_FOLDER)
+    return None, out

@@ -16,6 +16,8 @@ from dogbench.cli import main
 from dogbench.config import ConfigError, Tta
 from dogbench.evaluate import apply_temperature, average_views
 from dogbench.features import FLIP, PLAIN, views_for
+from dogbench.report import load_runs
+from dogbench.report.render import headline
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir
 
@@ -84,6 +86,8 @@ def test_a_flip_run_records_both_scores_and_compares_them_paired(flip_run: tuple
         assert tta["comparison"]["delta_top1"] == pytest.approx(row["test"]["top1"] - tta["single_view"]["top1"])
     summary = (run_dir / "summary.txt").read_text()
     assert "cnn with flip test-time augmentation" in summary and "cnn/full with flip" in summary
+    verdicts, _ = headline(load_runs([run_dir]))  # the report's verdicts (and serve's page)
+    assert [v.split(":")[0] for v in verdicts if "TTA" in v] == ["Test-time augmentation"] * 2
 
 
 def test_predict_reproduces_the_runs_flip_predictions(flip_run: tuple[Path, dict],

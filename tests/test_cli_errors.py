@@ -76,6 +76,11 @@ CASES = {  # id: (argv with {placeholders}, what stderr must say)
     "export out": (["export", "{run}", "--out", "{photos}"], "--out {photos} exists and is not an empty folder"),
     "export opset": (["export", "{run}", "--out", "{base}/x", "--opset", "0"], "opset must be at least 14, got 0"),
     "export photos": (["export", "{run}", "--out", "{base}/x", "--photos", "{missing}"], "{missing} does not exist"),
+    "screen zoo": (["screen", "--zoo", "standrd"], "unknown zoo 'standrd' (closest: standard)"),
+    "screen budget": (["screen", "--zoo", "small", "--budget", "30 minutes"],
+                      "--budget '30 minutes' is not a budget: give a time such as 45s, 30m or 1.5h"),
+    "screen one": (["screen", "--backbone", "a=resnet50"], "a screen ranks two or more backbones"),
+    "screen finalists": (["screen", "--zoo", "small", "--finalists", "0"], "finalists must be at least 1"),
 }
 
 

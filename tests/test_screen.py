@@ -86,3 +86,25 @@ def _finalists_only(cfg, base: Path) -> tuple[None, Path]:
     (out / "results.json").write_text(json.dumps({"models": models}))
     assert cfg.out.endswith(RUN_FOLDER)
     return None, out
+
+
+def test_the_command_line_screen_runs_its_finalists_for_real(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    from dogbench.cli import main
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=6, n_test=3)
+    out = tmp_path / "screen"
+    argv = ["screen", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
+            *[x for s in SPECS[:3] for x in ("--backbone", s)], "--finalists", "2", "--budget", "1h",
+            "--trials", "2", "--set", "tune.max_epochs=8", "--set", "evaluate.n_bootstrap=100",
+            "--set", "report.enabled=false", "--quiet"]
+    assert main(argv) == 0
+    saved = json.loads((out / SCREEN_FILE).read_text())
+    results = json.loads((out / RUN_FOLDER / "results.json").read_text())
+    assert set(results["models"]) == set(saved["finalists"]) and len(saved["finalists"]) == 2
+    for row in saved["leaderboard"]:
+        tested = results["models"].get(row["label"])
+        assert row["finalist"] == (tested is not None)
+        assert row["test"] == ({k: tested["test"][k] for k in ("top1", "top1_ci95")} if tested else None)
+    printed = capsys.readouterr().out
+    assert f"screen: {out / SCREEN_FILE}" in printed and "finalists (test scored once, in their run)" in printed

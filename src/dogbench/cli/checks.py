@@ -49,6 +49,7 @@ class Bound:
 BOUNDS: dict[str, tuple[Bound, ...]] = {
     "predict": (Bound("--top-k", 1), Bound("--batch-size", 1)),
     "export": (Bound("--opset", 14),),  # export.onnx_model.MIN_OPSET, without importing torch
+    "screen": (Bound("--finalists", 1),),
     "serve": (Bound("--port", 0, 65535), Bound("--concurrency", 1), Bound("--examples", 0),
               Bound("--max-upload-mb", positive=True), Bound("--max-megapixels", positive=True)),
 }
@@ -73,6 +74,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         check_run_folder(args.command, args.run_dir)
     if args.command == "export":
         _check_export(args)
+    if args.command == "screen":
+        _check_screen(args)
     if args.command in ("predict", "explain"):
         _check_photos(args)
 
@@ -130,3 +133,17 @@ def nothing_readable(errors: Sequence[str]) -> str:
     """``predict``'s message when no file given could be read: each file's own sentence on a line."""
     files = "the file given could not" if len(errors) == 1 else f"none of the {len(errors)} files given could"
     return f"nothing could be predicted: {files} be read\n  " + "\n  ".join(errors)
+
+
+def _check_screen(args: argparse.Namespace) -> None:
+    """The zoo exists and the budget reads as one (the rest needs the data and the models)."""
+    from dogbench.screen.rungs import parse_budget
+    from dogbench.screen.zoo import load_zoo
+
+    if args.zoo is not None:
+        load_zoo(args.zoo)
+    if args.budget is not None:
+        parse_budget(args.budget)
+    if args.zoo is None and len(args.backbone) < 2 and args.config is None:
+        raise ArgumentError("a screen ranks two or more backbones: give --zoo NAME (standard, small, or a .toml "
+                            "file) or several --backbone LABEL=SPEC")

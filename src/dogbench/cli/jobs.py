@@ -96,6 +96,8 @@ def run_job(args: argparse.Namespace) -> int:
         return _bench(cfg, dataset, progress=progress)
     if args.command == "extract":
         return _extract(cfg, dataset, progress=progress)
+    if args.command == "screen":
+        return _screen(args, cfg, dataset, progress=progress)
     return _pipeline(args, cfg, dataset, data_s=data_s, start=start, progress=progress)
 
 
@@ -108,6 +110,20 @@ def _bench(cfg: RunConfig, dataset: Dataset, *, progress: bool) -> int:
     bench.write(out, cfg)
     print(bench.summary_table())
     print(f"bench: {out / ('train_bench.csv' if cfg.bench.train else 'bench.csv')}")
+    return 0
+
+
+def _screen(args: argparse.Namespace, cfg: RunConfig, dataset: Dataset, *, progress: bool) -> int:
+    """``screen``: the given backbones (--backbone or the config's) and the zoo's, ranked; the finalists run."""
+    from dogbench.screen.command import ScreenRequest, screen
+    from dogbench.screen.rungs import Budget, parse_budget
+
+    budget = parse_budget(args.budget) if args.budget else Budget()
+    out = Path(cfg.out) if cfg.out else Path("runs") / ("screen-" + time.strftime("%Y%m%d-%H%M%S"))
+    given = cfg.backbones if (args.backbone or args.config) else ()  # not the default pair
+    request = ScreenRequest(tuple(given), args.zoo, args.finalists, budget.images, budget.seconds, out)
+    screen(cfg, dataset, request, progress=progress)
+    print(f"screen: {out / 'screen.json'}")
     return 0
 
 

@@ -16,6 +16,7 @@ EPILOG = """examples:
   dogbench predict runs/shared-dev dog.jpg photos/ --top-k 3 --format json
   dogbench evaluate runs/shared-dev                           # its config.json is the source of truth
   dogbench export runs/shared-dev --out exports/best --format timm,onnx,space   # the best model, out of dogbench
+  dogbench screen --data my_images --zoo standard --budget 30m --out runs/screen   # rank many, run the best 3
 """
 
 
@@ -93,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(finetune.methods; run's default: frozen)")
             p.add_argument("--epochs", type=int, help="fine-tuning epochs (finetune.epochs)")
     _add_evaluate_bench(sub)
+    _add_screen(sub)
     _add_report(sub)
     _add_explain(sub)
     _add_predict(sub)
@@ -119,6 +121,20 @@ def _add_evaluate_bench(sub: Any) -> None:
                        "training step alone, end to end, and the hand-written recipe (bench.train)")
     bench.add_argument("--recipe", action=argparse.BooleanOptionalAction,
                        help="time the ImageFolder + DataLoader recipe too (bench.recipe; default on)")
+
+
+def _add_screen(sub: Any) -> None:
+    """``screen``: many backbones ranked on the training images within a budget, the finalists run in full."""
+    help_text = ("rank many backbones on your training images by successive halving (cross-validated probes on "
+                 "growing subsamples, LogME beside them), then give the finalists a full run (test scored once); "
+                 "writes screen.json, a leaderboard and the finalists' run folder to --out")
+    screen = sub.add_parser("screen", help=help_text, description=help_text)
+    _add_common(screen)
+    screen.add_argument("--zoo", help="a shipped zoo (standard, small) or a .toml file of [models.NAME] tables "
+                        "(tag, family, pretraining, leaky); added to any --backbone given")
+    screen.add_argument("--budget", help="what the screen may spend: a time such as 45s, 30m or 1.5h, or images "
+                        "such as 20000img (default: no limit, the finalists probed on the whole training split)")
+    screen.add_argument("--finalists", type=int, default=3, help="candidates that get the full run (default 3)")
 
 
 def _add_report(sub: Any) -> None:

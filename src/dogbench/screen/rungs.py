@@ -6,6 +6,7 @@ class, and so on, until the finalists are probed on the whole training split (or
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,31 @@ MIN_PER_CLASS = 2  # the cross-validated probe needs two images of a class to ho
 
 class BudgetError(DogbenchError, ValueError):
     """A budget too small for the first rung; the message names the smallest that works."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What a screen may spend: images extracted, or wall seconds (None: no limit of that kind)."""
+
+    images: int | None = None
+    seconds: float | None = None
+
+
+BUDGET_FORMS = "a time such as 45s, 30m or 1.5h, or images such as 20000img"
+_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "img": None, "images": None}
+
+
+def parse_budget(text: str) -> Budget:
+    """``--budget``: ``30m``, ``1.5h``, ``900s`` (wall time) or ``20000img`` (images extracted)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|h|img|images)\s*", text)
+    if not match or float(match[1]) <= 0:
+        raise BudgetError(f"--budget {text!r} is not a budget: give {BUDGET_FORMS}")
+    value, unit = float(match[1]), _UNITS[match[2]]
+    if unit is None:
+        if not value.is_integer():
+            raise BudgetError(f"--budget {text!r}: a number of images is whole")
+        return Budget(images=int(value))
+    return Budget(seconds=value * unit)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from conftest import make_class_folder_layout
 from dogbench.config import from_mapping, parse_backbone_spec
 from dogbench.data import open_dataset
+from dogbench.evaluate import holm
 from dogbench.screen.board import SCREEN_FILE, pareto_front
 from dogbench.screen.command import RUN_FOLDER, ScreenRequest, screen
 from dogbench.screen.rungs import BudgetError, nested_ranks, plan
@@ -78,14 +80,14 @@ def test_a_screen_reads_no_test_image_skips_what_cannot_load_and_runs_its_finali
     assert again.extracted == 0 and again.finalists == outcome.finalists  # every rung's features were cached
 
 
-def _finalists_only(cfg, base: Path) -> tuple[None, Path]:
+def _finalists_only(cfg, base: Path) -> tuple[SimpleNamespace, Path]:
     """Stands in for ``pipeline.run``: a results.json with the finalists' rows (the real run is tested elsewhere)."""
     out = base / "fake-run"
     out.mkdir(exist_ok=True)
     models = {b.label: {"val": {"top1": 0.5}, "test": {"top1": 0.4, "top1_ci95": [0.2, 0.6]}} for b in cfg.backbones}
     (out / "results.json").write_text(json.dumps({"models": models}))
     assert cfg.out.endswith(RUN_FOLDER)
-    return None, out
+    return SimpleNamespace(summary_table=lambda: "the finalists' summary"), out
 
 
 def test_the_command_line_screen_runs_its_finalists_for_real(tmp_path: Path,
@@ -95,16 +97,24 @@ def test_the_command_line_screen_runs_its_finalists_for_real(tmp_path: Path,
     data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=6, n_test=3)
     out = tmp_path / "screen"
     argv = ["screen", "--data", str(data), "--out", str(out), "--cache-dir", str(tmp_path / "cache"),
-            *[x for s in SPECS[:3] for x in ("--backbone", s)], "--finalists", "2", "--budget", "1h",
+            *[x for s in SPECS[:4] for x in ("--backbone", s)], "--finalists", "3", "--budget", "1h",
             "--trials", "2", "--set", "tune.max_epochs=8", "--set", "evaluate.n_bootstrap=100",
             "--set", "report.enabled=false", "--quiet"]
     assert main(argv) == 0
     saved = json.loads((out / SCREEN_FILE).read_text())
     results = json.loads((out / RUN_FOLDER / "results.json").read_text())
-    assert set(results["models"]) == set(saved["finalists"]) and len(saved["finalists"]) == 2
+    assert set(results["models"]) == set(saved["finalists"]) and len(saved["finalists"]) == 3
     for row in saved["leaderboard"]:
         tested = results["models"].get(row["label"])
         assert row["finalist"] == (tested is not None)
         assert row["test"] == ({k: tested["test"][k] for k in ("top1", "top1_ci95")} if tested else None)
     printed = capsys.readouterr().out
     assert f"screen: {out / SCREEN_FILE}" in printed and "finalists (test scored once, in their run)" in printed
+    # three finalists: the run's verdict is the best by validation against the other two, Holm-corrected
+    val = {label: m["val"]["top1"] for label, m in results["models"].items()}
+    many = results["best_vs_rest"]
+    assert many["best"] == max(val, key=lambda k: val[k]) and many["correction"] == "holm"
+    pairs = many["comparisons"]
+    assert [c["a"] for c in pairs] == [many["best"]] * 2 and {c["b"] for c in pairs} == set(val) - {many["best"]}
+    assert [c["p_holm"] for c in pairs] == holm([c["mcnemar_p"] for c in pairs])
+    assert results["comparison"] == pairs[0] and "is the best of 3 models on validation top1" in printed

@@ -99,7 +99,7 @@ class DatasetInfo:
 @dataclass(frozen=True)
 class RunResults:
     models: dict[str, ModelResult]
-    comparison: dict[str, Any] | None  # the first two backbones; None with one backbone
+    comparison: dict[str, Any] | None  # the two backbones; with more, the best by validation vs the runner-up
     comparisons: list[dict[str, Any]]  # every pair, in config order
     dataset: DatasetInfo
     environment: dict[str, Any]
@@ -108,6 +108,8 @@ class RunResults:
     extra_test: dict[str, Any] = field(default_factory=dict)  # set -> {root, n, skipped, comparisons}
     data_efficiency: dict[str, Any] = field(default_factory=dict)  # protocols.efficiency.data_efficiency
     seeds: dict[str, Any] = field(default_factory=dict)  # protocols.seeds.repeat_over_seeds (evaluate.seeds > 1)
+    # three or more models: the best by validation against each other on test, Holm-corrected (protocols.scoring)
+    best_vs_rest: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     schema_version: int = RESULTS_SCHEMA_VERSION
 
@@ -198,7 +200,9 @@ class RunResults:
             line,
             *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows),
         ]
-        if self.comparison:
+        if self.best_vs_rest:
+            lines += [line, *verdicts_many(self.best_vs_rest, self.names())]
+        elif self.comparison:
             lines += [line, verdict(self.comparison, self.names())]
         if note := selection_note(self.config):
             lines.append(note)
@@ -269,3 +273,23 @@ def verdict(comparison: dict[str, Any], names: Mapping[str, ModelName] | None = 
     return (f"{named[better]} beats {named[worse]} by {abs(delta) * 100:.2f} points of test top-1, {strength}: "
             f"paired bootstrap 95% CI of {better} - {worse} [{lo * 100:+.2f}, {hi * 100:+.2f}] points, "
             f"exact McNemar {p_value(p)}, n = {comparison['n']} test images.")
+
+
+def verdicts_many(best_vs_rest: dict[str, Any], names: Mapping[str, ModelName] | None = None) -> list[str]:
+    """The verdict of three or more models: the best by validation, then each of its paired comparisons on test
+    with its Holm-corrected p, and which differences survive the correction."""
+    best, pairs = best_vs_rest["best"], best_vs_rest["comparisons"]
+    named = names[best].in_sentence if names and best in names else best
+    lines = [f"{named} is the best of {len(pairs) + 1} models on {best_vs_rest['chosen_by'].replace('_', ' ')}; "
+             f"on test, paired against each other model (exact McNemar, Holm-corrected over {len(pairs)} "
+             "comparisons):"]
+    for c in pairs:
+        lo, hi = c["delta_top1_ci95"]
+        lines.append(f"  vs {c['b']}: {c['delta_top1'] * 100:+.2f} points [{lo * 100:+.2f}, {hi * 100:+.2f}], "
+                     f"Holm {p_value(c['p_holm'])}: " + ("significant" if c["survives"] else "not significant at "
+                                                       f"{best_vs_rest['alpha']:.0%}"))
+    kept = [c["b"] for c in pairs if c["survives"]]
+    lost = [c["b"] for c in pairs if not c["survives"]]
+    lines.append(f"{best} is significantly better than {', '.join(kept) or 'none of them'}"
+                 + (f"; it cannot be told apart from {', '.join(lost)} on these test images" if lost else "") + ".")
+    return lines

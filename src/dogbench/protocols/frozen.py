@@ -32,7 +32,7 @@ from dogbench.evaluate import (
 from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import Head, head_identity
-from dogbench.protocols.scoring import compare_all, environment, test_scores
+from dogbench.protocols.scoring import compare_all, environment, headline, test_scores
 from dogbench.protocols.tta import check_tta, extract_views, score_views, tta_comparisons, view_proba
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
 from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
@@ -445,7 +445,7 @@ def evaluate_stage(
     timing["total"] = round(time.perf_counter() - start, 4)
     results = RunResults(
         models=models,
-        comparison=comparisons[0] if comparisons else None,
+        **headline({k: m.val["top1"] for k, m in models.items()}, correct_by_label, comparisons, cfg),
         comparisons=comparisons + tta_comparisons(models.values()),  # the headline compares backbones only
         dataset=DatasetInfo(
             name=dataset.name, root=str(dataset.root), layout=dataset.layout, split_source=dataset.split_source,

@@ -14,7 +14,7 @@ import numpy as np
 
 from dogbench.config import RunConfig
 from dogbench.data import Dataset
-from dogbench.evaluate import ClassificationMetrics, bootstrap_ci, classification_metrics, compare_paired
+from dogbench.evaluate import ClassificationMetrics, bootstrap_ci, classification_metrics, compare_paired, holm
 
 
 def test_scores(
@@ -41,6 +41,28 @@ def compare_all(correct_by_label: dict[str, dict[str, bool]], cfg: RunConfig) ->
         comp = compare_paired(a, ca, b, cb, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
         out.append(comp.to_dict())
     return out
+
+
+ALPHA = 0.05  # the family-wise error rate Holm's correction holds the best model's comparisons to
+
+
+def headline(val_scores: dict[str, float], correct_by_label: dict[str, dict[str, bool]],
+             comparisons: list[dict[str, Any]], cfg: RunConfig) -> dict[str, Any]:
+    """The run's verdict: with two models, their comparison; with more, the best by validation (``val_scores``,
+    in tune.metric; ties to the first in config order) against each other model on test, Holm-corrected over
+    those comparisons (``best_vs_rest``), and the best against the runner-up as the headline pair."""
+    if len(val_scores) < 3:
+        return {"comparison": comparisons[0] if comparisons else None}
+    ranked = sorted(val_scores, key=lambda label: -val_scores[label])  # stable: config order breaks ties
+    best = ranked[0]
+    pairs = [compare_all({best: correct_by_label[best], other: correct_by_label[other]}, cfg)[0]
+             for other in ranked[1:]]
+    for pair, p_holm in zip(pairs, holm([c["mcnemar_p"] for c in pairs]), strict=True):
+        pair["p_holm"] = p_holm
+        pair["survives"] = p_holm < ALPHA
+    return {"comparison": pairs[0], "best_vs_rest": {
+        "best": best, "chosen_by": f"validation {cfg.tune.metric.value}", "correction": "holm", "alpha": ALPHA,
+        "comparisons": pairs}}
 
 
 def environment(device: str) -> dict[str, Any]:

@@ -39,19 +39,23 @@ from dogbench.report.sections_studies import (
     seeds_section,
     tuning_section,
 )
-from dogbench.results import verdict
+from dogbench.results import verdict, verdicts_many
 from dogbench.rundir import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
 def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[ModelRun]) -> list[str]:
-    """Each run's headline comparison (its first two backbones), then models of the same label across runs, each
+    """Each run's headline comparison (its two backbones; with more, the best by validation against each other,
+    Holm-corrected), then models of the same label across runs, each
     fine-tuned model against its frozen head, each model with and without test-time augmentation; the models named
     as readers know them, their labels in brackets."""
     names = why.model_names(models)
     out = []
     for run in runs:
         c = run.results.get("comparison")
-        if c:
+        if run.results.get("best_vs_rest"):
+            prefix = f"{run.name}: " if len(runs) > 1 else ""
+            out += [prefix + line for line in verdicts_many(run.results["best_vs_rest"], names)]
+        elif c:
             prefix = f"{run.name}: " if len(runs) > 1 else ""
             if len(runs) > 1:
                 c = {**c, "a": f"{run.name}/{c['a']}", "b": f"{run.name}/{c['b']}"}

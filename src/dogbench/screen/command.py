@@ -60,8 +60,9 @@ def screen(cfg: RunConfig, dataset: Dataset, request: ScreenRequest, *, progress
     outcome = run_rungs(cfg, dataset, [Contender(c) for c in cfgs], finalists=request.finalists,
                         budget_images=request.budget_images, budget_s=request.budget_s, progress=progress)
     chosen = tuple(c for c in cfgs if c.label in outcome.finalists)
-    _, run_path = run(dataclasses.replace(cfg, backbones=chosen, out=str(request.out / RUN_FOLDER)), dataset,
-                      progress=progress)
+    results, run_path = run(dataclasses.replace(cfg, backbones=chosen, out=str(request.out / RUN_FOLDER)), dataset,
+                            progress=progress)
+    print(results.summary_table())
     tested = json.loads((run_path / "results.json").read_text())["models"]
     rows = leaderboard(outcome, about, tested)
     lines = summary_lines(rows, outcome, len(dataset.split("train")))

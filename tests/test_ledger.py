@@ -47,3 +47,24 @@ def test_a_torn_last_line_is_skipped_and_the_sentence_counts_in_words(tmp_path: 
     assert looks(tmp_path, "t1").scorings == WARN_AFTER and "optimistic" not in looks(tmp_path, "t1").sentence()
     record(tmp_path, [_scoring()])
     assert "treat its figures as optimistic" in looks(tmp_path, "t1").sentence()
+
+
+def test_two_runs_on_one_test_set_count_two_in_the_second_report(tmp_path: Path) -> None:
+    from conftest import make_class_folder_layout
+
+    from dogbench.cli import main
+    from dogbench.report.render import headline
+    from dogbench.report.runs import load_runs
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=6, n_test=3)
+    tiny = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "--backbone",
+            "cnn=test_resnet@random,input_size=32", "--trials", "2", "--set", "tune.max_epochs=8", "--set",
+            "evaluate.n_bootstrap=100", "--set", "report.enabled=false", "--quiet"]
+    assert main(["run", "--out", str(tmp_path / "first"), *tiny]) == 0
+    _, caveats = headline(load_runs([tmp_path / "first"]))
+    assert any(c.startswith("This test set has been scored 1 time since") for c in caveats), caveats
+    assert main(["run", "--out", str(tmp_path / "second"), *tiny, "--set", "tune.seed=1"]) == 0
+    _, caveats = headline(load_runs([tmp_path / "second"]))
+    assert any(c.startswith("This test set has been scored 2 times since") and "by 2 configurations and 1 model "
+               in c for c in caveats), caveats
+    assert len(read(tmp_path / "cache")) == 2  # one line per model scored on test, in the run's feature cache

@@ -118,3 +118,13 @@ def test_the_command_line_screen_runs_its_finalists_for_real(tmp_path: Path,
     assert [c["a"] for c in pairs] == [many["best"]] * 2 and {c["b"] for c in pairs} == set(val) - {many["best"]}
     assert [c["p_holm"] for c in pairs] == holm([c["mcnemar_p"] for c in pairs])
     assert results["comparison"] == pairs[0] and "is the best of 3 models on validation top1" in printed
+    # the screen's report (leaderboard, Pareto fronts) renders in headless Chromium
+    from browser import check_page
+    from dogbench.report.screen_page import write_screen_report
+
+    files = write_screen_report(out, out / RUN_FOLDER)
+    page = check_page(files.html, tmp_path / "screen-report.png")
+    assert page.images == 1 and not page.broken_images and not page.page_errors and not page.console_errors
+    assert "Leaderboard" in page.text and "Pareto fronts" in page.text
+    assert all(label in page.text for label in saved["finalists"])
+    assert "This test set has been scored 3 times since" in page.text  # the finalists' run: 3 models scored

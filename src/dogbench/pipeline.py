@@ -33,6 +33,7 @@ from dogbench.protocols.frozen import (
     load_tuning,
     tune_backbone,
 )
+from dogbench.protocols.looks import record_looks
 from dogbench.protocols.seeds import add_seeds
 from dogbench.results import RunResults
 from dogbench.rundir import REPORT_HTML, SUMMARY_FILE, RunDir, new_run_dir
@@ -151,6 +152,7 @@ def _evaluate_and_report(
     asked, then the report."""
     results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
     results = finetune_stage(cfg, run, dataset, extracted, tuning, results, progress=progress)
+    results = record_looks(cfg, run, dataset, results)  # the test-set ledger: each model scored on test, once
     if cfg.evaluate.seeds > 1:
         results = add_seeds(cfg, run, results, extracted, progress=progress)
     if cfg.shots.shots:

@@ -94,6 +94,7 @@ class DatasetInfo:
     n_classes: int
     skipped: int
     skipped_files: list[dict[str, str]]  # [{"id", "reason"}]
+    test_set: str = ""  # sha256 of the test images' bytes and labels: its key in the test-set ledger
 
 
 @dataclass(frozen=True)

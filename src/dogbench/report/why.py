@@ -11,6 +11,7 @@ import numpy as np
 
 from dogbench.data import STANFORD_DOGS
 from dogbench.names import ModelName, model_name
+from dogbench.protocols.looks import run_looks
 from dogbench.report.runs import ModelRun, RunFolder, aligned
 from dogbench.results import selection_note
 
@@ -159,7 +160,8 @@ def _leaky(run: RunFolder) -> list[str]:
 
 
 def caveats(runs: list[RunFolder]) -> list[str]:
-    """What the figures cannot tell, as plain sentences: ImageNet overlap, random weights, unofficial splits."""
+    """What the figures cannot tell, as plain sentences: ImageNet overlap, random weights, unofficial splits, how
+    often the test set has been scored (the ledger)."""
     out = []
     for run in runs:
         prefix = f"{run.name}: " if len(runs) > 1 else ""
@@ -176,6 +178,9 @@ def caveats(runs: list[RunFolder]) -> list[str]:
         note = selection_note(run.results.get("config", {}))
         if note:
             out.append(f"{prefix}{note[0].upper()}{note[1:]}")
+        seen = run_looks(run.results)
+        if seen is not None:
+            out.append(prefix + seen.sentence())
     return out
 
 

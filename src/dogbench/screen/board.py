@@ -86,13 +86,14 @@ def summary_lines(rows: list[dict[str, Any]], outcome: ScreenOutcome, n_train: i
     return lines
 
 
-def write(out: Path, rows: list[dict[str, Any]], outcome: ScreenOutcome, lines: list[str]) -> None:
+def write(out: Path, rows: list[dict[str, Any]], outcome: ScreenOutcome, lines: list[str], n_train: int) -> None:
     """``screen.json`` (the plan, the leaderboard, LogME's tau) and the summary, atomically."""
     atomic_write_json(out / SCREEN_FILE, {
         "plan": {"rungs": [vars(r) for r in outcome.plan.rungs], "finalists": outcome.plan.finalists,
                  "whole_split": outcome.plan.whole_split, "planned_images": outcome.plan.extracted},
         "rungs_run": outcome.rungs_run, "stopped_by_time": outcome.stopped_by_time,
-        "extracted_images": outcome.extracted, "seconds": round(outcome.seconds, 3),
+        "extracted_images": outcome.extracted, "probe_all_images": len(rows) * n_train,
+        "seconds": round(outcome.seconds, 3),
         "logme_kendall_tau": outcome.logme_tau, "logme_kendall_p": outcome.logme_p,
         "finalists": list(outcome.finalists), "leaderboard": rows,
     })

@@ -12,6 +12,7 @@ from dogbench.backbones import pretraining_of, resolve_model_name
 from dogbench.config import BackboneConfig, RunConfig, parse_backbone_table
 from dogbench.data import Dataset
 from dogbench.errors import DogbenchError
+from dogbench.protocols.looks import run_looks
 from dogbench.screen.board import leaderboard, summary_lines, write
 from dogbench.screen.run import Contender, ScreenOutcome, run_rungs
 from dogbench.screen.zoo import Candidate, load_zoo
@@ -63,10 +64,17 @@ def screen(cfg: RunConfig, dataset: Dataset, request: ScreenRequest, *, progress
     results, run_path = run(dataclasses.replace(cfg, backbones=chosen, out=str(request.out / RUN_FOLDER)), dataset,
                             progress=progress)
     print(results.summary_table())
-    tested = json.loads((run_path / "results.json").read_text())["models"]
-    rows = leaderboard(outcome, about, tested)
+    run_results = json.loads((run_path / "results.json").read_text())
+    rows = leaderboard(outcome, about, run_results["models"])
     lines = summary_lines(rows, outcome, len(dataset.split("train")))
+    seen = run_looks(run_results)
+    if seen is not None:
+        lines.append(seen.sentence())
     print("\n".join(lines))
-    write(request.out, rows, outcome, lines)
+    write(request.out, rows, outcome, lines, len(dataset.split("train")))
+    if cfg.report.enabled:
+        from dogbench.report.screen_page import write_screen_report
+
+        print(f"screen report: {write_screen_report(request.out, run_path).html}")
     return outcome, rows
 

@@ -1,0 +1,61 @@
+"""Every scoring of a test set goes into the ledger in the feature cache (``dogbench.ledger``): the test set's
+digest (its images' bytes and labels), each scored model's identity, the configuration's digest, the run folder.
+``report`` and ``screen`` then say how often, and by how many configurations, this test set has been looked at."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from dogbench.config import RunConfig
+from dogbench.data import Dataset
+from dogbench.data.download import default_cache_dir
+from dogbench.ledger import Looks, Scoring, looks, record
+from dogbench.results import RunResults
+from dogbench.rundir import RunDir
+
+
+def ledger_dir(features: Mapping[str, Any]) -> Path:
+    """Where the ledger lives: the feature cache of a run's ``features`` settings (a config's dict form)."""
+    cache_dir = features.get("cache_dir")
+    return Path(cache_dir) if cache_dir else default_cache_dir() / "features"
+
+
+def test_set_digest(dataset: Dataset) -> str:
+    """sha256 of the test split's (image bytes, label) pairs, sorted: the same photos and labels, the same test
+    set, whatever layout listed them."""
+    test = dataclasses.replace(dataset, samples=dataset.split("test"))
+    ids = test.content_ids(with_boxes=False, memo_dir=default_cache_dir() / "content")
+    pairs = sorted(f"{c}:{dataset.classes[s.label]}" for c, s in zip(ids, test.samples, strict=True))
+    return hashlib.sha256("\n".join(pairs).encode()).hexdigest()
+
+
+def _config_digest(cfg: RunConfig) -> str:
+    """The configuration's identity, less where its folder and cache are."""
+    d = cfg.to_dict()
+    d.pop("out", None)
+    d.get("features", {}).pop("cache_dir", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def record_looks(cfg: RunConfig, run: RunDir, dataset: Dataset, results: RunResults) -> RunResults:
+    """One ledger line per model the run scored on test; the test set's digest joins results.json."""
+    digest = test_set_digest(dataset)
+    config, now = _config_digest(cfg), time.time()
+    record(ledger_dir(cfg.to_dict()["features"]), [
+        Scoring(digest, f"{m.backbone}|{m.weights_sha256}|{m.method}", config, str(run.path), results.dataset.n_test,
+                now) for m in results.models.values()])
+    results = dataclasses.replace(results, dataset=dataclasses.replace(results.dataset, test_set=digest))
+    run.write_results(results)
+    return results
+
+
+def run_looks(results: Mapping[str, Any]) -> Looks | None:
+    """How often the test set of a run's results.json has been scored (None for a run from before the ledger)."""
+    digest = results.get("dataset", {}).get("test_set")
+    return looks(ledger_dir(results.get("config", {}).get("features", {})), digest) if digest else None

@@ -51,7 +51,6 @@ def test_a_torn_last_line_is_skipped_and_the_sentence_counts_in_words(tmp_path: 
 
 def test_two_runs_on_one_test_set_count_two_in_the_second_report(tmp_path: Path) -> None:
     from conftest import make_class_folder_layout
-
     from dogbench.cli import main
     from dogbench.report.render import headline
     from dogbench.report.runs import load_runs

@@ -13,8 +13,8 @@ def _scoring(test_set: str = "t1", model: str = "cnn", config: str = "c1", when:
 
 
 def _append_many(cache: str, worker: int) -> None:
-    for i in range(25):
-        record(Path(cache), [_scoring(model=f"m{worker}", config=f"c{i}")])
+    for i in range(25):  # look i of every worker happens at the same time: one look, three model scorings
+        record(Path(cache), [_scoring(model=f"m{worker}", config=f"c{i}", when=1e9 + i)])
 
 
 def test_concurrent_appends_all_land_and_counts_are_by_test_set(tmp_path: Path) -> None:
@@ -28,24 +28,25 @@ def test_concurrent_appends_all_land_and_counts_are_by_test_set(tmp_path: Path) 
     assert len(read(tmp_path)) == 75
     record(tmp_path, [_scoring(test_set="t2")])
     seen = looks(tmp_path, "t1")
-    assert (seen.scorings, seen.configs, seen.models) == (75, 25, 3) and seen.too_many
-    assert looks(tmp_path, "t2").scorings == 1 and not looks(tmp_path, "t2").too_many
-    assert looks(tmp_path, "t3").scorings == 0 and "not been scored" in looks(tmp_path, "t3").sentence()
+    assert (seen.looks, seen.scorings, seen.configs, seen.models) == (25, 75, 25, 3) and seen.too_many
+    assert looks(tmp_path, "t1", until=1e9 + 4).looks == 5  # what had been seen by a look's time
+    assert looks(tmp_path, "t2").looks == 1 and not looks(tmp_path, "t2").too_many
+    assert looks(tmp_path, "t3").looks == 0 and "not been scored" in looks(tmp_path, "t3").sentence()
 
 
 def test_a_torn_last_line_is_skipped_and_the_sentence_counts_in_words(tmp_path: Path) -> None:
-    record(tmp_path, [_scoring(), _scoring(config="c2")])
+    record(tmp_path, [_scoring(), _scoring(config="c2", model="vit")])  # one look at two models
     with open(tmp_path / LEDGER_FILE, "a", encoding="utf-8") as f:
         f.write('{"test_set": "t1", "mod')  # a writer killed mid-line
     seen = looks(tmp_path, "t1")
-    assert seen.scorings == 2
-    assert seen.sentence().startswith("This test set has been scored 2 times since 2001-09-09, by 2 configurations "
-                                      "and 1 model")
-    record(tmp_path, [_scoring(config="c3")])  # the next append starts on a line of its own
-    assert looks(tmp_path, "t1").scorings == 3
-    record(tmp_path, [_scoring(config=f"c{i}") for i in range(WARN_AFTER - 3)])
-    assert looks(tmp_path, "t1").scorings == WARN_AFTER and "optimistic" not in looks(tmp_path, "t1").sentence()
-    record(tmp_path, [_scoring()])
+    assert (seen.looks, seen.scorings) == (1, 2)
+    assert seen.sentence().startswith("This test set has been scored 1 time since 2001-09-09 (2 models scored), by "
+                                      "2 configurations and 2 distinct models")
+    record(tmp_path, [_scoring(config="c3", when=2e9)])  # the next append starts on a line of its own
+    assert looks(tmp_path, "t1").looks == 2
+    record(tmp_path, [_scoring(when=3e9 + i) for i in range(WARN_AFTER - 2)])
+    assert looks(tmp_path, "t1").looks == WARN_AFTER and "optimistic" not in looks(tmp_path, "t1").sentence()
+    record(tmp_path, [_scoring(when=4e9)])
     assert "treat its figures as optimistic" in looks(tmp_path, "t1").sentence()
 
 
@@ -64,6 +65,8 @@ def test_two_runs_on_one_test_set_count_two_in_the_second_report(tmp_path: Path)
     assert any(c.startswith("This test set has been scored 1 time since") for c in caveats), caveats
     assert main(["run", "--out", str(tmp_path / "second"), *tiny, "--set", "tune.seed=1"]) == 0
     _, caveats = headline(load_runs([tmp_path / "second"]))
-    assert any(c.startswith("This test set has been scored 2 times since") and "by 2 configurations and 1 model "
-               in c for c in caveats), caveats
+    assert any(c.startswith("This test set has been scored 2 times since") and "(2 models scored), by 2 "
+               "configurations and 1 distinct model " in c for c in caveats), caveats
+    _, caveats = headline(load_runs([tmp_path / "first"]))  # the first run's report counts what it had seen
+    assert any(c.startswith("This test set has been scored 1 time since") for c in caveats), caveats
     assert len(read(tmp_path / "cache")) == 2  # one line per model scored on test, in the run's feature cache

@@ -30,3 +30,11 @@ def test_the_verdict_of_many_names_the_best_and_what_survives() -> None:
     assert lines[2].endswith("Holm p = 0.001: significant")
     assert lines[-1] == ("lite2 is significantly better than lite0, mnv2; it cannot be told apart from lite1 on "
                          "these test images.")
+
+
+def test_a_best_by_validation_that_loses_on_test_is_said_to_lose() -> None:
+    best = {"best": "lite2", "chosen_by": "validation top1", "correction": "holm", "alpha": 0.05,
+            "comparisons": [_pair("lite1", -0.06, 0.001), _pair("lite0", 0.01, 0.4)]}
+    assert verdicts_many(best)[-1] == ("lite2 is significantly better than none of them; significantly worse on "
+                                       "test than lite1, although chosen by validation; it cannot be told apart "
+                                       "from lite0 on these test images.")

@@ -70,5 +70,12 @@ def test_an_unknown_zoo_or_a_bad_file_is_one_sentence(tmp_path: Path) -> None:
                    '[zoos]\nz = ["b"]\n')
     with pytest.raises(ZooError, match="zoo 'z' names 'b', which has no"):
         load_zoo(str(bad))
+    bad.write_text('models = ["a"]\n')
+    with pytest.raises(ZooError, match="has no \\[models.NAME\\] table"):
+        load_zoo(str(bad))
+    bad.write_text('[models.a]\ntag = "resnet18.tv_in1k"\nfamily = "resnet"\npretraining = "x"\nleaky = true\n'
+                   '[zoos]\nz = "a"\n')
+    with pytest.raises(ZooError, match="maps each zoo's name to a list"):
+        load_zoo(str(bad))
     with pytest.raises(ZooError, match="does not exist"):
         load_zoo(str(tmp_path / "none.toml"))

@@ -33,10 +33,16 @@ class Scoring:
     time: float  # seconds since the epoch
 
 
+def _n(count: int, word: str) -> str:
+    return f"{count} {word}{'s' if count != 1 else ''}"
+
+
 @dataclass(frozen=True)
 class Looks:
-    """How often one test set has been scored: scorings, distinct configurations and models, and the first."""
+    """How often one test set has been scored: looks (runs, each scoring its models at one time), model
+    scorings, distinct configurations and models, and the first look."""
 
+    looks: int
     scorings: int
     configs: int
     models: int
@@ -44,18 +50,18 @@ class Looks:
 
     @property
     def too_many(self) -> bool:
-        return self.scorings > WARN_AFTER
+        return self.looks > WARN_AFTER
 
     def sentence(self) -> str:
         """What a report says of it, in words."""
-        if not self.scorings:
+        if not self.looks:
             return "This test set has not been scored before."
         since = time.strftime("%Y-%m-%d", time.localtime(self.first)) if self.first else "?"
         warn = (f" Past {WARN_AFTER} looks, choices made after seeing test figures fit this test set: treat its "
                 "figures as optimistic." if self.too_many else "")
-        return (f"This test set has been scored {self.scorings} time{'s' if self.scorings != 1 else ''} since "
-                f"{since}, by {self.configs} configuration{'s' if self.configs != 1 else ''} and {self.models} "
-                f"model{'s' if self.models != 1 else ''} (the ledger in the feature cache).{warn}")
+        return (f"This test set has been scored {_n(self.looks, 'time')} since {since} ({_n(self.scorings, 'model')} "
+                f"scored), by {_n(self.configs, 'configuration')} and {_n(self.models, 'distinct model')} (the "
+                f"ledger in the feature cache).{warn}")
 
 
 def record(cache_dir: Path, scorings: Iterable[Scoring]) -> None:
@@ -92,8 +98,9 @@ def read(cache_dir: Path) -> list[Scoring]:
     return out
 
 
-def looks(cache_dir: Path, test_set: str) -> Looks:
-    """How often ``test_set`` has been scored according to the ledger of ``cache_dir``."""
-    mine = [s for s in read(cache_dir) if s.test_set == test_set]
-    return Looks(len(mine), len({s.config for s in mine}), len({s.model for s in mine}),
-                 min((s.time for s in mine), default=None))
+def looks(cache_dir: Path, test_set: str, *, until: float | None = None) -> Looks:
+    """How often ``test_set`` had been scored by ``until`` (default: now) according to the ledger of
+    ``cache_dir``; a look is one run scoring its models at one time."""
+    mine = [s for s in read(cache_dir) if s.test_set == test_set and (until is None or s.time <= until)]
+    return Looks(len({(s.run, s.time) for s in mine}), len(mine), len({s.config for s in mine}),
+                 len({s.model for s in mine}), min((s.time for s in mine), default=None))

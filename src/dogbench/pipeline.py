@@ -152,11 +152,11 @@ def _evaluate_and_report(
     asked, then the report."""
     results = evaluate_stage(cfg, run, dataset, extracted, tuning, data_s=data_s, start=start)
     results = finetune_stage(cfg, run, dataset, extracted, tuning, results, progress=progress)
-    results = record_looks(cfg, run, dataset, results)  # the test-set ledger: each model scored on test, once
     if cfg.evaluate.seeds > 1:
         results = add_seeds(cfg, run, results, extracted, progress=progress)
     if cfg.shots.shots:
         results = add_data_efficiency(cfg, run, results, extracted, progress=progress)
+    results = record_looks(cfg, run, dataset, results)  # the test-set ledger: one look, each model row in it
     _report_after(cfg, run.path, progress=progress)
     track.active().finish(_finals(run, results))
     return results

@@ -289,8 +289,13 @@ def verdicts_many(best_vs_rest: dict[str, Any], names: Mapping[str, ModelName] |
         lines.append(f"  vs {c['b']}: {c['delta_top1'] * 100:+.2f} points [{lo * 100:+.2f}, {hi * 100:+.2f}], "
                      f"Holm {p_value(c['p_holm'])}: " + ("significant" if c["survives"] else "not significant at "
                                                        f"{best_vs_rest['alpha']:.0%}"))
-    kept = [c["b"] for c in pairs if c["survives"]]
-    lost = [c["b"] for c in pairs if not c["survives"]]
-    lines.append(f"{best} is significantly better than {', '.join(kept) or 'none of them'}"
-                 + (f"; it cannot be told apart from {', '.join(lost)} on these test images" if lost else "") + ".")
+    better = [c["b"] for c in pairs if c["survives"] and c["delta_top1"] > 0]
+    worse = [c["b"] for c in pairs if c["survives"] and c["delta_top1"] < 0]
+    apart = [c["b"] for c in pairs if not c["survives"] or c["delta_top1"] == 0]
+    said = [f"{best} is significantly better than {', '.join(better) or 'none of them'}"]
+    if worse:
+        said.append(f"significantly worse on test than {', '.join(worse)}, although chosen by validation")
+    if apart:
+        said.append(f"it cannot be told apart from {', '.join(apart)} on these test images")
+    lines.append("; ".join(said) + ".")
     return lines

@@ -121,7 +121,7 @@ def _screen(args: argparse.Namespace, cfg: RunConfig, dataset: Dataset, *, progr
     budget = parse_budget(args.budget) if args.budget else Budget()
     out = Path(cfg.out) if cfg.out else Path("runs") / ("screen-" + time.strftime("%Y%m%d-%H%M%S"))
     given = cfg.backbones if (args.backbone or args.config) else ()  # not the default pair
-    request = ScreenRequest(tuple(given), args.zoo, args.finalists, budget.images, budget.seconds, out)
+    request = ScreenRequest(tuple(given), args.zoo, args.finalists, budget.images, budget.seconds, out, args.force)
     screen(cfg, dataset, request, progress=progress)
     print(f"screen: {out / 'screen.json'}")
     return 0

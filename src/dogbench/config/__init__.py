@@ -14,6 +14,7 @@ from dogbench.config.load import (
     absolute_path,
     apply_override,
     backbone_spec_table,
+    computed_items,
     config_differences,
     from_mapping,
     load_config,
@@ -67,7 +68,8 @@ __all__ = [
     "FeatureConfig", "FinetuneConfig", "HeadKind", "Interval", "Matches", "Method", "NonEmpty", "OneOf", "Precision",
     "Pruner",
     "ReportConfig", "RunConfig", "Section", "ShotsConfig", "TrackConfig", "TrackTo", "Tta", "TuneConfig", "TuneMetric",
-    "absolute_path", "apply_override", "backbone_spec_table", "check_section", "config_differences", "crops_to_box",
+    "absolute_path", "apply_override", "backbone_spec_table", "check_section", "computed_items", "config_differences",
+    "crops_to_box",
     "from_mapping", "load_config", "parse_backbone_spec", "parse_backbone_table", "parse_shots", "parse_value",
     "resolve", "saved_to_doc", "validate", "with_box_ablation",
 ]

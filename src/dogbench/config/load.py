@@ -251,7 +251,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix: value}
 
 
-def _config_items(cfg: RunConfig) -> dict[str, Any]:
+def computed_items(cfg: RunConfig) -> dict[str, Any]:
+    """The flattened keys that change what a run computes (``EXECUTION_KEYS`` left out): a config's identity."""
     d = cfg.to_dict()
     d["backbones"] = {b.pop("label"): b for b in d["backbones"]}
     return {k: v for k, v in _flatten(d).items()
@@ -260,6 +261,6 @@ def _config_items(cfg: RunConfig) -> dict[str, Any]:
 
 def config_differences(saved: RunConfig, given: RunConfig) -> list[str]:
     """The keys that change what a run computes, where ``given`` differs from ``saved``: ``key: saved -> given``."""
-    a, b = _config_items(saved), _config_items(given)
+    a, b = computed_items(saved), computed_items(given)
     return [f"{k}: {a.get(k, '(absent)')!r} -> {b.get(k, '(absent)')!r}" for k in sorted(set(a) | set(b))
             if a.get(k, "(absent)") != b.get(k, "(absent)")]

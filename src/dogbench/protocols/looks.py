@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from dogbench.config import RunConfig
+from dogbench.config import RunConfig, computed_items
 from dogbench.data import Dataset
 from dogbench.data.download import default_cache_dir
-from dogbench.ledger import Looks, Scoring, looks, record
+from dogbench.ledger import Scoring, looks, read, record
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir
 
@@ -36,11 +36,8 @@ def test_set_digest(dataset: Dataset) -> str:
 
 
 def _config_digest(cfg: RunConfig) -> str:
-    """The configuration's identity, less where its folder and cache are."""
-    d = cfg.to_dict()
-    d.pop("out", None)
-    d.get("features", {}).pop("cache_dir", None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    """The configuration's identity: the keys that change what a run computes (not where it runs or writes)."""
+    return hashlib.sha256(json.dumps(computed_items(cfg), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def record_looks(cfg: RunConfig, run: RunDir, dataset: Dataset, results: RunResults) -> RunResults:
@@ -48,14 +45,23 @@ def record_looks(cfg: RunConfig, run: RunDir, dataset: Dataset, results: RunResu
     digest = test_set_digest(dataset)
     config, now = _config_digest(cfg), time.time()
     record(ledger_dir(cfg.to_dict()["features"]), [
-        Scoring(digest, f"{m.backbone}|{m.weights_sha256}|{m.method}", config, str(run.path), results.dataset.n_test,
-                now) for m in results.models.values()])
+        Scoring(digest, f"{m.backbone}|{m.weights_sha256}|{m.method}", config, str(run.path.resolve()),
+                results.dataset.n_test, now) for m in results.models.values()])
     results = dataclasses.replace(results, dataset=dataclasses.replace(results.dataset, test_set=digest))
     run.write_results(results)
     return results
 
 
-def run_looks(results: Mapping[str, Any]) -> Looks | None:
-    """How often the test set of a run's results.json has been scored (None for a run from before the ledger)."""
+def run_looks(results: Mapping[str, Any], run_dir: Path) -> str | None:
+    """How often the test set of the run in ``run_dir`` had been scored when the run last scored it, in words
+    (None for a run from before the ledger). Later runs are not counted; a ledger that does not hold the run (read
+    from another machine or cache) says so."""
     digest = results.get("dataset", {}).get("test_set")
-    return looks(ledger_dir(results.get("config", {}).get("features", {})), digest) if digest else None
+    if not digest:
+        return None
+    where = ledger_dir(results.get("config", {}).get("features", {}))
+    own = [s.time for s in read(where) if s.test_set == digest and s.run == str(Path(run_dir).resolve())]
+    if not own:
+        return (f"The test-set ledger at {where} holds no scoring of this run (made on another machine or with "
+                "another feature cache): how often this test set was looked at is unknown here.")
+    return looks(where, digest, until=max(own)).sentence()

@@ -59,7 +59,7 @@ def headline(val_scores: dict[str, float], correct_by_label: dict[str, dict[str,
              for other in ranked[1:]]
     for pair, p_holm in zip(pairs, holm([c["mcnemar_p"] for c in pairs]), strict=True):
         pair["p_holm"] = p_holm
-        pair["survives"] = p_holm < ALPHA
+        pair["survives"] = p_holm < ALPHA  # significant after the correction, in either direction
     return {"comparison": pairs[0], "best_vs_rest": {
         "best": best, "chosen_by": f"validation {cfg.tune.metric.value}", "correction": "holm", "alpha": ALPHA,
         "comparisons": pairs}}

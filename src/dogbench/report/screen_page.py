@@ -62,7 +62,7 @@ def _leaderboard_table(rows: list[dict[str, Any]]) -> Table:
                  "on that rung's training images. Only the finalists were scored on test, once, in their run.")
 
 
-def build_screen_report(screen: dict[str, Any], finalists: dict[str, Any], dataset: str) -> Report:
+def build_screen_report(screen: dict[str, Any], finalists: dict[str, Any], run_dir: Path) -> Report:
     """The screen's document from its ``screen.json`` and the finalists' ``results.json``."""
     rows, assets = screen["leaderboard"], Assets()
     board = Section("leaderboard", "Leaderboard", blocks=[_leaderboard_table(rows)])
@@ -82,16 +82,16 @@ def build_screen_report(screen: dict[str, Any], finalists: dict[str, Any], datas
     if screen.get("logme_kendall_tau") is not None:
         caveats.append(f"LogME ranked the first rung with Kendall's tau = {screen['logme_kendall_tau']:.2f} against "
                        f"the probes (p = {screen['logme_kendall_p']:.3g}): trust it on this data only as far.")
-    seen = run_looks(finalists)
+    seen = run_looks(finalists, run_dir)
     if seen is not None:
-        caveats.append(seen.sentence())
-    n = len(rows)
-    return Report(f"Screen of {n} backbones on {dataset}", f"finalists: {', '.join(screen['finalists'])}", verdicts,
-                  caveats, [board, front], assets.files)
+        caveats.append(seen)
+    title = f"Screen of {len(rows)} backbones on {finalists['dataset']['name']}"
+    return Report(title, f"finalists: {', '.join(screen['finalists'])}", verdicts, caveats, [board, front],
+                  assets.files)
 
 
 def write_screen_report(out: Path, run_dir: Path) -> ReportFiles:
     """``report.html`` and ``report.md`` of the screen in ``out``, from its files and its finalists' run."""
     screen = json.loads((out / "screen.json").read_text())
     finalists = json.loads((run_dir / "results.json").read_text())
-    return write_report(build_screen_report(screen, finalists, finalists["dataset"]["name"]), out)
+    return write_report(build_screen_report(screen, finalists, run_dir), out)

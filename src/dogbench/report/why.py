@@ -178,9 +178,9 @@ def caveats(runs: list[RunFolder]) -> list[str]:
         note = selection_note(run.results.get("config", {}))
         if note:
             out.append(f"{prefix}{note[0].upper()}{note[1:]}")
-        seen = run_looks(run.results)
+        seen = run_looks(run.results, run.path)
         if seen is not None:
-            out.append(prefix + seen.sentence())
+            out.append(prefix + seen)
     return out
 
 

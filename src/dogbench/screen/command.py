@@ -30,6 +30,7 @@ class ScreenRequest:
     budget_images: int | None
     budget_s: float | None
     out: Path
+    force: bool = False  # replace the config of an earlier screen's finalists' run in ``out``
 
 
 def candidates(request: ScreenRequest) -> tuple[list[BackboneConfig], dict[str, dict[str, Any]]]:
@@ -57,19 +58,22 @@ def screen(cfg: RunConfig, dataset: Dataset, request: ScreenRequest, *, progress
     from dogbench.pipeline import run
 
     cfgs, about = candidates(request)
+    if (request.out / RUN_FOLDER / "config.json").exists() and not request.force:  # before hours of rungs
+        raise DogbenchError(f"{request.out} holds an earlier screen (its finalists' run {request.out / RUN_FOLDER}): "
+                            "give another --out, or --force to screen again into it")
     request.out.mkdir(parents=True, exist_ok=True)
     outcome = run_rungs(cfg, dataset, [Contender(c) for c in cfgs], finalists=request.finalists,
                         budget_images=request.budget_images, budget_s=request.budget_s, progress=progress)
     chosen = tuple(c for c in cfgs if c.label in outcome.finalists)
     results, run_path = run(dataclasses.replace(cfg, backbones=chosen, out=str(request.out / RUN_FOLDER)), dataset,
-                            progress=progress)
+                            progress=progress, force=request.force)
     print(results.summary_table())
     run_results = json.loads((run_path / "results.json").read_text())
     rows = leaderboard(outcome, about, run_results["models"])
     lines = summary_lines(rows, outcome, len(dataset.split("train")))
-    seen = run_looks(run_results)
+    seen = run_looks(run_results, run_path)
     if seen is not None:
-        lines.append(seen.sentence())
+        lines.append(seen)
     print("\n".join(lines))
     write(request.out, rows, outcome, lines, len(dataset.split("train")))
     if cfg.report.enabled:

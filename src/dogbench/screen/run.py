@@ -130,6 +130,9 @@ def run_rungs(cfg: RunConfig, dataset: Dataset, contenders: list[Contender], *, 
         for c in alive:
             extracted += _extract(c, cfg, rung_dataset(dataset, increment), progress=progress)
         alive = [c for c in alive if c.skipped is None]
+        if not alive:
+            raise DogbenchError("no candidate could be loaded: " + "; ".join(
+                f"{c.label}: {c.skipped}" for c in contenders))
         members = [s for s, r in zip(train, ranks, strict=True) if r < rung.per_class
                    and all(s.sample_id in c.rows for c in alive)]
         ids, y = [s.sample_id for s in members], np.array([s.label for s in members])

@@ -69,10 +69,14 @@ def read_zoos(path: Path = SHIPPED) -> tuple[dict[str, Candidate], dict[str, tup
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise ZooError(f"cannot read the zoo file {path}: {err}") from None
-    models = {name: _candidate(name, entry, str(path)) for name, entry in data.get("models", {}).items()}
-    if not models:
+    tables, named = data.get("models", {}), data.get("zoos", {})
+    if not isinstance(tables, dict) or not tables:
         raise ZooError(f"{path} has no [models.NAME] table: a zoo lists its models there")
-    zoos = {name: tuple(members) for name, members in data.get("zoos", {}).items()}
+    if not isinstance(named, dict) or not all(isinstance(m, list) and all(isinstance(x, str) for x in m)
+                                              for m in named.values()):
+        raise ZooError(f"{path}: [zoos] maps each zoo's name to a list of model names, e.g. small = [\"a\", \"b\"]")
+    models = {name: _candidate(name, entry, str(path)) for name, entry in tables.items()}
+    zoos = {name: tuple(members) for name, members in named.items()}
     for zoo, members in zoos.items():
         for member in members:
             if member not in models:

@@ -1,6 +1,7 @@
 """The plan of a screen: successive halving over backbones on nested, seeded per-class subsamples of the
 training split. Every candidate is probed at the first rung; the better half goes on to twice the images per
-class, and so on, until the finalists are probed on the whole training split (or on the most the budget allows).
+class, and so on, until a rung on half the split picks the finalists, whose own run then probes them on the whole
+training split (a rung there would only re-probe the chosen). A budget in images shrinks every rung alike.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ class Plan:
 
     rungs: tuple[Rung, ...]
     finalists: int
-    whole_split: bool  # whether the last rung is the whole training split
+    whole_split: bool  # whether the rungs double up to half the split (False: a budget made them smaller)
 
     @property
     def extracted(self) -> int:
@@ -76,11 +77,11 @@ class Plan:
         out = []
         for i, r in enumerate(self.rungs):
             after = f"the best {self.rungs[i + 1].enter} go on" if i + 1 < len(self.rungs) else \
-                f"the best {self.finalists} are the finalists"
+                f"the best {self.finalists} are the finalists (their run probes them on the whole training split)"
             out.append(f"rung {i + 1}: {r.enter} candidates x {r.per_class} images per class ({r.images} images "
                        f"each); {after}")
         out.append(f"{self.extracted} images extracted in all"
-                   + ("" if self.whole_split else "; the budget stops short of the whole training split"))
+                   + ("" if self.whole_split else "; the budget made every rung smaller"))
         return out
 
 
@@ -96,19 +97,23 @@ def nested_ranks(labels: np.ndarray, seed: int) -> np.ndarray:
 
 
 def _schedule(counts: np.ndarray, candidates: int, finalists: int, top: int) -> tuple[Rung, ...]:
-    """Rungs that halve the candidates down to ``finalists``, doubling images per class up to ``top``."""
-    n_rungs = 1 + max(0, math.ceil(math.log2(candidates / finalists))) if candidates > finalists else 1
-    rungs, enter = [], candidates
+    """Rungs that halve the candidates down to ``finalists``, doubling images per class up to half of ``top``.
+    A rung that would add no image (a small budget, small classes) is merged into the one before: it could only
+    decide again on the same evidence."""
+    n_rungs = max(1, math.ceil(math.log2(candidates / finalists))) if candidates > finalists else 1
+    rungs: list[Rung] = []
+    enter = candidates
     for i in range(n_rungs):
-        per_class = max(MIN_PER_CLASS, math.ceil(top / 2 ** (n_rungs - 1 - i)))
-        rungs.append(Rung(per_class, enter, int(np.minimum(counts, per_class).sum())))
+        per_class = max(MIN_PER_CLASS, math.ceil(top / 2 ** (n_rungs - i)))
+        if not rungs or per_class > rungs[-1].per_class:
+            rungs.append(Rung(per_class, enter, int(np.minimum(counts, per_class).sum())))
         enter = max(finalists, math.ceil(enter / 2))
     return tuple(rungs)
 
 
 def plan(counts: np.ndarray, candidates: int, finalists: int, budget_images: int | None = None) -> Plan:
-    """The rungs for training classes of ``counts`` images: the whole split at the last rung, or the largest
-    last rung that keeps the plan within ``budget_images``."""
+    """The rungs for training classes of ``counts`` images: doubling up to half the split, or the largest
+    rungs that keep the plan within ``budget_images``."""
     finalists = min(finalists, candidates)
     most = int(counts.max())
     full = Plan(_schedule(counts, candidates, finalists, most), finalists, True)

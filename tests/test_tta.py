@@ -126,3 +126,10 @@ def test_ten_crop_tta_is_refused_before_any_model_loads(tmp_path: Path, capsys: 
     err = capsys.readouterr().err
     assert "evaluate.tta = 'flip+crops'" in err and "valid choices: none, flip" in err and "Traceback" not in err
     assert not (tmp_path / "cache").exists()  # nothing was extracted
+
+
+def test_seeds_with_tta_are_refused_before_anything_runs() -> None:
+    from dogbench.config import ConfigError, resolve
+
+    with pytest.raises(ConfigError, match="evaluate.seeds = 3 repeats the run on single views"):
+        resolve({"evaluate": {"seeds": 3, "tta": "flip"}})

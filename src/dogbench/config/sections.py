@@ -275,6 +275,13 @@ class FinetuneConfig(Section):
     parsers = {"methods": comma_list, "wise": comma_numbers}
 
 
+def _seeds_single_view(e: EvalConfig) -> None:
+    if e.seeds > 1 and e.tta is not Tta.NONE:
+        raise ConfigError(f"evaluate.seeds = {e.seeds} repeats the run on single views, so with evaluate.tta = "
+                          f"{e.tta.value} its spread would mix views: set evaluate.tta = none for the repetitions, or "
+                          "evaluate.seeds = 1")
+
+
 @dataclass(frozen=True)
 class EvalConfig(Section):
     """Test scoring: bootstrap intervals, and repetitions over seeds."""
@@ -285,6 +292,7 @@ class EvalConfig(Section):
     tta: Tta = Tta.NONE  # test-time augmentation of test scoring, predict, serve and export: none | flip | flip+crops
 
     constraints = {"seeds": Interval(1)}
+    checks = (_seeds_single_view,)
 
 
 def parse_shots(value: Any) -> tuple[int | str, ...]:

@@ -33,7 +33,14 @@ from dogbench.features import FeatureSet, extract_features, feature_settings
 from dogbench.features.cache import cache_key
 from dogbench.heads import Head, head_identity
 from dogbench.protocols.scoring import compare_all, environment, headline, test_scores
-from dogbench.protocols.tta import check_tta, extract_views, score_views, tta_comparisons, view_proba
+from dogbench.protocols.tta import (
+    check_tta,
+    extract_views,
+    probe_scores_over_views,
+    score_views,
+    tta_comparisons,
+    view_proba,
+)
 from dogbench.results import DatasetInfo, ModelResult, RunResults, StageTimes
 from dogbench.rundir import NO_BOX, Predictions, RunDir, RunFolderError
 from dogbench.tune import (
@@ -254,14 +261,6 @@ def _head_proba(head: Any, X: np.ndarray, temperature: float, n_classes: int) ->
     return raw, apply_temperature(raw, temperature)
 
 
-def _probe_scores(probe: Any, X: np.ndarray, y: np.ndarray, dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
-    """The baseline probe's headline test scores (no per-class recall) on (X, y)."""
-    scores, _, _ = test_scores(y, full_proba(probe.predict_proba(X), probe.classes_, len(dataset.classes)),
-                               dataset, cfg)
-    scores.pop("per_class")
-    return scores
-
-
 def evaluate_backbone(
     cfg: RunConfig, run: RunDir, dataset: Dataset, label: str, bf: BackboneFeatures, tuning: Tuning
 ) -> tuple[ModelResult, dict[str, bool], dict[str, dict[str, bool]]]:
@@ -295,7 +294,7 @@ def evaluate_backbone(
             fit_rows = np.concatenate([splits.train, splits.val])
             probe = make_logistic(tuning.baseline.C, device=head_device(cfg), balance=cfg.data.balance)
             probe.fit(X[fit_rows], y[fit_rows])
-            probe_scores = _probe_scores(probe, X[splits.test], y_test, dataset, cfg)
+            probe_scores = probe_scores_over_views(probe, X[splits.test], bf.views, test_ids, y_test, dataset, cfg)
         baseline = {"C": tuning.baseline.C, "val": {"top1": tuning.baseline.val_top1},
                     "curve": tuning.baseline.curve, "test": probe_scores}
     with times.measure("extra_test"):
@@ -345,7 +344,8 @@ def _extra_test_scores(cfg: RunConfig, dataset: Dataset, bf: BackboneFeatures, h
         e_scores["calibration"] = calibration_metrics(ef.labels, e_proba)
         e_scores["skipped"] = len(ef.skipped)
         if probe is not None:
-            e_scores["baseline"] = _probe_scores(probe, ef.features, ef.labels, dataset, cfg)
+            e_scores["baseline"] = probe_scores_over_views(probe, ef.features, {}, list(ef.sample_ids), ef.labels,
+                                                           dataset, cfg)  # second test sets: the plain view only
         extra_scores[name] = e_scores
         extra_correct[name] = dict(zip(ef.sample_ids, e_correct.tolist(), strict=True))
     return extra_scores, extra_correct

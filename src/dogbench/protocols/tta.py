@@ -70,6 +70,16 @@ def score_views(cfg: RunConfig, label: str, per_view: np.ndarray, temperature: f
     return ViewScores(raw, proba, record)
 
 
+def probe_scores_over_views(probe: Any, X: np.ndarray, views: dict[str, FeatureSet], ids: list[str], y: np.ndarray,
+                            dataset: Dataset, cfg: RunConfig) -> dict[str, Any]:
+    """The baseline probe's headline test scores (no per-class recall) over the tuned head's views, so the
+    tuned-against-probe picture compares like with like under TTA."""
+    per_view = view_proba(probe, X, views, ids, len(dataset.classes))
+    scores, _, _ = test_scores(y, average_views(per_view, None), dataset, cfg)
+    scores.pop("per_class")
+    return scores
+
+
 def tta_comparisons(models: Iterable[ModelResult]) -> list[dict[str, Any]]:
     """Each row's paired comparison with and without test-time augmentation (none without it)."""
     return [m.tta["comparison"] for m in models if m.tta]

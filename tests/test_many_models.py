@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from dogbench.evaluate import holm
-from dogbench.results import verdicts_many
+from dogbench.results import verdict_of_many, verdicts_many
 
 
 def test_holm_adjusts_step_down_monotone_and_capped() -> None:
@@ -38,3 +38,8 @@ def test_a_best_by_validation_that_loses_on_test_is_said_to_lose() -> None:
     assert verdicts_many(best)[-1] == ("lite2 is significantly better than none of them; significantly worse on "
                                        "test than lite1, although chosen by validation; it cannot be told apart "
                                        "from lite0 on these test images.")
+
+    assert verdict_of_many(best).startswith("lite2 is the best of 3 models on validation top1; on test, paired "
+                                            "against each other model (exact McNemar, Holm-corrected over 2 "
+                                            "comparisons): vs lite1: -6.00 points")
+    assert "; vs lite0: +1.00 points" in verdict_of_many(best)

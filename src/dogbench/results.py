@@ -299,3 +299,9 @@ def verdicts_many(best_vs_rest: dict[str, Any], names: Mapping[str, ModelName] |
         said.append(f"it cannot be told apart from {', '.join(apart)} on these test images")
     lines.append("; ".join(said) + ".")
     return lines
+
+
+def verdict_of_many(best_vs_rest: dict[str, Any], names: Mapping[str, ModelName] | None = None) -> str:
+    """``verdicts_many`` as one paragraph (the report's headline)."""
+    first, *pairs, last = verdicts_many(best_vs_rest, names)
+    return f"{first} {'; '.join(p.strip() for p in pairs)}. {last}"

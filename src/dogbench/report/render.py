@@ -39,7 +39,7 @@ from dogbench.report.sections_studies import (
     seeds_section,
     tuning_section,
 )
-from dogbench.results import verdict, verdicts_many
+from dogbench.results import verdict, verdict_of_many
 from dogbench.rundir import REPORT_HTML, REPORT_JSON, REPORT_MD
 
 
@@ -54,7 +54,7 @@ def _verdicts(runs: list[RunFolder], comps: list[dict[str, Any]], models: list[M
         c = run.results.get("comparison")
         if run.results.get("best_vs_rest"):
             prefix = f"{run.name}: " if len(runs) > 1 else ""
-            out.append(prefix + " ".join(line.strip() for line in verdicts_many(run.results["best_vs_rest"], names)))
+            out.append(prefix + verdict_of_many(run.results["best_vs_rest"], names))
         elif c:
             prefix = f"{run.name}: " if len(runs) > 1 else ""
             if len(runs) > 1:

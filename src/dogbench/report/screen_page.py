@@ -10,13 +10,14 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure as MplFigure
+from matplotlib.ticker import NullFormatter
 
 from dogbench.protocols.looks import run_looks
 from dogbench.report.document import Assets, Figure, Report, Section, Table
 from dogbench.report.labels import place_labels
 from dogbench.report.plots import new_figure, png
 from dogbench.report.render import ReportFiles, write_report
-from dogbench.results import verdict, verdicts_many
+from dogbench.results import verdict, verdict_of_many
 
 
 def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
@@ -36,6 +37,7 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
         if on:
             ax.plot(*zip(*on, strict=True), "-", color="#ff7f0e", alpha=0.7, lw=1.5, label="Pareto front")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # decades only: minor labels collide
         ax.margins(x=0.3, y=0.2)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
@@ -75,7 +77,7 @@ def build_screen_report(screen: dict[str, Any], finalists: dict[str, Any], run_d
                                                               "line joins those no other beats on both axes.")])
     best, pair = finalists.get("best_vs_rest"), finalists.get("comparison")
     if best:
-        verdicts = [" ".join(line.strip() for line in verdicts_many(best))]
+        verdicts = [verdict_of_many(best)]
     else:
         verdicts = [verdict(pair)] if pair else [f"One finalist: {', '.join(screen['finalists'])}."]
     caveats = []

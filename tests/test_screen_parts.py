@@ -37,6 +37,13 @@ def test_logme_is_the_marginal_likelihood_at_its_maximum(n: int, d: int) -> None
             assert _direct_evidence(f, target, alpha * da, beta * db) < evidence
 
 
+def test_logme_of_constant_features_is_the_noise_model_not_nan() -> None:
+    y = np.arange(10) % 2
+    result = logme(np.zeros((10, 5)), y)
+    target = (y == 0).astype(np.float64)  # N(y; 0, I / beta) with beta = n / |y|^2, the noise-only evidence
+    assert result.evidence[0] == pytest.approx(_direct_evidence(np.zeros((10, 0)), target, 1.0, result.beta[0]))
+
+
 def test_logme_ranks_features_that_hold_the_labels_above_noise() -> None:
     rng = np.random.default_rng(0)
     y = np.repeat(np.arange(5), 20)

@@ -29,11 +29,12 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
     panels = ((axes[0], "img_s", "pareto_speed", "images per second on this machine (extraction)"),
               (axes[1], "params", "pareto_size", "parameters (millions)"))
     for ax, key, front, xlabel in panels:
-        xs = np.array([(r[key] or 1e-3) / (1e6 if key == "params" else 1) for r in scored])
-        ys = np.array([r["cv"]["top1"] * 100 for r in scored])
-        for r, x, y in zip(scored, xs, ys, strict=True):
+        shown = [r for r in scored if r[key]]  # a speed that was not measured (cached features) is not drawn
+        xs = np.array([r[key] / (1e6 if key == "params" else 1) for r in shown])
+        ys = np.array([r["cv"]["top1"] * 100 for r in shown])
+        for r, x, y in zip(shown, xs, ys, strict=True):
             ax.plot(x, y, "o", ms=8, color="#1f77b4", mfc="#1f77b4" if r["finalist"] else "white")
-        on = sorted((x, y) for r, x, y in zip(scored, xs, ys, strict=True) if r.get(front))
+        on = sorted((x, y) for r, x, y in zip(shown, xs, ys, strict=True) if r.get(front))
         if on:
             ax.plot(*zip(*on, strict=True), "-", color="#ff7f0e", alpha=0.7, lw=1.5, label="Pareto front")
         ax.set_xscale("log")
@@ -44,8 +45,10 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
     axes[0].set_ylabel("cross-validated top-1 (%) at the rung reached")
     fig.suptitle("Accuracy against speed and size (filled: finalists)")
     for ax, key in ((axes[0], "img_s"), (axes[1], "params")):
-        xy = np.array([[(r[key] or 1e-3) / (1e6 if key == "params" else 1), r["cv"]["top1"] * 100] for r in scored])
-        place_labels(ax, xy, [r["label"] for r in scored], fontsize=8)
+        shown = [r for r in scored if r[key]]
+        xy = np.array([[r[key] / (1e6 if key == "params" else 1), r["cv"]["top1"] * 100] for r in shown])
+        if len(shown):
+            place_labels(ax, xy, [r["label"] for r in shown], fontsize=8)
     return fig
 
 

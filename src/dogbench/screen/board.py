@@ -46,8 +46,9 @@ def leaderboard(outcome: ScreenOutcome, about: Mapping[str, Mapping[str, Any]],
     pretraining and leaky flag by label; ``tested``: the finalists' rows of their run's results.json."""
     rows = [_row(c, outcome, about, tested) for c in outcome.contenders]
     rows.sort(key=lambda r: (-r["rung"], -(r["cv"]["top1"] if r["cv"] else -1)))
-    scored = [r for r in rows if r["cv"]]
-    for key, cost in (("pareto_speed", lambda r: -(r["img_s"] or 0.0)), ("pareto_size", lambda r: r["params"])):
+    for key, cost in (("pareto_speed", lambda r: -r["img_s"]), ("pareto_size", lambda r: r["params"])):
+        # speed: only the candidates whose speed was measured here (a cache hit measures none)
+        scored = [r for r in rows if r["cv"] and (key == "pareto_size" or r["img_s"])]
         front = pareto_front([r["cv"]["top1"] for r in scored], [cost(r) for r in scored])
         for r, on in zip(scored, front, strict=True):
             r[key] = on

@@ -47,6 +47,9 @@ def logme(features: np.ndarray, labels: np.ndarray) -> LogME:
 
 def _class_evidence(u: np.ndarray, sigma: np.ndarray, y: np.ndarray, n: int, d: int) -> tuple[float, float, float]:
     """(log-evidence / n, alpha, beta) of one class's regression at the marginal likelihood's fixed point."""
+    if not len(sigma):  # features without any variation: the weights carry nothing (alpha = inf), noise alone
+        beta = n / max(float(y @ y), EPS)
+        return (n / 2 * np.log(beta) - beta / 2 * float(y @ y) - n / 2 * np.log(2 * np.pi)) / n, np.inf, beta
     x2 = (u.T @ y) ** 2  # the target's energy along each principal direction
     rest = float(y @ y - x2.sum())  # and outside the features' span
     alpha, beta = 1.0, 1.0

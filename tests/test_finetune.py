@@ -185,18 +185,25 @@ def test_unknown_method_names_the_valid_ones(tmp_path: Path, capsys: pytest.Capt
     assert "adapterz" in err and "lora, partial, full, lp-ft" in err
 
 
-def test_finetune_trials_tune_the_recipe_on_validation_with_a_pruner(tmp_path: Path) -> None:
-    import optuna
-
+def _lora_search(tmp_path: Path, backbone: str, *settings: str) -> dict:
+    """`dogbench finetune --methods lora` of a tiny model on 3 tiny classes in ``tmp_path/run`` with ``settings``
+    (--set); the LoRA row of results.json."""
     from conftest import make_class_folder_layout
 
     data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
-    out = tmp_path / "run"
-    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "vit=test_vit@random,img_size=32",
-            "--cache-dir", str(tmp_path / "cache"), "--methods", "lora", *FAST, "--set", "finetune.trials=3",
-            "--set", "finetune.pruner=halving", "--set", "report.enabled=false"]
+    args = ["finetune", "--data", str(data), "--out", str(tmp_path / "run"), "--backbone", backbone, "--cache-dir",
+            str(tmp_path / "cache"), "--methods", "lora", *FAST, "--set", "report.enabled=false",
+            *[x for setting in settings for x in ("--set", setting)]]
     assert main(args) == 0
-    row = json.loads((out / "results.json").read_text())["models"]["vit/lora"]
+    return json.loads((tmp_path / "run" / "results.json").read_text())["models"][f"{backbone.split('=')[0]}/lora"]
+
+
+def test_finetune_trials_tune_the_recipe_on_validation_with_a_pruner(tmp_path: Path) -> None:
+    import optuna
+
+
+    out = tmp_path / "run"
+    row = _lora_search(tmp_path, "vit=test_vit@random,img_size=32", "finetune.trials=3", "finetune.pruner=halving")
     trials = row["training"]["trials"]
     parts = {"ema", "mixup", "randaugment", "re_prob"}  # the recipe's parts, on or off (issue 29)
     assert trials["n_trials"] == 3 and set(trials["best_params"]) == {"lr", "weight_decay", "lora_rank", *parts}
@@ -225,7 +232,6 @@ def test_a_wall_time_budget_stops_the_recipe_search_and_the_best_finished_trial_
 
     import optuna
 
-    from conftest import make_class_folder_layout
     from dogbench.protocols import finetune
 
     real = finetune._train_once
@@ -236,13 +242,8 @@ def test_a_wall_time_budget_stops_the_recipe_search_and_the_best_finished_trial_
 
     monkeypatch.setattr(finetune, "_train_once", slow)
 
-    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=2)
     out = tmp_path / "run"
-    args = ["finetune", "--data", str(data), "--out", str(out), "--backbone", "cnn=test_resnet@random,input_size=32",
-            "--cache-dir", str(tmp_path / "cache"), "--methods", "lora", *FAST, "--set", "finetune.trials=5",
-            "--set", "finetune.budget_s=1", "--set", "report.enabled=false"]
-    assert main(args) == 0
-    row = json.loads((out / "results.json").read_text())["models"]["cnn/lora"]
+    row = _lora_search(tmp_path, "cnn=test_resnet@random,input_size=32", "finetune.trials=5", "finetune.budget_s=1")
     trials = row["training"]["trials"]
     assert (trials["n_trials"], trials["stopped_by"], trials["budget_s"]) == (1, "budget", 1)
     study = optuna.load_study(study_name=trials["study"], storage=f"sqlite:///{out / 'optuna.db'}")

@@ -66,23 +66,22 @@ def test_the_shipped_zoos_name_timm_tags_with_honest_leaky_flags() -> None:
         assert m.leaky == bool(datasets_of_tag(m.tag.split(".", 1)[1])), m.name
 
 
+ONE_RESNET = '[models.a]\ntag = "resnet18.tv_in1k"\nfamily = "{family}"\npretraining = "x"\nleaky = true\n'
+BAD_ZOO_FILES = (  # (the file, what the one sentence says)
+    (ONE_RESNET.format(family="cnn"), "family 'cnn' is not one of vit, deit"),
+    (ONE_RESNET.format(family="resnet") + '[zoos]\nz = ["b"]\n', "zoo 'z' names 'b', which has no"),
+    ('models = ["a"]\n', "has no \\[models.NAME\\] table"),
+    (ONE_RESNET.format(family="resnet") + '[zoos]\nz = "a"\n', "maps each zoo's name to a list"),
+)
+
+
 def test_an_unknown_zoo_or_a_bad_file_is_one_sentence(tmp_path: Path) -> None:
     with pytest.raises(ZooError, match=r"unknown zoo 'standrd' \(closest: standard\)"):
         load_zoo("standrd")
     bad = tmp_path / "mine.toml"
-    bad.write_text('[models.a]\ntag = "resnet18.tv_in1k"\nfamily = "cnn"\npretraining = "x"\nleaky = true\n')
-    with pytest.raises(ZooError, match="family 'cnn' is not one of vit, deit"):
-        load_zoo(str(bad))
-    bad.write_text('[models.a]\ntag = "resnet18.tv_in1k"\nfamily = "resnet"\npretraining = "x"\nleaky = true\n'
-                   '[zoos]\nz = ["b"]\n')
-    with pytest.raises(ZooError, match="zoo 'z' names 'b', which has no"):
-        load_zoo(str(bad))
-    bad.write_text('models = ["a"]\n')
-    with pytest.raises(ZooError, match="has no \\[models.NAME\\] table"):
-        load_zoo(str(bad))
-    bad.write_text('[models.a]\ntag = "resnet18.tv_in1k"\nfamily = "resnet"\npretraining = "x"\nleaky = true\n'
-                   '[zoos]\nz = "a"\n')
-    with pytest.raises(ZooError, match="maps each zoo's name to a list"):
-        load_zoo(str(bad))
+    for text, says in BAD_ZOO_FILES:
+        bad.write_text(text)
+        with pytest.raises(ZooError, match=says):
+            load_zoo(str(bad))
     with pytest.raises(ZooError, match="does not exist"):
         load_zoo(str(tmp_path / "none.toml"))

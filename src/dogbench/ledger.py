@@ -101,6 +101,11 @@ def read(cache_dir: Path) -> list[Scoring]:
 def looks(cache_dir: Path, test_set: str, *, until: float | None = None) -> Looks:
     """How often ``test_set`` had been scored by ``until`` (default: now) according to the ledger of
     ``cache_dir``; a look is one run scoring its models at one time."""
-    mine = [s for s in read(cache_dir) if s.test_set == test_set and (until is None or s.time <= until)]
+    return tally(read(cache_dir), test_set, until=until)
+
+
+def tally(scorings: list[Scoring], test_set: str, *, until: float | None = None) -> Looks:
+    """``looks`` over ledger lines already read."""
+    mine = [s for s in scorings if s.test_set == test_set and (until is None or s.time <= until)]
     return Looks(len({(s.run, s.time) for s in mine}), len(mine), len({s.config for s in mine}),
                  len({s.model for s in mine}), min((s.time for s in mine), default=None))

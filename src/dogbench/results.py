@@ -192,14 +192,12 @@ class RunResults:
             ]
             for r in self.csv_rows()
         ]
-        widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
-        line = "  ".join("-" * w for w in widths)
+        table = text_table(header, rows)
+        line = table[1]
         lines = [
             f"dogbench: {self.dataset.name} ({self.dataset.n_train} train / {self.dataset.n_val} val / "
             f"{self.dataset.n_test} test, {self.dataset.n_classes} classes, {self.dataset.skipped} skipped)",
-            "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-            line,
-            *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows),
+            *table,
         ]
         if self.best_vs_rest:
             lines += [line, *verdicts_many(self.best_vs_rest, self.names())]
@@ -238,6 +236,13 @@ class RunResults:
             lines.append(f"... and {self.dataset.skipped - len(shown)} more skipped (results.json lists them all)")
         lines.append(f"total {self.timing_s.get('total', 0):.1f} s")
         return "\n".join(lines)
+
+
+def text_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    """Columns padded to their widest cell, a rule of dashes under the header: the printed tables' layout."""
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    return ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths),
+            *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows)]
 
 
 def p_value(p: float) -> str:

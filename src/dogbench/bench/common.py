@@ -13,6 +13,7 @@ import torch
 
 from dogbench.data import Dataset
 from dogbench.device import cpu_cores
+from dogbench.results import text_table
 
 
 def bench_images(dataset: Dataset, n: int) -> Dataset:
@@ -77,12 +78,9 @@ def _cpu_model() -> str:
 def table_lines(title: str, machine: dict[str, Any], repeats: int, header: list[str], body: list[list[str]]
                 ) -> list[str]:
     """A bench's printed table: the machine and load in a title line, then aligned columns."""
-    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
     return [
         f"{title}: {machine.get('cpu')} / {machine.get('gpu', 'no GPU')}, torch {machine['torch']}, "
         f"{machine['threads']} threads; medians of {repeats} rounds; load average "
         f"{machine.get('loadavg_1min_before')} before, {machine.get('loadavg_1min_after')} after",
-        "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)),
-        "  ".join("-" * w for w in widths),
-        *("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in body),
+        *text_table(header, body),
     ]

@@ -140,9 +140,13 @@ def _predictions(module: nn.Module, X: torch.Tensor) -> torch.Tensor:
 def val_scores(module: nn.Module, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Every ``TuneMetric`` of ``module`` on (X, y) (``confusion_scores``)."""
     pred = _predictions(module, X)
-    n_classes = int(max(int(y.max()), int(pred.max()))) + 1
-    return confusion_scores(torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes)
-                            .view(n_classes, n_classes))
+    return confusion_scores(confusion_counts(y, pred, int(max(int(y.max()), int(pred.max()))) + 1))
+
+
+def confusion_counts(y: torch.Tensor | np.ndarray, pred: torch.Tensor | np.ndarray, n_classes: int) -> torch.Tensor:
+    """The (true, predicted) count matrix of class indices ``y`` and ``pred`` (tensors stay on their device)."""
+    y, pred = torch.as_tensor(y, dtype=torch.int64), torch.as_tensor(pred, dtype=torch.int64)
+    return torch.bincount(y * n_classes + pred, minlength=n_classes * n_classes).view(n_classes, n_classes)
 
 
 def confusion_scores(confusion: torch.Tensor) -> dict[str, float]:

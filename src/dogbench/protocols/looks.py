@@ -15,7 +15,7 @@ from typing import Any
 from dogbench.config import RunConfig, computed_items
 from dogbench.data import Dataset
 from dogbench.data.download import default_cache_dir
-from dogbench.ledger import Scoring, looks, read, record
+from dogbench.ledger import Scoring, read, record, tally
 from dogbench.results import RunResults
 from dogbench.rundir import RunDir
 
@@ -60,8 +60,9 @@ def run_looks(results: Mapping[str, Any], run_dir: Path) -> str | None:
     if not digest:
         return None
     where = ledger_dir(results.get("config", {}).get("features", {}))
-    own = [s.time for s in read(where) if s.test_set == digest and s.run == str(Path(run_dir).resolve())]
+    lines = read(where)  # once: the run's own lines and the count come from the same reading
+    own = [s.time for s in lines if s.test_set == digest and s.run == str(Path(run_dir).resolve())]
     if not own:
         return (f"The test-set ledger at {where} holds no scoring of this run (made on another machine or with "
                 "another feature cache): how often this test set was looked at is unknown here.")
-    return looks(where, digest, until=max(own)).sentence()
+    return tally(lines, digest, until=max(own)).sentence()

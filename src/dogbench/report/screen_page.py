@@ -28,13 +28,13 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
     axes = fig.subplots(1, 2, sharey=True)
     panels = ((axes[0], "img_s", "pareto_speed", "images per second on this machine (extraction)"),
               (axes[1], "params", "pareto_size", "parameters (millions)"))
+    labelled = []  # (axes, points, labels): placed once the figure's layout is final
     for ax, key, front, xlabel in panels:
         shown = [r for r in scored if r[key]]  # a speed that was not measured (cached features) is not drawn
-        xs = np.array([r[key] / (1e6 if key == "params" else 1) for r in shown])
-        ys = np.array([r["cv"]["top1"] * 100 for r in shown])
-        for r, x, y in zip(shown, xs, ys, strict=True):
+        xy = np.array([[r[key] / (1e6 if key == "params" else 1), r["cv"]["top1"] * 100] for r in shown])
+        for r, (x, y) in zip(shown, xy, strict=True):
             ax.plot(x, y, "o", ms=8, color="#1f77b4", mfc="#1f77b4" if r["finalist"] else "white")
-        on = sorted((x, y) for r, x, y in zip(shown, xs, ys, strict=True) if r.get(front))
+        on = sorted((x, y) for r, (x, y) in zip(shown, xy, strict=True) if r.get(front))
         if on:
             ax.plot(*zip(*on, strict=True), "-", color="#ff7f0e", alpha=0.7, lw=1.5, label="Pareto front")
         ax.set_xscale("log")
@@ -42,13 +42,12 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
         ax.margins(x=0.3, y=0.2)
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
+        if shown:
+            labelled.append((ax, xy, [r["label"] for r in shown]))
     axes[0].set_ylabel("cross-validated top-1 (%) at the rung reached")
     fig.suptitle("Accuracy against speed and size (filled: finalists)")
-    for ax, key in ((axes[0], "img_s"), (axes[1], "params")):
-        shown = [r for r in scored if r[key]]
-        xy = np.array([[r[key] / (1e6 if key == "params" else 1), r["cv"]["top1"] * 100] for r in shown])
-        if len(shown):
-            place_labels(ax, xy, [r["label"] for r in shown], fontsize=8)
+    for ax, xy, labels in labelled:
+        place_labels(ax, xy, labels, fontsize=8)
     return fig
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
+from dogbench.results import text_table
 from dogbench.screen.run import Contender, ScreenOutcome
 
 SCREEN_FILE = "screen.json"
@@ -70,10 +71,7 @@ def _cells(r: dict[str, Any]) -> list[str]:
 def summary_lines(rows: list[dict[str, Any]], outcome: ScreenOutcome, n_train: int) -> list[str]:
     """The leaderboard as a text table, with the plan's outcome and LogME's agreement in words."""
     header = ["model", "rung reached", "CV top1 [95% CI]", "LogME", "img/s", "params", "GFLOPs", "test top1", "leaky"]
-    cells = [_cells(r) for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *cells, strict=True)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)) for row in cells]
+    lines = text_table(header, [_cells(r) for r in rows])
     lines.append(f"{outcome.extracted} images extracted for {len(rows)} candidates in {outcome.rungs_run} rungs "
                  f"({outcome.seconds:.1f} s); probing every candidate on all {n_train} training images would "
                  f"extract {len(rows) * n_train}" + ("; the time budget stopped the rungs early"

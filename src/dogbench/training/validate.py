@@ -11,7 +11,7 @@ from dogbench.backbones import Backbone, Preprocess
 from dogbench.data import ImageError
 from dogbench.device import Policy
 from dogbench.features import ImageDataset, ModelRunner, effective_decoder, iter_batches
-from dogbench.heads.fit import confusion_scores
+from dogbench.heads.fit import confusion_counts, confusion_scores
 from dogbench.training.data import TrainData
 from dogbench.training.model import Classifier, Trainable
 from dogbench.training.recipe import TrainParams
@@ -58,8 +58,7 @@ class Validator:
     def scores(self, module: Classifier) -> dict[str, float]:
         """Every ``TuneMetric`` of ``module`` on the validation images of every rank (their confusion counts
         summed over the ranks)."""
-        pred, k = self.proba(module).argmax(1), self.n_classes
-        confusion = torch.from_numpy(np.bincount(self.labels * k + pred, minlength=k * k).reshape(k, k))
+        confusion = confusion_counts(self.labels, self.proba(module).argmax(1), self.n_classes)
         if self.world > 1:
             confusion = distributed.all_sum(confusion.to(self.policy.device, torch.float64)).cpu()
         return confusion_scores(confusion)
@@ -79,6 +78,5 @@ def validation_score(trainable: Trainable, backbone: Backbone, data: TrainData, 
                      policy: Policy) -> float:
     """``params.metric`` (top-1 by default) on ``data.val``, as training's per-epoch validation scores it
     (``validation_proba``)."""
-    pred, k = validation_proba(trainable, backbone, data, params, policy=policy).argmax(1), data.n_classes
-    confusion = np.bincount(data.val_labels * k + pred, minlength=k * k).reshape(k, k)
-    return confusion_scores(torch.from_numpy(confusion))[params.metric]
+    pred = validation_proba(trainable, backbone, data, params, policy=policy).argmax(1)
+    return confusion_scores(confusion_counts(data.val_labels, pred, data.n_classes))[params.metric]

@@ -25,7 +25,7 @@ def _add_common(p: argparse.ArgumentParser, *, run_dir: str = "out") -> None:
     (an existing RUN_DIR, whose config.json is the source of truth)."""
     if run_dir == "positional":
         p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run folder that `dogbench tune` or `run` wrote")
-    p.add_argument("--config", type=Path, help="TOML config file (see README)")
+    p.add_argument("--config", type=Path, help="TOML config file (every key: docs/reference/config.md)")
     p.add_argument("--data", help="dataset folder: Stanford Dogs (official or Kaggle layout, or the .tar "
                    "archives) or class-per-folder images; a labels file (.csv/.tsv path,label[,split]; .txt); a "
                    "Hugging Face datasets folder, parquet file(s) or hf://owner/name; or a name: pets, flowers102, "

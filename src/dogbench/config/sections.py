@@ -127,7 +127,7 @@ class DataConfig(Section):
     box_ablation: bool = False  # every backbone twice, box-cropped and whole, as paired rows of one run
     val_fraction: float = 0.2  # validation carved from train, stratified and seeded; tuning never sees test
     test_fraction: float = 0.2  # only for a flat class-per-folder dataset without train/ and test/
-    split_seed: int = 0
+    split_seed: int = 0  # seed of the validation split (and of the test split of a flat folder)
     strict: bool = False  # stop at the first unreadable image instead of skipping it
     download: bool = True  # fetch the official archives when no data is found
     data_url: str | None = None  # mirror for the official archives
@@ -149,11 +149,11 @@ class BackboneConfig:
     weights: str = "hub"  # "hub", "random", or a path to .safetensors / torch checkpoint
     model_kwargs: Mapping[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, ...)
     input_size: int | tuple[int, ...] | None = None  # preprocessing overrides; None = the model's own config
-    crop_pct: float | None = None
-    crop_mode: str | None = None
-    interpolation: str | None = None
-    mean: tuple[float, float, float] | None = None
-    std: tuple[float, float, float] | None = None
+    crop_pct: float | None = None  # centre crop's share of the resized image (timm's crop_pct)
+    crop_mode: str | None = None  # timm's crop_mode: center, squash (resize whole to the input), border
+    interpolation: str | None = None  # resize filter: bicubic, bilinear, ...
+    mean: tuple[float, float, float] | None = None  # per-channel normalisation mean (RGB, 0..1)
+    std: tuple[float, float, float] | None = None  # per-channel normalisation standard deviation
     seed: int = 0  # initialisation seed for weights = "random"
     crop_to_box: bool | None = None  # None: data.crop_to_box; set per backbone by data.box_ablation
     description: str | None = None  # the weights in your words ("saliency-tuned DINOv2 ViT-S/14"), for reports
@@ -191,11 +191,11 @@ class TuneConfig(Section):
     """The head search on cached features (Optuna), and how distributed workers share one study."""
 
     trials: int = 100  # 100 trials take well under a minute on cached features (docs/BENCHMARKS.md)
-    timeout_s: float = 900.0
-    heads: tuple[str, ...] = ("logistic", "linear", "mlp")  # any of HEAD_KINDS
-    max_epochs: int = 150
+    timeout_s: float = 900.0  # no new trial is started after this many seconds of a backbone's search
+    heads: tuple[str, ...] = ("logistic", "linear", "mlp")  # the heads the search may pick: logistic, linear, mlp
+    max_epochs: int = 150  # epochs of an epoch-trained head trial (linear, mlp): the pruner's largest rung
     storage: str | None = None  # any Optuna storage URL; default: SQLite in the run folder
-    seed: int = 0
+    seed: int = 0  # the sampler's seed (one per worker is derived from it)
     baseline: bool = True  # the logistic-regression probe with C swept on validation; the search's first trial
     pruner: Pruner = Pruner.HALVING  # multi-fidelity pruning of epoch-trained trials (docs/BENCHMARKS.md)
     device: str = "auto"  # where heads train; auto = the features' device
@@ -230,16 +230,16 @@ class FinetuneConfig(Section):
     """
 
     methods: tuple[Method, ...] = (Method.FROZEN,)  # rows of the ladder; frozen always runs (lp-ft needs it)
-    epochs: int = 10
+    epochs: int = 10  # training epochs of each fine-tuning method (early stopping may end sooner)
     batch_size: int = 32  # images per forward pass; an optimizer step takes batch_size * grad_accum images
-    grad_accum: int = 1
+    grad_accum: int = 1  # forward passes whose gradients add up to one optimizer step
     lr: float | None = None  # peak lr at batch_size * grad_accum images; None = the method's default
     layer_decay: float | None = None  # lr x decay^(depth - layer); None = the method's default (1.0 on CNNs)
-    weight_decay: float | None = None
+    weight_decay: float | None = None  # AdamW's; None = the method's default (0.05; LoRA 1e-4)
     head_lr_scale: float | None = None  # the head's lr / the peak lr; None = the method's default (10x for full)
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 1.0  # linear warm-up of the lr before the cosine, in epochs
     min_lr_ratio: float = 0.01  # the cosine ends at lr * min_lr_ratio
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.1  # of the cross-entropy's targets (with mixup: of the mixed targets)
     drop_path: float | None = None  # stochastic depth rate for the models that have it; None = 0.1
     crop_scale: tuple[float, float] = (0.08, 1.0)  # random resized crop's area range (timm's default)
     color_jitter: float = 0.4  # timm's default; ignored with randaugment
@@ -247,9 +247,9 @@ class FinetuneConfig(Section):
     mixup: float = 0.0  # mixup alpha (0 = off); DeiT uses 0.8
     cutmix: float = 0.0  # cutmix alpha (0 = off); DeiT uses 1.0
     ema_decay: float = 0.0  # keep an EMA of the weights and evaluate it (0 = off); timm uses 0.9998
-    lora_rank: int | None = None
+    lora_rank: int | None = None  # LoRA's rank r; None = the method's default (8)
     lora_alpha: float | None = None  # None = 2 x rank
-    lora_dropout: float = 0.0
+    lora_dropout: float = 0.0  # dropout on LoRA's input
     partial_blocks: int = 2  # "partial": the last N blocks (ViT) or stages (CNN) + final norm + head trainable
     freeze_bn_stats: bool = True  # batch norms keep their pretrained statistics; false = timm's train mode
     patience: int = 3  # stop after this many epochs without a better validation top-1
@@ -260,7 +260,7 @@ class FinetuneConfig(Section):
     refit: bool = False  # train again on train + validation with the chosen recipe, score that on test
     trials: int = 0  # Optuna trials over lr, layer decay, weight decay (and LoRA rank) on validation; 0 = defaults
     pruner: Pruner = Pruner.HYPERBAND  # multi-fidelity pruning of trials on per-epoch validation top-1
-    seed: int = 0
+    seed: int = 0  # seed of the shuffles, augmentations, mixing and initialisation
     re_prob: float = 0.0  # random erasing probability (timm's create_transform re_prob; 0 = off); DeiT uses 0.25
     budget_s: float | None = None  # wall seconds the recipe search may spend (finetune.trials at most); None = no limit
 
@@ -286,8 +286,8 @@ def _seeds_single_view(e: EvalConfig) -> None:
 class EvalConfig(Section):
     """Test scoring: bootstrap intervals, and repetitions over seeds."""
 
-    n_bootstrap: int = 2000
-    seed: int = 0
+    n_bootstrap: int = 2000  # resamples of the test set behind each 95% interval
+    seed: int = 0  # seed of the bootstrap resamples
     seeds: int = 1  # repeat split, search, refit and scoring with seeds 0..N-1 (seed 0 is the run itself)
     tta: Tta = Tta.NONE  # test-time augmentation of test scoring, predict, serve and export: none | flip | flip+crops
 

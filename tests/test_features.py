@@ -118,6 +118,27 @@ def test_a_new_split_of_the_same_images_reuses_the_cache(flat_class_folder_root:
     assert second.splits.tolist() == [by_id[i].split for i in second.sample_ids]
 
 
+def test_a_larger_image_set_takes_the_rows_a_smaller_one_computed(dataset: Dataset, tmp_path: Path) -> None:
+    """A screen's rungs, or a --classes run, hold subsets of a later run's images: those rows are taken from
+    their entries (the same family: model, weights, preprocessing, settings, view, device type), the rest
+    computed, and the result equals a fresh extraction; another family gives nothing."""
+    backbone, cfg = _backbone(), _cfg(tmp_path / "cache")
+    subset = dataclasses.replace(dataset, samples=dataset.samples[1::2])
+    small = extract_features(backbone, subset, cfg=cfg, progress=False)
+    full = extract_features(backbone, dataset, cfg=cfg, progress=False)
+    assert full.key != small.key and full.n_computed == len(dataset.samples) - len(subset.samples)
+    meta = json.loads((FeatureCache(cfg.cache_dir).entry(full.key).path / "meta.json").read_text())
+    assert meta["taken_rows"] == len(subset.samples)
+    rows = dict(zip(full.sample_ids, full.features, strict=True))
+    np.testing.assert_array_equal(np.stack([rows[i] for i in small.sample_ids]), small.features)
+    fresh = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "fresh"), progress=False)
+    assert fresh.key == full.key and fresh.n_computed == len(dataset.samples)
+    np.testing.assert_allclose(full.features, fresh.features, atol=1e-5, rtol=0)
+    bf16 = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "cache", precision=Precision.BF16),
+                            progress=False)
+    assert bf16.n_computed == len(dataset.samples)  # another precision: another family, nothing taken
+
+
 def test_features_equal_a_direct_forward_pass(dataset: Dataset, tmp_path: Path) -> None:
     backbone = _backbone()
     features = extract_features(backbone, dataset, cfg=_cfg(tmp_path, decoder="pil"), progress=False)

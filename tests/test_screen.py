@@ -107,6 +107,9 @@ def test_the_command_line_screen_runs_its_finalists_for_real(tmp_path: Path,
     saved = json.loads((out / SCREEN_FILE).read_text())
     results = json.loads((out / RUN_FOLDER / "results.json").read_text())
     assert set(results["models"]) == set(saved["finalists"]) and len(saved["finalists"]) == 3
+    for m in results["models"].values():  # the finalists' run took the rungs' rows from the cache
+        meta = json.loads((tmp_path / "cache" / m["feature_key"] / "meta.json").read_text())
+        assert meta["taken_rows"] == saved["plan"]["rungs"][saved["rungs_run"] - 1]["images"] > 0
     for row in saved["leaderboard"]:
         tested = results["models"].get(row["label"])
         assert row["finalist"] == (tested is not None)

@@ -87,6 +87,31 @@ class FeatureCache:
     def entry(self, key: str) -> CacheEntry:
         return CacheEntry(self.root / key, key)
 
+    def donor_rows(self, family: str, row_ids: Sequence[str], *, exclude: str) -> dict[int, np.ndarray]:
+        """Rows of ``row_ids`` (content ids) that complete entries of the same ``family`` (model, weights,
+        preprocessing, settings, view and device type: everything but the image set) already hold, by row index.
+
+        An image's features are the same computation in any entry of a family, so a run after a screen (whose
+        rungs hold subsets of its training images) or after a ``--classes`` run computes only the images they
+        lack. Entries written before families were recorded, and unreadable rows, give nothing."""
+        wanted = {cid: i for i, cid in enumerate(row_ids)}
+        rows: dict[int, np.ndarray] = {}
+        for meta_path in sorted(self.root.glob("*/meta.json")):
+            donor = self.entry(meta_path.parent.name)
+            if donor.key == exclude or not donor.is_complete():
+                continue
+            try:
+                if json.loads(meta_path.read_text()).get("family") != family:
+                    continue
+                index = json.loads((donor.path / "index.json").read_text())
+                features = np.load(donor.path / "features.npy", mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                continue  # a donor that cannot be read gives nothing; this entry computes the rows itself
+            for j, (cid, ok) in enumerate(zip(index["sample_ids"], index["ok"], strict=True)):
+                if ok and cid in wanted and wanted[cid] not in rows:
+                    rows[wanted[cid]] = np.array(features[j])
+        return rows
+
 
 class CacheEntry:
     def __init__(self, path: Path, key: str) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,18 +73,35 @@ def feature_key(
     is extracted, and labels and splits are applied on load. ``memo_dir``: where file digests are remembered.
     A test-time view other than the plain one (``features.views``) is in the key, so views never share an entry.
     """
-    return cache_key(
-        {
-            "images": dataset.fingerprint(with_boxes=crop_to_box, memo_dir=memo_dir),
-            "timm_tag": backbone.tag,
-            "model_kwargs": backbone.model_kwargs,
-            "weights_sha256": backbone.weights_sha256,
-            "preprocess": backbone.preprocess.to_dict(),
-            **_settings(crop_to_box=crop_to_box, precision=precision, reduced_decode=reduced_decode, decoder=decoder,
-                        compiled=compiled),
-            **({"view": view.name} if view != PLAIN else {}),  # the plain view keeps the keys it always had
-        }
-    )
+    return cache_key({
+        "images": dataset.fingerprint(with_boxes=crop_to_box, memo_dir=memo_dir),
+        **_model_components(backbone, crop_to_box=crop_to_box, precision=precision, reduced_decode=reduced_decode,
+                            decoder=decoder, compiled=compiled, view=view),
+    })
+
+
+def _model_components(backbone: Backbone, *, crop_to_box: bool, precision: Precision, reduced_decode: bool,
+                      decoder: str, compiled: bool, view: View) -> dict:
+    """What turns one image into its features: the key's components besides the image set."""
+    return {
+        "timm_tag": backbone.tag,
+        "model_kwargs": backbone.model_kwargs,
+        "weights_sha256": backbone.weights_sha256,
+        "preprocess": backbone.preprocess.to_dict(),
+        **_settings(crop_to_box=crop_to_box, precision=precision, reduced_decode=reduced_decode, decoder=decoder,
+                    compiled=compiled),
+        **({"view": view.name} if view != PLAIN else {}),  # the plain view keeps the keys it always had
+    }
+
+
+def feature_family(backbone: Backbone, *, cfg: FeatureConfig, crop_to_box: bool, precision: Precision,
+                   device_type: str, view: View = PLAIN) -> str:
+    """The entries whose rows are interchangeable image by image (``FeatureCache.donor_rows``): the key's
+    components besides the images, and the device type (another device gives other low bits)."""
+    parts = _model_components(backbone, crop_to_box=crop_to_box, precision=precision,
+                              reduced_decode=cfg.reduced_decode, compiled=cfg.compile, view=view,
+                              decoder=effective_decoder(cfg.decoder, backbone.preprocess))
+    return cache_key({"family": parts, "device_type": device_type})
 
 
 def _settings(*, crop_to_box: bool, precision: Precision, reduced_decode: bool, decoder: str, compiled: bool) -> dict:
@@ -179,12 +197,13 @@ def _extract_locally(
         runner = runner or ModelRunner.create(backbone, policy=policy, compile=cfg.compile,
                                               reuse_host_memory=cfg.reuse_host_memory)
         meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=policy.device, precision=policy.precision,
-                           crop_to_box=crop_to_box)
+                           crop_to_box=crop_to_box, view=view)
         batch_size = _resume_batch_size(entry, runner, cfg, meta)
-        entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows})
+        donors = FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key)
+        entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows, "taken_rows": len(donors)})
         n_computed = _extract_missing(
             runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
-            strict=strict, progress=progress, desc=f"extract {backbone.label}", view=view,
+            strict=strict, progress=progress, desc=f"extract {backbone.label}", view=view, donors=donors,
         )
         extract_s = time.perf_counter() - start
         cached = entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
@@ -192,8 +211,10 @@ def _extract_locally(
 
 
 def _entry_meta(backbone: Backbone, dataset: Dataset, cfg: FeatureConfig, sample_ids: list[str], *,
-                device: torch.device, precision: Precision, crop_to_box: bool) -> dict:
+                device: torch.device, precision: Precision, crop_to_box: bool, view: View) -> dict:
     return {
+        "family": feature_family(backbone, cfg=cfg, crop_to_box=crop_to_box, precision=precision,
+                                 device_type=device.type, view=view),
         "n": len(sample_ids),
         "dim": backbone.feature_dim,
         "chunk_size": cfg.chunk_size,
@@ -220,14 +241,15 @@ def _extract_sharded(
     runner = runner or ModelRunner.create(backbone, policy=policy, compile=cfg.compile,
                                           reuse_host_memory=cfg.reuse_host_memory)
     meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=policy.device, precision=policy.precision,
-                       crop_to_box=crop_to_box)
+                       crop_to_box=crop_to_box, view=view)
     complete = [entry.is_complete()]
     if ranks.main and not complete[0]:
         with entry.lock():
             complete[0] = entry.is_complete()
             if not complete[0]:
                 size = _resume_batch_size(entry, runner, cfg, meta)
-                entry.begin({**meta, "batch_size": size, "max_rows": runner.max_rows})
+                taken = len(FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key))
+                entry.begin({**meta, "batch_size": size, "max_rows": runner.max_rows, "taken_rows": taken})
     complete = distributed.broadcast(complete)
     if complete[0]:
         return entry.load(sample_ids=sample_ids), 0, 0.0, None
@@ -239,7 +261,8 @@ def _extract_sharded(
     n_computed = _extract_missing(
         runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
         progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
-        shard=(ranks.rank, ranks.world), view=view)
+        shard=(ranks.rank, ranks.world), view=view,
+        donors=FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key))
     distributed.barrier()
     if ranks.main:
         with entry.lock():
@@ -302,20 +325,27 @@ def _extract_missing(
     desc: str,
     shard: tuple[int, int] = (0, 1),
     view: View = PLAIN,
+    donors: Mapping[int, np.ndarray] | None = None,
 ) -> int:
     """Compute and write every chunk that is not on disk yet (of this rank's ``shard``: chunk index modulo the
-    world size); returns the number of images computed."""
-    n = len(dataset.samples)
+    world size), taking the rows ``donors`` holds (``FeatureCache.donor_rows``) instead of computing them;
+    returns the number of images computed."""
+    n, donors = len(dataset.samples), donors or {}
     rank, world = shard
     starts = [s for s in range(0, n, cfg.chunk_size)
               if (s // cfg.chunk_size) % world == rank and not entry.has_chunk(s // cfg.chunk_size)]
-    if not starts:
+    pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
+    batches: list[list[int]] = []
+    for s in starts:
+        rows = range(s, min(s + cfg.chunk_size, n))
+        given = [r for r in rows if r in donors]
+        if given:
+            pending[s // cfg.chunk_size] = [(np.array(given), np.stack([donors[r] for r in given]), [""] * len(given))]
+            _flush_complete_chunk(entry, pending, s // cfg.chunk_size, n=n, chunk_size=cfg.chunk_size)
+        need = [r for r in rows if r not in donors]
+        batches += [need[b:b + batch_size] for b in range(0, len(need), batch_size)]
+    if not batches:
         return 0
-    batches = [
-        list(range(b, min(b + batch_size, s + cfg.chunk_size, n)))
-        for s in starts
-        for b in range(s, min(s + cfg.chunk_size, n), batch_size)
-    ]
     preprocess = runner.preprocess
     images = ImageDataset.for_preprocess(
         dataset.samples, preprocess, crop_to_box=crop_to_box, reduced_decode=cfg.reduced_decode,
@@ -326,7 +356,6 @@ def _extract_missing(
         pin_memory=runner.device.type == "cuda",
     )
     total = sum(len(b) for b in batches)
-    pending: dict[int, list[tuple[np.ndarray, np.ndarray, list[str]]]] = {}
     with tqdm(total=total, unit="img", desc=desc, disable=not progress) as bar:
         for x, index, errors in loader:
             bad = [(int(i), e) for i, e in zip(index, errors, strict=True) if e]
@@ -358,10 +387,9 @@ def _flush_complete_chunk(
     if sum(len(p[0]) for p in parts) < size:
         return
     index = np.concatenate([p[0] for p in parts])
-    assert np.array_equal(index, np.arange(start, start + size)), "batches of a chunk arrived out of order"
-    errors = np.asarray([e for p in parts for e in p[2]], dtype=str)
-    entry.write_chunk(
-        chunk_index,
-        Chunk(start=start, features=np.concatenate([p[1] for p in parts]), ok=errors == "", errors=errors),
-    )
+    order = np.argsort(index, kind="stable")  # rows taken from other entries come first, computed ones after
+    assert np.array_equal(index[order], np.arange(start, start + size)), "a chunk's rows are not its own"
+    errors = np.asarray([e for p in parts for e in p[2]], dtype=str)[order]
+    features = np.concatenate([p[1] for p in parts])[order]
+    entry.write_chunk(chunk_index, Chunk(start=start, features=features, ok=errors == "", errors=errors))
     del pending[chunk_index]

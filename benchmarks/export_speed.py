@@ -3,7 +3,7 @@ file under onnxruntime against dogbench's own predict path and plain timm on the
 
     .venv/bin/python benchmarks/export_speed.py RUN_DIR --json export_speed.json
 
-RUN_DIR is a finished run (the README's shared-dev run: ``dogbench run --config configs/shared-dev-20.toml``).
+RUN_DIR is a finished run (the shared-dev run: ``dogbench run --config configs/shared-dev-20.toml``).
 Photos: the 80 whole photos of ``../shared/data/stanford-dogs-originals`` (``--photos`` to change). Each latency
 is the median of ``--repeats`` timed passes (one warm-up pass first) over the photos, one image per call (batch 1,
 what a service sees), decoding included, divided by the number of photos; all measured in this one process, so

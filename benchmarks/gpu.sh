@@ -1,5 +1,5 @@
 #!/bin/bash
-# The GPU figures of docs/BENCHMARKS.md part 7 (run from the repository root on a CUDA machine):
+# The GPU figures of docs/benchmarks/gpu.md (run from the repository root on a CUDA machine):
 #   bash benchmarks/gpu.sh OUT [PARTS]      PARTS: any of env bf16 fp32 vits oom tune base w15 b128 b128w15 tunecpu
 #                                                  ft ddp export serve (fine-tuning full and LoRA in bf16, torchrun on
 #                                                  one GPU, export parity of the fine-tuned run, the demo under load)

@@ -1,4 +1,4 @@
-"""Two checks behind docs/RESULTS.md's EfficientNet-Lite0 LP-FT discussion (issue 11), on ../shared's features:
+"""Two checks behind docs/results/finetuning.md's EfficientNet-Lite0 LP-FT discussion, on ../shared's features:
 
 1. the probe's head on the pretrained network, with batch norms in eval mode (their pretrained statistics) and in
    train mode (statistics of each 32-image batch), scored on the first 256 validation images: why

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The speed figures of docs/BENCHMARKS.md, on the real images of ../shared (run from the repository root):
+# The speed figures of docs/benchmarks/extraction-cpu.md, on the real images of ../shared (run from the repository root):
 #   bash benchmarks/speed.sh [OUT]      (OUT default runs/speed; about 30 minutes on a 2-core CPU)
 # Random weights for ResNet50 / ViT-S/16 / ViT-B/16 (speed does not depend on the values), the two
 # pretrained files of ../shared for EfficientNet-Lite0 and the DINOv2 ViT-S/14.

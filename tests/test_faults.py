@@ -4,7 +4,7 @@ full disk (a tmpfs) at seeded fill levels; every rerun completes with the uninte
 no temporary file behind.
 
 These are the CI variants of tests/faults.py (a few points on one tiny CNN); the soaks are in
-docs/RELIABILITY.md. The harness forks its commands from a fresh interpreter, hence a subprocess here.
+docs/guide/reliability.md. The harness forks its commands from a fresh interpreter, hence a subprocess here.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Integration: the whole `dogbench run` on a few real breeds of ../shared/data/stanford-dogs-dev with the real
 weights in ../shared/weights. Skipped when ../shared is absent; CI has it. Whole-dataset runs are benchmarks
-(configs/shared-dev.toml, docs/RESULTS.md), not tests.
+(configs/shared-dev.toml, docs/results/frozen-features.md), not tests.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input, clear errors (issue 14): property-based tests (hypothesis, derandomized so CI repeats them) over
 what users feed dogbench. Every case ends as a value or as dogbench's named error, never another exception.
 
-Counts per property are hypothesis' ``max_examples`` (docs/RELIABILITY.md lists them); a failing case is
+Counts per property are hypothesis' ``max_examples`` (docs/guide/reliability.md lists them); a failing case is
 shrunk by hypothesis to the smallest input that shows it.
 """
 

@@ -3,7 +3,7 @@
 The reference is timm alone: ``Image.open(path).convert("RGB")``, ``create_transform(**resolve_data_config(model))``
 (eval), the model in fp32 on CPU. dogbench's features come through ``ImageDataset`` and ``ModelRunner``, the one
 path that extraction and ``predict`` use. Tolerances were measured on all 80 originals with
-``benchmarks/whole_photos.py`` (docs/whole-photos.md):
+``benchmarks/whole_photos.py`` (docs/results/whole-photos.md):
 
 - decoder "pil", no reduced decoding: relative L2 difference <= 1.3e-6 (timm's pixels; the float order of a
   channels_last forward pass): asserted < 1e-5.

@@ -63,7 +63,7 @@ def resolve_precision(precision: Precision, device: torch.device) -> Precision:
 
 def fast_bf16_matmul(device: torch.device) -> bool:
     """Whether bf16 matrix products beat fp32 on ``device``: a GPU with bf16 support, or a CPU with AVX-512 BF16
-    or AMX instructions (1.7-2.2x per MLP-head epoch on AVX-512 BF16; docs/BENCHMARKS.md part 5)."""
+    or AMX instructions (1.7-2.2x per MLP-head epoch on AVX-512 BF16; docs/benchmarks/heads-and-tuning.md)."""
     if device.type == "cuda":  # native bf16 from Ampere (compute capability 8) on; older cards emulate it
         return torch.cuda.get_device_properties(device).major >= 8
     if device.type == "cpu":

@@ -1,6 +1,6 @@
 """The result records of a run and their files: the contract between evaluation and reporting.
 
-``results.json`` (schema in README.md), ``results.csv`` (one row per model and method) and the printed
+``results.json`` (schema in docs/guide/run-folder.md), ``results.csv`` (one row per model and method) and the printed
 summary table all come from ``RunResults``; rundir.RunDir writes them. No torch import here.
 """
 

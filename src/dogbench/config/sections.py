@@ -1,7 +1,7 @@
 """The config's sections: frozen dataclasses, Enums for closed choices, and each section's declared checks.
 
 Every section lists its field constraints (``constraints``), the named checks that relate several fields
-(``checks``) and its command-line shorthands (``parsers``) beside its fields. docs/notes/config.md explains the
+(``checks``) and its command-line shorthands (``parsers``) beside its fields. docs/guide/defaults.md explains the
 settings at length.
 """
 
@@ -190,14 +190,14 @@ def _heartbeat_below_grace(tune: TuneConfig) -> None:
 class TuneConfig(Section):
     """The head search on cached features (Optuna), and how distributed workers share one study."""
 
-    trials: int = 100  # 100 trials take well under a minute on cached features (docs/BENCHMARKS.md)
+    trials: int = 100  # 100 trials take well under a minute on cached features (docs/benchmarks/heads-and-tuning.md)
     timeout_s: float = 900.0  # no new trial is started after this many seconds of a backbone's search
     heads: tuple[str, ...] = ("logistic", "linear", "mlp")  # the heads the search may pick: logistic, linear, mlp
     max_epochs: int = 150  # epochs of an epoch-trained head trial (linear, mlp): the pruner's largest rung
     storage: str | None = None  # any Optuna storage URL; default: SQLite in the run folder
     seed: int = 0  # the sampler's seed (one per worker is derived from it)
     baseline: bool = True  # the logistic-regression probe with C swept on validation; the search's first trial
-    pruner: Pruner = Pruner.HALVING  # multi-fidelity pruning of epoch-trained trials (docs/BENCHMARKS.md)
+    pruner: Pruner = Pruner.HALVING  # multi-fidelity pruning of epoch-trained head trials (docs/benchmarks)
     device: str = "auto"  # where heads train; auto = the features' device
     study: str | None = None  # the shared study's name; default: derived from the backbone and features
     heartbeat_s: int = 10  # a worker's heartbeat period (Optuna's RDBStorage heartbeat)
@@ -226,7 +226,7 @@ class FinetuneConfig(Section):
     """Fine-tuning (``dogbench finetune``, or ``methods`` beyond "frozen" in ``dogbench run``).
 
     The published recipes' defaults; ``None`` = the method's own default (``dogbench.training.METHOD_DEFAULTS``).
-    docs/notes/config.md cites the sources.
+    docs/guide/defaults.md cites the sources.
     """
 
     methods: tuple[Method, ...] = (Method.FROZEN,)  # rows of the ladder; frozen always runs (lp-ft needs it)

@@ -31,7 +31,7 @@ __all__ = ["REDUCING_GAP", "UPRIGHT", "ImageError", "check_image_file", "check_p
 # antialiased resize still shrinks at least that much and its filter, not libjpeg's DCT scaling, shapes the
 # pixels (PIL's own ``thumbnail`` drafts with the same gap). Without a gap a 513 px photo was decoded at 257 px
 # and resized by 1.004: its EfficientNet-Lite0 features moved 11% (relative L2) from timm's pipeline, mosaics
-# of larger photos 11% on average (docs/whole-photos.md).
+# of larger photos 11% on average (docs/results/whole-photos.md).
 REDUCING_GAP = 2
 _BOMB = re.compile(r"\((\d+) pixels\)")
 _IMAGE_NAMES = IMAGE_EXTENSIONS | {".jfif", ".heic", ".heif", ".avif"}  # extensions that claim a photo
@@ -187,7 +187,7 @@ def load_image(
     `min_side` is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain, keeping the region's short side at
     REDUCING_GAP x `min_side` pixels or more: the resize that follows then starts from fewer pixels (much less
     decode and resize work for large photos; pixels and features differ from a full decode by more than
-    rounding, see docs/whole-photos.md). Raises ImageError.
+    rounding, see docs/results/whole-photos.md). Raises ImageError.
     """
     try:
         with Image.open(path) as img:

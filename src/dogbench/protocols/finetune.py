@@ -1,6 +1,6 @@
 """The fine-tuning protocol: per backbone and method, train on the frozen protocol's split (the recipe tuned on
 validation when asked), keep the best epoch, calibrate on validation and score test once through the predictor;
-rows ``<label>/<method>`` join ``results.json`` (docs/notes/training.md)."""
+rows ``<label>/<method>`` join ``results.json`` (docs/guide/finetuning.md)."""
 
 from __future__ import annotations
 

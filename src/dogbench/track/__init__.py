@@ -1,7 +1,7 @@
 """Trackers that observe a run: TensorBoard event files (the default) and MLflow (``[track]``).
 
 A command opens a ``session`` on rank 0; the training loop, the study runner and the pipeline's end report to
-``active()``, which is a no-op outside a session. ``docs`` and README's "Tracking" say what each tracker shows.
+``active()``, which is a no-op outside a session. docs/guide/tracking.md says what each tracker shows.
 """
 
 from dogbench.track.base import Finals, Tracker, Trackers, TrackingWarning, active, tracking

@@ -1,5 +1,5 @@
 """Fine-tuning one timm backbone with a linear head: recipe, model, data, state, validation and the loop
-(docs/notes/training.md tells the whole story)."""
+(docs/guide/finetuning.md tells the whole story)."""
 
 from dogbench.training.data import (
     TrainData,

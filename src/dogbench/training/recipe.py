@@ -1,5 +1,5 @@
 """The fine-tuning recipe: resolved parameters, AdamW parameter groups with layer-wise lr decay, and the
-warm-up + cosine schedule (defaults and their sources: docs/notes/training.md)."""
+warm-up + cosine schedule (defaults and their sources: docs/guide/finetuning.md)."""
 
 from __future__ import annotations
 

@@ -1,11 +1,12 @@
 """Build the documentation site strictly, open it in headless Chromium and check what a reader meets (CI runs it).
 
     .venv/bin/python scripts/check_site.py                          # build, open, search; exit 1 on a problem
-    .venv/bin/python scripts/check_site.py --screenshots docs/img   # and save the three screenshots docs show
+    .venv/bin/python scripts/check_site.py --screenshots docs/img   # and save the screenshots docs/guide/docs.md shows
 
-Checks: ``mkdocs build --strict`` passes (no broken link, anchor or reference); the home page, a tutorial and the
-config reference load from a local server with no console error and no failed request; the search box, given
-"temperature", lists results and one of them is a page about calibration or the config reference.
+Checks: ``mkdocs build --strict`` passes (no broken link, anchor, reference or page left out of the nav); the
+home page, a tutorial and the config reference load from a local server with no console error and no failed
+request; the search box, given "temperature", lists results and one of them is a page about calibration or the
+config reference. ``--screenshots`` also saves the search results (four screenshots).
 """
 
 from __future__ import annotations
@@ -37,19 +38,22 @@ def build(site: Path) -> None:
         raise SystemExit(f"mkdocs build --strict failed:\n{done.stdout}{done.stderr}")
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base class's name)
+        pass
+
+
 def serve(site: Path) -> tuple[http.server.ThreadingHTTPServer, str]:
     """A static server for ``site`` on 127.0.0.1 (the search index is fetched, so file:// will not do)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
-    handler.log_message = lambda *args: None  # type: ignore[method-assign]
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(site)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server, f"http://127.0.0.1:{server.server_address[1]}/"
 
 
 def search(page, query: str) -> list[str]:  # noqa: ANN001 (a Playwright page)
-    """Type ``query`` into Material's search box and return the results' links."""
-    page.keyboard.press("s")  # Material's shortcut: focus the search box
-    page.fill("input.md-search__input", query)
+    """Type ``query`` into Material's search box, as a reader does, and return the results' links."""
+    page.click("input.md-search__input")
+    page.keyboard.type(query, delay=30)
     page.wait_for_selector(".md-search-result__item", timeout=15000)
     return [a.get_attribute("href") or "" for a in page.query_selector_all(".md-search-result__item a")]
 

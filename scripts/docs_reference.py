@@ -95,8 +95,8 @@ def _type_text(hint: object) -> str:
     if not args:
         return getattr(hint, "__name__", str(hint))
     origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " | ".join(_type_text(a) for a in args)
+    if origin in (typing.Union, types.UnionType):  # "or": a pipe would need escaping on GitHub, not on the site
+        return " or ".join(_type_text(a) for a in args)
     inner = ", ".join("..." if a is Ellipsis else _type_text(a) for a in args)
     return f"{getattr(origin, '__name__', str(origin))}[{inner}]"
 
@@ -158,7 +158,7 @@ def config_page() -> str:
     lines += section_table(BackboneConfig, "backbones.LABEL.") + [""]
     out = next(f for f in dataclasses.fields(RunConfig) if f.name == "out")
     lines += ["## Top level", "", "| key | type | default | meaning |", "|---|---|---|---|",
-              f"| `out` | `str \\| None` | {_default_text(out)} | {cell(field_comments(RunConfig)['out'])} |", ""]
+              f"| `out` | `str or None` | {_default_text(out)} | {cell(field_comments(RunConfig)['out'])} |", ""]
     return "\n".join(lines)
 
 

@@ -43,6 +43,23 @@ def test_pareto_front_keeps_the_points_nothing_beats() -> None:
     assert pareto_front([0.9, 0.8, 0.7, 0.85], [10, 5, 6, 10]) == [True, True, False, False]
 
 
+def test_the_probe_ranks_by_tune_metric_and_keeps_top1_beside() -> None:
+    """On imbalanced classes the probe's C is chosen and its score given by ``tune.metric`` (balanced top-1: the
+    mean recall per class of the held-out predictions), with top-1 and its interval still reported."""
+    from dogbench.screen.probe import cv_probe
+
+    rng = np.random.default_rng(0)
+    y = np.array([0] * 40 + [1] * 8 + [2] * 6)
+    X = rng.normal(size=(len(y), 6)) + 0.9 * np.eye(6)[y]
+    plain = cv_probe(X, y, seed=0)
+    balanced = cv_probe(X, y, seed=0, metric="balanced_top1", balance="weights")
+    assert plain.metric == "top1" and plain.score == plain.top1 == plain.correct.mean()
+    recall = [balanced.correct[y == k].mean() for k in np.unique(y)]
+    assert balanced.metric == "balanced_top1" and balanced.score == pytest.approx(np.mean(recall))
+    assert balanced.top1 == balanced.correct.mean() and balanced.score != balanced.top1
+    assert balanced.to_dict()["score"] == balanced.score
+
+
 def test_a_screen_reads_no_test_image_skips_what_cannot_load_and_runs_its_finalists(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from dogbench.features import runner

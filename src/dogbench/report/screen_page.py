@@ -21,8 +21,8 @@ from dogbench.results import verdict, verdict_of_many
 
 
 def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
-    """Cross-validated top-1 at the rung each candidate reached against img/s and against parameters; the Pareto
-    front (nothing both better and cheaper) joined by a line, the finalists filled, the others hollow."""
+    """The cross-validated score (``tune.metric``) at the rung each candidate reached against img/s and against
+    parameters; the Pareto front (nothing both better and cheaper) joined by a line, the finalists filled."""
     scored = [r for r in rows if r["cv"]]
     fig = new_figure(11, 4.4)
     axes = fig.subplots(1, 2, sharey=True)
@@ -31,7 +31,7 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
     labelled = []  # (axes, points, labels): placed once the figure's layout is final
     for ax, key, front, xlabel in panels:
         shown = [r for r in scored if r[key]]  # a speed that was not measured (cached features) is not drawn
-        xy = np.array([[r[key] / (1e6 if key == "params" else 1), r["cv"]["top1"] * 100] for r in shown])
+        xy = np.array([[r[key] / (1e6 if key == "params" else 1), r["cv"]["score"] * 100] for r in shown])
         for r, (x, y) in zip(shown, xy, strict=True):
             ax.plot(x, y, "o", ms=8, color="#1f77b4", mfc="#1f77b4" if r["finalist"] else "white")
         on = sorted((x, y) for r, (x, y) in zip(shown, xy, strict=True) if r.get(front))
@@ -44,7 +44,8 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
         ax.grid(alpha=0.3, which="both")
         if shown:
             labelled.append((ax, xy, [r["label"] for r in shown]))
-    axes[0].set_ylabel("cross-validated top-1 (%) at the rung reached")
+    metric = scored[0]["cv"]["metric"].replace("_", " ").replace("top1", "top-1") if scored else "top-1"
+    axes[0].set_ylabel(f"cross-validated {metric} (%) at the rung reached")
     fig.suptitle("Accuracy against speed and size (filled: finalists)")
     for ax, xy, labels in labelled:
         place_labels(ax, xy, labels, fontsize=8)

@@ -43,14 +43,15 @@ def _row(c: Contender, outcome: ScreenOutcome, about: Mapping[str, Mapping[str, 
 
 def leaderboard(outcome: ScreenOutcome, about: Mapping[str, Mapping[str, Any]],
                 tested: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One row a candidate, best first: by the rung reached, then its cross-validated top-1 there. ``about``:
+    """One row a candidate, best first: by the rung reached, then its cross-validated score there (``tune.metric``;
+    top-1 by default). ``about``:
     pretraining and leaky flag by label; ``tested``: the finalists' rows of their run's results.json."""
     rows = [_row(c, outcome, about, tested) for c in outcome.contenders]
-    rows.sort(key=lambda r: (-r["rung"], -(r["cv"]["top1"] if r["cv"] else -1)))
+    rows.sort(key=lambda r: (-r["rung"], -(r["cv"]["score"] if r["cv"] else -1)))
     for key, cost in (("pareto_speed", lambda r: -r["img_s"]), ("pareto_size", lambda r: r["params"])):
         # speed: only the candidates whose speed was measured here (a cache hit measures none)
         scored = [r for r in rows if r["cv"] and (key == "pareto_size" or r["img_s"])]
-        front = pareto_front([r["cv"]["top1"] for r in scored], [cost(r) for r in scored])
+        front = pareto_front([r["cv"]["score"] for r in scored], [cost(r) for r in scored])
         for r, on in zip(scored, front, strict=True):
             r[key] = on
     return rows
@@ -81,6 +82,10 @@ def summary_lines(rows: list[dict[str, Any]], outcome: ScreenOutcome, n_train: i
     else:
         lines.append(f"LogME's ranking of the first rung against the probes': Kendall's tau = {outcome.logme_tau:.2f} "
                      f"(p = {outcome.logme_p:.3g}, {len([r for r in rows if r['cv']])} candidates)")
+    metric = next((r["cv"]["metric"] for r in rows if r["cv"]), "top1")
+    if metric != "top1":
+        lines.append(f"ranked by the cross-validated {metric} (tune.metric): " + ", ".join(
+            f"{r['label']} {r['cv']['score']:.4f}" for r in rows if r["cv"]))
     lines.append(f"finalists (test scored once, in their run): {', '.join(outcome.finalists)}")
     return lines
 

@@ -104,7 +104,7 @@ def _logme_agreement(alive: list[Contender], ids: list[str], y: np.ndarray) -> t
         c.logme = logme(np.stack([c.rows[i] for i in ids]), y).score
     if len(alive) < 3:
         return None, None
-    tau = kendalltau([c.logme for c in alive], [c.scores[0].top1 for c in alive])
+    tau = kendalltau([c.logme for c in alive], [c.scores[0].score for c in alive])
     if not np.isfinite(tau.statistic):  # the probes (or LogME) all tie: no ranking to agree with
         return None, None
     return float(tau.statistic), float(tau.pvalue)
@@ -137,12 +137,13 @@ def run_rungs(cfg: RunConfig, dataset: Dataset, contenders: list[Contender], *, 
                    and all(s.sample_id in c.rows for c in alive)]
         ids, y = [s.sample_id for s in members], np.array([s.label for s in members])
         for c in alive:
-            c.scores.append(cv_probe(np.stack([c.rows[k] for k in ids]), y, seed=cfg.tune.seed))
+            c.scores.append(cv_probe(np.stack([c.rows[k] for k in ids]), y, seed=cfg.tune.seed,
+                                     metric=cfg.tune.metric, balance=cfg.data.balance))
         if i == 0:
             tau, p = _logme_agreement(alive, ids, y)
         rungs_run, before = i + 1, rung.per_class
         keep = the_plan.rungs[i + 1].enter if i + 1 < len(the_plan.rungs) else the_plan.finalists
-        alive = sorted(alive, key=lambda c: -c.scores[-1].top1)[:keep]
-    best = sorted(alive, key=lambda c: -c.scores[-1].top1)[: the_plan.finalists]
+        alive = sorted(alive, key=lambda c: -c.scores[-1].score)[:keep]
+    best = sorted(alive, key=lambda c: -c.scores[-1].score)[: the_plan.finalists]
     return ScreenOutcome(the_plan, tuple(contenders), tuple(c.label for c in best), rungs_run, tau, p, stopped,
                          extracted, time.perf_counter() - start)

@@ -141,6 +141,14 @@ def test_the_command_line_screen_runs_its_finalists_for_real(tmp_path: Path,
     assert [c["a"] for c in pairs] == [many["best"]] * 2 and {c["b"] for c in pairs} == set(val) - {many["best"]}
     assert [c["p_holm"] for c in pairs] == holm([c["mcnemar_p"] for c in pairs])
     assert results["comparison"] == pairs[0] and "is the best of 3 models on validation top1" in printed
+    every = results["comparisons"]  # all three pairs, Holm-corrected over the three
+    assert len(every) == 3 and [c["p_holm_all"] for c in every] == holm([c["mcnemar_p"] for c in every])
+    from dogbench.report.runs import load_runs
+    from dogbench.report.sections import summary_section
+
+    runs = load_runs([out / RUN_FOLDER])
+    table = summary_section([m for r in runs for m in r.models.values()], every).blocks[-1]
+    assert "Holm p (all pairs)" in table.header and len(table.rows) == 3
     # the screen's report (leaderboard, Pareto fronts) renders in headless Chromium
     from browser import check_page
     from dogbench.report.screen_page import write_screen_report

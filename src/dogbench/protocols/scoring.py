@@ -32,7 +32,9 @@ def test_scores(
 
 
 def compare_all(correct_by_label: dict[str, dict[str, bool]], cfg: RunConfig) -> list[dict[str, Any]]:
-    """Paired comparison of every pair of backbones on the test images both have (normally all of them)."""
+    """Paired comparison of every pair of backbones on the test images both have (normally all of them); with
+    three or more pairs, each also gets its Holm-corrected p over all of them (``p_holm_all``): a table of every
+    pair makes that many comparisons."""
     out = []
     for a, b in combinations(correct_by_label, 2):
         shared = sorted(set(correct_by_label[a]) & set(correct_by_label[b]))
@@ -40,6 +42,9 @@ def compare_all(correct_by_label: dict[str, dict[str, bool]], cfg: RunConfig) ->
         cb = np.asarray([correct_by_label[b][s] for s in shared])
         comp = compare_paired(a, ca, b, cb, n_resamples=cfg.evaluate.n_bootstrap, seed=cfg.evaluate.seed)
         out.append(comp.to_dict())
+    if len(out) >= 3:
+        for pair, p in zip(out, holm([c["mcnemar_p"] for c in out]), strict=True):
+            pair["p_holm_all"] = p
     return out
 
 

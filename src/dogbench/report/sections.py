@@ -89,11 +89,15 @@ def summary_section(models: list[ModelRun], comps: list[dict[str, Any]]) -> Sect
              "test top-1): the search found nothing better than the probe." for m in same]
     section = Section("summary", "Summary", notes, [_summary_table(models)])
     if len(comps) > 1:
+        holm = any("p_holm_all" in c for c in comps)
         rows: list[list[Cell]] = [[c["a"], c["b"], f"{c['delta_top1'] * 100:+.2f}",
                                    f"[{c['delta_top1_ci95'][0] * 100:+.2f}, {c['delta_top1_ci95'][1] * 100:+.2f}]",
-                                   f"{c['mcnemar_p']:.3g}", str(c["n"])] for c in comps]
-        section.blocks.append(Table(["a", "b", "a - b (points)", "95% CI", "McNemar p", "test images"], rows,
-                                    "Every paired comparison (same test images)"))
+                                   f"{c['mcnemar_p']:.3g}", *([f"{c['p_holm_all']:.3g}" if "p_holm_all" in c else "-"]
+                                                            if holm else []), str(c["n"])] for c in comps]
+        header = ["a", "b", "a - b (points)", "95% CI", "McNemar p", *(["Holm p (all pairs)"] if holm else []),
+                  "test images"]
+        section.blocks.append(Table(header, rows, "Every paired comparison (same test images)" + (
+            "; Holm's correction over all the pairs of the run's models" if holm else "")))
     return section
 
 

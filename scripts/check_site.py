@@ -89,10 +89,12 @@ def check(base: str, screenshots: Path | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--screenshots", type=Path, help="save the screenshots into this folder")
+    parser.add_argument("--site", type=Path, help="a site `mkdocs build --strict` already built (default: build one)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="dogbench-site-") as tmp:
-        site = Path(tmp) / "site"
-        build(site)
+        site = args.site or Path(tmp) / "site"
+        if args.site is None:
+            build(site)
         server, base = serve(site)
         try:
             problems = check(base, args.screenshots)

@@ -60,6 +60,22 @@ def test_the_probe_ranks_by_tune_metric_and_keeps_top1_beside() -> None:
     assert balanced.to_dict()["score"] == balanced.score
 
 
+def test_a_time_budget_stops_the_rungs_when_the_next_would_not_fit(tmp_path: Path) -> None:
+    """The first rung always runs (it measures the speeds); the next is skipped when its expected extraction and
+    probing would pass the budget, and the finalists are then the best of the first rung."""
+    from dogbench.screen.run import Contender, run_rungs
+
+    data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=3)
+    cfg = from_mapping({"features": {"cache_dir": str(tmp_path / "cache")}})
+    contenders = [Contender(parse_backbone_spec(s)) for s in SPECS]
+    outcome = run_rungs(cfg, open_dataset(data), contenders, finalists=2, budget_images=None, budget_s=1e-3,
+                        progress=False)
+    assert outcome.stopped_by_time and outcome.rungs_run == 1 < len(outcome.plan.rungs)
+    assert all(len(c.scores) == 1 for c in contenders) and len(outcome.finalists) == 2
+    first = sorted(contenders, key=lambda c: -c.scores[0].score)
+    assert outcome.finalists == tuple(c.label for c in first[:2])
+
+
 def test_a_screen_reads_no_test_image_skips_what_cannot_load_and_runs_its_finalists(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from dogbench.features import runner

@@ -90,10 +90,12 @@ def _extract(contender: Contender, cfg: RunConfig, increment: Dataset, *, progre
     return fs.n_computed
 
 
-def _rung_seconds(alive: list[Contender], new_images: int) -> float:
-    """The seconds a rung's extraction should take at the speeds measured so far (0 before any was measured)."""
+def _rung_seconds(alive: list[Contender], new_images: int, rung_images: int, probe_s_per_image: float) -> float:
+    """The seconds a rung should take at the speeds measured so far: extracting its new images (0 before any
+    speed was measured) and probing its images, per candidate."""
     speeds = [np.median(c.img_s) for c in alive if c.img_s]
-    return float(sum(new_images / s for s in speeds) * len(alive) / max(1, len(speeds))) if speeds else 0.0
+    extract = float(sum(new_images / s for s in speeds) * len(alive) / max(1, len(speeds))) if speeds else 0.0
+    return extract + probe_s_per_image * rung_images * len(alive)
 
 
 def _logme_agreement(alive: list[Contender], ids: list[str], y: np.ndarray) -> tuple[float | None, float | None]:
@@ -121,9 +123,10 @@ def run_rungs(cfg: RunConfig, dataset: Dataset, contenders: list[Contender], *, 
     for line in the_plan.lines():
         print(f"screen: {line}", file=sys.stderr, flush=True)
     alive, before, extracted, tau, p, stopped, rungs_run = list(contenders), 0, 0, None, None, False, 0
+    probe_rate = 0.0  # probing seconds per image and candidate, measured on the rung before
     for i, rung in enumerate(the_plan.rungs):
         increment = [s for s, r in zip(train, ranks, strict=True) if before <= r < rung.per_class]
-        expected = _rung_seconds(alive, len(increment))
+        expected = _rung_seconds(alive, len(increment), rung.images, probe_rate)
         if budget_s is not None and i and time.perf_counter() - start + expected > budget_s:
             stopped = True
             break
@@ -136,9 +139,11 @@ def run_rungs(cfg: RunConfig, dataset: Dataset, contenders: list[Contender], *, 
         members = [s for s, r in zip(train, ranks, strict=True) if r < rung.per_class
                    and all(s.sample_id in c.rows for c in alive)]
         ids, y = [s.sample_id for s in members], np.array([s.label for s in members])
+        probing = time.perf_counter()
         for c in alive:
             c.scores.append(cv_probe(np.stack([c.rows[k] for k in ids]), y, seed=cfg.tune.seed,
                                      metric=cfg.tune.metric, balance=cfg.data.balance))
+        probe_rate = (time.perf_counter() - probing) / max(1, len(alive) * len(ids))
         if i == 0:
             tau, p = _logme_agreement(alive, ids, y)
         rungs_run, before = i + 1, rung.per_class

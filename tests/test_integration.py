@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import BREEDS, HAVE_SHARED_RUN, ORIGINALS, official_slice
+from conftest import BREEDS, HAVE_SHARED_RUN, ORIGINALS, VIT_SIZE, official_slice
 from dogbench.cli import main
 
 pytestmark = [
@@ -38,7 +38,7 @@ def test_real_features_separate_real_breeds(real_run: dict) -> None:
     for m in real_run["models"].values():  # temperature scaling: fitted on validation, never worse there
         cal = m["calibration"]
         assert cal["val"]["after"]["nll"] <= cal["val"]["before"]["nll"] + 1e-9 and cal["temperature"] > 0
-    assert real_run["models"]["vit"]["preprocess"]["input_size"] == [3, 224, 224]
+    assert real_run["models"]["vit"]["preprocess"]["input_size"] == [3, VIT_SIZE, VIT_SIZE]
     assert real_run["comparison"]["n"] == 20 * len(BREEDS)
 
 
@@ -65,7 +65,7 @@ def test_imagenet_pretraining_on_stanford_dogs_is_flagged_leaky(real_run: dict) 
     assert (cnn["architecture"]["family"], vit["architecture"]["family"]) == ("cnn", "vit")
     assert (vit["architecture"]["layers"], vit["architecture"]["hidden_size"], vit["architecture"]["heads"]) == (
         12, 384, 6)
-    assert vit["architecture"]["image_size"] == [224, 224]  # the run's img_size=224, not timm's 518
+    assert vit["architecture"]["image_size"] == [VIT_SIZE, VIT_SIZE]  # the run's img_size, not timm's 518
 
 
 def test_the_report_of_a_real_run_renders_in_headless_chromium(real_run_dir: Path, real_run: dict) -> None:

@@ -216,12 +216,13 @@ def run_results(run: Path) -> dict[str, Any]:
 
 def points(counts: dict[str, dict[str, int]], seconds: float, n: int, *, seed: int) -> list[str]:
     """``n`` kill points drawn with ``seed``: about half at atomic writes, a quarter at optimizer steps, the rest
-    at times within the uninterrupted run's duration. ``counts``: the sites per rank; with more than one rank,
-    each point is armed in a rank drawn too (``R/kind:N``)."""
+    at times within the uninterrupted run's duration, in the order write, step, time, write (so the first three
+    points hit every kind). ``counts``: the sites per rank; with more than one rank, each point is armed in a
+    rank drawn too (``R/kind:N``)."""
     rng = random.Random(seed)
     chosen: list[str] = []
     for i in range(n):
-        first = "time" if i % 4 == 3 else "step" if i % 4 == 1 else "write"
+        first = ("write", "step", "time", "write")[i % 4]
         kind, ranks = next((k, r) for k in (first, "write", "step", "time")
                            if (r := [r for r in sorted(counts) if k == "time" or counts[r].get(k)]))
         rank = rng.choice(ranks)

@@ -117,6 +117,16 @@ class _FullDisk:
 def run_child(argv: list[str], point: str | None = None, counts_file: Path | None = None,
               log: Path | None = None) -> int:
     """``dogbench argv`` in a forked child, with ``point`` armed; its exit status (negative: killed by signal)."""
+    return _wait(_fork(argv, point, counts_file, log))
+
+
+def run_children(argvs: list[list[str]], logs: list[Path]) -> list[int]:
+    """Several ``dogbench argv`` at once, each in a forked child writing to its log; their exit statuses."""
+    return [_wait(pid) for pid in [_fork(argv, None, None, log) for argv, log in zip(argvs, logs, strict=True)]]
+
+
+def _fork(argv: list[str], point: str | None, counts_file: Path | None, log: Path | None) -> int:
+    """Start ``dogbench argv`` in a forked child (``point`` armed, output to ``log``); the child's pid."""
     pid = os.fork()
     if pid == 0:  # the child
         code = 70
@@ -135,6 +145,11 @@ def run_child(argv: list[str], point: str | None = None, counts_file: Path | Non
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+    return pid
+
+
+def _wait(pid: int) -> int:
+    """The exit status of the forked child ``pid`` once it ends (negative: killed by that signal)."""
     _, status = os.waitpid(pid, 0)
     return -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
 

@@ -77,31 +77,45 @@ def test_seeded_kills_of_one_torchrun_rank_lose_nothing(tmp_path: Path) -> None:
         assert r["first_exit"] != 0  # torchrun reports the killed rank
 
 
+TOGETHER = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import faults
+faults.preload()  # the commands below are forks of this interpreter: its imports are made once, not per command
+plan, root = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+codes = faults.run_children(plan["together"], [root / "run0.log", root / "run1.log"])
+codes.append(faults.run_child(plan["alone"], log=root / "alone.log"))
+print(json.dumps(codes))
+"""
+
+
 def test_two_whole_runs_sharing_one_cache_and_one_study_both_get_a_solo_runs_results(tmp_path: Path) -> None:
     """Two `dogbench run`s at once on one feature cache and one Optuna study (SQLite, one --study name), each its
-    own run folder: both finish, and each folder holds exactly what a run alone computes (features, tuned
-    heads, fine-tuned weights, predictions)."""
+    own run folder and process: both finish, and each folder holds exactly what a run alone computes (features,
+    tuned heads, fine-tuned weights, predictions)."""
     sys.path.insert(0, str(Path(__file__).parent))
     from conftest import make_class_folder_layout
     from faults import run_results, tiny_run_argv
 
     data = make_class_folder_layout(tmp_path / "data", classes=("cat", "dog", "fox"), n_train=8, n_test=4)
     argv = tiny_run_argv(data, small=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def command(out: Path, cache: Path, storage: Path) -> list[str]:
         args = argv(out)
         args[args.index("--cache-dir") + 1] = str(cache)
-        return [sys.executable, "-m", "dogbench", *args, "--storage", f"sqlite:///{storage}", "--study", "shared"]
+        return [*args, "--storage", f"sqlite:///{storage}", "--study", "shared"]
 
-    both = [subprocess.Popen(command(tmp_path / f"run{i}", tmp_path / "cache", tmp_path / "study.db"), env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-    for p in both:
-        _, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-    alone = subprocess.run(command(tmp_path / "alone", tmp_path / "cache-alone", tmp_path / "alone.db"), env=env,
-                           capture_output=True, text=True, timeout=600)
-    assert alone.returncode == 0, alone.stderr[-3000:]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({
+        "together": [command(tmp_path / f"run{i}", tmp_path / "cache", tmp_path / "study.db") for i in (0, 1)],
+        "alone": command(tmp_path / "alone", tmp_path / "cache-alone", tmp_path / "alone.db")}))
+    done = subprocess.run([sys.executable, "-c", TOGETHER.format(tests=str(Path(__file__).parent)), str(plan),
+                           str(tmp_path)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    logs = "".join((tmp_path / f"{name}.log").read_text(errors="replace")[-2000:] for name in ("run0", "run1", "alone")
+                   if (tmp_path / f"{name}.log").is_file())
+    assert done.returncode == 0 and json.loads(done.stdout) == [0, 0, 0], done.stderr[-3000:] + logs
     expected = run_results(tmp_path / "alone")
     assert run_results(tmp_path / "run0") == expected and run_results(tmp_path / "run1") == expected
     import numpy as np

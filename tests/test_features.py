@@ -128,7 +128,7 @@ def test_a_larger_image_set_takes_the_rows_a_smaller_one_computed(dataset: Datas
     full = extract_features(backbone, dataset, cfg=cfg, progress=False)
     assert full.key != small.key and full.n_computed == len(dataset.samples) - len(subset.samples)
     meta = json.loads((FeatureCache(cfg.cache_dir).entry(full.key).path / "meta.json").read_text())
-    assert meta["taken_rows"] == len(subset.samples)
+    assert meta["taken_rows"] == len(subset.samples) and meta["donors"] == [small.key]
     rows = dict(zip(full.sample_ids, full.features, strict=True))
     np.testing.assert_array_equal(np.stack([rows[i] for i in small.sample_ids]), small.features)
     fresh = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "fresh"), progress=False)
@@ -137,6 +137,35 @@ def test_a_larger_image_set_takes_the_rows_a_smaller_one_computed(dataset: Datas
     bf16 = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "cache", precision=Precision.BF16),
                             progress=False)
     assert bf16.n_computed == len(dataset.samples)  # another precision: another family, nothing taken
+
+
+def test_a_resumed_entry_takes_rows_only_from_the_entries_it_began_with(
+        dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry killed mid-way and resumed after the cache gained another donor takes nothing from the newcomer
+    (its bits do not depend on what the cache gained meanwhile); a donor whose files are damaged gives nothing."""
+    backbone, cfg = _backbone(), _cfg(tmp_path / "cache")
+    first = extract_features(backbone, dataclasses.replace(dataset, samples=dataset.samples[:4]), cfg=cfg,
+                             progress=False)
+    with monkeypatch.context() as m:
+        _killed_after(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            extract_features(backbone, dataset, cfg=cfg, progress=False)
+    later = extract_features(backbone, dataclasses.replace(dataset, samples=dataset.samples[4:9]), cfg=cfg,
+                             progress=False)
+    assert later.n_computed == 5  # the unfinished entry is no donor
+    resumed = extract_features(backbone, dataset, cfg=cfg, progress=False)
+    meta = json.loads((FeatureCache(cfg.cache_dir).entry(resumed.key).path / "meta.json").read_text())
+    assert meta["donors"] == [first.key] and meta["taken_rows"] == 4
+    fresh = extract_features(backbone, dataset, cfg=_cfg(tmp_path / "fresh"), progress=False)
+    np.testing.assert_allclose(resumed.features, fresh.features, atol=1e-5, rtol=0)
+    cache = FeatureCache(cfg.cache_dir)
+    rows = json.loads((cache.entry(resumed.key).path / "index.json").read_text())["sample_ids"]  # content ids
+    index = cache.entry(first.key).path / "index.json"
+    index.write_text(json.dumps({"sample_ids": json.loads(index.read_text())["sample_ids"]}))  # its "ok" lost
+    taken, given = cache.donor_rows(meta["family"], rows, exclude=resumed.key, dim=backbone.feature_dim)
+    assert given == [later.key] and len(taken) == 5  # the damaged one gives nothing, and no error
+    taken, given = cache.donor_rows(meta["family"], rows, exclude=resumed.key, dim=backbone.feature_dim + 1)
+    assert (taken, given) == ({}, [])  # other columns: no donor
 
 
 def test_features_equal_a_direct_forward_pass(dataset: Dataset, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ import json
 import shutil
 import warnings
 import zipfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,30 +87,30 @@ class FeatureCache:
     def entry(self, key: str) -> CacheEntry:
         return CacheEntry(self.root / key, key)
 
-    def donor_rows(self, family: str, row_ids: Sequence[str], *, exclude: str) -> dict[int, np.ndarray]:
+    def donor_rows(self, family: str, row_ids: Sequence[str], *, exclude: str, dim: int,
+                   only: Sequence[str] | None = None) -> tuple[dict[int, np.ndarray], list[str]]:
         """Rows of ``row_ids`` (content ids) that complete entries of the same ``family`` (model, weights,
-        preprocessing, settings, view and device type: everything but the image set) already hold, by row index.
+        preprocessing, settings, view and device type: everything but the image set) already hold, by row index,
+        and the keys of the entries that gave them. ``only``: take rows from these entries alone (a resumed entry
+        takes what it took when it began, so its bits do not depend on what the cache gained meanwhile).
 
-        An image's features are the same computation in any entry of a family, so a run after a screen (whose
-        rungs hold subsets of its training images) or after a ``--classes`` run computes only the images they
-        lack. Entries written before families were recorded, and unreadable rows, give nothing."""
+        A run after a screen (whose rungs hold subsets of its training images) or after a ``--classes`` run then
+        computes only the images they lack. The rows were computed in other batches, so they can differ from a
+        fresh extraction by the precision's rounding. Entries written before families were recorded, unreadable
+        rows and entries that cannot be read give nothing."""
         wanted = {cid: i for i, cid in enumerate(row_ids)}
         rows: dict[int, np.ndarray] = {}
-        for meta_path in sorted(self.root.glob("*/meta.json")):
-            donor = self.entry(meta_path.parent.name)
-            if donor.key == exclude or not donor.is_complete():
+        given: list[str] = []
+        keys = sorted(only) if only is not None else sorted(p.parent.name for p in self.root.glob("*/meta.json"))
+        for key in keys:
+            donor = self.entry(key)
+            if key == exclude or not donor.is_complete():
                 continue
-            try:
-                if json.loads(meta_path.read_text()).get("family") != family:
-                    continue
-                index = json.loads((donor.path / "index.json").read_text())
-                features = np.load(donor.path / "features.npy", mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError):
-                continue  # a donor that cannot be read gives nothing; this entry computes the rows itself
-            for j, (cid, ok) in enumerate(zip(index["sample_ids"], index["ok"], strict=True)):
-                if ok and cid in wanted and wanted[cid] not in rows:
-                    rows[wanted[cid]] = np.array(features[j])
-        return rows
+            taken = donor.rows_for(family, wanted, dim, skip=rows.keys())
+            if taken:
+                rows.update(taken)
+                given.append(key)
+        return rows, given
 
 
 class CacheEntry:
@@ -176,6 +176,26 @@ class CacheEntry:
         """Record more about how the entry is being computed (e.g. an out-of-memory back-off's rows per pass)."""
         meta = self._read_json("meta.json")
         atomic_write_json(self.path / "meta.json", {**meta, **fields})
+
+    def rows_for(self, family: str, wanted: Mapping[str, int], dim: int, *,
+                 skip: Iterable[int] = ()) -> dict[int, np.ndarray]:
+        """This complete entry's readable rows of the content ids in ``wanted`` (id -> row index there), when it is
+        of ``family`` and ``dim`` columns; nothing when it is not, or cannot be read."""
+        try:
+            meta = json.loads((self.path / "meta.json").read_text())
+            if not isinstance(meta, dict) or meta.get("family") != family:
+                return {}
+            index = json.loads((self.path / "index.json").read_text())
+            features = np.load(self.path / "features.npy", mmap_mode="r", allow_pickle=False)
+            ids, ok, skipped = index["sample_ids"], index["ok"], set(skip)
+            if features.shape != (len(ids), dim) or len(ok) != len(ids):
+                return {}
+            pairs = [(j, wanted[cid]) for j, (cid, good) in enumerate(zip(ids, ok, strict=True))
+                     if good and cid in wanted and wanted[cid] not in skipped]
+            block = np.asarray(features[[j for j, _ in pairs]], dtype=np.float32)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return {}  # a donor that cannot be read gives nothing: the rows are computed instead
+        return {i: block[n] for n, (_, i) in enumerate(pairs)}
 
     def chunk_path(self, index: int) -> Path:
         return self.chunk_dir / f"{index:05d}.npz"

@@ -199,8 +199,9 @@ def _extract_locally(
         meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=policy.device, precision=policy.precision,
                            crop_to_box=crop_to_box, view=view)
         batch_size = _resume_batch_size(entry, runner, cfg, meta)
-        donors = FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key)
-        entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows, "taken_rows": len(donors)})
+        donors, given = _donors(entry, meta, sample_ids, backbone.feature_dim, pinned=entry.resumable(meta))
+        entry.begin({**meta, "batch_size": batch_size, "max_rows": runner.max_rows, "donors": given,
+                     "taken_rows": len(donors)})
         n_computed = _extract_missing(
             runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box,
             strict=strict, progress=progress, desc=f"extract {backbone.label}", view=view, donors=donors,
@@ -248,8 +249,9 @@ def _extract_sharded(
             complete[0] = entry.is_complete()
             if not complete[0]:
                 size = _resume_batch_size(entry, runner, cfg, meta)
-                taken = len(FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key))
-                entry.begin({**meta, "batch_size": size, "max_rows": runner.max_rows, "taken_rows": taken})
+                taken, given = _donors(entry, meta, sample_ids, backbone.feature_dim, pinned=entry.resumable(meta))
+                entry.begin({**meta, "batch_size": size, "max_rows": runner.max_rows, "donors": given,
+                             "taken_rows": len(taken)})
     complete = distributed.broadcast(complete)
     if complete[0]:
         return entry.load(sample_ids=sample_ids), 0, 0.0, None
@@ -262,13 +264,23 @@ def _extract_sharded(
         runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
         progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
         shard=(ranks.rank, ranks.world), view=view,
-        donors=FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key))
+        donors=_donors(entry, meta, sample_ids, backbone.feature_dim, pinned=settled)[0])
     distributed.barrier()
     if ranks.main:
         with entry.lock():
             entry.finalize(n_chunks=-(-len(sample_ids) // cfg.chunk_size), sample_ids=sample_ids)
     distributed.barrier()
     return entry.load(sample_ids=sample_ids), n_computed, time.perf_counter() - start, batch_size
+
+
+def _donors(entry: CacheEntry, meta: dict, sample_ids: list[str], dim: int, *,
+            pinned: dict | None) -> tuple[dict[int, np.ndarray], list[str]]:
+    """The rows this entry takes from complete entries of its family (``FeatureCache.donor_rows``), and their
+    keys; an entry already started (``pinned``: its meta) takes only from the entries it took from then, so a
+    resumed extraction, and every torchrun rank, takes the same rows."""
+    only = None if pinned is None else pinned.get("donors", [])
+    return FeatureCache(entry.path.parent).donor_rows(meta["family"], sample_ids, exclude=entry.key, dim=dim,
+                                                      only=only)
 
 
 def _resume_batch_size(entry: CacheEntry, runner: ModelRunner, cfg: FeatureConfig, meta: dict) -> int:

@@ -53,18 +53,22 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
 
 
 def _leaderboard_table(rows: list[dict[str, Any]]) -> Table:
+    metric = next((r["cv"]["metric"] for r in rows if r["cv"]), "top1")
+    ranked_by = [] if metric == "top1" else [f"CV {metric.replace('_', ' ')} %"]
     body = [[r["label"], r.get("pretraining", "") + (" (ImageNet-family: leaky)" if r.get("leaky") else ""),
              f"{r['rung']} ({r['per_class']}/class)" if r["cv"] else f"skipped: {r['skipped']}",
+             *([f"{r['cv']['score'] * 100:.1f}" if r["cv"] else "-"] if ranked_by else []),
              f"{r['cv']['top1'] * 100:.1f} [{r['cv']['ci95'][0] * 100:.1f}, {r['cv']['ci95'][1] * 100:.1f}]"
              if r["cv"] else "-", f"{r['logme']:.3f}" if r["logme"] is not None else "-",
              f"{r['img_s']:.1f}" if r["img_s"] else "-", f"{r['params'] / 1e6:.1f}M" if r["params"] else "-",
              f"{r['gflops']:.2f}" if r["params"] else "-",
              f"{r['test']['top1'] * 100:.1f} [{r['test']['top1_ci95'][0] * 100:.1f}, "
              f"{r['test']['top1_ci95'][1] * 100:.1f}]" if r["test"] else "-"] for r in rows]
-    header = ["model", "pretraining", "rung reached", "CV top-1 % [95% CI]", "LogME", "img/s", "params", "GFLOPs",
-              "test top-1 % (finalists)"]
-    return Table(header, body, "Best first: by the rung reached, then cross-validated top-1 of the C-swept probe "
-                 "on that rung's training images. Only the finalists were scored on test, once, in their run.")
+    header = ["model", "pretraining", "rung reached", *ranked_by, "CV top-1 % [95% CI]", "LogME", "img/s", "params",
+              "GFLOPs", "test top-1 % (finalists)"]
+    return Table(header, body, f"Best first: by the rung reached, then the cross-validated {metric.replace('_', ' ')} "
+                 "(tune.metric) of the C-swept probe on that rung's training images. Only the finalists were scored "
+                 "on test, once, in their run.")
 
 
 def build_screen_report(screen: dict[str, Any], finalists: dict[str, Any], run_dir: Path) -> Report:

@@ -44,8 +44,8 @@ def _row(c: Contender, outcome: ScreenOutcome, about: Mapping[str, Mapping[str, 
 def leaderboard(outcome: ScreenOutcome, about: Mapping[str, Mapping[str, Any]],
                 tested: Mapping[str, Any]) -> list[dict[str, Any]]:
     """One row a candidate, best first: by the rung reached, then its cross-validated score there (``tune.metric``;
-    top-1 by default). ``about``:
-    pretraining and leaky flag by label; ``tested``: the finalists' rows of their run's results.json."""
+    top-1 by default). ``about``: pretraining and leaky flag by label; ``tested``: the finalists' rows of their
+    run's results.json."""
     rows = [_row(c, outcome, about, tested) for c in outcome.contenders]
     rows.sort(key=lambda r: (-r["rung"], -(r["cv"]["score"] if r["cv"] else -1)))
     for key, cost in (("pareto_speed", lambda r: -r["img_s"]), ("pareto_size", lambda r: r["params"])):

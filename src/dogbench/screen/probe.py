@@ -28,8 +28,8 @@ class ProbeScore:
     images: int
     folds: int
     correct: np.ndarray  # (n,) bool: each image right when held out, at the best C
-    metric: str = TuneMetric.TOP1.value
-    score: float = 0.0
+    metric: str  # the tune.metric that chose C and ranks the candidate
+    score: float  # its held-out value at that C
 
     def to_dict(self) -> dict[str, float | int | str | list[float]]:
         return {"top1": self.top1, "ci95": list(self.ci95), "C": self.C, "images": self.images, "folds": self.folds,
@@ -37,8 +37,8 @@ class ProbeScore:
 
 
 def cv_probe(X: np.ndarray, y: np.ndarray, *, seed: int = 0, device: str = "cpu",
-             Cs: tuple[float, ...] = BASELINE_CS, metric: str = TuneMetric.TOP1,
-             balance: str = Balance.NONE) -> ProbeScore:
+             Cs: tuple[float, ...] = BASELINE_CS, metric: TuneMetric = TuneMetric.TOP1,
+             balance: Balance = Balance.NONE) -> ProbeScore:
     """The probe's cross-validated ``metric`` on (X, y): ``FOLDS`` stratified folds (fewer when a class has fewer
     images), each C fitted on the other folds (class-weighted with ``balance``); ties go to the smaller C (the
     stronger regularisation)."""
@@ -52,8 +52,8 @@ def cv_probe(X: np.ndarray, y: np.ndarray, *, seed: int = 0, device: str = "cpu"
             init = head.module_.state_dict()
             pred[i, held] = head.predict(X[held])
     n_classes = int(max(y.max(), pred.max())) + 1
-    scores = [confusion_scores(confusion_counts(y, p, n_classes))[str(metric)] for p in pred]
+    scores = [confusion_scores(confusion_counts(y, p, n_classes))[TuneMetric(metric).value] for p in pred]
     best = int(np.argmax(scores))  # argmax takes the first: Cs ascend
     correct = pred[best] == y
     return ProbeScore(float(correct.mean()), bootstrap_ci(correct.astype(np.float64), seed=seed), float(Cs[best]),
-                      len(y), folds, correct, str(metric), float(scores[best]))
+                      len(y), folds, correct, TuneMetric(metric).value, float(scores[best]))

@@ -76,6 +76,16 @@ def test_a_time_budget_stops_the_rungs_when_the_next_would_not_fit(tmp_path: Pat
     assert outcome.finalists == tuple(c.label for c in first[:2])
 
 
+def test_a_rungs_expected_time_adds_its_probing_to_its_extraction() -> None:
+    from dogbench.screen.run import Contender, rung_seconds
+
+    fast, slow = (Contender(parse_backbone_spec(s)) for s in SPECS[:2])
+    fast.img_s, slow.img_s = [100.0, 300.0], [50.0]  # medians 200 and 50 img/s
+    assert rung_seconds([fast, slow], 100, 400, 0.0) == pytest.approx(100 / 200 + 100 / 50)
+    assert rung_seconds([fast, slow], 100, 400, 0.01) == pytest.approx(2.5 + 0.01 * 400 * 2)
+    assert rung_seconds([Contender(parse_backbone_spec(SPECS[2]))], 100, 400, 0.01) == pytest.approx(4.0)
+
+
 def test_a_screen_reads_no_test_image_skips_what_cannot_load_and_runs_its_finalists(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     from dogbench.features import runner

@@ -231,7 +231,7 @@ def resolve(
 
 
 # Keys that say how a run is executed, not what it computes: they may differ between the commands that work on
-# one run folder (docs/guide/defaults.md says why each is here).
+# one run folder (docs/guide/configuration.md says why each is here).
 EXECUTION_KEYS = (
     "out", "data.strict", "data.download", "data.data_url", "features.device", "features.batch_size",
     "features.num_workers", "features.prefetch", "features.cache_dir", "features.reuse_host_memory", "tune.device",

@@ -97,7 +97,8 @@ def summary_section(models: list[ModelRun], comps: list[dict[str, Any]]) -> Sect
         header = ["a", "b", "a - b (points)", "95% CI", "McNemar p", *(["Holm p (all pairs)"] if holm else []),
                   "test images"]
         section.blocks.append(Table(header, rows, "Every paired comparison (same test images)" + (
-            "; Holm's correction over all the pairs of the run's models" if holm else "")))
+            "; Holm's correction over all the pairs of each run's models (pairs across runs: uncorrected, -)"
+            if holm else "")))
     return section
 
 

@@ -90,7 +90,7 @@ def _extract(contender: Contender, cfg: RunConfig, increment: Dataset, *, progre
     return fs.n_computed
 
 
-def _rung_seconds(alive: list[Contender], new_images: int, rung_images: int, probe_s_per_image: float) -> float:
+def rung_seconds(alive: list[Contender], new_images: int, rung_images: int, probe_s_per_image: float) -> float:
     """The seconds a rung should take at the speeds measured so far: extracting its new images (0 before any
     speed was measured) and probing its images, per candidate."""
     speeds = [np.median(c.img_s) for c in alive if c.img_s]
@@ -126,7 +126,7 @@ def run_rungs(cfg: RunConfig, dataset: Dataset, contenders: list[Contender], *, 
     probe_rate = 0.0  # probing seconds per image and candidate, measured on the rung before
     for i, rung in enumerate(the_plan.rungs):
         increment = [s for s, r in zip(train, ranks, strict=True) if before <= r < rung.per_class]
-        expected = _rung_seconds(alive, len(increment), rung.images, probe_rate)
+        expected = rung_seconds(alive, len(increment), rung.images, probe_rate)
         if budget_s is not None and i and time.perf_counter() - start + expected > budget_s:
             stopped = True
             break

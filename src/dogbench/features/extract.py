@@ -243,7 +243,7 @@ def _extract_sharded(
                                           reuse_host_memory=cfg.reuse_host_memory)
     meta = _entry_meta(backbone, dataset, cfg, sample_ids, device=policy.device, precision=policy.precision,
                        crop_to_box=crop_to_box, view=view)
-    complete = [entry.is_complete()]
+    complete, taken = [entry.is_complete()], None
     if ranks.main and not complete[0]:
         with entry.lock():
             complete[0] = entry.is_complete()
@@ -264,7 +264,8 @@ def _extract_sharded(
         runner, dataset, entry, cfg=cfg, batch_size=batch_size, crop_to_box=crop_to_box, strict=strict,
         progress=progress and ranks.main, desc=f"extract {backbone.label} ({ranks})",
         shard=(ranks.rank, ranks.world), view=view,
-        donors=_donors(entry, meta, sample_ids, backbone.feature_dim, pinned=settled)[0])
+        donors=taken if taken is not None else _donors(entry, meta, sample_ids, backbone.feature_dim,
+                                                       pinned=settled)[0])  # rank 0 read them when it began
     distributed.barrier()
     if ranks.main:
         with entry.lock():

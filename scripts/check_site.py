@@ -23,11 +23,18 @@ import threading
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# this machine has no network: stop Chromium's background connections, and its sandbox (root); tests/browser.py
+# takes these flags and find_chromium from here
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
                  "--disable-dev-shm-usage"]
 SHOTS = {"site-home.png": "", "site-tutorial.png": "tutorials/own-photos/", "site-config.png": "reference/config/"}
 QUERY = "temperature"
+
+
+def find_chromium() -> str | None:
+    """Debian's ``chromium`` (or ``chromium-browser``) on PATH."""
+    return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def build(site: Path) -> None:
@@ -62,7 +69,7 @@ def check(base: str, screenshots: Path | None) -> list[str]:
     """Open the pages, take the screenshots, run the search; the problems found."""
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = find_chromium()
     problems: list[str] = []
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)

@@ -7,17 +7,25 @@ that is a failure: ``scripts/test.sh`` installs both.
 
 from __future__ import annotations
 
+import importlib.util
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-CHROMIUM_ARGS = [  # this machine has no network: stop Chromium's background connections and its sandbox (root)
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
-]
+
+def _check_site():  # noqa: ANN202 (a module)
+    """scripts/check_site.py, which owns the headless-Chromium flags and lookup the site check also uses."""
+    spec = importlib.util.spec_from_file_location("check_site", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "check_site.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_SITE = _check_site()
+CHROMIUM_ARGS, find_chromium = _SITE.CHROMIUM_ARGS, _SITE.find_chromium
 
 
 @dataclass(frozen=True)
@@ -32,7 +40,7 @@ class PageCheck:
 
 
 def chromium_or_skip() -> str:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    chromium = find_chromium()
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:

@@ -245,6 +245,11 @@ def text_table(header: list[str], rows: list[list[Any]]) -> list[str]:
             *("  ".join(str(x).ljust(w) for x, w in zip(row, widths, strict=True)) for row in rows)]
 
 
+def board_metric(rows: list[Mapping[str, Any]]) -> str:
+    """The ``tune.metric`` a screen's leaderboard rows were ranked by (``top1`` where no candidate was scored)."""
+    return next((r["cv"]["metric"] for r in rows if r["cv"]), "top1")
+
+
 def p_value(p: float) -> str:
     """An exact McNemar p as a reader takes it: ``p = 0.0312``, or ``p < 1e-100`` beyond double precision's use."""
     return "p < 1e-100" if p < 1e-100 else f"p = {p:.3g}"

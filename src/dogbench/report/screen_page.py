@@ -17,7 +17,7 @@ from dogbench.report.document import Assets, Figure, Report, Section, Table
 from dogbench.report.labels import place_labels
 from dogbench.report.plots import new_figure, png
 from dogbench.report.render import ReportFiles, write_report
-from dogbench.results import verdict, verdict_of_many
+from dogbench.results import board_metric, verdict, verdict_of_many
 
 
 def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
@@ -44,7 +44,7 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
         ax.grid(alpha=0.3, which="both")
         if shown:
             labelled.append((ax, xy, [r["label"] for r in shown]))
-    metric = scored[0]["cv"]["metric"].replace("_", " ").replace("top1", "top-1") if scored else "top-1"
+    metric = board_metric(rows).replace("_", " ").replace("top1", "top-1")
     axes[0].set_ylabel(f"cross-validated {metric} (%) at the rung reached")
     fig.suptitle("Accuracy against speed and size (filled: finalists)")
     for ax, xy, labels in labelled:
@@ -53,7 +53,7 @@ def pareto_figure(rows: list[dict[str, Any]]) -> MplFigure:
 
 
 def _leaderboard_table(rows: list[dict[str, Any]]) -> Table:
-    metric = next((r["cv"]["metric"] for r in rows if r["cv"]), "top1")
+    metric = board_metric(rows)
     ranked_by = [] if metric == "top1" else [f"CV {metric.replace('_', ' ')} %"]
     body = [[r["label"], r.get("pretraining", "") + (" (ImageNet-family: leaky)" if r.get("leaky") else ""),
              f"{r['rung']} ({r['per_class']}/class)" if r["cv"] else f"skipped: {r['skipped']}",

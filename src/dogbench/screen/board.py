@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from dogbench.atomic import atomic_write_json, atomic_write_text
-from dogbench.results import text_table
+from dogbench.results import board_metric, text_table
 from dogbench.screen.run import Contender, ScreenOutcome
 
 SCREEN_FILE = "screen.json"
@@ -82,7 +82,7 @@ def summary_lines(rows: list[dict[str, Any]], outcome: ScreenOutcome, n_train: i
     else:
         lines.append(f"LogME's ranking of the first rung against the probes': Kendall's tau = {outcome.logme_tau:.2f} "
                      f"(p = {outcome.logme_p:.3g}, {len([r for r in rows if r['cv']])} candidates)")
-    metric = next((r["cv"]["metric"] for r in rows if r["cv"]), "top1")
+    metric = board_metric(rows)
     if metric != "top1":
         lines.append(f"ranked by the cross-validated {metric} (tune.metric): " + ", ".join(
             f"{r['label']} {r['cv']['score']:.4f}" for r in rows if r["cv"]))

@@ -390,11 +390,17 @@ def _relative(path: Path | None, run: Path) -> str | None:
     return str(path)
 
 
+# the recipe's random and stateful parts on (EMA weights, mixup / cutmix draws), and TTA in the test scoring: a
+# resumed run must still equal the uninterrupted one
+RECIPE = ["--set", "finetune.ema_decay=0.9", "--set", "finetune.mixup=0.8", "--set", "finetune.cutmix=1.0",
+          "--set", 'evaluate.tta="flip"']
+
+
 def tiny_run_argv(data: Path, *, small: bool = False, ranked: bool = False) -> Callable[[Path], list[str]]:
     """``dogbench run`` on a tiny dataset, its feature cache beside the run folder: extraction, head tuning,
     the baseline, evaluation, fine-tuning (lp-ft and lora of a tiny CNN and ViT, 2 epochs with mid-epoch
-    checkpoints) and the report; ``small``: the CNN's lp-ft alone; ``ranked``: for torchrun (chunks small enough
-    for each rank to write some)."""
+    checkpoints; EMA, mixup and cutmix on, flip-TTA in test scoring) and the report; ``small``: the CNN's lp-ft
+    alone; ``ranked``: for torchrun (chunks small enough for each rank to write some)."""
     models = (["--backbone", "cnn=test_resnet@random,input_size=32"] if small else
               ["--backbone", "cnn=test_resnet@random,input_size=32", "--backbone", "vit=test_vit@random,img_size=32"])
 
@@ -404,6 +410,7 @@ def tiny_run_argv(data: Path, *, small: bool = False, ranked: bool = False) -> C
                 "--quiet",
                 "--set", "tune.max_epochs=10", "--set", "evaluate.n_bootstrap=100", "--set", "finetune.batch_size=4",
                 "--set", "finetune.checkpoint_every=2", "--set", "report.explain=1", "--set", "report.examples=2",
+                *RECIPE,
                 *(["--set", "features.chunk_size=8"] if ranked else [])]  # several chunks: every rank writes some
     return argv
 

@@ -1,7 +1,10 @@
 """The fine-tuning recipe's parts, one at a time (issue 29): ``dogbench run`` with today's defaults, then with each
 part on (EMA, mixup + cutmix, RandAugment, random erasing), then all together: same data, epochs and seed, one
 feature cache; validation top-1 for choosing, test top-1 scored once, each row against the defaults' on the same
-test images (paired bootstrap of the top-1 difference, exact McNemar).
+validation and the same test images (paired bootstrap of the top-1 difference, exact McNemar). The validation
+pairs come from each row's saved model (its best epoch's) scored again on the run's own validation split: that
+must reproduce the validation top-1 the run recorded, or the script stops. Rerunning the command reuses finished
+rows (``dogbench run`` resumes and reuses its run folders) and scores them again.
 
     .venv/bin/python benchmarks/recipe_ablation.py --out /tmp/ablation --classes 20 --method lp-ft --epochs 8
 
@@ -52,9 +55,11 @@ def val_correct(run: Path, label: str) -> np.ndarray:
     """Each validation image right or wrong under the row's fine-tuned model, the best epoch's: the run's own
     split (rebuilt from its saved config and the feature cache), through the inference path validation used."""
     cfg = RunDir(run).read_config()
+    if cfg.finetune.refit:
+        raise SystemExit(f"{run}: a refit model was trained on the validation images too; leave finetune.refit off")
     dataset = prepare_dataset(cfg.data, progress=False)
     data, _, _ = train_data(cfg, dataset, extract_stage(cfg, dataset, progress=False)[label.split("/")[0]])
-    model = load_run(run).models[label]
+    model = load_run(run, device=cfg.features.device).models[label]  # where validation ran
     proba, _ = model.predict_views([s.path for s in data.val], plain=True,
                                    boxes=[s.box for s in data.val] if model.crop_to_box else None)
     return proba[0].argmax(axis=1) == data.val_labels
@@ -99,17 +104,18 @@ def main(argv: list[str] | None = None) -> int:
     table, correct, val = {}, {}, {}
     for name, settings in rows.items():
         run = args.out / ("run-" + name.replace(" ", "-").replace("+", "-"))
-        results = run / "results.json"
-        done = results.is_file() and label in json.loads(results.read_text())["models"]  # a finished row: kept
-        code = 0 if done else dogbench(["run", "--out", str(run), *common,
-                                        *(a for s in settings for a in ("--set", s))])
+        # a finished row with the same settings is reused by `dogbench run` itself; changed ones are refused
+        code = dogbench(["run", "--out", str(run), *common, *(a for s in settings for a in ("--set", s))])
         if code != 0:
             return code
         table[name] = row_scores(run, label)
         p = RunDir(run).read_predictions(label)
         correct[name] = p.proba.argmax(axis=1) == p.y_true
         val[name] = val_correct(run, label)
-        table[name]["val_top1_again"] = float(val[name].mean())  # equals val_top1: one inference path
+        table[name]["val_top1_again"] = float(val[name].mean())
+        if abs(table[name]["val_top1_again"] - table[name]["val_top1"]) > 0.5 / len(val[name]):  # one path
+            raise SystemExit(f"{name}: validation scored again gives {table[name]['val_top1_again']:.4f}, "
+                             f"the run recorded {table[name]['val_top1']:.4f}")
     paired, paired_val = ({name: compare_paired(name, right[name], "defaults", right["defaults"]).to_dict()
                            for name in rows if name != "defaults"} for right in (correct, val))
     (args.out / "recipe_ablation.json").write_text(json.dumps(

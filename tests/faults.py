@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-RESULT_FIELDS = ("val", "test", "head", "baseline", "calibration")  # deterministic parts of a row (no timings)
+RESULT_FIELDS = ("val", "test", "head", "baseline", "calibration", "tta")  # deterministic parts of a row (no timings)
 
 
 def _install(point: str, counts: dict[str, int] | None = None) -> None:

@@ -11,20 +11,21 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 
-def _check_site():  # noqa: ANN202 (a module)
-    """scripts/check_site.py, which owns the headless-Chromium flags and lookup the site check also uses."""
-    spec = importlib.util.spec_from_file_location("check_site", Path(__file__).resolve().parents[1] / "scripts"
-                                                  / "check_site.py")
+def script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (scripts are no package): check_site owns the headless-Chromium flags and
+    lookup that the site check and these tests share."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-_SITE = _check_site()
+_SITE = script("check_site")
 CHROMIUM_ARGS, find_chromium = _SITE.CHROMIUM_ARGS, _SITE.find_chromium
 
 

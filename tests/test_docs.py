@@ -4,28 +4,20 @@ parses with today's CLI (scripts/run_tutorials.py runs them for real in CI)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from browser import script
 from dogbench.cli.parser import build_parser
 from dogbench.config.sections import FinetuneConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 ISSUE_HEADING = re.compile(r"^#+ .*(\b[Ii]ssues? *#?\d|#\d)")
-
-
-def script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclass(frozen=True)
